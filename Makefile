@@ -1,0 +1,67 @@
+# One entry point for every task. `make test` and `make run` set themselves up on a fresh machine.
+SHELL := /bin/bash
+PY_BOOT ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: help install proto proto-check test test-fast lint typecheck run demo migrate bench clean
+
+help:
+	@echo "make run        start Postgres, S3, migrations, job-service and two workers (foreground)"
+	@echo "make demo       upload a generated video through the running stack and follow it to done"
+	@echo "make test       install everything, check stubs and layering, run the whole suite"
+	@echo "make proto      regenerate the gRPC stubs from protos/"
+	@echo "make lint       ruff + import-linter;  make typecheck: mypy"
+	@echo "make migrate    alembic upgrade head against JOB_SERVICE_DATABASE_URL"
+	@echo "make bench      claim-throughput benchmark with a same-run baseline"
+
+$(STAMP): pyproject.toml
+	@command -v $(PY_BOOT) >/dev/null || { echo "need $(PY_BOOT) on PATH"; exit 1; }
+	test -x $(PY) || $(PY_BOOT) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@bash scripts/ensure_system_deps.sh
+	touch $(STAMP)
+
+install: $(STAMP)
+
+proto: $(STAMP)
+	PY=$(PY) bash scripts/gen_protos.sh
+
+# Fails when the committed stubs differ from what the protos generate.
+proto-check: $(STAMP)
+	@tmp=$$(mktemp -d); cp -r protos "$$tmp/"; cp scripts/gen_protos.sh "$$tmp/"; \
+	mkdir -p "$$tmp/scripts"; mv "$$tmp/gen_protos.sh" "$$tmp/scripts/"; \
+	(cd "$$tmp" && PY=$(CURDIR)/$(PY) bash scripts/gen_protos.sh 2>/dev/null); \
+	if diff -r -q protos/gen "$$tmp/protos/gen" >/dev/null; then echo "proto stubs: up to date"; rm -rf "$$tmp"; \
+	else echo "proto stubs are stale: run 'make proto' and commit"; diff -r protos/gen "$$tmp/protos/gen" | head -20; rm -rf "$$tmp"; exit 1; fi
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+test: $(STAMP) proto-check
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -q -x -m "not slow" $(PYTEST_ARGS)
+
+migrate: $(STAMP)
+	$(VENV)/bin/alembic upgrade head
+
+run: $(STAMP)
+	$(PY) -m scripts.devstack
+
+demo: $(STAMP)
+	$(PY) -m scripts.demo
+
+bench: $(STAMP)
+	$(PY) -m tests.bench.bench_claim
+
+clean:
+	rm -rf .run .bench .pytest_cache .mypy_cache .ruff_cache
