@@ -1,0 +1,141 @@
+"""One error hierarchy for the job-service. `job_service.rpc.errors` maps it to gRPC status.
+
+Each class says what kind of failure it is (`kind`, which the RPC layer maps to a status code)
+and carries a stable `reason` (UPPER_SNAKE_CASE, sent as google.rpc.ErrorInfo) and `metadata`.
+Expected outcomes (an empty queue, an upload already completed) are not errors.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from job_service.domain.status import JobStatus
+
+
+class ErrorKind(enum.Enum):
+    INVALID_ARGUMENT = "invalid_argument"
+    NOT_FOUND = "not_found"
+    ALREADY_EXISTS = "already_exists"
+    FAILED_PRECONDITION = "failed_precondition"
+    ABORTED = "aborted"
+    UNAVAILABLE = "unavailable"
+
+
+class JobServiceError(Exception):
+    """Something went wrong in the job-service."""
+
+    kind: ErrorKind = ErrorKind.FAILED_PRECONDITION
+    reason: str = "JOB_SERVICE_ERROR"
+
+    def __init__(self, message: str | None = None, **metadata: object) -> None:
+        self.message = message or (self.__doc__ or self.reason).strip()
+        self.metadata: Mapping[str, str] = {k: str(v) for k, v in metadata.items()}
+        super().__init__(self.message)
+
+
+class InvalidArgument(JobServiceError):
+    """The request is invalid whatever the job's state."""
+
+    kind = ErrorKind.INVALID_ARGUMENT
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}", field=field)
+        self.field = field
+
+
+class JobNotFound(JobServiceError):
+    kind = ErrorKind.NOT_FOUND
+    reason = "JOB_NOT_FOUND"
+
+    def __init__(self, job_id: object) -> None:
+        super().__init__(f"no job with id {job_id}", job_id=job_id)
+
+
+class IdempotencyKeyReused(JobServiceError):
+    kind = ErrorKind.ALREADY_EXISTS
+    reason = "REQUEST_ID_REUSED"
+
+    def __init__(self, request_id: object, job_id: object, differs: str) -> None:
+        super().__init__(
+            f"request_id {request_id} was already used for job {job_id} with a different "
+            f"{differs}; use a new request_id for a different upload",
+            request_id=request_id,
+            job_id=job_id,
+        )
+
+
+class InvalidTransition(JobServiceError):
+    """The job's status does not allow this change."""
+
+    kind = ErrorKind.FAILED_PRECONDITION
+    reason = "INVALID_TRANSITION"
+
+    def __init__(self, src: JobStatus, dst: JobStatus, hint: str = "") -> None:
+        msg = f"a job in status {src.value} cannot move to {dst.value}"
+        super().__init__(msg + (f": {hint}" if hint else ""), current=src.value, target=dst.value)
+        self.src, self.dst = src, dst
+
+
+class JobNotRetryable(JobServiceError):
+    kind = ErrorKind.FAILED_PRECONDITION
+    reason = "JOB_NOT_RETRYABLE"
+
+
+class UploadVerificationFailed(JobServiceError):
+    """The upload preflight found no acceptable object; the job is now failed."""
+
+    kind = ErrorKind.FAILED_PRECONDITION
+
+    def __init__(self, reason: str, message: str, **metadata: object) -> None:
+        self.reason = reason
+        super().__init__(message, **metadata)
+
+
+class LeaseLost(JobServiceError):
+    """The caller's lease token is not the job's current one; nothing was changed."""
+
+    kind = ErrorKind.ABORTED
+    reason = "LEASE_LOST"
+
+    def __init__(self, job_id: object, detail: str) -> None:
+        super().__init__(
+            f"lease on job {job_id} is not held: {detail}; drop the job, it was not changed",
+            job_id=job_id,
+        )
+
+
+class StorageUnavailable(JobServiceError):
+    """S3 did not answer usefully; nothing was changed, retry later."""
+
+    kind = ErrorKind.UNAVAILABLE
+    reason = "S3_UNAVAILABLE"
+
+
+class StorageAccessDenied(StorageUnavailable):
+    """The job-service's S3 credentials were refused: a configuration fault, not a missing upload."""
+
+    reason = "S3_ACCESS_DENIED"
+
+
+class DatabaseUnavailable(JobServiceError):
+    """The job database did not answer; nothing was changed, retry later."""
+
+    kind = ErrorKind.UNAVAILABLE
+    reason = "DATABASE_UNAVAILABLE"
+
+
+# Error codes stored on jobs (JobError.code). Upload verification failures can be retried by
+# calling CompleteUpload again; the others need an operator's RequeueJob.
+UPLOAD_OBJECT_NOT_FOUND = "UPLOAD_OBJECT_NOT_FOUND"
+UPLOAD_EMPTY = "UPLOAD_EMPTY"
+UPLOAD_SIZE_MISMATCH = "UPLOAD_SIZE_MISMATCH"
+UPLOAD_CONTENT_TYPE_MISMATCH = "UPLOAD_CONTENT_TYPE_MISMATCH"
+UPLOAD_ERROR_CODES = frozenset(
+    {UPLOAD_OBJECT_NOT_FOUND, UPLOAD_EMPTY, UPLOAD_SIZE_MISMATCH, UPLOAD_CONTENT_TYPE_MISMATCH}
+)
+LEASE_EXPIRED = "LEASE_EXPIRED"
+CANCELLED = "CANCELLED"

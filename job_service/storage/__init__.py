@@ -1,0 +1,1 @@
+"""PostgreSQL storage: the declared schema, sessions/transactions, and every SQL statement."""

@@ -1,0 +1,336 @@
+"""Every SQL statement of the job-service. Functions take a connection inside the caller's
+transaction and never commit. State changes that race (claim, heartbeat, rescue) are single
+conditional statements so the database, not Python, decides who wins."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Row, and_, bindparam, case, func, insert, literal, or_, select, text, update
+from sqlalchemy.dialects.postgresql import ARRAY, insert as pg_insert
+from sqlalchemy.dialects.postgresql import UUID as PG_UUID
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from job_service.domain.model import (
+    Job,
+    JobError,
+    JobId,
+    LeaseOutcome,
+    LeaseToken,
+    SessionId,
+)
+from job_service.domain.status import CLAIMABLE, LEASED, JobStatus
+from job_service.storage.tables import job_errors, jobs, sessions
+
+
+def to_job(row: Row[Any] | Mapping[str, Any]) -> Job:
+    m: Mapping[str, Any] = row._mapping if isinstance(row, Row) else row
+    error = None
+    if m["error_code"]:
+        error = JobError(
+            code=m["error_code"],
+            message=m["error_message"] or "",
+            retryable=m["error_retryable"],
+            attempt=m["error_attempt"],
+            occurred_at=m["error_at"],
+        )
+    outcome = m["last_lease_outcome"]
+    return Job(
+        id=JobId(m["id"]),
+        session_id=SessionId(m["session_id"]),
+        status=JobStatus(m["status"]),
+        progress_pct=m["progress_pct"],
+        filename=m["filename"],
+        content_type=m["content_type"],
+        size_bytes=m["size_bytes"],
+        bucket=m["s3_bucket"],
+        key=m["s3_key"],
+        request_id=m["request_id"],
+        attempts=m["attempts"],
+        max_attempts=m["max_attempts"],
+        created_at=m["created_at"],
+        updated_at=m["updated_at"],
+        available_at=m["available_at"],
+        upload_expires_at=m["upload_expires_at"],
+        etag=m["etag"],
+        observed_size=m["observed_size"],
+        lease_token=m["lease_token"],
+        last_lease_token=m["last_lease_token"],
+        last_lease_outcome=LeaseOutcome(outcome) if outcome else None,
+        leased_by=m["leased_by"],
+        lease_expires_at=m["lease_expires_at"],
+        cancel_requested=m["cancel_requested"],
+        error=error,
+        result=m["result"],
+        results_uri=m["results_uri"],
+    )
+
+
+def error_values(error: JobError | None) -> dict[str, Any]:
+    """Column values that store (or clear) a job's last error."""
+    if error is None:
+        return {
+            "error_code": None,
+            "error_message": None,
+            "error_retryable": False,
+            "error_attempt": 0,
+            "error_at": None,
+        }
+    return {
+        "error_code": error.code,
+        "error_message": error.message,
+        "error_retryable": error.retryable,
+        "error_attempt": error.attempt,
+        "error_at": func.now(),
+    }
+
+
+async def now(conn: AsyncConnection) -> datetime:
+    value: datetime = (await conn.execute(select(func.now()))).scalar_one()
+    return value
+
+
+async def get_job(conn: AsyncConnection, job_id: uuid.UUID, *, for_update: bool = False) -> Job | None:
+    stmt = select(jobs).where(jobs.c.id == job_id)
+    if for_update:
+        stmt = stmt.with_for_update()
+    row = (await conn.execute(stmt)).first()
+    return to_job(row) if row else None
+
+
+async def get_job_by_request_id(conn: AsyncConnection, request_id: uuid.UUID) -> Job | None:
+    row = (await conn.execute(select(jobs).where(jobs.c.request_id == request_id))).first()
+    return to_job(row) if row else None
+
+
+async def ensure_session(conn: AsyncConnection, session_id: uuid.UUID) -> None:
+    await conn.execute(
+        pg_insert(sessions).values(id=session_id).on_conflict_do_nothing(index_elements=["id"])
+    )
+
+
+async def mark_session_uploaded(conn: AsyncConnection, session_id: uuid.UUID) -> None:
+    await conn.execute(
+        update(sessions)
+        .where(sessions.c.id == session_id)
+        .values(status="uploaded", updated_at=func.now())
+    )
+
+
+async def session_status(conn: AsyncConnection, session_id: uuid.UUID) -> str | None:
+    value: str | None = (
+        await conn.execute(select(sessions.c.status).where(sessions.c.id == session_id))
+    ).scalar_one_or_none()
+    return value
+
+
+async def insert_job(conn: AsyncConnection, values: Mapping[str, Any]) -> Job | None:
+    """Insert a job; None when its request_id is taken (a concurrent idempotent retry)."""
+    stmt = (
+        pg_insert(jobs)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["request_id"])
+        .returning(jobs)
+    )
+    row = (await conn.execute(stmt)).first()
+    return to_job(row) if row else None
+
+
+async def update_job(conn: AsyncConnection, job_id: uuid.UUID, **values: Any) -> Job:
+    """Update one job (the caller holds its row lock) and return it as it now is."""
+    if "status" in values:
+        values.setdefault("stage", JobStatus(values["status"]).stage)
+    row = (
+        await conn.execute(
+            update(jobs)
+            .where(jobs.c.id == job_id)
+            .values(updated_at=func.now(), **values)
+            .returning(jobs)
+        )
+    ).one()
+    return to_job(row)
+
+
+async def record_error(
+    conn: AsyncConnection, job_id: uuid.UUID, error: JobError, worker_id: str | None = None
+) -> None:
+    await conn.execute(
+        insert(job_errors).values(
+            job_id=job_id,
+            attempt=error.attempt,
+            code=error.code,
+            message=error.message,
+            retryable=error.retryable,
+            worker_id=worker_id,
+        )
+    )
+
+
+async def error_history(conn: AsyncConnection, job_id: uuid.UUID) -> list[JobError]:
+    rows = await conn.execute(
+        select(job_errors).where(job_errors.c.job_id == job_id).order_by(job_errors.c.id)
+    )
+    return [
+        JobError(r.code, r.message, r.retryable, r.attempt, r.occurred_at) for r in rows
+    ]
+
+
+_CLAIMABLE_WHERE = and_(
+    jobs.c.status.in_(sorted(CLAIMABLE)),
+    jobs.c.lease_token.is_(None),
+    jobs.c.available_at <= func.now(),
+)
+
+
+async def claim(
+    conn: AsyncConnection,
+    *,
+    worker_id: str,
+    limit: int,
+    lease: timedelta,
+) -> list[Job]:
+    """Lease up to `limit` claimable jobs, oldest first, skipping rows other claims have locked.
+
+    queued -> quick_running; quick_done -> deep_running (resume: the quick pass is not redone).
+    """
+    picked = (
+        select(jobs.c.id)
+        .where(_CLAIMABLE_WHERE)
+        .order_by(jobs.c.available_at, jobs.c.created_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .cte("picked")
+    )
+    running = case(
+        (jobs.c.status == JobStatus.quick_done, literal(JobStatus.deep_running.value)),
+        else_=literal(JobStatus.quick_running.value),
+    )
+    stmt = (
+        update(jobs)
+        .where(jobs.c.id == picked.c.id)
+        .values(
+            status=running.cast(jobs.c.status.type),
+            stage=func.upper(running),
+            lease_token=func.gen_random_uuid(),
+            leased_by=worker_id,
+            leased_at=func.now(),
+            stage_started_at=func.now(),
+            lease_expires_at=func.now() + lease,
+            attempts=jobs.c.attempts + 1,
+            cancel_requested=False,
+            updated_at=func.now(),
+        )
+        .returning(jobs)
+    )
+    rows = (await conn.execute(stmt)).all()
+    return sorted((to_job(r) for r in rows), key=lambda j: (j.available_at, j.created_at))
+
+
+async def any_claimable(conn: AsyncConnection) -> bool:
+    return bool(
+        (await conn.execute(select(literal(True)).where(_CLAIMABLE_WHERE).limit(1))).first()
+    )
+
+
+async def renew_leases(
+    conn: AsyncConnection,
+    refs: Sequence[tuple[uuid.UUID, uuid.UUID]],
+    *,
+    lease: timedelta,
+    stage_timeout: timedelta,
+) -> dict[uuid.UUID, tuple[datetime, bool]]:
+    """Renew many leases in one statement. Returns {job_id: (new expiry, cancel_requested)} for
+    the leases still held; a lease past its stage's hard cap is not renewed (it then expires)."""
+    if not refs:
+        return {}
+    req = (
+        select(
+            func.unnest(bindparam("ids", type_=ARRAY(PG_UUID(as_uuid=True)))).label("id"),
+            func.unnest(bindparam("tokens", type_=ARRAY(PG_UUID(as_uuid=True)))).label("token"),
+        )
+    ).subquery("req")
+    stmt = (
+        update(jobs)
+        .where(
+            jobs.c.id == req.c.id,
+            jobs.c.lease_token == req.c.token,
+            jobs.c.status.in_(sorted(LEASED)),
+            jobs.c.stage_started_at + stage_timeout > func.now(),
+        )
+        .values(lease_expires_at=func.now() + lease)
+        .returning(jobs.c.id, jobs.c.lease_expires_at, jobs.c.cancel_requested)
+    )
+    rows = await conn.execute(
+        stmt, {"ids": [r[0] for r in refs], "tokens": [r[1] for r in refs]}
+    )
+    return {r.id: (r.lease_expires_at, r.cancel_requested) for r in rows}
+
+
+async def lock_expired_leases(conn: AsyncConnection, *, limit: int = 500) -> list[Job]:
+    """Lock jobs whose lease expired, skipping rows another transaction holds.
+
+    A worker completing or renewing right now holds the row lock, so its job is skipped, and
+    the expiry is re-checked under our lock: a rescue never overwrites a completion.
+    """
+    rows = await conn.execute(
+        select(jobs)
+        .where(jobs.c.lease_token.is_not(None), jobs.c.lease_expires_at < func.now())
+        .order_by(jobs.c.lease_expires_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return [to_job(r) for r in rows]
+
+
+async def list_jobs(
+    conn: AsyncConnection,
+    *,
+    statuses: Sequence[JobStatus],
+    older_than: timedelta | None,
+    limit: int,
+    after: tuple[datetime, uuid.UUID] | None,
+) -> list[Job]:
+    """Newest first by (updated_at, id); `after` is the last row of the previous page."""
+    stmt = select(jobs)
+    if statuses:
+        stmt = stmt.where(jobs.c.status.in_(list(statuses)))
+    if older_than is not None:
+        stmt = stmt.where(jobs.c.updated_at <= func.now() - older_than)
+    if after is not None:
+        ts, last_id = after
+        stmt = stmt.where(
+            or_(jobs.c.updated_at < ts, and_(jobs.c.updated_at == ts, jobs.c.id < last_id))
+        )
+    stmt = stmt.order_by(jobs.c.updated_at.desc(), jobs.c.id.desc()).limit(limit)
+    return [to_job(r) for r in await conn.execute(stmt)]
+
+
+async def count_by_status(conn: AsyncConnection) -> dict[JobStatus, int]:
+    rows = await conn.execute(select(jobs.c.status, func.count()).group_by(jobs.c.status))
+    return {JobStatus(r[0]): int(r[1]) for r in rows}
+
+
+async def oldest_claimable_age(conn: AsyncConnection) -> timedelta | None:
+    value: timedelta | None = (
+        await conn.execute(
+            select(func.now() - func.min(jobs.c.available_at)).where(
+                jobs.c.status == JobStatus.queued, jobs.c.lease_token.is_(None)
+            )
+        )
+    ).scalar_one()
+    return value
+
+
+async def count_stuck_uploads(conn: AsyncConnection, older_than: timedelta) -> int:
+    value: int = (
+        await conn.execute(
+            select(func.count()).where(
+                jobs.c.status == JobStatus.awaiting_upload,
+                jobs.c.created_at < func.now() - older_than,
+            )
+        )
+    ).scalar_one()
+    return value

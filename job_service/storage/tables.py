@@ -1,0 +1,133 @@
+"""The schema as it stands at the newest migration. Alembic's `check` compares the migrated
+database with this metadata, so the two cannot drift apart."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+
+from job_service.domain.status import JobStatus
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+job_status = Enum(
+    JobStatus,
+    name="video_analysis_job_status",
+    values_callable=lambda e: [m.value for m in e],
+    create_type=False,
+)
+session_status = Enum(
+    "pending", "uploaded", name="video_session_status", create_type=False
+)
+
+sessions = Table(
+    "video_sessions",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("status", session_status, nullable=False, server_default="pending"),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+jobs = Table(
+    "video_analysis_jobs",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column(
+        "session_id",
+        UUID(as_uuid=True),
+        ForeignKey("video_sessions.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    Column("status", job_status, nullable=False),
+    Column("stage", Text, nullable=False),
+    Column("progress_pct", Integer, nullable=False, server_default="0"),
+    Column("filename", Text, nullable=False),
+    Column("content_type", Text, nullable=False),
+    Column("size_bytes", BigInteger, nullable=False),
+    Column("s3_bucket", Text, nullable=False),
+    Column("s3_key", Text, nullable=False),
+    Column("error_code", Text),
+    Column("error_message", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # Added with the verified-upload lifecycle and the lease model (revision 0003).
+    Column("request_id", UUID(as_uuid=True), unique=True),
+    Column("upload_expires_at", DateTime(timezone=True)),
+    Column("observed_size", BigInteger),
+    Column("etag", Text),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("max_attempts", Integer, nullable=False, server_default="5"),
+    Column("available_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("lease_token", UUID(as_uuid=True)),
+    Column("last_lease_token", UUID(as_uuid=True)),
+    Column("last_lease_outcome", Text),
+    Column("leased_by", Text),
+    Column("leased_at", DateTime(timezone=True)),
+    Column("lease_expires_at", DateTime(timezone=True)),
+    Column("stage_started_at", DateTime(timezone=True)),
+    Column("cancel_requested", Boolean, nullable=False, server_default="false"),
+    Column("error_retryable", Boolean, nullable=False, server_default="false"),
+    Column("error_attempt", Integer, nullable=False, server_default="0"),
+    Column("error_at", DateTime(timezone=True)),
+    Column("result", JSONB),
+    Column("results_uri", Text),
+    # The claim's scan: only claimable rows are in it, so it stays small as history grows.
+    Index(
+        "ix_video_analysis_jobs_claimable",
+        "available_at",
+        "created_at",
+        postgresql_where=text("status IN ('queued', 'quick_done') AND lease_token IS NULL"),
+    ),
+    # The reaper's scan over live leases.
+    Index(
+        "ix_video_analysis_jobs_lease_expires_at",
+        "lease_expires_at",
+        postgresql_where=text("lease_token IS NOT NULL"),
+    ),
+    Index("ix_video_analysis_jobs_status_updated_at", "status", "updated_at"),
+)
+
+job_errors = Table(
+    "video_analysis_job_errors",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column(
+        "job_id",
+        UUID(as_uuid=True),
+        ForeignKey("video_analysis_jobs.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    Column("attempt", Integer, nullable=False),
+    Column("code", Text, nullable=False),
+    Column("message", Text, nullable=False),
+    Column("retryable", Boolean, nullable=False),
+    Column("worker_id", Text),
+    Column("occurred_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+#: NOTIFY channel: a row became claimable (payload: job id). See revision 0003's trigger.
+CLAIMABLE_CHANNEL = "video_analysis_jobs_claimable"
