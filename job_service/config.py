@@ -91,5 +91,5 @@ class Settings:
 
     @classmethod
     def env_table(cls) -> list[tuple[str, str]]:
-        """(variable, default) pairs: the README's table and docker-compose are checked against it."""
+        """(variable, default) pairs; the README table and docker-compose are checked against it."""
         return [(PREFIX + f.name.upper(), str(f.default)) for f in dataclasses.fields(cls)]

@@ -116,7 +116,7 @@ class StorageUnavailable(JobServiceError):
 
 
 class StorageAccessDenied(StorageUnavailable):
-    """The job-service's S3 credentials were refused: a configuration fault, not a missing upload."""
+    """S3 refused the job-service's credentials: a configuration fault, not a missing upload."""
 
     reason = "S3_ACCESS_DENIED"
 

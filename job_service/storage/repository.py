@@ -9,9 +9,10 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, and_, bindparam, case, func, insert, literal, or_, select, text, update
-from sqlalchemy.dialects.postgresql import ARRAY, insert as pg_insert
+from sqlalchemy import Row, and_, bindparam, case, func, insert, literal, or_, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from job_service.domain.model import (
@@ -19,7 +20,6 @@ from job_service.domain.model import (
     JobError,
     JobId,
     LeaseOutcome,
-    LeaseToken,
     SessionId,
 )
 from job_service.domain.status import CLAIMABLE, LEASED, JobStatus
@@ -93,7 +93,9 @@ async def now(conn: AsyncConnection) -> datetime:
     return value
 
 
-async def get_job(conn: AsyncConnection, job_id: uuid.UUID, *, for_update: bool = False) -> Job | None:
+async def get_job(
+    conn: AsyncConnection, job_id: uuid.UUID, *, for_update: bool = False
+) -> Job | None:
     stmt = select(jobs).where(jobs.c.id == job_id)
     if for_update:
         stmt = stmt.with_for_update()
@@ -173,9 +175,7 @@ async def error_history(conn: AsyncConnection, job_id: uuid.UUID) -> list[JobErr
     rows = await conn.execute(
         select(job_errors).where(job_errors.c.job_id == job_id).order_by(job_errors.c.id)
     )
-    return [
-        JobError(r.code, r.message, r.retryable, r.attempt, r.occurred_at) for r in rows
-    ]
+    return [JobError(r.code, r.message, r.retryable, r.attempt, r.occurred_at) for r in rows]
 
 
 _CLAIMABLE_WHERE = and_(
@@ -263,9 +263,7 @@ async def renew_leases(
         .values(lease_expires_at=func.now() + lease)
         .returning(jobs.c.id, jobs.c.lease_expires_at, jobs.c.cancel_requested)
     )
-    rows = await conn.execute(
-        stmt, {"ids": [r[0] for r in refs], "tokens": [r[1] for r in refs]}
-    )
+    rows = await conn.execute(stmt, {"ids": [r[0] for r in refs], "tokens": [r[1] for r in refs]})
     return {r.id: (r.lease_expires_at, r.cancel_requested) for r in rows}
 
 

@@ -37,9 +37,7 @@ job_status = Enum(
     values_callable=lambda e: [m.value for m in e],
     create_type=False,
 )
-session_status = Enum(
-    "pending", "uploaded", name="video_session_status", create_type=False
-)
+session_status = Enum("pending", "uploaded", name="video_session_status", create_type=False)
 
 sessions = Table(
     "video_sessions",
@@ -131,3 +129,5 @@ job_errors = Table(
 
 #: NOTIFY channel: a row became claimable (payload: job id). See revision 0003's trigger.
 CLAIMABLE_CHANNEL = "video_analysis_jobs_claimable"
+#: NOTIFY channel: a job's status or progress changed (payload: job id). See revision 0004.
+CHANGED_CHANNEL = "video_analysis_jobs_changed"

@@ -33,8 +33,12 @@ def upgrade() -> None:
             nullable=False,
             server_default="pending",
         ),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
-        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+        sa.Column(
+            "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+        ),
+        sa.Column(
+            "updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+        ),
         sa.PrimaryKeyConstraint("id", name="pk_video_sessions"),
     )
     op.create_table(
@@ -55,8 +59,12 @@ def upgrade() -> None:
         sa.Column("s3_key", sa.Text(), nullable=False),
         sa.Column("error_code", sa.Text()),
         sa.Column("error_message", sa.Text()),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
-        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+        sa.Column(
+            "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+        ),
+        sa.Column(
+            "updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+        ),
         sa.PrimaryKeyConstraint("id", name="pk_video_analysis_jobs"),
         sa.ForeignKeyConstraint(
             ["session_id"],
@@ -65,9 +73,7 @@ def upgrade() -> None:
             ondelete="CASCADE",
         ),
     )
-    op.create_index(
-        "ix_video_analysis_jobs_session_id", "video_analysis_jobs", ["session_id"]
-    )
+    op.create_index("ix_video_analysis_jobs_session_id", "video_analysis_jobs", ["session_id"])
 
 
 def downgrade() -> None:

@@ -82,9 +82,7 @@ def upgrade() -> None:
             ondelete="CASCADE",
         ),
     )
-    op.create_index(
-        "ix_video_analysis_job_errors_job_id", "video_analysis_job_errors", ["job_id"]
-    )
+    op.create_index("ix_video_analysis_job_errors_job_id", "video_analysis_job_errors", ["job_id"])
     # Wakes ClaimJob long-polls: one notification per row that becomes claimable now.
     op.execute(
         """
@@ -118,9 +116,25 @@ def downgrade() -> None:
     op.drop_index("ix_video_analysis_jobs_claimable", T)
     op.drop_constraint("uq_video_analysis_jobs_request_id", T)
     for name in (
-        "results_uri", "result", "error_at", "error_attempt", "error_retryable",
-        "cancel_requested", "stage_started_at", "lease_expires_at", "leased_at", "leased_by",
-        "last_lease_outcome", "last_lease_token", "lease_token", "available_at", "max_attempts",
-        "attempts", "etag", "observed_size", "upload_expires_at", "request_id",
+        "results_uri",
+        "result",
+        "error_at",
+        "error_attempt",
+        "error_retryable",
+        "cancel_requested",
+        "stage_started_at",
+        "lease_expires_at",
+        "leased_at",
+        "leased_by",
+        "last_lease_outcome",
+        "last_lease_token",
+        "lease_token",
+        "available_at",
+        "max_attempts",
+        "attempts",
+        "etag",
+        "observed_size",
+        "upload_expires_at",
+        "request_id",
     ):
         op.drop_column(T, name)

@@ -1,0 +1,3 @@
+from job_service.main import main
+
+main()

@@ -1,0 +1,178 @@
+"""Use cases of AdminService: what an on-call engineer does instead of hand-written SQL."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import logging
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from job_service.config import Settings
+from job_service.domain import errors
+from job_service.domain.model import Job, JobError, JobId, LeaseOutcome, verify_upload
+from job_service.domain.status import TERMINAL, JobStatus, check_transition
+from job_service.metrics import Metrics
+from job_service.ports import ObjectStore
+from job_service.storage import repository as repo
+from job_service.storage.db import transaction
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Stats:
+    counts: dict[JobStatus, int]
+    oldest_queued_age: timedelta | None
+    stuck_awaiting_upload: int
+    stuck_after: timedelta
+
+
+def encode_page_token(job: Job) -> str:
+    raw = f"{job.updated_at.isoformat()}|{job.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_page_token(token: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        ts, _, job_id = raw.partition("|")
+        return datetime.fromisoformat(ts), uuid.UUID(job_id)
+    except (ValueError, UnicodeDecodeError):
+        raise errors.InvalidArgument(
+            "page_token", "is not a token this service returned; start again without one"
+        ) from None
+
+
+class Admin:
+    def __init__(
+        self, engine: AsyncEngine, store: ObjectStore, settings: Settings, metrics: Metrics
+    ) -> None:
+        self._engine = engine
+        self._store = store
+        self._settings = settings
+        self._metrics = metrics
+
+    async def list_jobs(
+        self,
+        statuses: Sequence[JobStatus],
+        older_than: timedelta | None,
+        page_size: int,
+        page_token: str,
+    ) -> tuple[list[Job], str]:
+        """A page of jobs, newest change first, and the token of the next page ("" at the end)."""
+        if page_size < 0 or page_size > MAX_PAGE_SIZE:
+            raise errors.InvalidArgument("page_size", f"must be within 0..{MAX_PAGE_SIZE}")
+        size = page_size or DEFAULT_PAGE_SIZE
+        after = decode_page_token(page_token) if page_token else None
+        async with transaction(self._engine) as conn:
+            rows = await repo.list_jobs(
+                conn, statuses=statuses, older_than=older_than, limit=size + 1, after=after
+            )
+        page = rows[:size]
+        return page, encode_page_token(page[-1]) if len(rows) > size else ""
+
+    async def stats(self, stuck_after: timedelta | None = None) -> Stats:
+        stuck = stuck_after or timedelta(seconds=self._settings.stuck_upload_seconds)
+        async with transaction(self._engine) as conn:
+            counts = await repo.count_by_status(conn)
+            oldest = await repo.oldest_claimable_age(conn)
+            n_stuck = await repo.count_stuck_uploads(conn, stuck)
+        return Stats(counts, oldest, n_stuck, stuck)
+
+    async def refresh_gauges(self) -> None:
+        stats = await self.stats()
+        for status in JobStatus:
+            self._metrics.jobs_by_status.labels(status.value).set(stats.counts.get(status, 0))
+        age = stats.oldest_queued_age.total_seconds() if stats.oldest_queued_age else 0.0
+        self._metrics.oldest_queued_seconds.set(age)
+        self._metrics.stuck_uploads.set(stats.stuck_awaiting_upload)
+
+    async def requeue(self, job_id: JobId, reason: str) -> Job:
+        """failed -> queued with a fresh attempt budget; a job stuck in awaiting_upload is
+        queued once its object is verified (the design note's manual UPDATE, made safe).
+
+        Raises JobNotFound, InvalidTransition, UploadVerificationFailed (stuck upload without a
+        good object: nothing changed), StorageUnavailable.
+        """
+        async with transaction(self._engine) as conn:
+            job = await repo.get_job(conn, job_id)
+        if job is None:
+            raise errors.JobNotFound(job_id)
+        verdict: JobError | None = None
+        obj = None
+        if job.status is JobStatus.awaiting_upload or job.upload_failed:
+            obj = await self._store.head(job.bucket, job.key)
+            verdict = verify_upload(job, obj)
+            if verdict is not None:
+                raise errors.UploadVerificationFailed(
+                    "REQUEUE_UPLOAD_NOT_VERIFIED",
+                    f"cannot requeue job {job_id}: {verdict.message}",
+                    job_id=job_id,
+                    upload_error=verdict.code,
+                )
+        async with transaction(self._engine) as conn:
+            job = await repo.get_job(conn, job_id, for_update=True)
+            assert job is not None
+            if job.status not in (JobStatus.failed, JobStatus.awaiting_upload):
+                raise errors.InvalidTransition(
+                    job.status, JobStatus.queued, "only failed or awaiting_upload jobs are requeued"
+                )
+            check_transition(job.status, JobStatus.queued)
+            values: dict[str, object] = {}
+            if obj is not None:
+                values.update(etag=obj.etag, observed_size=obj.size)
+            # A job that finished its quick pass before failing resumes at the deep pass only
+            # through a lease; a requeue starts it over, with the quick results kept visible.
+            job = await repo.update_job(
+                conn,
+                job_id,
+                status=JobStatus.queued,
+                attempts=0,
+                progress_pct=0,
+                cancel_requested=False,
+                available_at=await repo.now(conn),
+                **repo.error_values(None),
+                **values,
+            )
+            await repo.mark_session_uploaded(conn, job.session_id)
+        self._metrics.job_transitions_total.labels(JobStatus.queued.value).inc()
+        log.info("job requeued by operator", extra={"job_id": str(job_id), "reason": reason})
+        return job
+
+    async def cancel(self, job_id: JobId, reason: str) -> Job:
+        """Fail a job that has not finished with CANCELLED; a leased one is asked to stop
+        (its worker sees cancel_requested in the heartbeat, and the lease's end fails it).
+
+        Raises JobNotFound, InvalidTransition (already done or failed).
+        """
+        message = "cancelled by an operator" + (f": {reason}" if reason else "")
+        async with transaction(self._engine) as conn:
+            job = await repo.get_job(conn, job_id, for_update=True)
+            if job is None:
+                raise errors.JobNotFound(job_id)
+            if job.status in TERMINAL:
+                raise errors.InvalidTransition(
+                    job.status, JobStatus.failed, "the job has already finished"
+                )
+            if job.lease_token is not None:
+                job = await repo.update_job(conn, job_id, cancel_requested=True)
+            else:
+                error = JobError(errors.CANCELLED, message, False, job.attempts)
+                job = await repo.update_job(
+                    conn,
+                    job_id,
+                    status=JobStatus.failed,
+                    cancel_requested=True,
+                    last_lease_outcome=LeaseOutcome.cancelled.value,
+                    **repo.error_values(error),
+                )
+                await repo.record_error(conn, job_id, error)
+        log.info("job cancel requested", extra={"job_id": str(job_id), "reason": reason})
+        return job

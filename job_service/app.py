@@ -1,0 +1,162 @@
+"""Composition root: settings -> engine -> S3 -> use cases -> servicers -> gRPC server, plus
+the background tasks (LISTEN, lease rescue, gauges). `python -m job_service` and the tests
+build the service through here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from types import TracebackType
+
+import grpc
+from google.rpc import error_details_pb2  # noqa: F401  (reflection serves ErrorInfo to grpcurl)
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from jobs.v1 import jobs_pb2, jobs_pb2_grpc
+from prometheus_client import start_http_server
+
+from job_service.admin import Admin
+from job_service.config import Settings
+from job_service.leases import Leases
+from job_service.metrics import Metrics
+from job_service.rpc.admin_servicer import AdminServicer
+from job_service.rpc.servicers import UploadServicer, WorkerServicer
+from job_service.s3 import S3Gateway
+from job_service.storage.db import create_engine
+from job_service.storage.notify import ClaimableListener
+from job_service.uploads import Uploads
+from job_service.wakeup import ClaimWaiters, JobChanges
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = tuple(
+    jobs_pb2.DESCRIPTOR.services_by_name[name].full_name
+    for name in ("UploadService", "WorkerService", "AdminService")
+)
+
+SERVER_OPTIONS = [
+    # Two servers must never share a port silently.
+    ("grpc.so_reuseport", 0),
+    # Long-polling workers ping every ~30 s; accept that instead of answering GOAWAY.
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+class JobServiceApp:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.port: int = 0
+        self._stack = contextlib.AsyncExitStack()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+
+    async def __aenter__(self) -> JobServiceApp:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def _start(self) -> None:
+        s = self.settings
+        engine = create_engine(
+            s.database_url, pool_size=s.db_pool_size, connect_timeout=s.db_connect_timeout_seconds
+        )
+        self._stack.push_async_callback(engine.dispose)
+        self.engine = engine
+        store = await self._stack.enter_async_context(S3Gateway(s))
+        if not await store.bucket_exists(s.s3_bucket):
+            raise RuntimeError(
+                f"S3 bucket {s.s3_bucket!r} does not exist at {s.s3_endpoint_url or 'AWS'}: "
+                "create it (every upload would look missing otherwise)"
+            )
+        waiters, changes = ClaimWaiters(), JobChanges()
+        self.uploads = Uploads(engine, store, s, self.metrics, changes)
+        self.leases = Leases(engine, s, waiters, self.metrics)
+        self.admin = Admin(engine, store, s, self.metrics)
+        listener = ClaimableListener(s.database_url, engine, waiters, changes)
+        await listener.start()
+        self._stack.push_async_callback(listener.stop)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(listener.connected.wait(), 10)
+
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        jobs_pb2_grpc.add_UploadServiceServicer_to_server(
+            UploadServicer(self.uploads, s, self.metrics), server
+        )
+        jobs_pb2_grpc.add_WorkerServiceServicer_to_server(
+            WorkerServicer(self.leases, s, self.metrics), server
+        )
+        jobs_pb2_grpc.add_AdminServiceServicer_to_server(
+            AdminServicer(self.admin, s, self.metrics), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (
+                *SERVICE_NAMES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        self.port = server.add_insecure_port(s.grpc_address)
+        if self.port == 0:
+            raise RuntimeError(f"could not bind the gRPC server to {s.grpc_address}")
+        await server.start()
+        self.server = server
+        self._stack.push_async_callback(self._stop_server)
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._tasks = [
+            asyncio.create_task(
+                self._every(s.reaper_interval_seconds, self.leases.rescue_expired), name="reaper"
+            ),
+            asyncio.create_task(self._every(15.0, self.admin.refresh_gauges), name="gauges"),
+        ]
+        if s.metrics_address:
+            host, _, port = s.metrics_address.rpartition(":")
+            start_http_server(int(port), addr=host, registry=self.metrics.registry)
+        log.info(
+            "job-service listening",
+            extra={
+                "grpc_address": f"{s.grpc_address.rpartition(':')[0]}:{self.port}",
+                "metrics_address": s.metrics_address,
+            },
+        )
+
+    async def _every(self, seconds: float, fn: object) -> None:
+        assert callable(fn)
+        while True:
+            try:
+                await fn()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a background task must outlive a database outage
+                log.warning("background task %s failed", getattr(fn, "__name__", fn), exc_info=True)
+            await asyncio.sleep(seconds)  # the task's period
+
+    async def _stop_server(self, grace: float = 5.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.server is not None:
+            await self.server.stop(grace)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._stack.aclose()
+
+    async def wait(self) -> None:
+        assert self.server is not None
+        await self.server.wait_for_termination()

@@ -1,0 +1,61 @@
+"""Prometheus metrics of the job-service, on a registry of their own (tests build their own)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.rpc_total = Counter(
+            "job_service_rpc_total", "RPCs handled", ["method", "code"], registry=r
+        )
+        self.rpc_seconds = Histogram(
+            "job_service_rpc_seconds",
+            "RPC latency (ClaimJob includes its long-poll wait)",
+            ["method"],
+            registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.preflight_total = Counter(
+            "job_service_upload_preflight_total",
+            "S3 upload preflight outcomes",
+            # ok | not_found | empty | size_mismatch | content_type_mismatch | transient |
+            # access_denied
+            ["outcome"],
+            registry=r,
+        )
+        self.claim_seconds = Histogram(
+            "job_service_claim_query_seconds",
+            "Time of one claim statement (without the long-poll wait)",
+            registry=r,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+        )
+        self.jobs_claimed_total = Counter(
+            "job_service_jobs_claimed_total", "Leases handed out", registry=r
+        )
+        self.lease_expired_total = Counter(
+            "job_service_lease_expired_total",
+            "Leases that expired and were taken back",
+            ["result"],  # requeued | failed
+            registry=r,
+        )
+        self.job_transitions_total = Counter(
+            "job_service_job_transitions_total", "Status changes", ["to"], registry=r
+        )
+        self.jobs_by_status = Gauge("job_service_jobs", "Jobs by status", ["status"], registry=r)
+        self.oldest_queued_seconds = Gauge(
+            "job_service_oldest_queued_seconds",
+            "Age of the oldest claimable queued job",
+            registry=r,
+        )
+        self.stuck_uploads = Gauge(
+            "job_service_stuck_awaiting_upload",
+            "Jobs in awaiting_upload longer than the stuck threshold",
+            registry=r,
+        )
+        self.claim_waiters = Gauge(
+            "job_service_claim_waiters", "ClaimJob calls waiting for work", registry=r
+        )

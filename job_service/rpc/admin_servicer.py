@@ -1,0 +1,75 @@
+"""AdminService servicer (operators: jobctl, grpcurl)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import grpc
+from jobs.v1 import jobs_pb2 as pb
+from jobs.v1 import jobs_pb2_grpc as pb_grpc
+
+from job_service.admin import Admin
+from job_service.config import Settings
+from job_service.domain import errors
+from job_service.domain.model import parse_job_id
+from job_service.domain.status import JobStatus
+from job_service.metrics import Metrics
+from job_service.rpc import convert
+from job_service.rpc.errors import unary
+
+Ctx = grpc.aio.ServicerContext
+
+
+def _duration(msg: pb.ListJobsRequest | pb.GetStatsRequest, field: str) -> timedelta | None:
+    if not msg.HasField(field):  # type: ignore[arg-type]
+        return None
+    value: timedelta = getattr(msg, field).ToTimedelta()
+    if value < timedelta(0):
+        raise errors.InvalidArgument(field, "must not be negative")
+    return value
+
+
+class AdminServicer(pb_grpc.AdminServiceServicer):
+    def __init__(self, admin: Admin, settings: Settings, metrics: Metrics) -> None:
+        self._admin = admin
+        self._settings = settings
+        self.metrics = metrics
+
+    @unary
+    async def ListJobs(self, request: pb.ListJobsRequest, context: Ctx) -> pb.ListJobsResponse:
+        statuses: list[JobStatus] = []
+        for value in request.statuses:
+            status = convert.status_from_pb(value, "statuses")
+            if status is None:
+                raise errors.InvalidArgument("statuses", "JOB_STATUS_UNSPECIFIED is not a status")
+            statuses.append(status)
+        jobs, token = await self._admin.list_jobs(
+            statuses, _duration(request, "older_than"), request.page_size, request.page_token
+        )
+        return pb.ListJobsResponse(jobs=[convert.job_to_pb(j) for j in jobs], next_page_token=token)
+
+    @unary
+    async def GetStats(self, request: pb.GetStatsRequest, context: Ctx) -> pb.GetStatsResponse:
+        stats = await self._admin.stats(_duration(request, "stuck_after"))
+        resp = pb.GetStatsResponse(
+            counts=[
+                pb.StatusCount(status=convert.status_to_pb(s), count=stats.counts.get(s, 0))
+                for s in JobStatus
+            ],
+            stuck_awaiting_upload=stats.stuck_awaiting_upload,
+        )
+        resp.oldest_queued_age.CopyFrom(convert.duration(stats.oldest_queued_age or timedelta(0)))
+        resp.stuck_after.CopyFrom(convert.duration(stats.stuck_after))
+        return resp
+
+    @unary
+    async def RequeueJob(
+        self, request: pb.RequeueJobRequest, context: Ctx
+    ) -> pb.RequeueJobResponse:
+        job = await self._admin.requeue(parse_job_id(request.job_id), request.reason.strip())
+        return pb.RequeueJobResponse(job=convert.job_to_pb(job))
+
+    @unary
+    async def CancelJob(self, request: pb.CancelJobRequest, context: Ctx) -> pb.CancelJobResponse:
+        job = await self._admin.cancel(parse_job_id(request.job_id), request.reason.strip())
+        return pb.CancelJobResponse(job=convert.job_to_pb(job))

@@ -1,0 +1,121 @@
+"""Proto <-> domain conversion. Nothing here decides anything."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
+from jobs.v1 import jobs_pb2 as pb
+
+from job_service.domain import errors
+from job_service.domain.model import Job, Lease
+from job_service.domain.status import JobStatus
+
+_TO_PB = {s: getattr(pb, f"JOB_STATUS_{s.name.upper()}") for s in JobStatus}
+_FROM_PB = {v: k for k, v in _TO_PB.items()}
+
+
+def status_to_pb(status: JobStatus) -> pb.JobStatus.ValueType:
+    return _TO_PB[status]
+
+
+def status_from_pb(value: int, field: str = "status") -> JobStatus | None:
+    """None for UNSPECIFIED; InvalidArgument for a number that is not a JobStatus."""
+    if value == pb.JOB_STATUS_UNSPECIFIED:
+        return None
+    try:
+        return _FROM_PB[value]  # type: ignore[index]
+    except KeyError:
+        raise errors.InvalidArgument(field, f"{value} is not a JobStatus") from None
+
+
+def ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    out = timestamp_pb2.Timestamp()
+    out.FromDatetime(value.astimezone(UTC))
+    return out
+
+
+def duration(value: timedelta) -> duration_pb2.Duration:
+    out = duration_pb2.Duration()
+    out.FromTimedelta(value)
+    return out
+
+
+def struct(value: Mapping[str, Any] | None) -> struct_pb2.Struct | None:
+    if value is None:
+        return None
+    out = struct_pb2.Struct()
+    out.update(dict(value))
+    return out
+
+
+def struct_to_dict(value: struct_pb2.Struct) -> dict[str, Any]:
+    return json_format.MessageToDict(value)
+
+
+def job_to_pb(job: Job) -> pb.Job:
+    msg = pb.Job(
+        job_id=str(job.id),
+        session_id=str(job.session_id),
+        status=status_to_pb(job.status),
+        stage=job.stage,
+        progress_pct=job.progress_pct,
+        filename=job.filename,
+        content_type=job.content_type,
+        size_bytes=job.size_bytes,
+        attempt=job.attempts,
+        max_attempts=job.max_attempts,
+        bucket=job.bucket,
+        key=job.key,
+        etag=job.etag or "",
+        results_uri=job.results_uri or "",
+        cancel_requested=job.cancel_requested,
+    )
+    for field, value in (
+        ("created_at", job.created_at),
+        ("updated_at", job.updated_at),
+        ("upload_expires_at", job.upload_expires_at),
+        ("available_at", job.available_at),
+    ):
+        stamp = ts(value)
+        if stamp is not None:
+            getattr(msg, field).CopyFrom(stamp)
+    if job.error is not None:
+        err = pb.JobError(
+            code=job.error.code,
+            message=job.error.message,
+            retryable=job.error.retryable,
+            attempt=job.error.attempt,
+        )
+        stamp = ts(job.error.occurred_at)
+        if stamp is not None:
+            err.occurred_at.CopyFrom(stamp)
+        msg.error.CopyFrom(err)
+    result = struct(job.result)
+    if result is not None:
+        msg.result.CopyFrom(result)
+    return msg
+
+
+def lease_to_pb(lease: Lease, *, heartbeat_interval: timedelta, results_prefix: str) -> pb.Lease:
+    job = lease.job
+    msg = pb.Lease(
+        job=job_to_pb(job),
+        bucket=job.bucket,
+        key=job.key,
+        content_type=job.content_type,
+        size_bytes=job.size_bytes,
+        etag=job.etag or "",
+        attempt=lease.attempt,
+        lease_token=str(lease.token),
+        results_prefix=f"{results_prefix}{job.id}/",
+    )
+    stamp = ts(lease.expires_at)
+    assert stamp is not None
+    msg.lease_expires_at.CopyFrom(stamp)
+    msg.heartbeat_interval.CopyFrom(duration(heartbeat_interval))
+    return msg

@@ -1,0 +1,187 @@
+"""gRPC servicers: parse and validate requests, call a use case, convert the answer.
+
+Validation that does not need the database happens here (INVALID_ARGUMENT); what a request
+means is in the use cases (job_service.uploads, .leases, .admin).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import grpc
+from jobs.v1 import jobs_pb2 as pb
+from jobs.v1 import jobs_pb2_grpc as pb_grpc
+
+from job_service.config import Settings
+from job_service.domain import errors
+from job_service.domain.model import (
+    parse_job_id,
+    parse_lease_token,
+    validate_error_code,
+    validate_new_upload,
+    validate_progress,
+    validate_worker_id,
+)
+from job_service.leases import Leases
+from job_service.metrics import Metrics
+from job_service.rpc import convert
+from job_service.rpc.errors import stream, unary
+from job_service.uploads import Uploads
+
+Ctx = grpc.aio.ServicerContext
+#: Kept between a long-poll's answer and the caller's deadline, so the answer arrives in time.
+DEADLINE_MARGIN_SECONDS = 1.0
+MAX_HEARTBEAT_LEASES = 1000
+MAX_MESSAGE_CHARS = 4000
+
+
+class UploadServicer(pb_grpc.UploadServiceServicer):
+    def __init__(self, uploads: Uploads, settings: Settings, metrics: Metrics) -> None:
+        self._uploads = uploads
+        self._settings = settings
+        self.metrics = metrics
+
+    @unary
+    async def InitiateUpload(
+        self, request: pb.InitiateUploadRequest, context: Ctx
+    ) -> pb.InitiateUploadResponse:
+        upload = validate_new_upload(
+            filename=request.filename,
+            content_type=request.content_type,
+            size_bytes=request.size_bytes,
+            session_id=request.session_id,
+            request_id=request.request_id,
+            max_upload_bytes=self._settings.max_upload_bytes,
+        )
+        out = await self._uploads.initiate(upload)
+        resp = pb.InitiateUploadResponse(
+            job=convert.job_to_pb(out.job),
+            upload_url=out.upload_url,
+            upload_headers=out.upload_headers,
+        )
+        stamp = convert.ts(out.upload_expires_at) if out.upload_url else None
+        if stamp is not None:
+            resp.upload_expires_at.CopyFrom(stamp)
+        return resp
+
+    @unary
+    async def CompleteUpload(
+        self, request: pb.CompleteUploadRequest, context: Ctx
+    ) -> pb.CompleteUploadResponse:
+        job = await self._uploads.complete(parse_job_id(request.job_id))
+        return pb.CompleteUploadResponse(job=convert.job_to_pb(job))
+
+    @unary
+    async def GetJob(self, request: pb.GetJobRequest, context: Ctx) -> pb.GetJobResponse:
+        job = await self._uploads.get(parse_job_id(request.job_id))
+        return pb.GetJobResponse(job=convert.job_to_pb(job))
+
+    @stream
+    async def WatchJob(
+        self, request: pb.WatchJobRequest, context: Ctx
+    ) -> AsyncIterator[pb.WatchJobResponse]:
+        async for job in self._uploads.watch(parse_job_id(request.job_id)):
+            yield pb.WatchJobResponse(job=convert.job_to_pb(job))
+
+
+class WorkerServicer(pb_grpc.WorkerServiceServicer):
+    def __init__(self, leases: Leases, settings: Settings, metrics: Metrics) -> None:
+        self._leases = leases
+        self._settings = settings
+        self.metrics = metrics
+
+    @unary
+    async def ClaimJob(self, request: pb.ClaimJobRequest, context: Ctx) -> pb.ClaimJobResponse:
+        worker_id = validate_worker_id(request.worker_id)
+        if request.max_jobs < 1:
+            raise errors.InvalidArgument(
+                "max_jobs",
+                f"must be >= 1 (the number of jobs you can start now), got {request.max_jobs}",
+            )
+        wait = request.wait.ToTimedelta().total_seconds() if request.HasField("wait") else 0.0
+        if wait < 0:
+            raise errors.InvalidArgument("wait", "must not be negative")
+        remaining = context.time_remaining()
+        if remaining is not None:
+            wait = min(wait, max(remaining - DEADLINE_MARGIN_SECONDS, 0.0))
+        leases = await self._leases.claim(worker_id, request.max_jobs, wait)
+        interval = timedelta(seconds=self._settings.heartbeat_interval_seconds)
+        return pb.ClaimJobResponse(
+            leases=[
+                convert.lease_to_pb(
+                    lease,
+                    heartbeat_interval=interval,
+                    results_prefix=self._settings.s3_results_prefix,
+                )
+                for lease in leases
+            ]
+        )
+
+    @unary
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: Ctx) -> pb.HeartbeatResponse:
+        validate_worker_id(request.worker_id)
+        if not request.leases:
+            raise errors.InvalidArgument("leases", "name at least one (job_id, lease_token)")
+        if len(request.leases) > MAX_HEARTBEAT_LEASES:
+            raise errors.InvalidArgument(
+                "leases", f"at most {MAX_HEARTBEAT_LEASES} per call, got {len(request.leases)}"
+            )
+        refs = [(parse_job_id(r.job_id), parse_lease_token(r.lease_token)) for r in request.leases]
+        results = await self._leases.heartbeat(request.worker_id, refs)
+        out = pb.HeartbeatResponse()
+        for r in results:
+            status = out.leases.add(
+                job_id=str(r.job_id),
+                state=pb.LEASE_STATE_HELD if r.held else pb.LEASE_STATE_LOST,
+                cancel_requested=r.cancel_requested,
+            )
+            stamp = convert.ts(r.expires_at)
+            if stamp is not None:
+                status.lease_expires_at.CopyFrom(stamp)
+        return out
+
+    @unary
+    async def ReportProgress(
+        self, request: pb.ReportProgressRequest, context: Ctx
+    ) -> pb.ReportProgressResponse:
+        job = await self._leases.report_progress(
+            parse_job_id(request.job_id),
+            parse_lease_token(request.lease_token),
+            convert.status_from_pb(request.status),
+            validate_progress(request.progress_pct),
+            convert.struct_to_dict(request.result) if request.HasField("result") else None,
+        )
+        return pb.ReportProgressResponse(job=convert.job_to_pb(job))
+
+    @unary
+    async def CompleteJob(
+        self, request: pb.CompleteJobRequest, context: Ctx
+    ) -> pb.CompleteJobResponse:
+        job = await self._leases.complete(
+            parse_job_id(request.job_id),
+            parse_lease_token(request.lease_token),
+            convert.struct_to_dict(request.result) if request.HasField("result") else None,
+            request.results_uri.strip(),
+        )
+        return pb.CompleteJobResponse(job=convert.job_to_pb(job))
+
+    @unary
+    async def FailJob(self, request: pb.FailJobRequest, context: Ctx) -> pb.FailJobResponse:
+        job_id = parse_job_id(request.job_id)
+        token = parse_lease_token(request.lease_token)
+        code = validate_error_code(request.error_code)
+        message = request.error_message.strip()[:MAX_MESSAGE_CHARS] or code
+        job = await self._leases.fail(job_id, token, code, message, request.retryable)
+        return pb.FailJobResponse(job=convert.job_to_pb(job))
+
+    @unary
+    async def ReleaseJob(
+        self, request: pb.ReleaseJobRequest, context: Ctx
+    ) -> pb.ReleaseJobResponse:
+        job = await self._leases.release(
+            parse_job_id(request.job_id),
+            parse_lease_token(request.lease_token),
+            request.reason.strip()[:MAX_MESSAGE_CHARS],
+        )
+        return pb.ReleaseJobResponse(job=convert.job_to_pb(job))

@@ -1,0 +1,228 @@
+"""Use cases of UploadService: initiate an upload, verify and queue it, read a job.
+
+A job is claimable only after CompleteUpload has seen its object in S3: that is the whole
+point of the service. Each use case owns its transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from job_service.config import Settings
+from job_service.domain import errors
+from job_service.domain.model import (
+    Job,
+    JobId,
+    NewUpload,
+    SessionId,
+    check_same_request,
+    verify_upload,
+)
+from job_service.domain.status import TERMINAL, UPLOAD_ACCEPTED, JobStatus, check_transition
+from job_service.metrics import Metrics
+from job_service.ports import ObjectStore
+from job_service.storage import repository as repo
+from job_service.storage.db import transaction
+from job_service.wakeup import JobChanges
+
+log = logging.getLogger(__name__)
+
+WATCH_REFRESH_SECONDS = 5.0
+
+_PREFLIGHT_OUTCOME = {
+    errors.UPLOAD_OBJECT_NOT_FOUND: "not_found",
+    errors.UPLOAD_EMPTY: "empty",
+    errors.UPLOAD_SIZE_MISMATCH: "size_mismatch",
+    errors.UPLOAD_CONTENT_TYPE_MISMATCH: "content_type_mismatch",
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class InitiatedUpload:
+    job: Job
+    upload_url: str
+    upload_headers: dict[str, str]
+    upload_expires_at: datetime | None
+
+
+class Uploads:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        store: ObjectStore,
+        settings: Settings,
+        metrics: Metrics,
+        changes: JobChanges,
+    ) -> None:
+        self._changes = changes
+        self._engine = engine
+        self._store = store
+        self._settings = settings
+        self._metrics = metrics
+
+    async def initiate(self, upload: NewUpload) -> InitiatedUpload:
+        """Create a job in awaiting_upload (never claimable) and presign its PUT.
+
+        The same request_id returns the same job. Raises IdempotencyKeyReused when the
+        request_id was used for a different upload, DatabaseUnavailable.
+        """
+        s = self._settings
+        async with transaction(self._engine) as conn:
+            job = None
+            if upload.request_id is not None:
+                job = await repo.get_job_by_request_id(conn, upload.request_id)
+            if job is None:
+                job_id = JobId(uuid.uuid4())
+                session_id = upload.session_id or SessionId(uuid.uuid4())
+                await repo.ensure_session(conn, session_id)
+                job = await repo.insert_job(
+                    conn,
+                    {
+                        "id": job_id,
+                        "session_id": session_id,
+                        "status": JobStatus.awaiting_upload,
+                        "stage": JobStatus.awaiting_upload.stage,
+                        "filename": upload.filename,
+                        "content_type": upload.content_type,
+                        "size_bytes": upload.size_bytes,
+                        "s3_bucket": s.s3_bucket,
+                        # Server-made key: the filename never reaches it.
+                        "s3_key": f"{s.s3_upload_prefix}{job_id}/source",
+                        "request_id": upload.request_id,
+                        "max_attempts": s.max_attempts,
+                        "upload_expires_at": await repo.now(conn)
+                        + timedelta(seconds=s.upload_url_ttl_seconds),
+                    },
+                )
+                if job is None:  # a concurrent retry with this request_id inserted first
+                    assert upload.request_id is not None
+                    job = await repo.get_job_by_request_id(conn, upload.request_id)
+                    assert job is not None
+                else:
+                    log.info("job created", extra={"job_id": str(job.id)})
+            if upload.request_id is not None:
+                check_same_request(job, upload)
+        if job.status is not JobStatus.awaiting_upload and not job.upload_failed:
+            return InitiatedUpload(job, "", {}, job.upload_expires_at)
+        ttl = timedelta(seconds=s.upload_url_ttl_seconds)
+        url, headers = await self._store.presign_put(job.bucket, job.key, job.content_type, ttl)
+        expires = job.upload_expires_at
+        if job.upload_failed or (expires is not None and expires < datetime.now(expires.tzinfo)):
+            expires = datetime.now(tz=job.created_at.tzinfo) + ttl
+        return InitiatedUpload(job, url, headers, expires)
+
+    async def complete(self, job_id: JobId) -> Job:
+        """Verify the upload with HeadObject, then queue the job (the design note's table).
+
+        awaiting_upload, or failed at verification: verify -> queued (or failed, raising
+        UploadVerificationFailed). Already queued, running or done: returned unchanged.
+        Raises JobNotFound, JobNotRetryable (failed during analysis), StorageUnavailable /
+        StorageAccessDenied (nothing changed), DatabaseUnavailable.
+        """
+        async with transaction(self._engine) as conn:
+            job = await repo.get_job(conn, job_id)
+        if job is None:
+            raise errors.JobNotFound(job_id)
+        if job.status in UPLOAD_ACCEPTED:
+            return job
+        self._check_verifiable(job)
+        try:
+            obj = await self._store.head(job.bucket, job.key)
+        except errors.StorageAccessDenied:
+            self._metrics.preflight_total.labels("access_denied").inc()
+            raise
+        except errors.StorageUnavailable:
+            self._metrics.preflight_total.labels("transient").inc()
+            raise
+        verdict = verify_upload(job, obj)
+        async with transaction(self._engine) as conn:
+            job = await repo.get_job(conn, job_id, for_update=True)
+            assert job is not None
+            if job.status in UPLOAD_ACCEPTED:  # a concurrent CompleteUpload won
+                return job
+            self._check_verifiable(job)
+            if verdict is None:
+                assert obj is not None
+                check_transition(job.status, JobStatus.queued)
+                job = await repo.update_job(
+                    conn,
+                    job_id,
+                    status=JobStatus.queued,
+                    progress_pct=0,
+                    etag=obj.etag,
+                    observed_size=obj.size,
+                    available_at=await repo.now(conn),
+                    **repo.error_values(None),
+                )
+                await repo.mark_session_uploaded(conn, job.session_id)
+                self._metrics.preflight_total.labels("ok").inc()
+                self._metrics.job_transitions_total.labels(JobStatus.queued.value).inc()
+                log.info("upload verified; job queued", extra={"job_id": str(job_id)})
+                return job
+            if job.status is not JobStatus.failed:
+                check_transition(job.status, JobStatus.failed)
+            await repo.update_job(
+                conn,
+                job_id,
+                status=JobStatus.failed,
+                observed_size=obj.size if obj else None,
+                **repo.error_values(verdict),
+            )
+            await repo.record_error(conn, job_id, verdict)
+        self._metrics.preflight_total.labels(_PREFLIGHT_OUTCOME[verdict.code]).inc()
+        self._metrics.job_transitions_total.labels(JobStatus.failed.value).inc()
+        log.info(
+            "upload verification failed",
+            extra={"job_id": str(job_id), "error_code": verdict.code},
+        )
+        raise errors.UploadVerificationFailed(verdict.code, verdict.message, job_id=job_id)
+
+    @staticmethod
+    def _check_verifiable(job: Job) -> None:
+        if job.status is JobStatus.failed and not job.upload_failed:
+            code = job.error.code if job.error else "unknown"
+            raise errors.JobNotRetryable(
+                f"job {job.id} failed during processing ({code}), not at upload verification; "
+                "an operator can requeue it with AdminService.RequeueJob",
+                job_id=job.id,
+                error_code=code,
+            )
+
+    async def watch(self, job_id: JobId) -> AsyncIterator[Job]:
+        """The job now, then after each status or progress change, until it is done or failed.
+
+        Woken by the change notification; re-reads at least every `WATCH_REFRESH_SECONDS` in
+        case a notification was missed. Raises JobNotFound.
+        """
+        key = str(job_id)
+        event = self._changes.subscribe(key)
+        try:
+            last: tuple[object, ...] | None = None
+            while True:
+                event.clear()
+                job = await self.get(job_id)
+                seen = (job.status, job.progress_pct, job.cancel_requested, job.error)
+                if seen != last:
+                    last = seen
+                    yield job
+                if job.status in TERMINAL:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), WATCH_REFRESH_SECONDS)
+        finally:
+            self._changes.unsubscribe(key, event)
+
+    async def get(self, job_id: JobId) -> Job:
+        async with transaction(self._engine) as conn:
+            job = await repo.get_job(conn, job_id)
+        if job is None:
+            raise errors.JobNotFound(job_id)
+        return job
