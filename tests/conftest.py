@@ -1,0 +1,161 @@
+"""Shared fixtures: a throwaway PostgreSQL cluster (a fresh migrated database per test, copied
+from a template built by `alembic upgrade head`), moto's S3 server, the job-service in-process
+on a real grpc.aio server and channel, and factories for the real service processes."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2_grpc
+from jobs.v1 import jobs_pb2_grpc
+
+from job_service.app import JobServiceApp
+from job_service.config import Settings
+from job_service.storage import migrate
+from localinfra.ports import free_port
+from localinfra.postgres import PostgresCluster
+from localinfra.s3 import MotoS3
+from tests.support.procs import ServiceProcess, spawn, wait_serving
+
+BUCKET = "videos"
+TEMPLATE_DB = "jobs_template"
+
+
+def sa_url(pg: PostgresCluster, database: str) -> str:
+    return pg.dsn(database).replace("postgresql://", "postgresql+asyncpg://", 1)
+
+
+@pytest.fixture(scope="session")
+def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresCluster]:
+    cluster = PostgresCluster(tmp_path_factory.mktemp("pg") / "data")
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def template_db(pg: PostgresCluster) -> str:
+    """Migrated once with `alembic upgrade head`; each test copies it (CREATE ... TEMPLATE)."""
+    pg.create_database(TEMPLATE_DB)
+    migrate.upgrade(sa_url(pg, TEMPLATE_DB))
+    return TEMPLATE_DB
+
+
+@pytest.fixture
+def fresh_db(pg: PostgresCluster) -> Iterator[Callable[[], str]]:
+    """Factory for empty databases (migration tests); dropped at teardown."""
+    made: list[str] = []
+
+    def make() -> str:
+        name = f"t_{uuid.uuid4().hex[:12]}"
+        pg.create_database(name)
+        made.append(name)
+        return name
+
+    yield make
+    for name in made:
+        pg.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def database_url(pg: PostgresCluster, template_db: str) -> Iterator[str]:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    pg.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    yield sa_url(pg, name)
+    pg.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def moto_s3() -> Iterator[MotoS3]:
+    server = MotoS3()
+    server.start()
+    server.create_bucket(BUCKET)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def settings_for(database_url: str, s3: Any, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "grpc_address": "127.0.0.1:0",
+        "metrics_address": "",
+        "s3_endpoint_url": s3.endpoint_url,
+        "s3_access_key_id": s3.access_key,
+        "s3_secret_access_key": s3.secret_key,
+        "s3_bucket": BUCKET,
+        "s3_timeout_seconds": 2.0,
+        "log_format": "text",
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+def settings(database_url: str, moto_s3: MotoS3) -> Settings:
+    return settings_for(database_url, moto_s3)
+
+
+@dataclasses.dataclass
+class Stubs:
+    channel: grpc.aio.Channel
+    upload: jobs_pb2_grpc.UploadServiceStub
+    worker: jobs_pb2_grpc.WorkerServiceStub
+    admin: jobs_pb2_grpc.AdminServiceStub
+    health: health_pb2_grpc.HealthStub
+
+
+def stubs_for(channel: grpc.aio.Channel) -> Stubs:
+    return Stubs(
+        channel,
+        jobs_pb2_grpc.UploadServiceStub(channel),
+        jobs_pb2_grpc.WorkerServiceStub(channel),
+        jobs_pb2_grpc.AdminServiceStub(channel),
+        health_pb2_grpc.HealthStub(channel),
+    )
+
+
+@pytest.fixture
+async def app(settings: Settings) -> AsyncIterator[JobServiceApp]:
+    async with JobServiceApp(settings) as running:
+        yield running
+
+
+@pytest.fixture
+async def api(app: JobServiceApp) -> AsyncIterator[Stubs]:
+    """Stubs on a real channel to the in-process job-service."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        yield stubs_for(channel)
+
+
+@pytest.fixture
+async def start_job_service(
+    database_url: str, moto_s3: MotoS3, tmp_path: Path
+) -> AsyncIterator[Callable[..., Awaitable[ServiceProcess]]]:
+    """Factory: `await start_job_service(**JOB_SERVICE_overrides)` runs `python -m job_service`
+    against this test's database and moto, and waits for health SERVING."""
+    started: list[ServiceProcess] = []
+
+    async def start(**overrides: Any) -> ServiceProcess:
+        port = free_port()
+        s = settings_for(database_url, moto_s3, grpc_address=f"127.0.0.1:{port}", log_format="json")
+        env = {name: str(getattr(s, name.removeprefix("JOB_SERVICE_").lower()))
+               for name, _ in Settings.env_table()}
+        env.update({f"JOB_SERVICE_{k.upper()}": str(v) for k, v in overrides.items()})
+        svc = spawn("job_service", env, tmp_path / f"job-service-{len(started)}.log")
+        started.append(svc)
+        await wait_serving(svc, f"127.0.0.1:{port}")
+        return svc
+
+    yield start
+    for svc in started:
+        svc.stop()

@@ -1,0 +1,156 @@
+"""The design note's six cases, and what surrounds them: a job is claimable only after its
+upload was verified in S3."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from jobs.v1 import jobs_pb2 as pb
+from sqlalchemy import text
+
+from tests.support.flows import (
+    VIDEO,
+    claim,
+    complete,
+    error_reason,
+    get_job,
+    initiate,
+    put_object,
+    queued_job,
+)
+
+
+async def test_initiate_creates_job_awaiting_upload(api, settings):
+    init = await initiate(api, filename="../../etc/passwd.mp4")
+    job = init.job
+    assert job.status == pb.JOB_STATUS_AWAITING_UPLOAD
+    assert job.stage == "AWAITING_UPLOAD"
+    assert job.progress_pct == 0
+    # The key is made by the server: the filename cannot steer it out of the uploads prefix.
+    assert job.key == f"{settings.s3_upload_prefix}{job.job_id}/source"
+    assert ".." not in job.key and "passwd" not in job.key
+    assert job.filename == "../../etc/passwd.mp4"
+    assert init.upload_url.startswith(settings.s3_endpoint_url)
+    assert job.key in init.upload_url and "X-Amz-Signature" in init.upload_url
+    assert "content-type" in init.upload_url.lower()  # signed into the URL
+    assert dict(init.upload_headers) == {"Content-Type": "video/mp4"}
+    assert init.upload_expires_at.seconds > job.created_at.seconds
+
+
+async def test_job_is_not_claimable_before_complete(api):
+    await initiate(api)
+    await initiate(api)
+    assert await claim(api, max_jobs=10) == []
+
+
+async def test_complete_moves_job_to_queued(api, moto_s3, app):
+    init = await initiate(api)
+    await put_object(moto_s3, init.job.bucket, init.job.key)
+    job = await complete(api, init.job.job_id)
+    assert job.status == pb.JOB_STATUS_QUEUED
+    assert job.stage == "QUEUED"
+    assert job.etag  # recorded by the preflight, for workers' If-Match
+    assert not job.HasField("error")
+    async with app.engine.connect() as conn:
+        session_status = (
+            await conn.execute(
+                text("SELECT status FROM video_sessions WHERE id = :id"),
+                {"id": job.session_id},
+            )
+        ).scalar_one()
+    assert session_status == "uploaded"
+
+
+async def test_queued_job_is_claimable(api, moto_s3):
+    job = await queued_job(api, moto_s3)
+    leases = await claim(api, worker_id="w-7")
+    assert len(leases) == 1
+    lease = leases[0]
+    assert lease.job.job_id == job.job_id
+    assert lease.job.status == pb.JOB_STATUS_QUICK_RUNNING
+    assert (lease.bucket, lease.key, lease.etag) == (job.bucket, job.key, job.etag)
+    assert lease.content_type == "video/mp4" and lease.size_bytes == len(VIDEO)
+    assert lease.attempt == 1 and lease.lease_token
+    assert lease.lease_expires_at.seconds > 0
+    assert lease.results_prefix.endswith(f"{job.job_id}/")
+    assert await claim(api) == []  # leased: nobody else gets it
+
+
+async def test_complete_is_idempotent(api, moto_s3, app):
+    first = await queued_job(api, moto_s3)
+    again = await complete(api, first.job_id)
+    assert again.status == pb.JOB_STATUS_QUEUED
+    assert again.updated_at == first.updated_at  # nothing changed
+    # ... and in every later status too (the design note's table).
+    lease = (await claim(api))[0]
+    running = await complete(api, first.job_id)
+    assert running.status == pb.JOB_STATUS_QUICK_RUNNING
+    assert running.updated_at == lease.job.updated_at
+    assert app.metrics.job_transitions_total.labels("queued")._value.get() == 1
+
+
+async def test_complete_without_object_fails_job(api):
+    init = await initiate(api)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await complete(api, init.job.job_id)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_reason(err.value) == "UPLOAD_OBJECT_NOT_FOUND"
+    assert "upload the file" in err.value.details()
+    job = await get_job(api, init.job.job_id)
+    assert job.status == pb.JOB_STATUS_FAILED
+    assert job.error.code == "UPLOAD_OBJECT_NOT_FOUND"
+    assert await claim(api) == []
+
+
+async def test_failed_upload_can_be_verified_again(api, moto_s3):
+    init = await initiate(api)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await complete(api, init.job.job_id)
+    # The client may fetch a fresh URL with the same request, upload, and complete again.
+    await put_object(moto_s3, init.job.bucket, init.job.key)
+    job = await complete(api, init.job.job_id)
+    assert job.status == pb.JOB_STATUS_QUEUED
+    assert not job.HasField("error")
+    assert [lease.job.job_id for lease in await claim(api)] == [job.job_id]
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [(b"", "UPLOAD_EMPTY"), (VIDEO[:-10], "UPLOAD_SIZE_MISMATCH"), (VIDEO + b"!", "UPLOAD_SIZE_MISMATCH")],
+)
+async def test_wrong_object_fails_job_with_its_own_code(api, moto_s3, body, reason):
+    init = await initiate(api, size=len(VIDEO))
+    await put_object(moto_s3, init.job.bucket, init.job.key, body)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await complete(api, init.job.job_id)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_reason(err.value) == reason
+    job = await get_job(api, init.job.job_id)
+    assert (job.status, job.error.code) == (pb.JOB_STATUS_FAILED, reason)
+
+
+async def test_concurrent_complete_makes_exactly_one_transition(api, moto_s3, app):
+    init = await initiate(api)
+    await put_object(moto_s3, init.job.bucket, init.job.key)
+    results = await asyncio.gather(*(complete(api, init.job.job_id) for _ in range(20)))
+    assert {r.status for r in results} == {pb.JOB_STATUS_QUEUED}
+    assert len({r.updated_at.ToNanoseconds() for r in results}) == 1
+    assert app.metrics.job_transitions_total.labels("queued")._value.get() == 1
+    assert app.metrics.preflight_total.labels("ok")._value.get() == 1
+
+
+async def test_job_failed_in_analysis_is_not_requeued_by_complete(api, moto_s3):
+    await queued_job(api, moto_s3)
+    lease = (await claim(api))[0]
+    await api.worker.FailJob(
+        pb.FailJobRequest(job_id=lease.job.job_id, lease_token=lease.lease_token,
+                          error_code="INVALID_MEDIA", error_message="not a video"),
+        timeout=5,
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await complete(api, lease.job.job_id)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_reason(err.value) == "JOB_NOT_RETRYABLE"
+    assert "RequeueJob" in err.value.details()
