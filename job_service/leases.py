@@ -98,9 +98,11 @@ class Leases:
                     return leases
                 self._metrics.claim_waiters.inc()
                 try:
-                    await wait_for(ticket, deadline - loop.time())
+                    woken = await wait_for(ticket, deadline - loop.time())
                 finally:
                     self._metrics.claim_waiters.dec()
+                if not woken:
+                    return []
             finally:
                 self._waiters.discard(ticket)
 

@@ -1,0 +1,13 @@
+"""Throwaway local infrastructure shared by the test suite and the ``make run`` dev stack.
+
+Everything here binds to 127.0.0.1 only, picks free ports, and cleans up every process it starts,
+also when start-up fails half-way:
+
+* :mod:`localinfra.postgres` -- :class:`~localinfra.postgres.PostgresCluster`, a PostgreSQL
+  cluster run from the system binaries.
+* :mod:`localinfra.s3` -- :class:`~localinfra.s3.MotoS3` (in-process moto server, no signature
+  checks) and :class:`~localinfra.s3.SeaweedS3` (a real, SigV4-checking SeaweedFS S3 gateway).
+* :mod:`localinfra.ports` and :mod:`localinfra.process` -- small helpers.
+
+Submodules are not imported here so that, e.g., the Postgres helper does not pay for importing moto.
+"""

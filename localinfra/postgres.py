@@ -1,0 +1,607 @@
+"""A throwaway PostgreSQL cluster run from the system binaries.
+
+Typical use::
+
+    with PostgresCluster(tmp_path / "pg") as pg:
+        pg.create_database("app")
+        url = pg.dsn("app")          # postgresql://postgres@127.0.0.1:PORT/app
+
+Behaviour:
+
+* The server listens on 127.0.0.1 only (TCP) plus a Unix socket in a private temporary directory.
+* Authentication is ``trust`` and the superuser is always named ``postgres`` (``initdb -U
+  postgres``), whichever OS user runs the server, so DSNs look the same for everyone.
+* Durability is traded for speed (``fsync``, ``synchronous_commit`` and ``full_page_writes`` off):
+  a crash can lose or corrupt data, which is fine for throwaway clusters.
+* A data directory that already holds a cluster (``PG_VERSION`` exists) is reused as is, so the dev
+  stack can keep its data across runs. A stale ``postmaster.pid`` left by a killed run is handled,
+  and a postmaster still running on the directory from an earlier run is stopped first.
+* PostgreSQL refuses to run as root. When the current process is root, the server binaries run as
+  the ``postgres`` system user via ``runuser`` (the user is created when missing), the data
+  directory is chown-ed to it, and every parent directory of the data directory is made
+  traversable for it (``chmod o+x`` where it could not traverse it before). That is re-applied
+  before every server command, because other tools may undo it: each pytest session resets
+  ``/tmp/pytest-of-<user>`` to 0700. initdb runs in a private staging directory for the same
+  reason. A running server is immune (it works relative to its data directory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import re
+import shlex
+import shutil
+import signal
+import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import NamedTuple, Self
+
+from localinfra.ports import LOCALHOST, free_port
+from localinfra.process import pid_alive, tail, wait_until
+
+SUPERUSER = "postgres"
+"""Name of the database superuser of every cluster (``initdb -U``)."""
+
+SYSTEM_USER = "postgres"
+"""OS user that runs the server when the current process is root."""
+
+DEFAULT_SETTINGS: Mapping[str, str] = {
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+    "max_connections": "200",
+}
+"""Server settings tuned for tests (speed over durability)."""
+
+LOG_FILE_NAME = "postgresql.log"
+_COMMAND_TIMEOUT = 120.0
+_TRANSIENT_START_ERRORS = (
+    # A SIGKILLed postmaster's children may still hold the old shared memory for a moment.
+    "pre-existing shared memory block",
+    # The previous postmaster is still shutting down.
+    'lock file "postmaster.pid" already exists',
+)
+
+
+class PostgresError(RuntimeError):
+    """A PostgreSQL binary failed or the server did not come up."""
+
+
+class _OsUser(NamedTuple):
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+
+
+def find_bindir() -> Path:
+    """Locate the directory with the PostgreSQL server binaries (``initdb``, ``pg_ctl``, ...).
+
+    Order: ``pg_config --bindir`` (when it has ``initdb``), the newest
+    ``/usr/lib/postgresql/<version>/bin`` (Debian/Ubuntu layout), then ``initdb`` on ``PATH``.
+    """
+    pg_config = shutil.which("pg_config")
+    if pg_config is not None:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(
+                [pg_config, "--bindir"], capture_output=True, text=True, check=True, timeout=10
+            ).stdout.strip()
+            if out and (Path(out) / "initdb").is_file():
+                return Path(out)
+
+    def version_key(path: Path) -> tuple[int, ...]:
+        return tuple(int(part) for part in re.findall(r"\d+", path.parent.name))
+
+    candidates = [p for p in Path("/usr/lib/postgresql").glob("*/bin") if (p / "initdb").is_file()]
+    if candidates:
+        return max(candidates, key=version_key)
+
+    initdb = shutil.which("initdb")
+    if initdb is not None:
+        return Path(initdb).resolve().parent
+    raise PostgresError(
+        "PostgreSQL server binaries not found (tried pg_config --bindir, "
+        "/usr/lib/postgresql/*/bin and initdb on PATH); install the postgresql package"
+    )
+
+
+def _client_env() -> dict[str, str]:
+    """The current environment without ``PG*`` variables, so that libpq defaults cannot leak in."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+
+
+class PostgresCluster:
+    """A PostgreSQL cluster in ``data_dir``, listening on ``127.0.0.1:port``.
+
+    ``port`` defaults to a free port chosen at construction time (so :meth:`dsn` is usable before
+    :meth:`start`). :meth:`start` initialises the cluster when needed and waits until it accepts
+    connections; :meth:`stop` shuts it down (fast mode) and is idempotent. Both are synchronous.
+    The object is a context manager that starts on enter and stops on exit.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        *,
+        settings: Mapping[str, str] | None = None,
+        startup_timeout: float = 30.0,
+        bindir: Path | None = None,
+    ) -> None:
+        """Describe a cluster; nothing is started yet.
+
+        Args:
+            data_dir: cluster directory; created (and initialised) by :meth:`start` when needed.
+            port: TCP port on 127.0.0.1; a free one when ``None``.
+            settings: extra/overriding server settings (``-c name=value``), on top of
+                :data:`DEFAULT_SETTINGS`.
+            startup_timeout: seconds :meth:`start` may take before it gives up.
+            bindir: directory with the server binaries; found with :func:`find_bindir` if ``None``.
+        """
+        self._data_dir = Path(data_dir).absolute()
+        self._port = port if port is not None else free_port()
+        self._settings = {**DEFAULT_SETTINGS, **(settings or {})}
+        self._startup_timeout = startup_timeout
+        self._bindir = bindir
+        self._run_as: str | None = SYSTEM_USER if os.geteuid() == 0 else None
+        self._os_user: _OsUser | None = None
+        self._socket_dir: Path | None = None
+        self._pid: int | None = None
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def host(self) -> str:
+        """Always ``"127.0.0.1"``."""
+        return LOCALHOST
+
+    @property
+    def port(self) -> int:
+        """TCP port the server listens on."""
+        return self._port
+
+    @property
+    def superuser(self) -> str:
+        """Database superuser name (always ``"postgres"``; ``trust`` auth, no password)."""
+        return SUPERUSER
+
+    @property
+    def data_dir(self) -> Path:
+        """Absolute path of the cluster directory."""
+        return self._data_dir
+
+    @property
+    def log_path(self) -> Path:
+        """Server log file (inside the data directory)."""
+        return self._data_dir / LOG_FILE_NAME
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the postmaster started by :meth:`start`, or ``None`` when not running."""
+        return self._pid
+
+    @property
+    def bindir(self) -> Path:
+        """Directory with the PostgreSQL binaries in use."""
+        if self._bindir is None:
+            self._bindir = find_bindir()
+        return self._bindir
+
+    def dsn(self, database: str = "postgres") -> str:
+        """libpq-style URL for ``database``: ``postgresql://postgres@127.0.0.1:PORT/DATABASE``."""
+        return f"postgresql://{SUPERUSER}@{LOCALHOST}:{self._port}/{database}"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Initialise the cluster if needed, start the server and wait until it accepts queries.
+
+        Raises :class:`PostgresError` (with the tail of the server log) when the server does not
+        come up within ``startup_timeout``; anything started by then is stopped again.
+        """
+        if self._pid is not None and pid_alive(self._pid):
+            raise PostgresError(f"cluster in {self._data_dir} is already running (pid {self._pid})")
+        deadline = time.monotonic() + self._startup_timeout
+        try:
+            self._prepare_data_dir()
+            if not (self._data_dir / "PG_VERSION").is_file():
+                self._initdb()
+            self._deal_with_leftover_postmaster()
+            self._socket_dir = self._make_socket_dir()
+            self._pg_ctl_start(deadline)
+            self._wait_until_ready(deadline)
+            self._pid = self._pid_from_pid_file()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Shut the server down (``pg_ctl stop -m fast``) and wait for the postmaster to exit.
+
+        Escalates to immediate mode and then SIGKILL if needed. Safe to call when the server is
+        not running, several times, or after a failed :meth:`start`.
+        """
+        try:
+            pid = self._pid if self._pid is not None else self._pid_from_pid_file()
+            if pid is not None and pid_alive(pid) and self._is_postmaster_of_data_dir(pid):
+                self._shut_down(pid)
+        finally:
+            self._pid = None
+            if self._socket_dir is not None:
+                shutil.rmtree(self._socket_dir, ignore_errors=True)
+                self._socket_dir = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ databases
+
+    def create_database(self, name: str) -> None:
+        """Create database ``name`` (owned by the superuser)."""
+        self._client("createdb", [name])
+
+    def drop_database(self, name: str) -> None:
+        """Drop database ``name`` if it exists, terminating its connections (PostgreSQL >= 13)."""
+        self._client("dropdb", ["--if-exists", "--force", name])
+
+    def execute(self, sql: str, database: str = "postgres") -> str:
+        """Run ``sql`` with ``psql`` and return its unaligned, tuples-only output (stripped)."""
+        return self._client(
+            "psql", ["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", database, "-c", sql]
+        ).strip()
+
+    # ------------------------------------------------------------------ internals
+
+    def _client(self, binary: str, args: Sequence[str]) -> str:
+        """Run a client binary against the server over TCP as the current user."""
+        argv = [
+            str(self.bindir / binary),
+            "-h",
+            LOCALHOST,
+            "-p",
+            str(self._port),
+            "-U",
+            SUPERUSER,
+            *args,
+        ]
+        result = subprocess.run(
+            argv, capture_output=True, text=True, env=_client_env(), timeout=_COMMAND_TIMEOUT
+        )
+        if result.returncode != 0:
+            raise PostgresError(
+                f"{shlex.join(argv)} failed ({result.returncode}): {result.stderr.strip()}"
+            )
+        return result.stdout
+
+    def _server_cmd(self, binary: str, args: Sequence[str]) -> list[str]:
+        """Command line for a server binary, run as the ``postgres`` user when we are root."""
+        argv = [str(self.bindir / binary), *args]
+        if self._run_as is None:
+            return argv
+        runuser = shutil.which("runuser") or "/usr/sbin/runuser"
+        return [runuser, "-u", self._run_as, "--", *argv]
+
+    def _run_server_cmd(
+        self, binary: str, args: Sequence[str], *, timeout: float = _COMMAND_TIMEOUT
+    ) -> subprocess.CompletedProcess[str]:
+        self._ensure_traversable()
+        # cwd "/": the postgres user may not be able to enter our working directory.
+        return subprocess.run(
+            self._server_cmd(binary, args),
+            capture_output=True,
+            text=True,
+            cwd="/",
+            env=_client_env(),
+            timeout=timeout,
+        )
+
+    def _server_user(self) -> _OsUser | None:
+        """The OS user that runs the server when it is not us (we are root), created if missing."""
+        if self._run_as is None:
+            return None
+        if self._os_user is None:
+            try:
+                entry = pwd.getpwnam(self._run_as)
+            except KeyError:
+                useradd = shutil.which("useradd") or "/usr/sbin/useradd"
+                subprocess.run(
+                    [useradd, "--system", "--user-group", "--no-create-home", self._run_as],
+                    check=True,
+                    capture_output=True,
+                    timeout=_COMMAND_TIMEOUT,
+                )
+                entry = pwd.getpwnam(self._run_as)
+            groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
+            self._os_user = _OsUser(entry.pw_uid, entry.pw_gid, groups)
+        return self._os_user
+
+    def _ensure_traversable(self) -> bool:
+        """Let the server user reach the data directory (``o+x`` on ancestors that need it).
+
+        Re-applied before every server command, and after a failed one: another tool may have
+        tightened a parent in the meantime -- e.g. every pytest session resets
+        ``/tmp/pytest-of-<user>`` to 0700. Returns whether anything had to be changed.
+        """
+        user = self._server_user()
+        return user is not None and _make_ancestors_traversable(
+            self._data_dir, user.uid, user.groups
+        )
+
+    def _prepare_data_dir(self) -> None:
+        self._data_dir.mkdir(parents=True, exist_ok=True)
+        user = self._server_user()
+        if user is not None:
+            os.chown(self._data_dir, user.uid, user.gid)
+        # initdb/postgres insist on 0700 (or 0750) for the data directory.
+        os.chmod(self._data_dir, 0o700)
+
+    def _make_socket_dir(self) -> Path:
+        # A short private directory: Unix socket paths are limited to ~107 bytes.
+        path = Path(tempfile.mkdtemp(prefix="localinfra-pg-"))
+        user = self._server_user()
+        if user is not None:
+            os.chown(path, user.uid, user.gid)
+        return path
+
+    def _initdb(self) -> None:
+        """Create the cluster files in the (empty) data directory.
+
+        As root, initdb runs in a staging directory under the system temp dir and the result is
+        moved into place: initdb uses absolute paths for ~1 s, so a parent directory losing its
+        ``o+x`` meanwhile (see :meth:`_ensure_traversable`) would break it half-way.
+        """
+        user = self._server_user()
+        if user is None:
+            self._run_initdb(self._data_dir)
+            return
+        staging = Path(tempfile.mkdtemp(prefix="localinfra-pginit-"))
+        try:
+            os.chmod(staging, 0o711)
+            target = staging / "data"
+            target.mkdir(mode=0o700)
+            os.chown(target, user.uid, user.gid)
+            self._run_initdb(target)
+            for entry in target.iterdir():
+                shutil.move(entry, self._data_dir / entry.name)
+            # A move across file systems copies, and copies belong to us: hand them back.
+            for root, dirs, files in os.walk(self._data_dir):
+                for name in (*dirs, *files):
+                    os.lchown(os.path.join(root, name), user.uid, user.gid)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _run_initdb(self, target: Path) -> None:
+        result = self._run_server_cmd(
+            "initdb",
+            [
+                "-D",
+                str(target),
+                "--auth=trust",
+                "-U",
+                SUPERUSER,
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-sync",
+            ],
+        )
+        if result.returncode != 0:
+            raise PostgresError(
+                f"initdb failed ({result.returncode}) for {self._data_dir}:\n"
+                f"{result.stdout}\n{result.stderr}"
+            )
+
+    def _pid_from_pid_file(self) -> int | None:
+        try:
+            first_line = (self._data_dir / "postmaster.pid").read_text().split("\n", 1)[0]
+            return int(first_line.strip())
+        except (OSError, ValueError):
+            return None
+
+    def _is_postmaster_of_data_dir(self, pid: int) -> bool:
+        """Whether ``pid`` is a postgres process whose working directory is our data directory.
+
+        Guards against a stale ``postmaster.pid`` whose PID now belongs to an unrelated process.
+        """
+        try:
+            cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+        except OSError:
+            return pid == self._pid  # cannot tell (no procfs / not ours): trust what we started
+        return cwd == self._data_dir.resolve()
+
+    def _deal_with_leftover_postmaster(self) -> None:
+        """Stop a postmaster an earlier run left behind; drop a pid file pointing elsewhere."""
+        pid = self._pid_from_pid_file()
+        if pid is None or not pid_alive(pid):
+            return  # no pid file, or a stale one: postgres removes it itself
+        if self._is_postmaster_of_data_dir(pid):
+            self._shut_down(pid)
+        else:
+            # The PID was recycled by an unrelated process; postgres would refuse to start.
+            with contextlib.suppress(FileNotFoundError):
+                (self._data_dir / "postmaster.pid").unlink()
+
+    def _postgres_options(self) -> str:
+        assert self._socket_dir is not None
+        args = [
+            "-c",
+            f"listen_addresses={LOCALHOST}",
+            "-p",
+            str(self._port),
+            "-k",
+            str(self._socket_dir),
+        ]
+        for name, value in self._settings.items():
+            args += ["-c", f"{name}={value}"]
+        # pg_ctl passes -o through /bin/sh, hence the quoting.
+        return shlex.join(args)
+
+    def _pg_ctl_start(self, deadline: float) -> None:
+        while True:
+            log_offset = _file_size(self.log_path)
+            remaining = max(1, int(deadline - time.monotonic()))
+            result = self._run_server_cmd(
+                "pg_ctl",
+                [
+                    "start",
+                    "-D",
+                    str(self._data_dir),
+                    "-l",
+                    str(self.log_path),
+                    "-w",
+                    "-t",
+                    str(remaining),
+                    "-o",
+                    self._postgres_options(),
+                ],
+                timeout=remaining + 30,
+            )
+            if result.returncode == 0 or self._running_postmaster() is not None:
+                # Non-zero but running: pg_ctl lost sight of postmaster.pid (e.g. a parent dir
+                # lost o+x while it waited); the readiness poll takes over.
+                return
+            new_log = _read_from(self.log_path, log_offset)
+            transient = self._ensure_traversable() or any(
+                marker in new_log for marker in _TRANSIENT_START_ERRORS
+            )
+            if transient and time.monotonic() < deadline:
+                time.sleep(0.2)  # poll interval before the next attempt
+                continue
+            raise PostgresError(
+                f"pg_ctl start failed ({result.returncode}) for {self._data_dir} "
+                f"on port {self._port}: {result.stdout.strip()} {result.stderr.strip()}\n"
+                f"--- tail of {self.log_path} ---\n{tail(self.log_path)}"
+            )
+
+    def _running_postmaster(self) -> int | None:
+        """PID of a live postmaster serving our data directory, per ``postmaster.pid``."""
+        pid = self._pid_from_pid_file()
+        if pid is not None and pid_alive(pid) and self._is_postmaster_of_data_dir(pid):
+            return pid
+        return None
+
+    def _is_ready(self) -> bool:
+        result = subprocess.run(
+            [
+                str(self.bindir / "pg_isready"),
+                "-h",
+                LOCALHOST,
+                "-p",
+                str(self._port),
+                "-U",
+                SUPERUSER,
+                "-d",
+                "postgres",
+                "-t",
+                "2",
+            ],
+            capture_output=True,
+            env=_client_env(),
+            timeout=10,
+        )
+        return result.returncode == 0
+
+    def _wait_until_ready(self, deadline: float) -> None:
+        def ready() -> bool:
+            pid = self._pid_from_pid_file()
+            if pid is None or not pid_alive(pid):
+                raise PostgresError(
+                    f"postgres in {self._data_dir} exited during start-up\n"
+                    f"--- tail of {self.log_path} ---\n{tail(self.log_path)}"
+                )
+            return self._is_ready()
+
+        try:
+            wait_until(
+                ready,
+                timeout=max(0.0, deadline - time.monotonic()),
+                interval=0.05,
+                description=f"postgres on {LOCALHOST}:{self._port}",
+            )
+        except TimeoutError as exc:
+            raise PostgresError(
+                f"{exc}\n--- tail of {self.log_path} ---\n{tail(self.log_path)}"
+            ) from exc
+
+    def _shut_down(self, pid: int) -> None:
+        """Stop the postmaster ``pid``: fast, then immediate, then SIGKILL; wait for it to exit."""
+        for mode, timeout in (("fast", 30), ("immediate", 10)):
+            for _attempt in range(3):
+                self._run_server_cmd(
+                    "pg_ctl",
+                    ["stop", "-D", str(self._data_dir), "-m", mode, "-w", "-t", str(timeout)],
+                    timeout=timeout + 30,
+                )
+                # pg_ctl returns once postmaster.pid is gone, a moment before the process exits.
+                with contextlib.suppress(TimeoutError):
+                    wait_until(lambda: not pid_alive(pid), timeout=5, interval=0.02)
+                    return
+                if not self._ensure_traversable():
+                    break  # not a permission hiccup: escalate
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        wait_until(
+            lambda: not pid_alive(pid),
+            timeout=10,
+            interval=0.02,
+            description=f"postmaster {pid} to exit",
+        )
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _read_from(path: Path, offset: int) -> str:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(offset)
+            return fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def _make_ancestors_traversable(path: Path, uid: int, groups: Sequence[int]) -> bool:
+    """Add ``o+x`` to every ancestor of ``path`` that user ``uid`` could not traverse.
+
+    Returns whether any permission had to be changed.
+    """
+    changed = False
+    for parent in path.parents:
+        st = parent.stat()
+        if st.st_uid == uid:
+            can_traverse = bool(st.st_mode & stat.S_IXUSR)
+        elif st.st_gid in groups:
+            can_traverse = bool(st.st_mode & stat.S_IXGRP)
+        else:
+            can_traverse = bool(st.st_mode & stat.S_IXOTH)
+        if not can_traverse:
+            os.chmod(parent, stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
+            changed = True
+    return changed
+
+
+__all__ = [
+    "DEFAULT_SETTINGS",
+    "SUPERUSER",
+    "PostgresCluster",
+    "PostgresError",
+    "find_bindir",
+]
