@@ -38,10 +38,10 @@ class Settings:
     upload_url_ttl_seconds: int = 3600
     #: Lease length; workers renew every heartbeat interval. A crashed worker's job is
     #: claimable again within lease + reaper interval.
-    lease_seconds: int = 30
-    heartbeat_interval_seconds: int = 10
+    lease_seconds: float = 30.0
+    heartbeat_interval_seconds: float = 10.0
     #: Hard cap on one stage (quick or deep pass) however often it is renewed.
-    stage_timeout_seconds: int = 3600
+    stage_timeout_seconds: float = 3600.0
     max_attempts: int = 5
     retry_base_seconds: float = 2.0
     retry_max_seconds: float = 300.0

@@ -197,7 +197,7 @@ async def claim(
     queued -> quick_running; quick_done -> deep_running (resume: the quick pass is not redone).
     """
     picked = (
-        select(jobs.c.id)
+        select(jobs.c.id, func.gen_random_uuid().label("token"))
         .where(_CLAIMABLE_WHERE)
         .order_by(jobs.c.available_at, jobs.c.created_at)
         .limit(limit)
@@ -214,7 +214,9 @@ async def claim(
         .values(
             status=running.cast(jobs.c.status.type),
             stage=func.upper(running),
-            lease_token=func.gen_random_uuid(),
+            lease_token=picked.c.token,
+            last_lease_token=picked.c.token,
+            last_lease_outcome=None,
             leased_by=worker_id,
             leased_at=func.now(),
             stage_started_at=func.now(),
