@@ -31,11 +31,9 @@ proto: $(STAMP)
 
 # Fails when the committed stubs differ from what the protos generate.
 proto-check: $(STAMP)
-	@tmp=$$(mktemp -d); cp -r protos "$$tmp/"; cp scripts/gen_protos.sh "$$tmp/"; \
-	mkdir -p "$$tmp/scripts"; mv "$$tmp/gen_protos.sh" "$$tmp/scripts/"; \
-	(cd "$$tmp" && PY=$(CURDIR)/$(PY) bash scripts/gen_protos.sh 2>/dev/null); \
-	if diff -r -q protos/gen "$$tmp/protos/gen" >/dev/null; then echo "proto stubs: up to date"; rm -rf "$$tmp"; \
-	else echo "proto stubs are stale: run 'make proto' and commit"; diff -r protos/gen "$$tmp/protos/gen" | head -20; rm -rf "$$tmp"; exit 1; fi
+	@tmp=$$(mktemp -d); PY=$(PY) bash scripts/gen_protos.sh "$$tmp"; \
+	if diff -r -q protos/gen/python/jobs "$$tmp/jobs" >/dev/null; then echo "proto stubs: up to date"; rm -rf "$$tmp"; \
+	else echo "proto stubs are stale: run 'make proto' and commit"; diff -r protos/gen/python/jobs "$$tmp/jobs" | head -20; rm -rf "$$tmp"; exit 1; fi
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
