@@ -10,6 +10,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from datetime import timedelta
+from typing import Any
 
 PREFIX = "JOB_SERVICE_"
 
@@ -68,7 +69,7 @@ class Settings:
             raw = env.get(PREFIX + field.name.upper())
             if raw is None:
                 continue
-            kind = type(field.default)
+            kind: Any = type(field.default)
             try:
                 values[field.name] = kind(raw) if kind is not str else raw
             except ValueError:

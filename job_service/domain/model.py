@@ -287,8 +287,9 @@ class RetryPolicy:
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> timedelta:
         """Exponential backoff, capped, with jitter: attempt n waits 50-100 % of base * 2^(n-1)."""
-        ceiling = min(self.max_delay, self.base_delay * (2 ** max(attempt - 1, 0)))
-        return ceiling * (rng or random).uniform(0.5, 1.0)
+        ceiling = min(self.max_delay, self.base_delay * (1 << max(attempt - 1, 0)))
+        factor: float = (rng or random).uniform(0.5, 1.0)
+        return ceiling * factor
 
     def exhausted(self, attempts: int, max_attempts: int | None = None) -> bool:
         return attempts >= (max_attempts or self.max_attempts)

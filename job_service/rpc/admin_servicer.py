@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from jobs.v1 import jobs_pb2 as pb
@@ -17,7 +18,8 @@ from job_service.metrics import Metrics
 from job_service.rpc import convert
 from job_service.rpc.errors import unary
 
-Ctx = grpc.aio.ServicerContext
+if TYPE_CHECKING:
+    Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
 def _duration(msg: pb.ListJobsRequest | pb.GetStatsRequest, field: str) -> timedelta | None:

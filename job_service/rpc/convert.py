@@ -13,8 +13,10 @@ from job_service.domain import errors
 from job_service.domain.model import Job, Lease
 from job_service.domain.status import JobStatus
 
-_TO_PB = {s: getattr(pb, f"JOB_STATUS_{s.name.upper()}") for s in JobStatus}
-_FROM_PB = {v: k for k, v in _TO_PB.items()}
+_TO_PB: dict[JobStatus, pb.JobStatus.ValueType] = {
+    s: pb.JobStatus.Value(f"JOB_STATUS_{s.name.upper()}") for s in JobStatus
+}
+_FROM_PB: dict[int, JobStatus] = {int(v): k for k, v in _TO_PB.items()}
 
 
 def status_to_pb(status: JobStatus) -> pb.JobStatus.ValueType:
@@ -26,7 +28,7 @@ def status_from_pb(value: int, field: str = "status") -> JobStatus | None:
     if value == pb.JOB_STATUS_UNSPECIFIED:
         return None
     try:
-        return _FROM_PB[value]  # type: ignore[index]
+        return _FROM_PB[value]
     except KeyError:
         raise errors.InvalidArgument(field, f"{value} is not a JobStatus") from None
 

@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
@@ -65,7 +65,8 @@ class HasMetrics(Protocol):
 S = TypeVar("S", bound=HasMetrics)
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
-Ctx = grpc.aio.ServicerContext
+if TYPE_CHECKING:
+    Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
 def _record(svc: HasMetrics, method: str, code: grpc.StatusCode, start: float) -> None:
@@ -86,7 +87,7 @@ def unary(
         try:
             return await fn(self, request, context)
         except grpc.aio.AbortError:
-            code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
+            code = context.code() or grpc.StatusCode.UNKNOWN
             raise
         except Exception as exc:
             code, message, reason, meta = status_for(exc)
@@ -112,7 +113,7 @@ def stream(
             async for item in fn(self, request, context):
                 yield item
         except grpc.aio.AbortError:
-            code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
+            code = context.code() or grpc.StatusCode.UNKNOWN
             raise
         except Exception as exc:
             code, message, reason, meta = status_for(exc)

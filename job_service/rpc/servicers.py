@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from jobs.v1 import jobs_pb2 as pb
@@ -29,7 +30,8 @@ from job_service.rpc import convert
 from job_service.rpc.errors import stream, unary
 from job_service.uploads import Uploads
 
-Ctx = grpc.aio.ServicerContext
+if TYPE_CHECKING:
+    Ctx = grpc.aio.ServicerContext[Any, Any]
 #: Kept between a long-poll's answer and the caller's deadline, so the answer arrives in time.
 DEADLINE_MARGIN_SECONDS = 1.0
 MAX_HEARTBEAT_LEASES = 1000

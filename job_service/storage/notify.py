@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -50,11 +49,11 @@ class ClaimableListener:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
 
-    def _on_notify(self, _conn: Any, _pid: int, _channel: str, _payload: str) -> None:
+    def _on_notify(self, _conn: object, _pid: int, _channel: str, _payload: object) -> None:
         self._waiters.wake(1)
 
-    def _on_changed(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        self._changes.changed(payload)
+    def _on_changed(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        self._changes.changed(str(payload))
 
     async def _listen_forever(self) -> None:
         backoff = 0.2

@@ -9,7 +9,19 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, and_, bindparam, case, func, insert, literal, or_, select, update
+from sqlalchemy import (
+    Interval,
+    Row,
+    and_,
+    bindparam,
+    case,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -27,7 +39,7 @@ from job_service.storage.tables import job_errors, jobs, sessions
 
 
 def to_job(row: Row[Any] | Mapping[str, Any]) -> Job:
-    m: Mapping[str, Any] = row._mapping if isinstance(row, Row) else row
+    m: Mapping[Any, Any] = row._mapping if isinstance(row, Row) else row
     error = None
     if m["error_code"]:
         error = JobError(
@@ -314,9 +326,10 @@ async def count_by_status(conn: AsyncConnection) -> dict[JobStatus, int]:
 
 
 async def oldest_claimable_age(conn: AsyncConnection) -> timedelta | None:
+    age = func.now() - func.min(jobs.c.available_at)
     value: timedelta | None = (
         await conn.execute(
-            select(func.now() - func.min(jobs.c.available_at)).where(
+            select(age.cast(Interval)).where(
                 jobs.c.status == JobStatus.queued, jobs.c.lease_token.is_(None)
             )
         )
