@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
+from sqlalchemy import func
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from job_service.config import Settings
@@ -137,7 +138,7 @@ class Admin:
                 attempts=0,
                 progress_pct=0,
                 cancel_requested=False,
-                available_at=await repo.now(conn),
+                available_at=func.now(),
                 **repo.error_values(None),
                 **values,
             )

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy import func
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from job_service.config import Settings
@@ -192,7 +193,7 @@ class Leases:
                 check_transition(job.status, status)
                 values["status"] = status
                 if status is JobStatus.deep_running:
-                    values["stage_started_at"] = await repo.now(conn)
+                    values["stage_started_at"] = func.now()
                 self._metrics.job_transitions_total.labels(status.value).inc()
             if result is not None:
                 values["result"] = dict(result)
@@ -297,7 +298,7 @@ class Leases:
                     job_id,
                     status=requeue_status(job.status),
                     attempts=max(job.attempts - 1, 0),
-                    available_at=await repo.now(conn),
+                    available_at=func.now(),
                     **_clear_lease(LeaseOutcome.released),
                 )
         log.info(
@@ -371,7 +372,7 @@ class Leases:
             conn,
             job.id,
             status=target,
-            available_at=await repo.now(conn) + delay,
+            available_at=func.now() + delay,
             **repo.error_values(error),
             **_clear_lease(outcome),
         )

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 
+from sqlalchemy import func
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from job_service.config import Settings
@@ -98,7 +99,7 @@ class Uploads:
                         "s3_key": f"{s.s3_upload_prefix}{job_id}/source",
                         "request_id": upload.request_id,
                         "max_attempts": s.max_attempts,
-                        "upload_expires_at": await repo.now(conn)
+                        "upload_expires_at": func.now()
                         + timedelta(seconds=s.upload_url_ttl_seconds),
                     },
                 )
@@ -159,7 +160,7 @@ class Uploads:
                     progress_pct=0,
                     etag=obj.etag,
                     observed_size=obj.size,
-                    available_at=await repo.now(conn),
+                    available_at=func.now(),
                     **repo.error_values(None),
                 )
                 await repo.mark_session_uploaded(conn, job.session_id)

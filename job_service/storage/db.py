@@ -30,7 +30,10 @@ def create_engine(url: str, *, pool_size: int = 10, connect_timeout: float = 5.0
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_timeout=connect_timeout,
-        pool_pre_ping=True,
+        # No pre-ping: it costs a round trip per transaction. A connection broken by a
+        # database restart fails one call with UNAVAILABLE (retryable) and is discarded.
+        pool_pre_ping=False,
+        pool_recycle=1800,
         connect_args={"timeout": connect_timeout, "command_timeout": 30},
     )
 

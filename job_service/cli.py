@@ -1,0 +1,595 @@
+"""jobctl: the job-service from a terminal, for people (on-call, support, local testing).
+
+A pure gRPC client: it talks to UploadService and AdminService and to S3 through the presigned
+URL the service hands out. It never imports the service's database or storage code, so it runs
+anywhere the address is reachable.
+
+    jobctl upload clip.mp4 --wait
+    jobctl list --status awaiting_upload --older-than 5m
+    jobctl requeue JOB_ID --reason "object re-uploaded"
+
+Exit codes: 0 ok; 1 the call failed (or the watched job FAILED); 2 usage errors and
+INVALID_ARGUMENT; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import mimetypes
+import os
+import re
+import sys
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import IO, Any, NoReturn
+
+import grpc
+from google.protobuf import duration_pb2, json_format, timestamp_pb2
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from jobs.v1 import jobs_pb2 as pb
+from jobs.v1 import jobs_pb2_grpc as pb_grpc
+
+ADDRESS_ENV = "JOB_SERVICE_ADDRESS"
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+#: Status codes that mean "the command line is wrong", like an argparse error.
+USAGE_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE})
+TERMINAL = frozenset({pb.JOB_STATUS_DONE, pb.JOB_STATUS_FAILED})
+MAX_PAGE_SIZE = 500
+UPLOAD_BLOCK_BYTES = 256 * 1024
+#: Reconnects of a broken WatchJob stream (server restart); the stream starts with the job now.
+WATCH_RECONNECTS = 3
+# The server answers UNAVAILABLE only when nothing changed (and InitiateUpload carries a
+# request_id), so every call may be retried on it.
+SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": "jobs.v1.UploadService"}, {"service": "jobs.v1.AdminService"}],
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.2s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 3,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+STATUS_NAMES = [n.removeprefix("JOB_STATUS_").lower() for n in pb.JobStatus.keys()][1:]
+
+
+class UsageError(Exception):
+    """The command line is wrong (exit 2)."""
+
+
+class CommandFailed(Exception):
+    """Something outside gRPC failed, e.g. the S3 PUT (exit 1)."""
+
+
+# ------------------------------------------------------------------------------------ parsing
+
+
+def parse_duration(text: str) -> timedelta:
+    """'30s', '5m', '2h', '1d', '1h30m', '0.5s' -> timedelta."""
+    value = text.strip().lower()
+    parts = _DURATION.findall(value)
+    if not value or "".join(n + u for n, u in parts) != value:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30s, 5m or 2h")
+    return timedelta(seconds=sum(float(n) * _UNIT_SECONDS[u] for n, u in parts))
+
+
+def parse_status(text: str) -> pb.JobStatus.ValueType:
+    name = text.strip().lower().removeprefix("job_status_")
+    if name not in STATUS_NAMES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(STATUS_NAMES)}")
+    return pb.JobStatus.Value("JOB_STATUS_" + name.upper())
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
+class Parser(argparse.ArgumentParser):
+    """Raises UsageError instead of exiting, so main() returns the exit code."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message}\n{self.format_usage().strip()}")
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="jobctl", description="Operate the job-service over gRPC.")
+    p.add_argument(
+        "--address",
+        default=os.environ.get(ADDRESS_ENV, DEFAULT_ADDRESS),
+        help=f"host:port of the job-service (env {ADDRESS_ENV}, default {DEFAULT_ADDRESS})",
+    )
+    p.add_argument(
+        "--timeout",
+        type=parse_duration,
+        default=timedelta(seconds=10),
+        help="deadline of each call, e.g. 10s (default 10s)",
+    )
+    p.add_argument("--json", action="store_true", help="print the responses as JSON")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    up = sub.add_parser("upload", help="upload a video and queue its job")
+    up.add_argument("file", type=Path)
+    up.add_argument("--content-type", help="video/* type (default: guessed from the extension)")
+    up.add_argument("--session-id", default="", help="group the upload into this session (UUID)")
+    up.add_argument("--wait", action="store_true", help="then watch the job until it finishes")
+
+    for name, text in (("get", "show a job"), ("watch", "follow a job until it finishes")):
+        sp = sub.add_parser(name, help=text)
+        sp.add_argument("job_id")
+
+    ls = sub.add_parser("list", help="list jobs, newest change first")
+    ls.add_argument(
+        "--status",
+        dest="statuses",
+        type=parse_status,
+        action="append",
+        default=[],
+        metavar="STATUS",
+        help=f"repeatable; one of {', '.join(STATUS_NAMES)}",
+    )
+    ls.add_argument(
+        "--older-than",
+        type=parse_duration,
+        help="only jobs whose last change is at least this old, e.g. 5m",
+    )
+    ls.add_argument("--limit", type=positive_int, default=50, help="at most N jobs (default 50)")
+    ls.add_argument("--all", action="store_true", help="every matching job, page after page")
+
+    for name, text in (
+        ("requeue", "put a failed or stuck job back in the queue"),
+        ("cancel", "fail an unfinished job with CANCELLED"),
+    ):
+        sp = sub.add_parser(name, help=text)
+        sp.add_argument("job_id")
+        sp.add_argument("--reason", default="", help="recorded in the service's log")
+
+    st = sub.add_parser("stats", help="counts by status, oldest queued job, stuck uploads")
+    st.add_argument(
+        "--stuck-after",
+        type=parse_duration,
+        help="awaiting_upload longer than this is stuck (default: the service's)",
+    )
+    return p
+
+
+# ----------------------------------------------------------------------------------- output
+
+
+def to_duration(value: timedelta) -> duration_pb2.Duration:
+    out = duration_pb2.Duration()
+    out.FromTimedelta(value)
+    return out
+
+
+def human_duration(seconds: float) -> str:
+    if 0 < seconds < 1:
+        return f"{seconds:.2g}s"
+    s = max(int(seconds), 0)
+    for unit, size, sub_unit, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60)):
+        if s >= size:
+            rest = (s % size) // sub_size
+            return f"{s // size}{unit}" + (f"{rest}{sub_unit}" if rest else "")
+    return f"{s // 60}m" if s >= 60 else f"{s}s"
+
+
+def age(stamp: timestamp_pb2.Timestamp) -> str:
+    if not stamp.seconds and not stamp.nanos:
+        return "-"
+    return human_duration((datetime.now(UTC) - stamp.ToDatetime(tzinfo=UTC)).total_seconds())
+
+
+def status_name(value: int) -> str:
+    return pb.JobStatus.Name(value).removeprefix("JOB_STATUS_")  # type: ignore[arg-type]
+
+
+def bar(pct: int, width: int = 20) -> str:
+    filled = width * max(0, min(pct, 100)) // 100
+    return f"[{'#' * filled}{'-' * (width - filled)}] {pct:3d}%"
+
+
+def as_json(msg: Message) -> dict[str, Any]:
+    # Same field names as grpcurl (lowerCamelCase, int64 as strings): one jq filter for both.
+    out: dict[str, Any] = json_format.MessageToDict(msg)
+    return out
+
+
+class Output:
+    """Where results (stdout) and messages for people (stderr) go."""
+
+    def __init__(self, out: IO[str], err: IO[str], json_mode: bool) -> None:
+        self.out, self.err, self.json_mode = out, err, json_mode
+
+    def result(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def json(self, value: object) -> None:
+        print(json.dumps(value, sort_keys=True), file=self.out, flush=True)
+
+    def note(self, text: str) -> None:
+        print(text, file=self.err, flush=True)
+
+
+def job_lines(job: pb.Job) -> list[str]:
+    rows = [
+        ("job", job.job_id),
+        ("status", f"{status_name(job.status)}  {bar(job.progress_pct)}"),
+        ("attempt", f"{job.attempt}/{job.max_attempts}"),
+        ("file", f"{job.filename} ({job.content_type}, {job.size_bytes} bytes)"),
+        ("object", f"s3://{job.bucket}/{job.key}" + (f"  etag {job.etag}" if job.etag else "")),
+        ("session", job.session_id),
+        ("created", f"{job.created_at.ToJsonString()} ({age(job.created_at)} ago)"),
+        ("updated", f"{job.updated_at.ToJsonString()} ({age(job.updated_at)} ago)"),
+    ]
+    if job.HasField("error"):
+        rows.append(("error", f"{job.error.code}: {job.error.message}"))
+    if job.cancel_requested:
+        rows.append(("cancel", "requested; the worker stops at its next heartbeat"))
+    if job.results_uri:
+        rows.append(("results", job.results_uri))
+    if job.HasField("result"):
+        rows.append(("result", json.dumps(json_format.MessageToDict(job.result), sort_keys=True)))
+    return [f"{k + ':':<9} {v}" for k, v in rows]
+
+
+def table(jobs: Sequence[pb.Job]) -> list[str]:
+    head = ("JOB ID", "STATUS", "PROGRESS", "ATTEMPT", "AGE", "UPDATED", "ERROR")
+    rows = [head] + [
+        (
+            j.job_id,
+            status_name(j.status),
+            f"{j.progress_pct}%",
+            f"{j.attempt}/{j.max_attempts}",
+            age(j.created_at),
+            age(j.updated_at),
+            j.error.code if j.HasField("error") else "-",
+        )
+        for j in jobs
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+
+
+# ----------------------------------------------------------------------------------- errors
+
+
+def error_reason(err: grpc.RpcError) -> str:
+    """The google.rpc.ErrorInfo reason the service attaches to its errors, or ""."""
+    try:
+        status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    except ValueError:  # the rich status disagrees with the call's code: ignore it
+        return ""
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return str(info.reason)
+    return ""
+
+
+def describe_rpc_error(err: grpc.RpcError) -> tuple[str, int]:
+    code: grpc.StatusCode = err.code()
+    details = " ".join(str(err.details() or "").split())
+    reason = error_reason(err)
+    text = f"error: {code.name}: {details}" + (f" (reason: {reason})" if reason else "")
+    return text, EXIT_USAGE if code in USAGE_CODES else EXIT_FAILED
+
+
+# ---------------------------------------------------------------------------------- commands
+
+
+class Client:
+    """One channel, the stubs, and the per-call deadline."""
+
+    def __init__(self, address: str, timeout: timedelta) -> None:
+        options = [("grpc.service_config", SERVICE_CONFIG)]
+        self.channel = grpc.insecure_channel(address, options=options)
+        self.upload = pb_grpc.UploadServiceStub(self.channel)
+        self.admin = pb_grpc.AdminServiceStub(self.channel)
+        self.timeout = timeout.total_seconds()
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+Command = Callable[[Client, argparse.Namespace, Output], int]
+
+
+def cmd_get(c: Client, args: argparse.Namespace, o: Output) -> int:
+    job = c.upload.GetJob(pb.GetJobRequest(job_id=args.job_id), timeout=c.timeout).job
+    print_job(job, o)
+    return EXIT_OK
+
+
+def print_job(job: pb.Job, o: Output) -> None:
+    if o.json_mode:
+        o.json(as_json(job))
+    else:
+        o.result("\n".join(job_lines(job)))
+
+
+def watch_events(c: Client, job_id: str) -> Iterator[pb.Job]:
+    """Each change of the job until it is DONE or FAILED. A stream broken by a server restart
+    is reopened: it starts again with the job as it is now."""
+    for attempt in range(WATCH_RECONNECTS + 1):
+        try:
+            for resp in c.upload.WatchJob(pb.WatchJobRequest(job_id=job_id)):
+                yield resp.job
+                if resp.job.status in TERMINAL:
+                    return
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.UNAVAILABLE or attempt == WATCH_RECONNECTS:
+                raise
+        time.sleep(0.5 * (attempt + 1))  # back off before reopening the stream
+    raise CommandFailed(f"the watch stream of job {job_id} kept ending before the job finished")
+
+
+def follow(c: Client, job_id: str, o: Output) -> int:
+    last: pb.Job | None = None
+    for job in watch_events(c, job_id):
+        last = job
+        if o.json_mode:
+            o.json(as_json(job))
+            continue
+        stamp = datetime.now().strftime("%H:%M:%S")
+        o.result(f"{stamp}  {status_name(job.status):<15} {bar(job.progress_pct)}")
+    assert last is not None
+    if last.status == pb.JOB_STATUS_DONE:
+        return EXIT_OK
+    o.note(f"error: job {job_id} failed: {last.error.code}: {last.error.message}")
+    return EXIT_FAILED
+
+
+def cmd_watch(c: Client, args: argparse.Namespace, o: Output) -> int:
+    return follow(c, args.job_id, o)
+
+
+def list_pages(c: Client, req: pb.ListJobsRequest, limit: int | None) -> tuple[list[pb.Job], bool]:
+    """Follows next_page_token; returns the jobs and whether more were left unread."""
+    jobs: list[pb.Job] = []
+    while True:
+        want = MAX_PAGE_SIZE if limit is None else min(limit - len(jobs), MAX_PAGE_SIZE)
+        req.page_size = want
+        resp = c.admin.ListJobs(req, timeout=c.timeout)
+        jobs.extend(resp.jobs)
+        if not resp.next_page_token:
+            return jobs, False
+        if limit is not None and len(jobs) >= limit:
+            return jobs, True
+        req.page_token = resp.next_page_token
+
+
+def cmd_list(c: Client, args: argparse.Namespace, o: Output) -> int:
+    req = pb.ListJobsRequest(statuses=args.statuses)
+    if args.older_than is not None:
+        req.older_than.CopyFrom(to_duration(args.older_than))
+    jobs, more = list_pages(c, req, None if args.all else args.limit)
+    if o.json_mode:
+        o.json({"jobs": [as_json(j) for j in jobs]})
+    else:
+        o.result("\n".join(table(jobs)))
+    if more:
+        o.note(f"(first {len(jobs)} jobs shown; more match: use --limit N or --all)")
+    return EXIT_OK
+
+
+def cmd_stats(c: Client, args: argparse.Namespace, o: Output) -> int:
+    req = pb.GetStatsRequest()
+    if args.stuck_after is not None:
+        req.stuck_after.CopyFrom(to_duration(args.stuck_after))
+    resp = c.admin.GetStats(req, timeout=c.timeout)
+    if o.json_mode:
+        o.json(as_json(resp))
+        return EXIT_OK
+    lines = [f"{status_name(sc.status):<16} {sc.count}" for sc in resp.counts]
+    oldest = resp.oldest_queued_age.ToTimedelta().total_seconds()
+    stuck_after = human_duration(resp.stuck_after.ToTimedelta().total_seconds())
+    lines += [
+        "",
+        f"oldest queued job: {human_duration(oldest) if oldest else '-'}",
+        f"stuck uploads (awaiting_upload > {stuck_after}): {resp.stuck_awaiting_upload}",
+    ]
+    o.result("\n".join(lines))
+    return EXIT_OK
+
+
+def cmd_requeue(c: Client, args: argparse.Namespace, o: Output) -> int:
+    req = pb.RequeueJobRequest(job_id=args.job_id, reason=args.reason)
+    job = c.admin.RequeueJob(req, timeout=c.timeout).job
+    return report_change(job, o)
+
+
+def cmd_cancel(c: Client, args: argparse.Namespace, o: Output) -> int:
+    req = pb.CancelJobRequest(job_id=args.job_id, reason=args.reason)
+    job = c.admin.CancelJob(req, timeout=c.timeout).job
+    return report_change(job, o)
+
+
+def report_change(job: pb.Job, o: Output) -> int:
+    if o.json_mode:
+        o.json(as_json(job))
+        return EXIT_OK
+    line = f"{job.job_id}  {status_name(job.status)}"
+    if job.cancel_requested and job.status not in TERMINAL:
+        line += "  (cancel requested: the worker stops at its next heartbeat)"
+    o.result(line)
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------ upload
+
+
+def content_type_for(path: Path, given: str | None) -> str:
+    ctype = given or mimetypes.guess_type(path.name)[0]
+    if ctype is None:
+        raise UsageError(f"cannot tell the content type of {path.name}; pass --content-type")
+    if not ctype.lower().startswith("video/"):
+        raise UsageError(f"{path.name} is {ctype}, not a video (video/*)")
+    return ctype
+
+
+class Progress:
+    """Upload progress on stderr: redrawn in place on a terminal, every 25 % otherwise."""
+
+    def __init__(self, total: int, stream: IO[str]) -> None:
+        self.total, self.done, self.stream = total, 0, stream
+        self.tty = stream.isatty()
+        self._drawn_at, self._drawn_pct = 0.0, -1
+
+    def advance(self, n: int) -> None:
+        if n <= 0:
+            return
+        self.done += n
+        pct = 100 * self.done // self.total if self.total else 100
+        finished = self.done >= self.total
+        now = time.monotonic()
+        if self.tty and (finished or now - self._drawn_at >= 0.1):
+            self.stream.write("\r" + self.line(pct) + ("\n" if finished else ""))
+        elif not self.tty and pct // 25 > self._drawn_pct // 25:
+            self.stream.write(self.line(pct) + "\n")
+        else:
+            return
+        self.stream.flush()
+        self._drawn_at, self._drawn_pct = now, pct
+
+    def line(self, pct: int) -> str:
+        mib = f"{self.done / 2**20:.1f}/{self.total / 2**20:.1f} MiB"
+        return f"upload {bar(pct)} {self.done}/{self.total} bytes ({mib})"
+
+
+class ProgressReader:
+    """A file whose reads move the progress bar: http.client streams the body from it."""
+
+    def __init__(self, f: IO[bytes], progress: Progress) -> None:
+        self._f, self._progress = f, progress
+
+    def read(self, n: int = -1) -> bytes:
+        chunk = self._f.read(n)
+        self._progress.advance(len(chunk))
+        return chunk
+
+
+def put_file(
+    url: str, headers: dict[str, str], path: Path, size: int, o: Output, timeout: float
+) -> None:
+    """PUT the file to the presigned URL with exactly the signed headers, from disk."""
+    parts = urllib.parse.urlsplit(url)
+    conn_class = (
+        http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    )
+    conn = conn_class(parts.netloc, timeout=timeout, blocksize=UPLOAD_BLOCK_BYTES)
+    target = parts.path + (f"?{parts.query}" if parts.query else "")
+    try:
+        with path.open("rb") as f:
+            body = ProgressReader(f, Progress(size, o.err))
+            conn.request(
+                "PUT",
+                target,
+                body=body,
+                headers={**headers, "Content-Length": str(size)},
+            )
+            resp = conn.getresponse()
+            answer = resp.read(500).decode(errors="replace")
+    except OSError as exc:
+        raise CommandFailed(f"upload to S3 failed: {exc}") from exc
+    finally:
+        conn.close()
+    if not 200 <= resp.status < 300:
+        detail = " ".join(answer.split())
+        raise CommandFailed(f"upload to S3 failed: HTTP {resp.status} {resp.reason}: {detail}")
+
+
+def cmd_upload(c: Client, args: argparse.Namespace, o: Output) -> int:
+    path: Path = args.file
+    ctype = content_type_for(path, args.content_type)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    req = pb.InitiateUploadRequest(
+        filename=path.name,
+        content_type=ctype,
+        size_bytes=size,
+        session_id=args.session_id,
+        request_id=str(uuid.uuid4()),
+    )
+    init = c.upload.InitiateUpload(req, timeout=c.timeout)
+    job_id = init.job.job_id
+    o.note(f"job {job_id}: uploading {path.name} ({ctype}, {size} bytes)")
+    if init.upload_url:
+        try:
+            put_file(init.upload_url, dict(init.upload_headers), path, size, o, c.timeout)
+        except CommandFailed as exc:
+            raise CommandFailed(f"{exc} (job {job_id} stays in AWAITING_UPLOAD)") from None
+    job = c.upload.CompleteUpload(pb.CompleteUploadRequest(job_id=job_id), timeout=c.timeout).job
+    o.note(f"job {job_id}: {status_name(job.status)}")
+    if o.json_mode:
+        o.json(as_json(job))
+    else:
+        o.result(job_id)
+    return follow(c, job_id, o) if args.wait else EXIT_OK
+
+
+COMMANDS: dict[str, Command] = {
+    "upload": cmd_upload,
+    "get": cmd_get,
+    "watch": cmd_watch,
+    "list": cmd_list,
+    "requeue": cmd_requeue,
+    "cancel": cmd_cancel,
+    "stats": cmd_stats,
+}
+
+
+# -------------------------------------------------------------------------------------- main
+
+
+def run(argv: Sequence[str] | None, out: IO[str], err: IO[str]) -> int:
+    """main() with explicit output streams (the tests pass their own)."""
+    o = Output(out, err, json_mode=False)
+    try:
+        args = build_parser().parse_args(argv)
+        o.json_mode = args.json
+        client = Client(args.address, args.timeout)
+        try:
+            return COMMANDS[args.command](client, args, o)
+        finally:
+            client.close()
+    except UsageError as exc:
+        o.note(f"error: {exc}")
+        return EXIT_USAGE
+    except grpc.RpcError as exc:
+        text, code = describe_rpc_error(exc)
+        o.note(text)
+        return code
+    except CommandFailed as exc:
+        o.note(f"error: {exc}")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        o.note("interrupted")
+        return EXIT_INTERRUPTED
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(argv, sys.stdout, sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
