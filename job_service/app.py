@@ -50,6 +50,7 @@ class JobServiceApp:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.port: int = 0
+        self.metrics_port: int = 0
         self._stack = contextlib.AsyncExitStack()
         self._tasks: list[asyncio.Task[None]] = []
         self.server: grpc.aio.Server | None = None
@@ -121,7 +122,10 @@ class JobServiceApp:
         ]
         if s.metrics_address:
             host, _, port = s.metrics_address.rpartition(":")
-            start_http_server(int(port), addr=host, registry=self.metrics.registry)
+            httpd, _thread = start_http_server(int(port), addr=host, registry=self.metrics.registry)
+            self.metrics_port = httpd.server_port
+            self._stack.callback(httpd.server_close)
+            self._stack.callback(httpd.shutdown)
         log.info(
             "job-service listening",
             extra={
