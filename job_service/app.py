@@ -120,6 +120,13 @@ class JobServiceApp:
             ),
             asyncio.create_task(self._every(15.0, self.admin.refresh_gauges), name="gauges"),
         ]
+        if s.reconcile_after_seconds > 0:
+            self._tasks.append(
+                asyncio.create_task(
+                    self._every(s.reconcile_interval_seconds, self.uploads.reconcile_stale),
+                    name="upload-reconciler",
+                )
+            )
         if s.metrics_address:
             host, _, port = s.metrics_address.rpartition(":")
             httpd, _thread = start_http_server(int(port), addr=host, registry=self.metrics.registry)

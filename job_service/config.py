@@ -49,6 +49,11 @@ class Settings:
     claim_max_jobs: int = 32
     claim_max_wait_seconds: float = 20.0
     reaper_interval_seconds: float = 5.0
+    #: Jobs in awaiting_upload this long are checked against S3 (clients that never call
+    #: CompleteUpload); 0 disables the reconciler.
+    reconcile_after_seconds: float = 120.0
+    reconcile_interval_seconds: float = 30.0
+    reconcile_batch: int = 100
     #: A job in awaiting_upload longer than this counts as stuck (metrics, GetStats).
     stuck_upload_seconds: int = 300
     db_pool_size: int = 10

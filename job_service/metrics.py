@@ -56,6 +56,12 @@ class Metrics:
             "Jobs in awaiting_upload longer than the stuck threshold",
             registry=r,
         )
+        self.reconciled_total = Counter(
+            "job_service_upload_reconciled_total",
+            "Stale awaiting_upload jobs checked by the reconciler",
+            ["outcome"],  # queued | expired | waiting | error
+            registry=r,
+        )
         self.claim_waiters = Gauge(
             "job_service_claim_waiters", "ClaimJob calls waiting for work", registry=r
         )

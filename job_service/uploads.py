@@ -21,6 +21,7 @@ from job_service.config import Settings
 from job_service.domain import errors
 from job_service.domain.model import (
     Job,
+    JobError,
     JobId,
     NewUpload,
     SessionId,
@@ -185,6 +186,59 @@ class Uploads:
             extra={"job_id": str(job_id), "error_code": verdict.code},
         )
         raise errors.UploadVerificationFailed(verdict.code, verdict.message, job_id=job_id)
+
+    async def reconcile_stale(self) -> dict[str, int]:
+        """For clients that never call CompleteUpload: look for the objects of jobs stuck in
+        awaiting_upload. A verified object queues the job (as CompleteUpload would); no object
+        after the upload URL expired (plus a grace period) fails it with UPLOAD_EXPIRED; anything
+        else is left for the next pass. S3 trouble changes nothing. Returns counts per outcome.
+        """
+        s = self._settings
+        async with transaction(self._engine) as conn:
+            stale = await repo.stale_uploads(
+                conn,
+                older_than=timedelta(seconds=s.reconcile_after_seconds),
+                limit=s.reconcile_batch,
+            )
+        counts = {"queued": 0, "expired": 0, "waiting": 0, "error": 0}
+        grace = timedelta(seconds=s.reconcile_after_seconds)
+        for job in stale:
+            try:
+                obj = await self._store.head(job.bucket, job.key)
+                if obj is not None and verify_upload(job, obj) is None:
+                    await self.complete(job.id)
+                    counts["queued"] += 1
+                elif (
+                    obj is None
+                    and job.upload_expires_at is not None
+                    and (job.upload_expires_at + grace < datetime.now(job.upload_expires_at.tzinfo))
+                ):
+                    await self._expire(job)
+                    counts["expired"] += 1
+                else:
+                    counts["waiting"] += 1
+            except errors.JobServiceError as exc:  # S3/database trouble: try again next pass
+                counts["error"] += 1
+                log.warning("upload reconcile: %s", exc.message, extra={"job_id": str(job.id)})
+        for outcome, n in counts.items():
+            if n:
+                self._metrics.reconciled_total.labels(outcome).inc(n)
+        return counts
+
+    async def _expire(self, job: Job) -> None:
+        error = JobError(
+            errors.UPLOAD_EXPIRED,
+            "the upload URL expired and no object arrived; call InitiateUpload with the same "
+            "request_id for a new URL, upload, then CompleteUpload",
+        )
+        async with transaction(self._engine) as conn:
+            current = await repo.get_job(conn, job.id, for_update=True)
+            if current is None or current.status is not JobStatus.awaiting_upload:
+                return  # completed meanwhile
+            await repo.update_job(conn, job.id, status=JobStatus.failed, **repo.error_values(error))
+            await repo.record_error(conn, job.id, error)
+        self._metrics.job_transitions_total.labels(JobStatus.failed.value).inc()
+        log.info("upload expired; job failed", extra={"job_id": str(job.id)})
 
     @staticmethod
     def _check_verifiable(job: Job) -> None:

@@ -95,6 +95,8 @@ def settings_for(database_url: str, s3: Any, **overrides: Any) -> Settings:
         "s3_bucket": BUCKET,
         "s3_timeout_seconds": 2.0,
         "log_format": "text",
+        # Background reconciling would race tests that backdate rows; its own test enables it.
+        "reconcile_after_seconds": 0.0,
     }
     values.update(overrides)
     return Settings(**values)

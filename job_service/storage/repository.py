@@ -297,6 +297,33 @@ async def lock_expired_leases(conn: AsyncConnection, *, limit: int = 500) -> lis
     return [to_job(r) for r in rows]
 
 
+async def stale_uploads(conn: AsyncConnection, *, older_than: timedelta, limit: int) -> list[Job]:
+    """Jobs still awaiting their upload after `older_than`, least recently checked first; marks
+    them checked so the next pass (or another instance) looks at others."""
+    picked = (
+        select(jobs.c.id)
+        .where(
+            jobs.c.status == JobStatus.awaiting_upload,
+            jobs.c.created_at < func.now() - older_than,
+            or_(
+                jobs.c.upload_checked_at.is_(None),
+                jobs.c.upload_checked_at < func.now() - older_than,
+            ),
+        )
+        .order_by(jobs.c.upload_checked_at.asc().nulls_first(), jobs.c.created_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .cte("picked")
+    )
+    rows = await conn.execute(
+        update(jobs)
+        .where(jobs.c.id == picked.c.id)
+        .values(upload_checked_at=func.now())
+        .returning(jobs)
+    )
+    return [to_job(r) for r in rows]
+
+
 async def list_jobs(
     conn: AsyncConnection,
     *,

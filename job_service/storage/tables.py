@@ -92,6 +92,8 @@ jobs = Table(
     Column("error_at", DateTime(timezone=True)),
     Column("result", JSONB),
     Column("results_uri", Text),
+    # When the upload reconciler last looked for this job's object (revision 0005).
+    Column("upload_checked_at", DateTime(timezone=True)),
     # The claim's scan: only claimable rows are in it, so it stays small as history grows.
     Index(
         "ix_video_analysis_jobs_claimable",
@@ -106,6 +108,11 @@ jobs = Table(
         postgresql_where=text("lease_token IS NOT NULL"),
     ),
     Index("ix_video_analysis_jobs_status_updated_at", "status", "updated_at"),
+    Index(
+        "ix_video_analysis_jobs_awaiting_upload",
+        "created_at",
+        postgresql_where=text("status = 'awaiting_upload'"),
+    ),
 )
 
 job_errors = Table(
