@@ -19,10 +19,15 @@ Behaviour:
 * PostgreSQL refuses to run as root. When the current process is root, the server binaries run as
   the ``postgres`` system user via ``runuser`` (the user is created when missing), the data
   directory is chown-ed to it, and every parent directory of the data directory is made
-  traversable for it (``chmod o+x`` where it could not traverse it before). That is re-applied
-  before every server command, because other tools may undo it: each pytest session resets
-  ``/tmp/pytest-of-<user>`` to 0700. initdb runs in a private staging directory for the same
-  reason. A running server is immune (it works relative to its data directory).
+  traversable for it (``chmod o+x`` where it could not traverse it before).
+
+  Other tools may undo that while the cluster exists -- every pytest session resets
+  ``/tmp/pytest-of-root`` to 0700 -- and postgres opens some files by absolute path even while
+  running (``global/pg_control`` at each checkpoint: it PANICs if it cannot). So, as root, the
+  permissions are re-applied before every server command and by a guard thread every 0.1 s while
+  the cluster runs; initdb runs in a private staging directory; a ``pg_ctl`` call that failed
+  because permissions were reset under it is retried. A small window remains: for full immunity
+  keep the data directory out of ``/tmp/pytest-of-root`` (e.g. under ``tempfile.mkdtemp()``).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import signal
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -44,7 +50,7 @@ from types import TracebackType
 from typing import NamedTuple, Self
 
 from localinfra.ports import LOCALHOST, free_port
-from localinfra.process import pid_alive, tail, wait_until
+from localinfra.process import Lifeline, pid_alive, tail, wait_until
 
 SUPERUSER = "postgres"
 """Name of the database superuser of every cluster (``initdb -U``)."""
@@ -57,10 +63,13 @@ DEFAULT_SETTINGS: Mapping[str, str] = {
     "synchronous_commit": "off",
     "full_page_writes": "off",
     "max_connections": "200",
+    "checkpoint_timeout": "1d",
 }
 """Server settings tuned for tests (speed over durability)."""
 
 LOG_FILE_NAME = "postgresql.log"
+_PERMISSION_GUARD_INTERVAL = 0.1
+_PERMISSION_RETRIES = 3  # extra attempts when a parent dir lost o+x during a pg_ctl call
 _COMMAND_TIMEOUT = 120.0
 _TRANSIENT_START_ERRORS = (
     # A SIGKILLed postmaster's children may still hold the old shared memory for a moment.
@@ -151,8 +160,12 @@ class PostgresCluster:
         self._bindir = bindir
         self._run_as: str | None = SYSTEM_USER if os.geteuid() == 0 else None
         self._os_user: _OsUser | None = None
+        self._guard_stop: threading.Event | None = None
+        self._permission_fixes = 0  # how often a parent directory had lost o+x
+        self._guard: threading.Thread | None = None
         self._socket_dir: Path | None = None
         self._pid: int | None = None
+        self._lifeline: Lifeline | None = None
 
     # ------------------------------------------------------------------ properties
 
@@ -209,14 +222,18 @@ class PostgresCluster:
             raise PostgresError(f"cluster in {self._data_dir} is already running (pid {self._pid})")
         deadline = time.monotonic() + self._startup_timeout
         try:
+            self._start_permission_guard()
             self._prepare_data_dir()
             if not (self._data_dir / "PG_VERSION").is_file():
                 self._initdb()
             self._deal_with_leftover_postmaster()
             self._socket_dir = self._make_socket_dir()
             self._pg_ctl_start(deadline)
-            self._wait_until_ready(deadline)
             self._pid = self._pid_from_pid_file()
+            if self._pid is not None:
+                # Immediate shutdown if this Python process dies without calling stop().
+                self._lifeline = Lifeline([f"sigquit:{self._pid}", f"rmtree:{self._socket_dir}"])
+            self._wait_until_ready(deadline)
         except BaseException:
             self.stop()
             raise
@@ -233,6 +250,10 @@ class PostgresCluster:
                 self._shut_down(pid)
         finally:
             self._pid = None
+            if self._lifeline is not None:
+                self._lifeline.disarm()
+                self._lifeline = None
+            self._stop_permission_guard()
             if self._socket_dir is not None:
                 shutil.rmtree(self._socket_dir, ignore_errors=True)
                 self._socket_dir = None
@@ -338,9 +359,37 @@ class PostgresCluster:
         ``/tmp/pytest-of-<user>`` to 0700. Returns whether anything had to be changed.
         """
         user = self._server_user()
-        return user is not None and _make_ancestors_traversable(
-            self._data_dir, user.uid, user.groups
-        )
+        if user is None or not _make_ancestors_traversable(self._data_dir, user.uid, user.groups):
+            return False
+        self._permission_fixes += 1
+        return True
+
+    def _start_permission_guard(self) -> None:
+        """As root, keep re-applying :meth:`_ensure_traversable` while the cluster runs.
+
+        postgres opens some files by absolute path at run time (``global/pg_control`` at every
+        checkpoint, config files on reload) and PANICs when a parent directory stopped being
+        traversable, e.g. after another pytest session reset ``/tmp/pytest-of-root`` to 0700.
+        """
+        if self._run_as is None or self._guard is not None:
+            return
+        stop = threading.Event()
+
+        def guard() -> None:
+            while not stop.wait(_PERMISSION_GUARD_INTERVAL):
+                with contextlib.suppress(OSError):
+                    self._ensure_traversable()
+
+        self._guard_stop = stop
+        self._guard = threading.Thread(target=guard, name="localinfra-pg-perms", daemon=True)
+        self._guard.start()
+
+    def _stop_permission_guard(self) -> None:
+        if self._guard_stop is not None:
+            self._guard_stop.set()
+        if self._guard is not None:
+            self._guard.join()
+        self._guard = self._guard_stop = None
 
     def _prepare_data_dir(self) -> None:
         self._data_dir.mkdir(parents=True, exist_ok=True)
@@ -451,7 +500,9 @@ class PostgresCluster:
         return shlex.join(args)
 
     def _pg_ctl_start(self, deadline: float) -> None:
+        permission_retries = _PERMISSION_RETRIES
         while True:
+            fixes_before = self._permission_fixes
             log_offset = _file_size(self.log_path)
             remaining = max(1, int(deadline - time.monotonic()))
             result = self._run_server_cmd(
@@ -475,9 +526,10 @@ class PostgresCluster:
                 # lost o+x while it waited); the readiness poll takes over.
                 return
             new_log = _read_from(self.log_path, log_offset)
-            transient = self._ensure_traversable() or any(
-                marker in new_log for marker in _TRANSIENT_START_ERRORS
-            )
+            self._ensure_traversable()
+            transient = any(marker in new_log for marker in _TRANSIENT_START_ERRORS)
+            if self._permission_fixes != fixes_before and permission_retries > 0:
+                transient, permission_retries = True, permission_retries - 1
             if transient and time.monotonic() < deadline:
                 time.sleep(0.2)  # poll interval before the next attempt
                 continue
@@ -540,7 +592,8 @@ class PostgresCluster:
     def _shut_down(self, pid: int) -> None:
         """Stop the postmaster ``pid``: fast, then immediate, then SIGKILL; wait for it to exit."""
         for mode, timeout in (("fast", 30), ("immediate", 10)):
-            for _attempt in range(3):
+            for _attempt in range(1 + _PERMISSION_RETRIES):
+                fixes_before = self._permission_fixes
                 self._run_server_cmd(
                     "pg_ctl",
                     ["stop", "-D", str(self._data_dir), "-m", mode, "-w", "-t", str(timeout)],
@@ -550,7 +603,8 @@ class PostgresCluster:
                 with contextlib.suppress(TimeoutError):
                     wait_until(lambda: not pid_alive(pid), timeout=5, interval=0.02)
                     return
-                if not self._ensure_traversable():
+                self._ensure_traversable()
+                if self._permission_fixes == fixes_before:
                     break  # not a permission hiccup: escalate
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

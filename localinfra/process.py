@@ -1,11 +1,13 @@
-"""Process helpers: liveness checks, bounded polling and log tails."""
+"""Process helpers: liveness checks, bounded polling, log tails and a death-of-parent cleaner."""
 
 from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -66,3 +68,60 @@ def tail(path: Path, lines: int = 40) -> str:
         return f"<could not read {path}: {exc}>"
     text = data.decode("utf-8", errors="replace")
     return "\n".join(text.splitlines()[-lines:])
+
+
+_LIFELINE_SCRIPT = """\
+import os, shutil, signal, sys
+sys.stdin.buffer.read()  # returns at EOF: the process that started us has died
+for action in sys.argv[1:]:
+    kind, _, arg = action.partition(":")
+    try:
+        if kind == "killpg":
+            os.killpg(int(arg), signal.SIGKILL)
+        elif kind == "sigquit":
+            os.kill(int(arg), signal.SIGQUIT)
+        elif kind == "rmtree":
+            shutil.rmtree(arg, ignore_errors=True)
+        elif kind == "unlink":
+            os.unlink(arg)
+    except OSError:
+        pass
+"""
+
+
+class Lifeline:
+    """A watcher process that cleans up after us if this Python process dies without doing so.
+
+    The watcher blocks reading a pipe whose only write end is held by this process. When this
+    process exits for any reason -- including SIGKILL, e.g. a test runner killed on timeout --
+    the kernel closes the pipe, the watcher sees EOF and performs its actions. On an orderly stop
+    call :meth:`disarm` after cleaning up yourself; the watcher is then killed without acting.
+
+    Actions are strings: ``killpg:<pgid>`` (SIGKILL a process group), ``sigquit:<pid>`` (a
+    PostgreSQL postmaster's immediate shutdown), ``rmtree:<path>``, ``unlink:<path>``.
+    """
+
+    def __init__(self, actions: Sequence[str]) -> None:
+        self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+            [sys.executable, "-I", "-c", _LIFELINE_SCRIPT, *actions],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            # Own session: a Ctrl-C in the terminal must not kill the watcher before we cleaned up.
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the watcher process, or ``None`` once disarmed."""
+        return self._proc.pid if self._proc is not None else None
+
+    def disarm(self) -> None:
+        """Kill the watcher without letting it act. Idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        proc.kill()
+        proc.wait()
+        if proc.stdin is not None:
+            proc.stdin.close()

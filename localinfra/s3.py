@@ -33,7 +33,7 @@ import botocore.session
 from botocore.config import Config
 
 from localinfra.ports import LOCALHOST, free_ports
-from localinfra.process import pid_alive, tail, wait_until
+from localinfra.process import Lifeline, pid_alive, tail, wait_until
 
 if TYPE_CHECKING:
     from moto.server import ThreadedMotoServer
@@ -270,6 +270,7 @@ class SeaweedS3(_S3Server):
         self._socket_dir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._ports: dict[str, int] = {}
+        self._lifeline: Lifeline | None = None
 
     @property
     def endpoint_url(self) -> str:
@@ -395,6 +396,12 @@ class SeaweedS3(_S3Server):
         finally:
             log.close()
         (data_dir / _PID_FILE).write_text(f"{self._proc.pid}\n")
+        # Kill weed and remove its files if this Python process dies without calling stop().
+        actions = [f"killpg:{self._proc.pid}", f"rmtree:{self._socket_dir}"]
+        actions += [f"unlink:{path}" for path in _grpc_socket_paths(self._ports)]
+        if self._owns_data_dir:
+            actions.append(f"rmtree:{data_dir}")
+        self._lifeline = Lifeline(actions)
         self._wait_until_ready()
 
     def _identities(self) -> dict[str, Any]:
@@ -449,13 +456,7 @@ class SeaweedS3(_S3Server):
             if proc is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
-                wait_until(
-                    lambda: not pid_alive(proc.pid),
-                    timeout=10,
-                    interval=0.02,
-                    description=f"weed {proc.pid} to exit",
-                )
+                proc.wait(timeout=30)  # reaps it: no zombie left behind
                 if self._data_dir is not None:
                     with contextlib.suppress(FileNotFoundError):
                         (self._data_dir / _PID_FILE).unlink()
@@ -466,6 +467,9 @@ class SeaweedS3(_S3Server):
             if self._owns_data_dir and self._data_dir is not None:
                 shutil.rmtree(self._data_dir, ignore_errors=True)
                 self._owns_data_dir = False
+            if self._lifeline is not None:
+                self._lifeline.disarm()
+                self._lifeline = None
 
     def __enter__(self) -> Self:
         self.start()
@@ -510,19 +514,25 @@ def _kill_leftover(pid_file: Path, data_dir: Path) -> None:
         pid_file.unlink()
 
 
+def _grpc_socket_paths(ports: Mapping[str, int]) -> list[Path]:
+    """The gRPC Unix sockets weed creates at hard-coded paths for the given gRPC ports."""
+    return [
+        Path(f"/tmp/seaweedfs-{component}-grpc-{ports[f'{component}_grpc']}.sock")
+        for component in _COMPONENTS
+        if f"{component}_grpc" in ports
+    ]
+
+
 def _remove_runtime_files(ports: Mapping[str, int], socket_dir: Path | None) -> None:
     """Remove the Unix sockets a (dead) ``weed server`` leaves behind.
 
     weed always adds gRPC Unix sockets at hard-coded ``/tmp/seaweedfs-<component>-grpc-<port>.sock``
     paths (no flag moves them); the HTTP ones were put into ``socket_dir``.
     """
-    for component in _COMPONENTS:
-        port = ports.get(f"{component}_grpc")
-        if port is not None:
-            path = Path(f"/tmp/seaweedfs-{component}-grpc-{port}.sock")
-            with contextlib.suppress(OSError):
-                if stat.S_ISSOCK(path.lstat().st_mode):
-                    path.unlink()
+    for path in _grpc_socket_paths(ports):
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(path.lstat().st_mode):
+                path.unlink()
     if socket_dir is not None and socket_dir.name.startswith(_SOCKET_DIR_PREFIX):
         shutil.rmtree(socket_dir, ignore_errors=True)
 

@@ -1,0 +1,140 @@
+"""Composition root: settings → logging → metrics → S3 client → channel → worker.
+
+Everything is built here, inside `main()`, never at import time, so tests (and other entry
+points) can assemble a worker from their own parts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import aioboto3
+from botocore.config import Config as BotoConfig
+
+from analysis_worker.analysis import Analyzer, load_analyzer
+from analysis_worker.config import Settings
+from analysis_worker.job_client import JobClient, create_channel
+from analysis_worker.logs import configure_logging
+from analysis_worker.metrics import MetricsServer, WorkerMetrics, serve_metrics
+from analysis_worker.runner import JobRunner
+from analysis_worker.storage import Storage
+from analysis_worker.worker import Worker, WorkerOptions
+
+log = logging.getLogger("analysis_worker")
+
+ANALYSIS_THREAD_PREFIX = "analysis"
+# After shutdown, how long analysis threads may take to notice should_stop before we exit
+# without them (their leases are already released).
+_THREAD_EXIT_TIMEOUT = 5.0
+
+
+def main() -> int:
+    """`python -m analysis_worker`: run until SIGTERM/SIGINT; 0 on a clean stop, 2 on bad config."""
+    try:
+        settings = Settings.from_env()
+    except ValueError as exc:
+        print(f"analysis-worker: configuration error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        analyzer = load_analyzer(settings.analyzer)
+    except ValueError as exc:
+        log.error("configuration error", extra={"error": str(exc)})
+        return 2
+    code = asyncio.run(serve(settings, analyzer))
+    _exit_despite_stuck_threads(code)
+    return code
+
+
+async def serve(settings: Settings, analyzer: Analyzer) -> int:
+    """Runs the worker with real clients until a signal asks it to stop."""
+    metrics = WorkerMetrics()
+    metrics_server: MetricsServer | None = None
+    if settings.metrics_address is not None:
+        metrics_server = serve_metrics(metrics, settings.metrics_address)
+        address = f"{settings.metrics_address.host}:{metrics_server.port}"
+        log.info("metrics listening", extra={"address": address})
+    # Threads, not processes: PyAV decoding and numpy release the GIL, and the analyzer's
+    # progress/should_stop callbacks are plain closures a process pool could not share.
+    executor = ThreadPoolExecutor(
+        max_workers=settings.concurrency, thread_name_prefix=ANALYSIS_THREAD_PREFIX
+    )
+    session = aioboto3.Session()
+    s3_config = BotoConfig(
+        connect_timeout=5,
+        read_timeout=60,
+        retries={"max_attempts": 3, "mode": "standard"},
+        # Local S3 servers (SeaweedFS, MinIO, moto) need path-style addressing.
+        s3={"addressing_style": "path" if settings.s3_endpoint_url else "auto"},
+    )
+    try:
+        async with session.client(
+            "s3",
+            endpoint_url=settings.s3_endpoint_url,
+            region_name=settings.s3_region,
+            aws_access_key_id=settings.s3_access_key_id or None,
+            aws_secret_access_key=settings.s3_secret_access_key or None,
+            config=s3_config,
+        ) as s3:
+            channel = create_channel(settings.job_service_address)
+            try:
+                client = JobClient(
+                    channel,
+                    worker_id=settings.worker_id,
+                    rpc_timeout=settings.rpc_timeout_seconds,
+                )
+                runner = JobRunner(
+                    client=client,
+                    storage=Storage(s3),
+                    analyzer=analyzer,
+                    executor=executor,
+                    metrics=metrics,
+                    work_dir=settings.work_dir,
+                )
+                worker = Worker(
+                    WorkerOptions(
+                        worker_id=settings.worker_id,
+                        concurrency=settings.concurrency,
+                        claim_wait=settings.claim_wait_seconds,
+                        shutdown_grace=settings.shutdown_grace_seconds,
+                    ),
+                    client=client,
+                    runner=runner,
+                    metrics=metrics,
+                )
+                loop = asyncio.get_running_loop()
+                for signum in (signal.SIGTERM, signal.SIGINT):
+                    loop.add_signal_handler(signum, worker.shutdown)
+                try:
+                    await worker.run()
+                finally:
+                    for signum in (signal.SIGTERM, signal.SIGINT):
+                        loop.remove_signal_handler(signum)
+            finally:
+                await channel.close()
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+        if metrics_server is not None:
+            metrics_server.close()
+    return 0
+
+
+def _exit_despite_stuck_threads(code: int) -> None:
+    """Exits now if an analysis thread ignores should_stop.
+
+    Executor threads are joined at interpreter exit, so one stuck in native decode would keep a
+    SIGTERMed worker alive forever. Its lease was already released; nothing is lost by leaving.
+    """
+    stuck = [t for t in threading.enumerate() if t.name.startswith(ANALYSIS_THREAD_PREFIX)]
+    for thread in stuck:
+        thread.join(timeout=_THREAD_EXIT_TIMEOUT / max(1, len(stuck)))
+    if any(thread.is_alive() for thread in stuck):
+        log.error("analysis threads did not stop; exiting without them")
+        logging.shutdown()
+        os._exit(code)

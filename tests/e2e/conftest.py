@@ -1,0 +1,141 @@
+"""End-to-end fixtures for the worker: real `python -m analysis_worker` processes against a real
+`python -m job_service` process (tests/conftest.py's `start_job_service`), Postgres and moto."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from jobs.v1 import jobs_pb2 as pb
+from jobs.v1 import jobs_pb2_grpc
+
+from localinfra.s3 import MotoS3
+from tests.support.analyzers import GATE_DIR_ENV, MAX_GATE_SECONDS_ENV
+from tests.support.procs import ServiceProcess, spawn
+
+TERMINAL = (pb.JOB_STATUS_DONE, pb.JOB_STATUS_FAILED)
+
+
+@dataclasses.dataclass
+class Api:
+    """Stubs for a test acting as the uploading backend and the operator."""
+
+    upload: jobs_pb2_grpc.UploadServiceAsyncStub
+    worker: jobs_pb2_grpc.WorkerServiceAsyncStub
+    admin: jobs_pb2_grpc.AdminServiceAsyncStub
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[Callable[[str], Api]]:
+    """Factory: `connect(address)` gives stubs on a channel closed at teardown."""
+    channels: list[grpc.aio.Channel] = []
+
+    def make(address: str) -> Api:
+        channel = grpc.aio.insecure_channel(address)
+        channels.append(channel)
+        return Api(
+            jobs_pb2_grpc.UploadServiceStub(channel),
+            jobs_pb2_grpc.WorkerServiceStub(channel),
+            jobs_pb2_grpc.AdminServiceStub(channel),
+        )
+
+    yield make
+    for channel in channels:
+        await channel.close()
+
+
+@pytest.fixture
+async def start_worker(
+    start_job_service: Callable[..., Awaitable[ServiceProcess]],
+    moto_s3: MotoS3,
+    tmp_path: Path,
+) -> AsyncIterator[Callable[..., Awaitable[ServiceProcess]]]:
+    """Factory: `await start_worker(job_service, gate_dir=..., **ANALYSIS_WORKER_overrides)`
+    runs `python -m analysis_worker` and waits until it logs "worker started".
+
+    Depends on `start_job_service` so workers stop (SIGTERM, then SIGKILL) before the service.
+    """
+    started: list[ServiceProcess] = []
+
+    async def start(
+        job_service: ServiceProcess, *, gate_dir: Path | None = None, **overrides: str
+    ) -> ServiceProcess:
+        index = len(started)
+        env = {
+            "JOB_SERVICE_ADDRESS": job_service.address,
+            "WORKER_ID": f"e2e-worker-{index}",
+            "CONCURRENCY": "1",
+            "CLAIM_WAIT_SECONDS": "1",
+            "RPC_TIMEOUT_SECONDS": "5",
+            "S3_ENDPOINT_URL": moto_s3.endpoint_url,
+            "S3_ACCESS_KEY_ID": moto_s3.access_key,
+            "S3_SECRET_ACCESS_KEY": moto_s3.secret_key,
+            "WORK_DIR": str(tmp_path),
+            "METRICS_ADDRESS": "",
+            "LOG_FORMAT": "json",
+            "SHUTDOWN_GRACE_SECONDS": "5",
+        }
+        env.update(overrides)
+        full = {f"ANALYSIS_WORKER_{k}": v for k, v in env.items()}
+        if gate_dir is not None:
+            full[GATE_DIR_ENV] = str(gate_dir)
+            full[MAX_GATE_SECONDS_ENV] = "60"
+        worker = spawn("analysis_worker", full, tmp_path / f"worker-{index}.log")
+        started.append(worker)
+        await wait_logged(worker, "worker started")
+        return worker
+
+    yield start
+    for worker in started:
+        await asyncio.to_thread(worker.stop)
+
+
+async def wait_logged(proc: ServiceProcess, event: str, within: float = 30.0) -> None:
+    """Waits for a JSON log line with this `event`; fails with the log if the process exits."""
+    deadline = time.monotonic() + within
+    while True:
+        if any(line.get("event") == event for line in json_lines(proc)):
+            return
+        if proc.proc.poll() is not None:
+            raise AssertionError(f"process exited with {proc.proc.returncode}:\n{proc.log()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {event!r} after {within}s:\n{proc.log()}")
+        await asyncio.sleep(0.05)  # log poll interval
+
+
+def json_lines(proc: ServiceProcess) -> list[dict[str, Any]]:
+    lines = []
+    for line in proc.log().splitlines():
+        if line.startswith("{"):
+            try:
+                lines.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line still being written
+    return lines
+
+
+async def watch(
+    api: Api,
+    job_id: str,
+    until: Callable[[pb.Job], bool] = lambda job: job.status in TERMINAL,
+    within: float = 60.0,
+    seen: list[pb.Job] | None = None,
+) -> pb.Job:
+    """Follows WatchJob until `until(job)` holds; returns that job. `seen` collects updates."""
+    call = api.upload.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=within)
+    try:
+        async for response in call:
+            if seen is not None:
+                seen.append(response.job)
+            if until(response.job):
+                return response.job
+    finally:
+        call.cancel()
+    raise AssertionError(f"WatchJob ended before the condition held for {job_id}")

@@ -1,0 +1,320 @@
+"""Worker unit-test fixtures: a scripted fake WorkerService on a real grpc.aio server (127.0.0.1,
+port 0), moto's S3 server (the session one from tests/conftest.py), and a harness that assembles
+a real Worker from its parts the way main() does."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import aioboto3
+import grpc
+import pytest
+from botocore.config import Config as BotoConfig
+from google.protobuf import duration_pb2, struct_pb2
+from jobs.v1 import jobs_pb2, jobs_pb2_grpc
+
+from analysis_worker.analysis import Analyzer
+from analysis_worker.job_client import JobClient, RetryPolicy
+from analysis_worker.metrics import WorkerMetrics
+from analysis_worker.runner import JobRunner
+from analysis_worker.storage import Storage
+from analysis_worker.worker import Worker, WorkerOptions
+from localinfra.s3 import MotoS3
+from tests.support.analyzers import open_gate
+
+BUCKET = "videos"
+FAST_RETRY = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.05)
+
+
+@dataclasses.dataclass
+class Call:
+    method: str
+    request: Any
+    at: float
+    # Seconds left until the client's deadline, as the server saw it on arrival.
+    time_remaining: float | None = None
+
+
+class FakeWorkerService(jobs_pb2_grpc.WorkerServiceServicer):
+    """Records every request; hands out queued leases; answers per a small script.
+
+    `lost` job ids answer LOST in Heartbeat and ABORTED elsewhere; `cancelled` ones come back
+    with cancel_requested; `errors[method]` is a list of status codes the next calls abort with;
+    `hang[method]` calls never answer (the client's deadline ends them).
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+        self.queue: list[jobs_pb2.Lease] = []
+        self.lost: set[str] = set()
+        self.cancelled: set[str] = set()
+        self.errors: dict[str, list[grpc.StatusCode]] = defaultdict(list)
+        self.hang: dict[str, int] = defaultdict(int)
+        # ClaimJob handlers cancelled by the client (it gave up on the long poll).
+        self.cancelled_claims = 0
+        self._changed = asyncio.Event()
+
+    # -- test side ---------------------------------------------------------------------------
+
+    def offer(self, *leases: jobs_pb2.Lease) -> None:
+        self.queue.extend(leases)
+        self._bump()
+
+    def requests(self, method: str, job_id: str | None = None) -> list[Any]:
+        return [
+            c.request
+            for c in self.calls
+            if c.method == method and (job_id is None or _job_id(c.request) == job_id)
+        ]
+
+    def methods(self, job_id: str) -> list[str]:
+        """Fenced calls made for one job, in order (ClaimJob and Heartbeat excluded)."""
+        return [
+            c.method
+            for c in self.calls
+            if c.method not in ("ClaimJob", "Heartbeat") and _job_id(c.request) == job_id
+        ]
+
+    async def wait_for(
+        self, predicate: Callable[[], bool], what: str, within: float = 15.0
+    ) -> None:
+        """Waits until `predicate()` holds, re-checking at every recorded call."""
+        deadline = time.monotonic() + within
+        while not predicate():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                methods = [c.method for c in self.calls]
+                raise AssertionError(f"timed out waiting for {what}; calls: {methods}")
+            event = self._changed
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout=min(remaining, 0.5))
+
+    def _bump(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _record(self, method: str, request: Any, context: Any) -> None:
+        self.calls.append(Call(method, request, time.monotonic(), context.time_remaining()))
+        self._bump()
+        if self.hang[method] > 0:
+            self.hang[method] -= 1
+            await asyncio.Event().wait()  # until the client's deadline cancels this handler
+        if self.errors[method]:
+            code = self.errors[method].pop(0)
+            await context.abort(code, f"scripted {code.name}")
+
+    async def _fenced(self, method: str, request: Any, context: Any) -> jobs_pb2.Job:
+        await self._record(method, request, context)
+        if request.job_id in self.lost:
+            await context.abort(grpc.StatusCode.ABORTED, "lease lost")
+        return jobs_pb2.Job(job_id=request.job_id)
+
+    # -- servicer side -----------------------------------------------------------------------
+
+    async def ClaimJob(self, request: Any, context: Any) -> jobs_pb2.ClaimJobResponse:
+        await self._record("ClaimJob", request, context)
+        deadline = time.monotonic() + request.wait.ToTimedelta().total_seconds()
+        try:
+            while not self.queue and (remaining := deadline - time.monotonic()) > 0:
+                event = self._changed
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), timeout=remaining)
+        except asyncio.CancelledError:
+            self.cancelled_claims += 1
+            self._bump()
+            raise
+        taken, self.queue = self.queue[: request.max_jobs], self.queue[request.max_jobs :]
+        return jobs_pb2.ClaimJobResponse(leases=taken)
+
+    async def Heartbeat(self, request: Any, context: Any) -> jobs_pb2.HeartbeatResponse:
+        await self._record("Heartbeat", request, context)
+        statuses = [
+            jobs_pb2.LeaseStatus(
+                job_id=ref.job_id,
+                state=jobs_pb2.LEASE_STATE_LOST
+                if ref.job_id in self.lost
+                else jobs_pb2.LEASE_STATE_HELD,
+                cancel_requested=ref.job_id in self.cancelled,
+            )
+            for ref in request.leases
+        ]
+        if statuses and all(s.state == jobs_pb2.LEASE_STATE_LOST for s in statuses):
+            await context.abort(grpc.StatusCode.ABORTED, "every lease is lost")
+        return jobs_pb2.HeartbeatResponse(leases=statuses)
+
+    async def ReportProgress(self, request: Any, context: Any) -> Any:
+        return jobs_pb2.ReportProgressResponse(
+            job=await self._fenced("ReportProgress", request, context)
+        )
+
+    async def CompleteJob(self, request: Any, context: Any) -> Any:
+        return jobs_pb2.CompleteJobResponse(job=await self._fenced("CompleteJob", request, context))
+
+    async def FailJob(self, request: Any, context: Any) -> Any:
+        return jobs_pb2.FailJobResponse(job=await self._fenced("FailJob", request, context))
+
+    async def ReleaseJob(self, request: Any, context: Any) -> Any:
+        return jobs_pb2.ReleaseJobResponse(job=await self._fenced("ReleaseJob", request, context))
+
+
+def _job_id(request: Any) -> str | None:
+    return getattr(request, "job_id", None)
+
+
+@dataclasses.dataclass
+class RunningWorker:
+    worker: Worker
+    task: asyncio.Task[None]
+    metrics: WorkerMetrics
+    executor: ThreadPoolExecutor
+
+    async def stop(self, within: float = 20.0) -> None:
+        """shutdown() and wait for run() to return."""
+        self.worker.shutdown()
+        await asyncio.wait_for(asyncio.shield(self.task), within)
+
+
+@dataclasses.dataclass
+class Harness:
+    fake: FakeWorkerService
+    address: str
+    s3: Any
+    work_dir: Path
+    gate_dir: Path
+    channels: list[grpc.aio.Channel] = dataclasses.field(default_factory=list)
+    running: list[RunningWorker] = dataclasses.field(default_factory=list)
+
+    async def put_video(self, data: bytes = b"not really a video " * 64) -> tuple[str, str, int]:
+        """Uploads an object; returns (key, etag, size)."""
+        key = f"uploads/{uuid.uuid4()}.mp4"
+        response = await self.s3.put_object(Bucket=BUCKET, Key=key, Body=data)
+        return key, response["ETag"], len(data)
+
+    async def lease(
+        self,
+        *,
+        status: int = jobs_pb2.JOB_STATUS_QUICK_RUNNING,
+        heartbeat_interval: float = 0.2,
+        result: dict[str, Any] | None = None,
+        data: bytes | None = None,
+        etag: str | None = None,
+    ) -> jobs_pb2.Lease:
+        key, real_etag, size = await (self.put_video(data) if data else self.put_video())
+        job_id = str(uuid.uuid4())
+        job = jobs_pb2.Job(job_id=job_id, status=status, bucket=BUCKET, key=key)
+        if result is not None:
+            struct = struct_pb2.Struct()
+            struct.update(result)
+            job.result.CopyFrom(struct)
+        interval = duration_pb2.Duration()
+        interval.FromNanoseconds(int(heartbeat_interval * 1e9))
+        return jobs_pb2.Lease(
+            job=job,
+            bucket=BUCKET,
+            key=key,
+            size_bytes=size,
+            etag=real_etag if etag is None else etag,
+            attempt=1,
+            lease_token=f"token-{job_id}",
+            heartbeat_interval=interval,
+            results_prefix=f"results/{job_id}/",
+        )
+
+    def client(self, retry: RetryPolicy = FAST_RETRY, rpc_timeout: float = 5.0) -> JobClient:
+        channel = grpc.aio.insecure_channel(self.address)
+        self.channels.append(channel)
+        return JobClient(channel, worker_id="test-worker", rpc_timeout=rpc_timeout, retry=retry)
+
+    def start(
+        self,
+        analyzer: Analyzer,
+        *,
+        concurrency: int = 1,
+        shutdown_grace: float = 10.0,
+        claim_wait: float = 0.2,
+        abort_timeout: float = 5.0,
+    ) -> RunningWorker:
+        metrics = WorkerMetrics()
+        executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="analysis")
+        client = self.client()
+        runner = JobRunner(
+            client=client,
+            storage=Storage(self.s3),
+            analyzer=analyzer,
+            executor=executor,
+            metrics=metrics,
+            work_dir=self.work_dir,
+            delivery_retry=RetryPolicy(max_attempts=1, initial_backoff=0.02, max_backoff=0.1),
+            progress_interval=0.0,
+        )
+        options = WorkerOptions(
+            worker_id="test-worker",
+            concurrency=concurrency,
+            claim_wait=claim_wait,
+            shutdown_grace=shutdown_grace,
+            abort_timeout=abort_timeout,
+            claim_retry=RetryPolicy(max_attempts=1, initial_backoff=0.02, max_backoff=0.1),
+            min_empty_claim_interval=0.02,
+        )
+        worker = Worker(options, client=client, runner=runner, metrics=metrics)
+        running = RunningWorker(worker, asyncio.create_task(worker.run()), metrics, executor)
+        self.running.append(running)
+        return running
+
+
+@pytest.fixture
+async def fake_service() -> AsyncIterator[tuple[FakeWorkerService, str]]:
+    fake = FakeWorkerService()
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    jobs_pb2_grpc.add_WorkerServiceServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield fake, f"127.0.0.1:{port}"
+    finally:
+        await server.stop(grace=None)
+
+
+@pytest.fixture
+async def s3_client(moto_s3: MotoS3) -> AsyncIterator[Any]:
+    session = aioboto3.Session()
+    async with session.client(
+        "s3",
+        endpoint_url=moto_s3.endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id=moto_s3.access_key,
+        aws_secret_access_key=moto_s3.secret_key,
+        config=BotoConfig(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
+    ) as client:
+        yield client
+
+
+@pytest.fixture
+async def harness(
+    fake_service: tuple[FakeWorkerService, str], s3_client: Any, tmp_path: Path
+) -> AsyncIterator[Harness]:
+    fake, address = fake_service
+    work_dir = tmp_path / "work"
+    work_dir.mkdir()
+    h = Harness(fake, address, s3_client, work_dir, tmp_path / "gate")
+    h.gate_dir.mkdir()
+    try:
+        yield h
+    finally:
+        # Free any gated analysis thread, then stop every worker and its threads.
+        open_gate(h.gate_dir)
+        for running in h.running:
+            with contextlib.suppress(Exception):
+                await running.stop()
+            running.executor.shutdown(wait=True)
+        for channel in h.channels:
+            await channel.close()

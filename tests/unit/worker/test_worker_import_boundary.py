@@ -1,0 +1,65 @@
+"""The worker shares nothing with the job-service but the generated protos.
+
+Checked two ways: statically (every import statement in the package) and at run time (what
+importing the worker really loads, transitively, in a fresh interpreter).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import analysis_worker
+
+FORBIDDEN = ("job_service", "sqlalchemy", "asyncpg", "alembic")
+PACKAGE_DIR = Path(analysis_worker.__file__).parent
+
+
+def _imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def _forbidden(name: str) -> bool:
+    return any(name == root or name.startswith(root + ".") for root in FORBIDDEN)
+
+
+def test_no_module_imports_job_service_or_database_code() -> None:
+    files = sorted(PACKAGE_DIR.rglob("*.py"))
+    assert len(files) > 10  # the walk really covers the package
+    offenders = {
+        str(path.relative_to(PACKAGE_DIR)): sorted(filter(_forbidden, _imported_modules(path)))
+        for path in files
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_importing_the_worker_loads_no_job_service_or_database_code() -> None:
+    modules = [
+        "analysis_worker.main",
+        "analysis_worker.worker",
+        "analysis_worker.runner",
+        "analysis_worker.job_client",
+        "analysis_worker.storage",
+        "analysis_worker.config",
+    ]
+    script = (
+        "import importlib, json, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    loaded = json.loads(out.stdout)
+    assert "analysis_worker.worker" in loaded and "jobs.v1.jobs_pb2" in loaded
+    assert [m for m in loaded if _forbidden(m)] == []

@@ -1,0 +1,155 @@
+"""JobClient against a real grpc.aio server on 127.0.0.1 (port 0) with a scripted servicer:
+deadlines, retries of transient codes, ABORTED as a lost lease, everything else as an error."""
+
+from __future__ import annotations
+
+import random
+
+import grpc
+import pytest
+from jobs.v1 import jobs_pb2
+
+from analysis_worker.job_client import (
+    JobServiceError,
+    JobServiceUnavailable,
+    LeaseLostError,
+    RetryPolicy,
+    channel_options,
+)
+
+from .conftest import Harness
+
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+
+
+def lease(job_id: str = "job-1") -> jobs_pb2.Lease:
+    return jobs_pb2.Lease(job=jobs_pb2.Job(job_id=job_id), lease_token=f"token-{job_id}")
+
+
+def ref(job_id: str) -> jobs_pb2.LeaseRef:
+    return jobs_pb2.LeaseRef(job_id=job_id, lease_token=f"token-{job_id}")
+
+
+async def test_unavailable_is_retried_until_the_call_succeeds(harness: Harness) -> None:
+    fake = harness.fake
+    fake.errors["ClaimJob"] = [UNAVAILABLE, UNAVAILABLE]
+    fake.offer(lease("a"))
+    leases = await harness.client().claim(max_jobs=1, wait=0)
+    assert [x.job.job_id for x in leases] == ["a"]
+    assert len(fake.requests("ClaimJob")) == 3
+
+
+async def test_persistent_unavailability_gives_up_after_bounded_attempts(harness: Harness) -> None:
+    fake = harness.fake
+    fake.errors["ReportProgress"] = [UNAVAILABLE] * 10
+    client = harness.client(retry=RetryPolicy(max_attempts=4, initial_backoff=0.01))
+    with pytest.raises(JobServiceUnavailable) as caught:
+        await client.report_progress(lease(), progress_pct=50)
+    assert caught.value.code == UNAVAILABLE
+    assert len(fake.requests("ReportProgress")) == 4
+
+
+async def test_deadline_exceeded_is_retried(harness: Harness) -> None:
+    fake = harness.fake
+    fake.hang["CompleteJob"] = 1
+    client = harness.client(rpc_timeout=0.3)
+    job = await client.complete(lease(), result=jobs_pb2.Job().result, results_uri="s3://b/p/")
+    assert job.job_id == "job-1"
+    assert len(fake.requests("CompleteJob")) == 2
+
+
+async def test_aborted_is_a_lost_lease_and_never_retried(harness: Harness) -> None:
+    fake = harness.fake
+    fake.lost.add("job-1")
+    with pytest.raises(LeaseLostError) as caught:
+        await harness.client().fail(lease(), code="X", message="m", retryable=True)
+    assert caught.value.code == grpc.StatusCode.ABORTED
+    assert len(fake.requests("FailJob")) == 1
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.INTERNAL,
+    ],
+)
+async def test_other_codes_raise_job_service_error_without_retry(
+    harness: Harness, code: grpc.StatusCode
+) -> None:
+    fake = harness.fake
+    fake.errors["ReleaseJob"] = [code]
+    with pytest.raises(JobServiceError) as caught:
+        await harness.client().release(lease(), reason="test")
+    assert type(caught.value) is JobServiceError
+    assert caught.value.code == code
+    assert "scripted" in caught.value.details
+    assert len(fake.requests("ReleaseJob")) == 1
+
+
+async def test_heartbeat_aborted_means_every_lease_lost(harness: Harness) -> None:
+    fake = harness.fake
+    fake.lost.update({"a", "b"})
+    statuses = await harness.client().heartbeat([ref("a"), ref("b")])
+    assert [(s.job_id, s.state) for s in statuses] == [
+        ("a", jobs_pb2.LEASE_STATE_LOST),
+        ("b", jobs_pb2.LEASE_STATE_LOST),
+    ]
+    assert len(fake.requests("Heartbeat")) == 1  # an answer, not a failure to retry
+
+
+async def test_heartbeat_renews_many_leases_in_one_call(harness: Harness) -> None:
+    fake = harness.fake
+    fake.lost.add("b")
+    fake.cancelled.add("c")
+    client = harness.client()
+    statuses = await client.heartbeat([ref("a"), ref("b"), ref("c")])
+    assert [(s.job_id, s.state, s.cancel_requested) for s in statuses] == [
+        ("a", jobs_pb2.LEASE_STATE_HELD, False),
+        ("b", jobs_pb2.LEASE_STATE_LOST, False),
+        ("c", jobs_pb2.LEASE_STATE_HELD, True),
+    ]
+    (request,) = fake.requests("Heartbeat")
+    assert request.worker_id == client.worker_id
+    assert [r.lease_token for r in request.leases] == ["token-a", "token-b", "token-c"]
+
+
+async def test_every_call_carries_a_deadline_and_claim_allows_for_the_long_poll(
+    harness: Harness,
+) -> None:
+    fake = harness.fake
+    client = harness.client(rpc_timeout=2.0)
+    await client.claim(max_jobs=3, wait=0.5)
+    await client.heartbeat([ref("a")])
+    claim, beat = (c for c in fake.calls if c.method in ("ClaimJob", "Heartbeat"))
+    assert claim.request.max_jobs == 3
+    assert claim.request.wait.ToTimedelta().total_seconds() == 0.5
+    # Claim deadline = wait + one RPC timeout, so the server's long poll ends first. (The
+    # grpc-timeout header rounds up a little, hence the slack.)
+    assert claim.time_remaining is not None and 2.0 < claim.time_remaining <= 2.6
+    assert beat.time_remaining is not None and 1.0 < beat.time_remaining <= 2.1
+
+
+async def test_claim_refuses_zero_slots_without_calling(harness: Harness) -> None:
+    with pytest.raises(ValueError):
+        await harness.client().claim(max_jobs=0, wait=1)
+    assert harness.fake.requests("ClaimJob") == []
+
+
+def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
+    policy = RetryPolicy(initial_backoff=0.2, max_backoff=1.0, multiplier=2.0)
+    rng = random.Random(7)
+    for retry, cap in enumerate([0.2, 0.4, 0.8, 1.0, 1.0]):
+        delays = {policy.delay(retry, rng) for _ in range(50)}
+        assert all(cap / 2 <= d <= cap for d in delays)
+        assert len(delays) > 1  # jittered, not in lock-step
+
+
+def test_keepalive_fits_a_server_that_allows_pings_every_10_seconds() -> None:
+    options = dict(channel_options())
+    # The server sets grpc.http2.min_recv_ping_interval_without_data_ms = 10000: a client
+    # pinging more often is sent GOAWAY too_many_pings.
+    assert 10_000 <= int(options["grpc.keepalive_time_ms"]) <= 60_000
+    assert options["grpc.keepalive_permit_without_calls"] == 1
+    assert "grpc.keepalive_timeout_ms" in options
