@@ -173,12 +173,6 @@ class MotoS3(_S3Server):
         if wsgi_server is not None:
             wsgi_server.server_close()
 
-    def reset(self) -> None:
-        """Drop all moto state (buckets, objects, ...) via ``POST /moto-api/reset``."""
-        request = urllib.request.Request(f"{self.endpoint_url}/moto-api/reset", method="POST")
-        with urllib.request.urlopen(request, timeout=10) as response:
-            response.read()
-
     def __enter__(self) -> Self:
         self.start()
         return self
@@ -251,7 +245,7 @@ class SeaweedS3(_S3Server):
             data_dir: where volumes, filer metadata, config and ``weed.log`` live.
             access_key: access key id of the single identity.
             secret_key: its secret key.
-            startup_timeout: seconds :meth:`start` may take (at most; 3-5 s is typical).
+            startup_timeout: seconds :meth:`start` may take (3.5-7.5 s is typical).
             volume_max: max volumes on the volume server; each bucket uses one volume (sparse
                 files, tiny until written), so this bounds the number of buckets written to.
             volume_size_limit_mb: size at which a volume is full and another one is grown.

@@ -156,9 +156,9 @@ def pg_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def test_postgres_start_query_stop(pg_dir: Path) -> None:
+def test_postgres_start_query_stop() -> None:
     children_before = descendants(os.getpid())
-    cluster = PostgresCluster(pg_dir / "pg")
+    cluster = PostgresCluster()  # in a temporary directory that stop() deletes
     t0 = time.monotonic()
     cluster.start()
     timed("PostgresCluster.start (fresh initdb)", t0)
@@ -179,6 +179,8 @@ def test_postgres_start_query_stop(pg_dir: Path) -> None:
         cluster.drop_database("app")  # --if-exists
         assert cluster.execute("SELECT count(*) FROM pg_database WHERE datname = 'app'") == "0"
 
+        data_dir = cluster.data_dir
+        assert (data_dir / "PG_VERSION").is_file()
         postmaster = cluster.pid
         assert postmaster is not None and pid_alive(postmaster)
         started = {postmaster} | descendants(postmaster)
@@ -191,7 +193,7 @@ def test_postgres_start_query_stop(pg_dir: Path) -> None:
     assert cluster.pid is None
     assert_all_gone(started, timeout=0.5)  # stop() already waited for the postmaster
     assert not is_listening(cluster.port)
-    assert not (pg_dir / "pg" / "postmaster.pid").exists()
+    assert not data_dir.exists()
     assert descendants(os.getpid()) <= children_before  # no runuser/pg_ctl/lifeline left
     cluster.stop()  # idempotent
 
@@ -238,7 +240,7 @@ def test_postgres_start_failure_reports_log_and_leaves_nothing(pg_dir: Path) -> 
 # -------------------------------------------------------------------------------------- moto
 
 
-def test_moto_put_get_reset() -> None:
+def test_moto_put_get() -> None:
     t0 = time.monotonic()
     with MotoS3() as s3:
         timed("MotoS3.start", t0)
@@ -250,9 +252,6 @@ def test_moto_put_get_reset() -> None:
         client.put_object(Bucket="moto-bucket", Key="a/b.txt", Body=b"hello moto")
         body = client.get_object(Bucket="moto-bucket", Key="a/b.txt")["Body"].read()
         assert body == b"hello moto"
-
-        s3.reset()
-        assert client.list_buckets()["Buckets"] == []
         port = s3.port
     assert not is_listening(port)
     s3.stop()  # idempotent
@@ -381,27 +380,29 @@ def test_seaweed_binds_loopback_only_and_stop_cleans_up(tmp_path: Path) -> None:
 
 _CHILD = textwrap.dedent(
     """
-    import json, sys, tempfile
-    from pathlib import Path
+    import json, sys
     sys.path.insert(0, sys.argv[1])
     from localinfra.postgres import PostgresCluster
     from localinfra.s3 import SeaweedS3
-    pg = PostgresCluster(Path(sys.argv[2]) / "pg")
+    pg = PostgresCluster()
     pg.start()
     weed = SeaweedS3()
     weed.start()
-    print(json.dumps({"postmaster": pg.pid, "weed": weed.pid, "weed_dir": str(weed.data_dir)}))
+    print(json.dumps({
+        "postmaster": pg.pid, "pg_dir": str(pg.data_dir),
+        "weed": weed.pid, "weed_dir": str(weed.data_dir),
+    }))
     sys.stdout.flush()
     sys.stdin.read()  # wait to be killed
     """
 )
 
 
-def test_processes_die_with_a_sigkilled_owner(pg_dir: Path) -> None:
+def test_processes_die_with_a_sigkilled_owner() -> None:
     """A test runner killed on timeout must not leak postgres or weed (the Lifeline watcher)."""
     root = Path(__file__).resolve().parents[2]
     child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, str(root), str(pg_dir)],
+        [sys.executable, "-c", _CHILD, str(root)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -415,8 +416,8 @@ def test_processes_die_with_a_sigkilled_owner(pg_dir: Path) -> None:
         child.wait()
     assert_all_gone({started["postmaster"], started["weed"]}, timeout=15)
     wait_until(
-        lambda: not Path(started["weed_dir"]).exists(),
+        lambda: not Path(started["weed_dir"]).exists() and not Path(started["pg_dir"]).exists(),
         timeout=10,
         interval=0.05,
-        description="the temporary weed data dir to be removed",
+        description="the temporary data dirs to be removed",
     )
