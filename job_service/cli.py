@@ -47,8 +47,8 @@ MAX_PAGE_SIZE = 500
 UPLOAD_BLOCK_BYTES = 256 * 1024
 #: Reconnects of a broken WatchJob stream (server restart); the stream starts with the job now.
 WATCH_RECONNECTS = 3
-# The server answers UNAVAILABLE only when nothing changed (and InitiateUpload carries a
-# request_id), so every call may be retried on it.
+# UNAVAILABLE is retried: the service answers it only when nothing changed, InitiateUpload
+# carries a request_id, and a repeated requeue/cancel is refused, never applied twice.
 SERVICE_CONFIG = json.dumps(
     {
         "methodConfig": [
@@ -111,7 +111,12 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> Parser:
-    p = Parser(prog="jobctl", description="Operate the job-service over gRPC.")
+    p = Parser(
+        prog="jobctl",
+        description="Operate the job-service over gRPC.",
+        epilog="Exit codes: 0 ok, 1 the call failed or the watched job FAILED, "
+        "2 usage errors and INVALID_ARGUMENT.",
+    )
     p.add_argument(
         "--address",
         default=os.environ.get(ADDRESS_ENV, DEFAULT_ADDRESS),
@@ -121,22 +126,46 @@ def build_parser() -> Parser:
         "--timeout",
         type=parse_duration,
         default=timedelta(seconds=10),
+        metavar="DURATION",
         help="deadline of each call, e.g. 10s (default 10s)",
     )
     p.add_argument("--json", action="store_true", help="print the responses as JSON")
+    # --json is accepted after the subcommand too; SUPPRESS keeps it from resetting the global.
+    common = Parser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="as JSON")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    up = sub.add_parser("upload", help="upload a video and queue its job")
+    def add(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text, parents=[common])
+
+    add_upload(add("upload", "upload a video and queue its job"))
+    add("get", "show a job").add_argument("job_id")
+    add("watch", "follow a job until it is DONE (exit 0) or FAILED (exit 1)").add_argument("job_id")
+    add_list(add("list", "list jobs, newest change first"))
+    for name, text in (
+        ("requeue", "put a failed or stuck job back in the queue"),
+        ("cancel", "fail an unfinished job with CANCELLED"),
+    ):
+        sp = add(name, text)
+        sp.add_argument("job_id")
+        sp.add_argument("--reason", default="", help="why (in the service's log)")
+    add("stats", "counts by status, oldest queued job, stuck uploads").add_argument(
+        "--stuck-after",
+        type=parse_duration,
+        metavar="DURATION",
+        help="awaiting_upload longer than this is stuck (default: the service's)",
+    )
+    return p
+
+
+def add_upload(up: argparse.ArgumentParser) -> None:
     up.add_argument("file", type=Path)
     up.add_argument("--content-type", help="video/* type (default: guessed from the extension)")
     up.add_argument("--session-id", default="", help="group the upload into this session (UUID)")
     up.add_argument("--wait", action="store_true", help="then watch the job until it finishes")
 
-    for name, text in (("get", "show a job"), ("watch", "follow a job until it finishes")):
-        sp = sub.add_parser(name, help=text)
-        sp.add_argument("job_id")
 
-    ls = sub.add_parser("list", help="list jobs, newest change first")
+def add_list(ls: argparse.ArgumentParser) -> None:
     ls.add_argument(
         "--status",
         dest="statuses",
@@ -149,26 +178,13 @@ def build_parser() -> Parser:
     ls.add_argument(
         "--older-than",
         type=parse_duration,
+        metavar="DURATION",
         help="only jobs whose last change is at least this old, e.g. 5m",
     )
-    ls.add_argument("--limit", type=positive_int, default=50, help="at most N jobs (default 50)")
-    ls.add_argument("--all", action="store_true", help="every matching job, page after page")
-
-    for name, text in (
-        ("requeue", "put a failed or stuck job back in the queue"),
-        ("cancel", "fail an unfinished job with CANCELLED"),
-    ):
-        sp = sub.add_parser(name, help=text)
-        sp.add_argument("job_id")
-        sp.add_argument("--reason", default="", help="recorded in the service's log")
-
-    st = sub.add_parser("stats", help="counts by status, oldest queued job, stuck uploads")
-    st.add_argument(
-        "--stuck-after",
-        type=parse_duration,
-        help="awaiting_upload longer than this is stuck (default: the service's)",
+    ls.add_argument(
+        "--limit", type=positive_int, default=50, metavar="N", help="at most N jobs (default 50)"
     )
-    return p
+    ls.add_argument("--all", action="store_true", help="every matching job, page after page")
 
 
 # ----------------------------------------------------------------------------------- output
@@ -194,7 +210,7 @@ def human_duration(seconds: float) -> str:
 def age(stamp: timestamp_pb2.Timestamp) -> str:
     if not stamp.seconds and not stamp.nanos:
         return "-"
-    return human_duration((datetime.now(UTC) - stamp.ToDatetime(tzinfo=UTC)).total_seconds())
+    return human_duration(int((datetime.now(UTC) - stamp.ToDatetime(tzinfo=UTC)).total_seconds()))
 
 
 def status_name(value: int) -> str:
@@ -207,8 +223,11 @@ def bar(pct: int, width: int = 20) -> str:
 
 
 def as_json(msg: Message) -> dict[str, Any]:
-    # Same field names as grpcurl (lowerCamelCase, int64 as strings): one jq filter for both.
-    out: dict[str, Any] = json_format.MessageToDict(msg)
+    # grpcurl's field names (snake_case, int64 as strings), so one jq filter works on both;
+    # zero values are printed too (a count of 0 is an answer, not a missing field).
+    out: dict[str, Any] = json_format.MessageToDict(
+        msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
     return out
 
 
@@ -385,6 +404,8 @@ def cmd_list(c: Client, args: argparse.Namespace, o: Output) -> int:
         o.json({"jobs": [as_json(j) for j in jobs]})
     else:
         o.result("\n".join(table(jobs)))
+    if not jobs:
+        o.note("(no jobs match)")
     if more:
         o.note(f"(first {len(jobs)} jobs shown; more match: use --limit N or --all)")
     return EXIT_OK

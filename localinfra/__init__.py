@@ -7,7 +7,9 @@ also when start-up fails half-way:
   cluster run from the system binaries.
 * :mod:`localinfra.s3` -- :class:`~localinfra.s3.MotoS3` (in-process moto server, no signature
   checks) and :class:`~localinfra.s3.SeaweedS3` (a real, SigV4-checking SeaweedFS S3 gateway).
-* :mod:`localinfra.ports` and :mod:`localinfra.process` -- small helpers.
+* :mod:`localinfra.ports` and :mod:`localinfra.process` -- free ports, bounded polling, and
+  :class:`~localinfra.process.Lifeline`, a watcher that kills what we started if this Python
+  process is killed before it could clean up (a test runner SIGKILLed on timeout).
 
 Submodules are not imported here so that, e.g., the Postgres helper does not pay for importing moto.
 """

@@ -2,9 +2,11 @@
 
 Typical use::
 
-    with PostgresCluster(tmp_path / "pg") as pg:
+    with PostgresCluster() as pg:    # data in a temporary directory, deleted by stop()
         pg.create_database("app")
         url = pg.dsn("app")          # postgresql://postgres@127.0.0.1:PORT/app
+
+    PostgresCluster(Path(".run/pgdata"))  # a kept data directory, reused by the next start()
 
 Behaviour:
 
@@ -27,7 +29,9 @@ Behaviour:
   permissions are re-applied before every server command and by a guard thread every 0.1 s while
   the cluster runs; initdb runs in a private staging directory; a ``pg_ctl`` call that failed
   because permissions were reset under it is retried. A small window remains: for full immunity
-  keep the data directory out of ``/tmp/pytest-of-root`` (e.g. under ``tempfile.mkdtemp()``).
+  keep the data directory out of ``/tmp/pytest-of-root`` -- ``data_dir=None`` does that.
+* If this Python process dies without calling :meth:`PostgresCluster.stop` (e.g. SIGKILL), a
+  :class:`~localinfra.process.Lifeline` watcher shuts the server down (immediate mode).
 """
 
 from __future__ import annotations
@@ -136,7 +140,7 @@ class PostgresCluster:
 
     def __init__(
         self,
-        data_dir: Path,
+        data_dir: Path | None = None,
         port: int | None = None,
         *,
         settings: Mapping[str, str] | None = None,
@@ -146,14 +150,17 @@ class PostgresCluster:
         """Describe a cluster; nothing is started yet.
 
         Args:
-            data_dir: cluster directory; created (and initialised) by :meth:`start` when needed.
+            data_dir: cluster directory; created (and initialised) by :meth:`start` when needed
+                and kept by :meth:`stop`. ``None``: a fresh temporary directory that :meth:`stop`
+                deletes (the safest choice for tests, see the module docs).
             port: TCP port on 127.0.0.1; a free one when ``None``.
             settings: extra/overriding server settings (``-c name=value``), on top of
                 :data:`DEFAULT_SETTINGS`.
             startup_timeout: seconds :meth:`start` may take before it gives up.
             bindir: directory with the server binaries; found with :func:`find_bindir` if ``None``.
         """
-        self._data_dir = Path(data_dir).absolute()
+        self._data_dir: Path | None = Path(data_dir).absolute() if data_dir is not None else None
+        self._owns_data_dir = False  # a temporary directory of ours, removed by stop()
         self._port = port if port is not None else free_port()
         self._settings = {**DEFAULT_SETTINGS, **(settings or {})}
         self._startup_timeout = startup_timeout
@@ -186,13 +193,15 @@ class PostgresCluster:
 
     @property
     def data_dir(self) -> Path:
-        """Absolute path of the cluster directory."""
+        """Absolute path of the cluster directory (for ``data_dir=None``: once started)."""
+        if self._data_dir is None:
+            raise PostgresError("the temporary data directory is only chosen by start()")
         return self._data_dir
 
     @property
     def log_path(self) -> Path:
         """Server log file (inside the data directory)."""
-        return self._data_dir / LOG_FILE_NAME
+        return self.data_dir / LOG_FILE_NAME
 
     @property
     def pid(self) -> int | None:
@@ -219,12 +228,15 @@ class PostgresCluster:
         come up within ``startup_timeout``; anything started by then is stopped again.
         """
         if self._pid is not None and pid_alive(self._pid):
-            raise PostgresError(f"cluster in {self._data_dir} is already running (pid {self._pid})")
+            raise PostgresError(f"cluster in {self.data_dir} is already running (pid {self._pid})")
         deadline = time.monotonic() + self._startup_timeout
         try:
+            if self._data_dir is None:
+                self._data_dir = Path(tempfile.mkdtemp(prefix="localinfra-pgdata-")) / "data"
+                self._owns_data_dir = True
             self._start_permission_guard()
             self._prepare_data_dir()
-            if not (self._data_dir / "PG_VERSION").is_file():
+            if not (self.data_dir / "PG_VERSION").is_file():
                 self._initdb()
             self._deal_with_leftover_postmaster()
             self._socket_dir = self._make_socket_dir()
@@ -232,7 +244,14 @@ class PostgresCluster:
             self._pid = self._pid_from_pid_file()
             if self._pid is not None:
                 # Immediate shutdown if this Python process dies without calling stop().
-                self._lifeline = Lifeline([f"sigquit:{self._pid}", f"rmtree:{self._socket_dir}"])
+                actions = [
+                    f"sigquit:{self._pid}",
+                    f"wait:{self._pid}",
+                    f"rmtree:{self._socket_dir}",
+                ]
+                if self._owns_data_dir:
+                    actions.append(f"rmtree:{self.data_dir.parent}")
+                self._lifeline = Lifeline(actions)
             self._wait_until_ready(deadline)
         except BaseException:
             self.stop()
@@ -245,18 +264,22 @@ class PostgresCluster:
         not running, several times, or after a failed :meth:`start`.
         """
         try:
-            pid = self._pid if self._pid is not None else self._pid_from_pid_file()
-            if pid is not None and pid_alive(pid) and self._is_postmaster_of_data_dir(pid):
-                self._shut_down(pid)
+            if self._data_dir is not None:
+                pid = self._pid if self._pid is not None else self._pid_from_pid_file()
+                if pid is not None and pid_alive(pid) and self._is_postmaster_of_data_dir(pid):
+                    self._shut_down(pid)
         finally:
             self._pid = None
-            if self._lifeline is not None:
-                self._lifeline.disarm()
-                self._lifeline = None
             self._stop_permission_guard()
             if self._socket_dir is not None:
                 shutil.rmtree(self._socket_dir, ignore_errors=True)
                 self._socket_dir = None
+            if self._owns_data_dir and self._data_dir is not None:
+                shutil.rmtree(self._data_dir.parent, ignore_errors=True)
+                self._data_dir, self._owns_data_dir = None, False
+            if self._lifeline is not None:
+                self._lifeline.disarm()
+                self._lifeline = None
 
     def __enter__(self) -> Self:
         self.start()
@@ -359,7 +382,7 @@ class PostgresCluster:
         ``/tmp/pytest-of-<user>`` to 0700. Returns whether anything had to be changed.
         """
         user = self._server_user()
-        if user is None or not _make_ancestors_traversable(self._data_dir, user.uid, user.groups):
+        if user is None or not _make_ancestors_traversable(self.data_dir, user.uid, user.groups):
             return False
         self._permission_fixes += 1
         return True
@@ -392,12 +415,12 @@ class PostgresCluster:
         self._guard = self._guard_stop = None
 
     def _prepare_data_dir(self) -> None:
-        self._data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         user = self._server_user()
         if user is not None:
-            os.chown(self._data_dir, user.uid, user.gid)
+            os.chown(self.data_dir, user.uid, user.gid)
         # initdb/postgres insist on 0700 (or 0750) for the data directory.
-        os.chmod(self._data_dir, 0o700)
+        os.chmod(self.data_dir, 0o700)
 
     def _make_socket_dir(self) -> Path:
         # A short private directory: Unix socket paths are limited to ~107 bytes.
@@ -416,7 +439,7 @@ class PostgresCluster:
         """
         user = self._server_user()
         if user is None:
-            self._run_initdb(self._data_dir)
+            self._run_initdb(self.data_dir)
             return
         staging = Path(tempfile.mkdtemp(prefix="localinfra-pginit-"))
         try:
@@ -426,9 +449,9 @@ class PostgresCluster:
             os.chown(target, user.uid, user.gid)
             self._run_initdb(target)
             for entry in target.iterdir():
-                shutil.move(entry, self._data_dir / entry.name)
+                shutil.move(entry, self.data_dir / entry.name)
             # A move across file systems copies, and copies belong to us: hand them back.
-            for root, dirs, files in os.walk(self._data_dir):
+            for root, dirs, files in os.walk(self.data_dir):
                 for name in (*dirs, *files):
                     os.lchown(os.path.join(root, name), user.uid, user.gid)
         finally:
@@ -450,13 +473,13 @@ class PostgresCluster:
         )
         if result.returncode != 0:
             raise PostgresError(
-                f"initdb failed ({result.returncode}) for {self._data_dir}:\n"
+                f"initdb failed ({result.returncode}) for {self.data_dir}:\n"
                 f"{result.stdout}\n{result.stderr}"
             )
 
     def _pid_from_pid_file(self) -> int | None:
         try:
-            first_line = (self._data_dir / "postmaster.pid").read_text().split("\n", 1)[0]
+            first_line = (self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0]
             return int(first_line.strip())
         except (OSError, ValueError):
             return None
@@ -470,7 +493,7 @@ class PostgresCluster:
             cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
         except OSError:
             return pid == self._pid  # cannot tell (no procfs / not ours): trust what we started
-        return cwd == self._data_dir.resolve()
+        return cwd == self.data_dir.resolve()
 
     def _deal_with_leftover_postmaster(self) -> None:
         """Stop a postmaster an earlier run left behind; drop a pid file pointing elsewhere."""
@@ -482,7 +505,7 @@ class PostgresCluster:
         else:
             # The PID was recycled by an unrelated process; postgres would refuse to start.
             with contextlib.suppress(FileNotFoundError):
-                (self._data_dir / "postmaster.pid").unlink()
+                (self.data_dir / "postmaster.pid").unlink()
 
     def _postgres_options(self) -> str:
         assert self._socket_dir is not None
@@ -510,7 +533,7 @@ class PostgresCluster:
                 [
                     "start",
                     "-D",
-                    str(self._data_dir),
+                    str(self.data_dir),
                     "-l",
                     str(self.log_path),
                     "-w",
@@ -534,7 +557,7 @@ class PostgresCluster:
                 time.sleep(0.2)  # poll interval before the next attempt
                 continue
             raise PostgresError(
-                f"pg_ctl start failed ({result.returncode}) for {self._data_dir} "
+                f"pg_ctl start failed ({result.returncode}) for {self.data_dir} "
                 f"on port {self._port}: {result.stdout.strip()} {result.stderr.strip()}\n"
                 f"--- tail of {self.log_path} ---\n{tail(self.log_path)}"
             )
@@ -572,7 +595,7 @@ class PostgresCluster:
             pid = self._pid_from_pid_file()
             if pid is None or not pid_alive(pid):
                 raise PostgresError(
-                    f"postgres in {self._data_dir} exited during start-up\n"
+                    f"postgres in {self.data_dir} exited during start-up\n"
                     f"--- tail of {self.log_path} ---\n{tail(self.log_path)}"
                 )
             return self._is_ready()
@@ -596,7 +619,7 @@ class PostgresCluster:
                 fixes_before = self._permission_fixes
                 self._run_server_cmd(
                     "pg_ctl",
-                    ["stop", "-D", str(self._data_dir), "-m", mode, "-w", "-t", str(timeout)],
+                    ["stop", "-D", str(self.data_dir), "-m", mode, "-w", "-t", str(timeout)],
                     timeout=timeout + 30,
                 )
                 # pg_ctl returns once postmaster.pid is gone, a moment before the process exits.

@@ -71,7 +71,8 @@ def tail(path: Path, lines: int = 40) -> str:
 
 
 _LIFELINE_SCRIPT = """\
-import os, shutil, signal, sys
+# localinfra Lifeline: acts when the process that started it dies
+import os, shutil, signal, sys, time
 sys.stdin.buffer.read()  # returns at EOF: the process that started us has died
 for action in sys.argv[1:]:
     kind, _, arg = action.partition(":")
@@ -80,6 +81,10 @@ for action in sys.argv[1:]:
             os.killpg(int(arg), signal.SIGKILL)
         elif kind == "sigquit":
             os.kill(int(arg), signal.SIGQUIT)
+        elif kind == "wait":  # until the process is gone (at most 30 s)
+            for _ in range(300):
+                os.kill(int(arg), 0)
+                time.sleep(0.1)
         elif kind == "rmtree":
             shutil.rmtree(arg, ignore_errors=True)
         elif kind == "unlink":
@@ -97,8 +102,12 @@ class Lifeline:
     the kernel closes the pipe, the watcher sees EOF and performs its actions. On an orderly stop
     call :meth:`disarm` after cleaning up yourself; the watcher is then killed without acting.
 
-    Actions are strings: ``killpg:<pgid>`` (SIGKILL a process group), ``sigquit:<pid>`` (a
-    PostgreSQL postmaster's immediate shutdown), ``rmtree:<path>``, ``unlink:<path>``.
+    Actions run in order; they are strings: ``killpg:<pgid>`` (SIGKILL a process group),
+    ``sigquit:<pid>`` (a PostgreSQL postmaster's immediate shutdown), ``wait:<pid>`` (until that
+    process has exited, at most 30 s), ``rmtree:<path>``, ``unlink:<path>``.
+
+    Processes forked (without exec) from this one inherit the pipe, so the watcher then fires
+    only once they have exited too.
     """
 
     def __init__(self, actions: Sequence[str]) -> None:

@@ -1,8 +1,8 @@
 """Throwaway S3 servers on 127.0.0.1.
 
 * :class:`MotoS3` -- moto's in-process threaded server. Fast and stateful, but it does not verify
-  request signatures, and its state is process-global (shared with any ``moto.mock_aws`` in the
-  same process); call :meth:`MotoS3.reset` between tests.
+  request signatures, and its state is process-global (shared with any ``moto.mock_aws`` and any
+  other moto server in the same process), so tests should use their own bucket names.
 * :class:`SeaweedS3` -- a SeaweedFS ``weed server -s3`` subprocess with one static identity. It
   verifies SigV4 (headers and presigned URLs, including signed headers such as Content-Type) and
   does not create buckets on demand, so it behaves like real S3 where that matters.

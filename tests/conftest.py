@@ -32,8 +32,10 @@ def sa_url(pg: PostgresCluster, database: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresCluster]:
-    cluster = PostgresCluster(tmp_path_factory.mktemp("pg") / "data")
+def pg() -> Iterator[PostgresCluster]:
+    # Its own temporary directory, not pytest's: pytest resets /tmp/pytest-of-<user> to 0700
+    # at each session, which would lock out the server running as the postgres user.
+    cluster = PostgresCluster()
     cluster.start()
     try:
         yield cluster
@@ -150,8 +152,10 @@ async def start_job_service(
     async def start(**overrides: Any) -> ServiceProcess:
         port = free_port()
         s = settings_for(database_url, moto_s3, grpc_address=f"127.0.0.1:{port}", log_format="json")
-        env = {name: str(getattr(s, name.removeprefix("JOB_SERVICE_").lower()))
-               for name, _ in Settings.env_table()}
+        env = {
+            name: str(getattr(s, name.removeprefix("JOB_SERVICE_").lower()))
+            for name, _ in Settings.env_table()
+        }
         env.update({f"JOB_SERVICE_{k.upper()}": str(v) for k, v in overrides.items()})
         svc = spawn("job_service", env, tmp_path / f"job-service-{len(started)}.log")
         started.append(svc)

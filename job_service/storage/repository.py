@@ -357,7 +357,10 @@ async def oldest_claimable_age(conn: AsyncConnection) -> timedelta | None:
     value: timedelta | None = (
         await conn.execute(
             select(age.cast(Interval)).where(
-                jobs.c.status == JobStatus.queued, jobs.c.lease_token.is_(None)
+                jobs.c.status == JobStatus.queued,
+                jobs.c.lease_token.is_(None),
+                # A job waiting out a retry backoff is not waiting for a worker yet.
+                jobs.c.available_at <= func.now(),
             )
         )
     ).scalar_one()

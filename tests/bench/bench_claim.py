@@ -28,12 +28,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from jobs.v1 import jobs_pb2 as pb
 from jobs.v1 import jobs_pb2_grpc
 
-from job_service.config import Settings
 from job_service.storage import migrate
 from localinfra.ports import free_port
 from localinfra.postgres import PostgresCluster
 from localinfra.s3 import MotoS3
 from tests.support.procs import spawn, wait_serving
+
 
 async def seed(dsn: str, n: int, status: str = "queued") -> None:
     conn = await asyncpg.connect(dsn)
@@ -42,8 +42,9 @@ async def seed(dsn: str, n: int, status: str = "queued") -> None:
         await conn.execute("INSERT INTO video_sessions (id) VALUES ($1)", session)
         await conn.executemany(
             "INSERT INTO video_analysis_jobs (id, session_id, status, stage, filename, "
-            "content_type, size_bytes, s3_bucket, s3_key, etag) VALUES ($1, $2, $3::video_analysis_job_status, upper($3::text), "
-            "'b.mp4', 'video/mp4', 1, 'videos', 'k', 'e')",
+            "content_type, size_bytes, s3_bucket, s3_key, etag) VALUES ($1, $2, "
+            "$3::video_analysis_job_status, upper($3::text), 'b.mp4', 'video/mp4', 1, 'videos', "
+            "'k', 'e')",
             [(uuid.uuid4(), session, status) for _ in range(n)],
         )
     finally:
@@ -183,9 +184,19 @@ async def run(args: argparse.Namespace) -> None:
             if args.profile:
                 import subprocess
 
-                prof = subprocess.Popen(
-                    [str(Path(sys.executable).parent / "py-spy"), "record", "-o", args.profile,
-                     "-f", "speedscope", "-d", "25", "-p", str(svc.proc.pid)]
+                subprocess.Popen(
+                    [
+                        str(Path(sys.executable).parent / "py-spy"),
+                        "record",
+                        "-o",
+                        args.profile,
+                        "-f",
+                        "speedscope",
+                        "-d",
+                        "25",
+                        "-p",
+                        str(svc.proc.pid),
+                    ]
                 )
             n, c = args.jobs, args.concurrency
             print(f"jobs per run: {n}, concurrent workers: {c}, machine: 2 cores (shared)\n")
@@ -194,9 +205,16 @@ async def run(args: argparse.Namespace) -> None:
             for batch in (1, 10):
                 sql = await raw_sql(dsn, n, c, batch)
                 ours = await service(address, dsn, n, c, batch)
-                rows.append((f"raw SQL claim+finish, max_jobs={batch}, jobs/s", sql, "database floor"))
-                rows.append((f"service lease cycle, max_jobs={batch}, jobs/s", ours,
-                             f"{ours / sql:.0%} of raw SQL; {4 * ours / echo:.0%} of echo RPC rate"))
+                rows.append(
+                    (f"raw SQL claim+finish, max_jobs={batch}, jobs/s", sql, "database floor")
+                )
+                rows.append(
+                    (
+                        f"service lease cycle, max_jobs={batch}, jobs/s",
+                        ours,
+                        f"{ours / sql:.0%} of raw SQL; {4 * ours / echo:.0%} of echo RPC rate",
+                    )
+                )
             empty = await claim_latency(address, dsn, 50)
             await seed(dsn, 50_000, status="done")
             full = await claim_latency(address, dsn, 50)

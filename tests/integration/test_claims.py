@@ -11,7 +11,7 @@ from jobs.v1 import jobs_pb2 as pb
 
 from job_service.app import JobServiceApp
 from tests.conftest import stubs_for
-from tests.support.flows import claim, initiate, put_object, queued_job, complete
+from tests.support.flows import claim, complete, initiate, put_object, queued_job
 
 
 async def test_max_jobs_is_honoured_and_oldest_first(api, moto_s3):
@@ -84,7 +84,9 @@ def _claim_count(app: JobServiceApp) -> float:
 
 
 async def test_one_notification_wakes_one_waiter(api, moto_s3, app):
-    tasks = [asyncio.create_task(claim(api, worker_id=f"w-{i}", wait=3, timeout=10)) for i in range(5)]
+    tasks = [
+        asyncio.create_task(claim(api, worker_id=f"w-{i}", wait=3, timeout=10)) for i in range(5)
+    ]
     while app.metrics.claim_waiters._value.get() < 5:
         await asyncio.sleep(0.01)  # waiting for the calls to park
     await queued_job(api, moto_s3)

@@ -54,8 +54,9 @@ async def complete_job(api, lease, token=None):
 
 
 async def fail_job(api, lease, code="FLAKY", retryable=True, token=None):
-    req = pb.FailJobRequest(**ref(lease, token), error_code=code, error_message=f"{code} happened",
-                            retryable=retryable)
+    req = pb.FailJobRequest(
+        **ref(lease, token), error_code=code, error_message=f"{code} happened", retryable=retryable
+    )
     return (await api.worker.FailJob(req, timeout=5)).job
 
 
@@ -92,7 +93,10 @@ async def test_happy_path_through_every_stage(api, moto_s3):
     assert (j.status, j.progress_pct) == (pb.JOB_STATUS_DEEP_RUNNING, 60)
     done = await complete_job(api, lease)
     assert (done.status, done.progress_pct, done.results_uri) == (
-        pb.JOB_STATUS_DONE, 100, "s3://videos/r/")
+        pb.JOB_STATUS_DONE,
+        100,
+        "s3://videos/r/",
+    )
     assert (await get_job(api, job.job_id)).result["cuts"] == 3
 
 
@@ -138,8 +142,11 @@ async def test_heartbeat_renews_many_leases_in_one_call(api, moto_s3):
     stale = {"job_id": leases[2].job.job_id, "lease_token": str(uuid.uuid4())}
     statuses = await heartbeat(api, ref(leases[0]), ref(leases[1]), stale)
     assert [s.job_id for s in statuses] == [lease.job.job_id for lease in leases]
-    assert [s.state for s in statuses] == [pb.LEASE_STATE_HELD, pb.LEASE_STATE_HELD,
-                                           pb.LEASE_STATE_LOST]
+    assert [s.state for s in statuses] == [
+        pb.LEASE_STATE_HELD,
+        pb.LEASE_STATE_HELD,
+        pb.LEASE_STATE_LOST,
+    ]
     assert statuses[0].lease_expires_at.ToDatetime() >= leases[0].lease_expires_at.ToDatetime()
 
 
@@ -188,7 +195,7 @@ async def test_lease_expiring_on_the_last_attempt_fails_the_job(fast, moto_s3):
     api, _ = fast
     job = await queued_job(api, moto_s3)
     for attempt in range(1, FAST["max_attempts"] + 1):
-        lease = (await wait_until(lambda: claim(api, worker_id=f"crash-{attempt}")))[0]
+        lease = (await wait_until(lambda a=attempt: claim(api, worker_id=f"crash-{a}")))[0]
         assert lease.attempt == attempt
 
     async def failed():
@@ -211,10 +218,16 @@ async def test_rescue_never_overwrites_a_completion(fast, moto_s3):
         await run_to_deep(api, lease)
         async with app.engine.begin() as conn:  # expire it now, as time would
             await conn.execute(
-                text("UPDATE video_analysis_jobs SET lease_expires_at = now() - interval '1 ms' "
-                     "WHERE id = :id"), {"id": job.job_id})
+                text(
+                    "UPDATE video_analysis_jobs SET lease_expires_at = now() - interval '1 ms' "
+                    "WHERE id = :id"
+                ),
+                {"id": job.job_id},
+            )
         completion, *_ = await asyncio.gather(
-            complete_job(api, lease), app.leases.rescue_expired(), app.leases.rescue_expired(),
+            complete_job(api, lease),
+            app.leases.rescue_expired(),
+            app.leases.rescue_expired(),
             return_exceptions=True,
         )
         final = await get_job(api, job.job_id)
@@ -244,9 +257,18 @@ async def test_retryable_failure_backs_off_then_fails_after_max_attempts(fast, m
     assert after.error.code == "FLAKY_3" and after.error.retryable
     assert "gave up after 3 attempts" in after.error.message
     async with fast_app.engine.connect() as conn:
-        codes = (await conn.execute(
-            text("SELECT code FROM video_analysis_job_errors WHERE job_id = :id ORDER BY id"),
-            {"id": job.job_id})).scalars().all()
+        codes = (
+            (
+                await conn.execute(
+                    text(
+                        "SELECT code FROM video_analysis_job_errors WHERE job_id = :id ORDER BY id"
+                    ),
+                    {"id": job.job_id},
+                )
+            )
+            .scalars()
+            .all()
+        )
     assert codes == ["FLAKY_1", "FLAKY_2", "FLAKY_3"]  # the history is kept
 
 

@@ -6,8 +6,8 @@ import asyncio
 import uuid
 
 import asyncpg
-from alembic.script import ScriptDirectory
 import grpc
+from alembic.script import ScriptDirectory
 from jobs.v1 import jobs_pb2 as pb
 
 from job_service.app import JobServiceApp
@@ -26,7 +26,7 @@ async def test_jobs_queued_before_awaiting_upload_existed_stay_claimable(pg, fre
             "SELECT enumlabel FROM pg_enum WHERE enumtypid = "
             "'video_analysis_job_status'::regtype ORDER BY enumsortorder"
         )
-        assert [r[0] for r in labels][0] == "queued"  # the old enum: no awaiting_upload
+        assert labels[0][0] == "queued"  # the old enum: no awaiting_upload
         session = uuid.uuid4()
         await conn.execute("INSERT INTO video_sessions (id) VALUES ($1)", session)
         old_jobs = [uuid.uuid4() for _ in range(3)]
@@ -36,7 +36,10 @@ async def test_jobs_queued_before_awaiting_upload_existed_stay_claimable(pg, fre
                 "content_type, size_bytes, s3_bucket, s3_key, created_at) VALUES "
                 "($1, $2, 'queued', 'QUEUED', 'old.mp4', 'video/mp4', 10, 'videos', $3, "
                 "now() - make_interval(mins => $4))",
-                job_id, session, f"uploads/{job_id}", 10 - i,
+                job_id,
+                session,
+                f"uploads/{job_id}",
+                10 - i,
             )
     finally:
         await conn.close()

@@ -46,7 +46,10 @@ async def test_metrics_endpoint_reports_what_happened(database_url, moto_s3):
     assert value(text, 'job_service_jobs{status="quick_running"}') == 1
     assert value(text, 'job_service_jobs{status="failed"}') == 1
     assert value(text, 'job_service_rpc_total{code="OK",method="InitiateUpload"}') == 2
-    assert value(text, 'job_service_rpc_total{code="FAILED_PRECONDITION",method="CompleteUpload"}') == 1
+    assert (
+        value(text, 'job_service_rpc_total{code="FAILED_PRECONDITION",method="CompleteUpload"}')
+        == 1
+    )
     assert "job_service_rpc_seconds_bucket" in text and "job_service_claim_query_seconds" in text
 
 
@@ -56,12 +59,20 @@ async def test_stuck_uploads_and_oldest_queued_age(app, api, moto_s3):
     stuck = await initiate(api)
     queued = await queued_job(api, moto_s3)
     async with app.engine.begin() as conn:
-        await conn.execute(text(
-            "UPDATE video_analysis_jobs SET created_at = now() - interval '10 minutes' "
-            "WHERE id = :id"), {"id": stuck.job.job_id})
-        await conn.execute(text(
-            "UPDATE video_analysis_jobs SET available_at = now() - interval '90 seconds' "
-            "WHERE id = :id"), {"id": queued.job_id})
+        await conn.execute(
+            text(
+                "UPDATE video_analysis_jobs SET created_at = now() - interval '10 minutes' "
+                "WHERE id = :id"
+            ),
+            {"id": stuck.job.job_id},
+        )
+        await conn.execute(
+            text(
+                "UPDATE video_analysis_jobs SET available_at = now() - interval '90 seconds' "
+                "WHERE id = :id"
+            ),
+            {"id": queued.job_id},
+        )
     await app.admin.refresh_gauges()
     assert app.metrics.stuck_uploads._value.get() == 1
     assert 90 <= app.metrics.oldest_queued_seconds._value.get() < 120
@@ -84,3 +95,20 @@ async def test_logs_are_json_lines_with_job_ids(start_job_service, moto_s3):
     assert {"job created", "upload verified; job queued", "job leased"} <= messages
     assert any(r.get("worker_id") == "w-logs" for r in about_job)
     assert all({"ts", "level", "service", "msg"} <= r.keys() for r in records)
+
+
+async def test_jobs_in_retry_backoff_do_not_count_as_waiting(app, api, moto_s3):
+    from sqlalchemy import text
+
+    job = await queued_job(api, moto_s3)
+    async with app.engine.begin() as conn:  # as FailJob(retryable) leaves it
+        await conn.execute(
+            text(
+                "UPDATE video_analysis_jobs SET available_at = now() + interval '1 minute' "
+                "WHERE id = :id"
+            ),
+            {"id": job.job_id},
+        )
+    await app.admin.refresh_gauges()
+    assert app.metrics.oldest_queued_seconds._value.get() == 0
+    assert (await app.admin.stats()).oldest_queued_age is None

@@ -15,7 +15,9 @@ from tests.conftest import settings_for, stubs_for
 from tests.support.flows import VIDEO, claim, complete, get_job, initiate, put_object
 
 
-async def backdate(app: JobServiceApp, job_id: str, *, created: timedelta, expires: timedelta) -> None:
+async def backdate(
+    app: JobServiceApp, job_id: str, *, created: timedelta, expires: timedelta
+) -> None:
     """Move a job's creation and URL expiry into the past (negative: into the future)."""
     async with app.engine.begin() as conn:
         await conn.execute(
@@ -37,12 +39,24 @@ async def test_reconciler_queues_verified_uploads_and_expires_abandoned_ones(dat
             api = stubs_for(ch)
             uploaded = await initiate(api)
             await put_object(moto_s3, uploaded.job.bucket, uploaded.job.key)
-            await backdate(app, uploaded.job.job_id, created=timedelta(minutes=5), expires=timedelta(minutes=-55))
+            await backdate(
+                app,
+                uploaded.job.job_id,
+                created=timedelta(minutes=5),
+                expires=timedelta(minutes=-55),
+            )
             rid = str(uuid.uuid4())
             abandoned = await initiate(api, request_id=rid)
-            await backdate(app, abandoned.job.job_id, created=timedelta(hours=2), expires=timedelta(hours=1))
+            await backdate(
+                app, abandoned.job.job_id, created=timedelta(hours=2), expires=timedelta(hours=1)
+            )
             in_progress = await initiate(api)
-            await backdate(app, in_progress.job.job_id, created=timedelta(minutes=5), expires=timedelta(minutes=-55))
+            await backdate(
+                app,
+                in_progress.job.job_id,
+                created=timedelta(minutes=5),
+                expires=timedelta(minutes=-55),
+            )
             fresh = await initiate(api)
 
             counts = await app.uploads.reconcile_stale()
@@ -54,7 +68,11 @@ async def test_reconciler_queues_verified_uploads_and_expires_abandoned_ones(dat
                 assert (await get_job(api, job.job.job_id)).status == pb.JOB_STATUS_AWAITING_UPLOAD
             # Checked jobs are not looked at again in the next pass.
             assert await app.uploads.reconcile_stale() == {
-                "queued": 0, "expired": 0, "waiting": 0, "error": 0}
+                "queued": 0,
+                "expired": 0,
+                "waiting": 0,
+                "error": 0,
+            }
             assert [lease.job.job_id for lease in await claim(api)] == [uploaded.job.job_id]
 
             # The abandoned upload's client comes back: a new URL, upload, complete.

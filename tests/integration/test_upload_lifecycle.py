@@ -118,7 +118,11 @@ async def test_failed_upload_can_be_verified_again(api, moto_s3):
 
 @pytest.mark.parametrize(
     ("body", "reason"),
-    [(b"", "UPLOAD_EMPTY"), (VIDEO[:-10], "UPLOAD_SIZE_MISMATCH"), (VIDEO + b"!", "UPLOAD_SIZE_MISMATCH")],
+    [
+        (b"", "UPLOAD_EMPTY"),
+        (VIDEO[:-10], "UPLOAD_SIZE_MISMATCH"),
+        (VIDEO + b"!", "UPLOAD_SIZE_MISMATCH"),
+    ],
 )
 async def test_wrong_object_fails_job_with_its_own_code(api, moto_s3, body, reason):
     init = await initiate(api, size=len(VIDEO))
@@ -145,8 +149,12 @@ async def test_job_failed_in_analysis_is_not_requeued_by_complete(api, moto_s3):
     await queued_job(api, moto_s3)
     lease = (await claim(api))[0]
     await api.worker.FailJob(
-        pb.FailJobRequest(job_id=lease.job.job_id, lease_token=lease.lease_token,
-                          error_code="INVALID_MEDIA", error_message="not a video"),
+        pb.FailJobRequest(
+            job_id=lease.job.job_id,
+            lease_token=lease.lease_token,
+            error_code="INVALID_MEDIA",
+            error_message="not a video",
+        ),
         timeout=5,
     )
     with pytest.raises(grpc.aio.AioRpcError) as err:

@@ -35,7 +35,9 @@ GOOD = {"filename": "a.mp4", "content_type": "video/mp4", "size_bytes": 10}
 )
 async def test_initiate_rejects_bad_input(api, app, overrides, field, hint):
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await api.upload.InitiateUpload(pb.InitiateUploadRequest(**{**GOOD, **overrides}), timeout=5)
+        await api.upload.InitiateUpload(
+            pb.InitiateUploadRequest(**{**GOOD, **overrides}), timeout=5
+        )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith(f"{field}:")
     assert hint in err.value.details()

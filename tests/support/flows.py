@@ -26,8 +26,9 @@ async def initiate(api: Any, *, size: int = len(VIDEO), **fields: Any) -> pb.Ini
     return resp
 
 
-async def put_object(s3: Any, bucket: str, key: str, body: bytes = VIDEO,
-                     content_type: str = "video/mp4") -> None:
+async def put_object(
+    s3: Any, bucket: str, key: str, body: bytes = VIDEO, content_type: str = "video/mp4"
+) -> None:
     client = s3.client()
     await asyncio.to_thread(
         client.put_object, Bucket=bucket, Key=key, Body=body, ContentType=content_type
@@ -49,13 +50,15 @@ async def get_job(api: Any, job_id: str) -> pb.Job:
 async def queued_job(api: Any, s3: Any, body: bytes = VIDEO, **fields: Any) -> pb.Job:
     """initiate -> upload -> complete: a job that is claimable."""
     init = await initiate(api, size=len(body), **fields)
-    await put_object(s3, init.job.bucket, init.job.key, body,
-                     fields.get("content_type", "video/mp4"))
+    await put_object(
+        s3, init.job.bucket, init.job.key, body, fields.get("content_type", "video/mp4")
+    )
     return await complete(api, init.job.job_id)
 
 
-async def claim(api: Any, worker_id: str = "w-1", max_jobs: int = 1, wait: float = 0.0,
-                timeout: float = 10) -> list[pb.Lease]:
+async def claim(
+    api: Any, worker_id: str = "w-1", max_jobs: int = 1, wait: float = 0.0, timeout: float = 10
+) -> list[pb.Lease]:
     req = pb.ClaimJobRequest(worker_id=worker_id, max_jobs=max_jobs)
     if wait:
         req.wait.CopyFrom(duration_pb2.Duration(seconds=int(wait), nanos=int(wait % 1 * 1e9)))

@@ -89,10 +89,21 @@ def test_resume_at_the_stage_reached():
 def make_job(**kw) -> Job:
     now = datetime.now(UTC)
     base = dict(
-        id=JobId(uuid.uuid4()), session_id=SessionId(uuid.uuid4()), status=S.quick_running,
-        progress_pct=0, filename="a.mp4", content_type="video/mp4", size_bytes=100,
-        bucket="videos", key="uploads/x/source", request_id=None, attempts=1, max_attempts=5,
-        created_at=now, updated_at=now, available_at=now,
+        id=JobId(uuid.uuid4()),
+        session_id=SessionId(uuid.uuid4()),
+        status=S.quick_running,
+        progress_pct=0,
+        filename="a.mp4",
+        content_type="video/mp4",
+        size_bytes=100,
+        bucket="videos",
+        key="uploads/x/source",
+        request_id=None,
+        attempts=1,
+        max_attempts=5,
+        created_at=now,
+        updated_at=now,
+        available_at=now,
     )
     base.update(kw)
     return Job(**base)
@@ -109,14 +120,16 @@ def test_fence_proceeds_only_with_the_live_token():
 
 def test_fence_replays_a_call_that_already_succeeded():
     token = LeaseToken(uuid.uuid4())
-    done = make_job(status=S.done, last_lease_token=token,
-                    last_lease_outcome=LeaseOutcome.completed)
+    done = make_job(
+        status=S.done, last_lease_token=token, last_lease_outcome=LeaseOutcome.completed
+    )
     assert fence(done, token, replay_outcomes=frozenset({LeaseOutcome.completed})) is Fence.REPLAY
     # ... but not a different call after the lease ended.
     with pytest.raises(errors.LeaseLost, match="already ended"):
         fence(done, token, replay_outcomes=frozenset({LeaseOutcome.failed}))
-    expired = make_job(status=S.queued, last_lease_token=token,
-                       last_lease_outcome=LeaseOutcome.expired)
+    expired = make_job(
+        status=S.queued, last_lease_token=token, last_lease_outcome=LeaseOutcome.expired
+    )
     with pytest.raises(errors.LeaseLost):
         fence(expired, token, replay_outcomes=frozenset({LeaseOutcome.completed}))
 
@@ -145,7 +158,17 @@ def test_backoff_grows_is_jittered_and_capped():
 
 
 def test_upload_validation_accepts_a_good_request():
-    up = validate_new_upload(filename=" clip.mov ", content_type="video/quicktime",
-                             size_bytes=1, session_id="", request_id="", max_upload_bytes=10)
+    up = validate_new_upload(
+        filename=" clip.mov ",
+        content_type="video/quicktime",
+        size_bytes=1,
+        session_id="",
+        request_id="",
+        max_upload_bytes=10,
+    )
     assert (up.filename, up.content_type, up.session_id, up.request_id) == (
-        "clip.mov", "video/quicktime", None, None)
+        "clip.mov",
+        "video/quicktime",
+        None,
+        None,
+    )

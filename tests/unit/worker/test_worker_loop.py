@@ -352,9 +352,15 @@ async def test_analysis_failures_become_failjob(
     )
     assert fake.requests("CompleteJob") == []
     assert list(harness.work_dir.iterdir()) == []
-    assert metric(
-        running, "analysis_worker_jobs_failed_total", code=code, retryable=str(retryable).lower()
-    ) == 1
+    assert (
+        metric(
+            running,
+            "analysis_worker_jobs_failed_total",
+            code=code,
+            retryable=str(retryable).lower(),
+        )
+        == 1
+    )
     failed_lines = [r for r in caplog.records if r.getMessage() == "job failed"]
     assert [getattr(r, "job_id", None) for r in failed_lines] == [lease.job.job_id]
     assert all(getattr(r, "worker_id", None) == "test-worker" for r in failed_lines)
@@ -364,9 +370,7 @@ async def test_analysis_failures_become_failjob(
 
 
 @pytest.mark.parametrize("damage", ["overwritten", "deleted"])
-async def test_upload_problems_fail_the_job_without_analysis(
-    harness: Harness, damage: str
-) -> None:
+async def test_upload_problems_fail_the_job_without_analysis(harness: Harness, damage: str) -> None:
     fake = harness.fake
     lease = await harness.lease()
     if damage == "overwritten":

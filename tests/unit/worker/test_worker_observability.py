@@ -58,7 +58,5 @@ async def test_metrics_endpoint_serves_the_worker_metrics() -> None:
         server.close()
     text = body.decode()
     assert 'analysis_worker_pass_seconds_count{pass="deep"} 1.0' in text
-    assert (
-        'analysis_worker_jobs_failed_total{code="INVALID_MEDIA",retryable="false"} 1.0' in text
-    )
+    assert 'analysis_worker_jobs_failed_total{code="INVALID_MEDIA",retryable="false"} 1.0' in text
     assert "analysis_worker_leases_lost_total 0.0" in text
