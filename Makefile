@@ -37,13 +37,12 @@ proto-check: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/lint-imports
+	$(VENV)/bin/lint-imports -q
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-test: $(STAMP) proto-check
-	$(VENV)/bin/lint-imports
+test: $(STAMP) proto-check lint typecheck
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 test-fast: $(STAMP)

@@ -54,6 +54,29 @@ def main() -> int:
 
 async def serve(settings: Settings, analyzer: Analyzer) -> int:
     """Runs the worker with real clients until a signal asks it to stop."""
+    # Signals are handled from the first moment: one that arrives while the clients are being
+    # built stops the worker as soon as it exists, instead of killing the process.
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    workers: list[Worker] = []
+
+    def on_signal() -> None:
+        stop_requested.set()
+        for w in workers:
+            w.shutdown()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal)
+    try:
+        return await _serve(settings, analyzer, stop_requested, workers)
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+
+async def _serve(
+    settings: Settings, analyzer: Analyzer, stop_requested: asyncio.Event, workers: list[Worker]
+) -> int:
     metrics = WorkerMetrics()
     metrics_server: MetricsServer | None = None
     if settings.metrics_address is not None:
@@ -108,14 +131,10 @@ async def serve(settings: Settings, analyzer: Analyzer) -> int:
                     runner=runner,
                     metrics=metrics,
                 )
-                loop = asyncio.get_running_loop()
-                for signum in (signal.SIGTERM, signal.SIGINT):
-                    loop.add_signal_handler(signum, worker.shutdown)
-                try:
-                    await worker.run()
-                finally:
-                    for signum in (signal.SIGTERM, signal.SIGINT):
-                        loop.remove_signal_handler(signum)
+                workers.append(worker)
+                if stop_requested.is_set():
+                    worker.shutdown()
+                await worker.run()
             finally:
                 await channel.close()
     finally:

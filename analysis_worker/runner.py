@@ -178,9 +178,7 @@ class JobRunner:
         summary = quick.to_dict()
         # Uploaded now, not with the rest: if this lease is lost during the deep pass, the
         # worker that resumes the job skips the quick pass and would have no thumbnails.
-        summary["thumbnails"] = await self._storage.upload_thumbnails(
-            job.lease, quick.thumbnails
-        )
+        summary["thumbnails"] = await self._storage.upload_thumbnails(job.lease, quick.thumbnails)
         # Worth recording even if a shutdown began meanwhile: the next attempt resumes at deep.
         await self._deliver(
             job,

@@ -112,9 +112,7 @@ class Storage:
         self, lease: jobs_pb2.Lease, *, signal_file: Path, summary: dict[str, Any]
     ) -> str:
         """Uploads the deep signal file and `results.json`; returns `s3://bucket/prefix/`."""
-        await self._upload_file(
-            lease.bucket, _results_key(lease, signal_file.name), signal_file
-        )
+        await self._upload_file(lease.bucket, _results_key(lease, signal_file.name), signal_file)
         body = json.dumps(summary, indent=2, sort_keys=True).encode()
         key = _results_key(lease, "results.json")
         try:

@@ -251,9 +251,7 @@ class Worker:
         if not held:
             return
         try:
-            statuses = await self._client.heartbeat(
-                [job.ref() for job in held], deadline=interval
-            )
+            statuses = await self._client.heartbeat([job.ref() for job in held], deadline=interval)
         except JobServiceError as exc:
             # Keep working: if the lease really expired meanwhile, the next answer says LOST.
             self._metrics.heartbeats.labels("error").inc()

@@ -34,7 +34,7 @@ from job_service.domain.model import (
     LeaseOutcome,
     SessionId,
 )
-from job_service.domain.status import CLAIMABLE, LEASED, JobStatus
+from job_service.domain.status import CLAIMABLE, LEASED, JobStatus, running_status_for_claim
 from job_service.storage.tables import job_errors, jobs, sessions
 
 
@@ -183,13 +183,6 @@ async def record_error(
     )
 
 
-async def error_history(conn: AsyncConnection, job_id: uuid.UUID) -> list[JobError]:
-    rows = await conn.execute(
-        select(job_errors).where(job_errors.c.job_id == job_id).order_by(job_errors.c.id)
-    )
-    return [JobError(r.code, r.message, r.retryable, r.attempt, r.occurred_at) for r in rows]
-
-
 _CLAIMABLE_WHERE = and_(
     jobs.c.status.in_(sorted(CLAIMABLE)),
     jobs.c.lease_token.is_(None),
@@ -216,9 +209,12 @@ async def claim(
         .with_for_update(skip_locked=True)
         .cte("picked")
     )
+    # The state machine decides where a claim puts each claimable status.
     running = case(
-        (jobs.c.status == JobStatus.quick_done, literal(JobStatus.deep_running.value)),
-        else_=literal(JobStatus.quick_running.value),
+        *(
+            (jobs.c.status == src, literal(running_status_for_claim(src).value))
+            for src in sorted(CLAIMABLE)
+        ),
     )
     stmt = (
         update(jobs)

@@ -221,7 +221,7 @@ def test_run_demo_ctrl_c_then_restart_and_a_crash(tmp_path: Path) -> None:
         os.kill(victim, signal.SIGKILL)
         stack.proc.wait(timeout=STOP_TIMEOUT)
         assert stack.proc.returncode == 1
-        assert f"worker-2 (pid {victim}) exited unexpectedly" in stack.output
+        assert f"worker-2 (pid {victim}) stopped unexpectedly (killed by SIGKILL)" in stack.output
         assert_all_gone(stack)
 
 

@@ -1,0 +1,227 @@
+"""docker-compose.yml checked against the code.
+
+No Docker engine runs here, so the file is never started in CI. These tests catch what would
+only show at `docker compose up`: a misspelt variable the service silently ignores, a missing
+setting, services that disagree on a host name, port or credential, a port published beyond
+127.0.0.1, or a worker that cannot be scaled.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from analysis_worker import config as worker_config
+from job_service.config import Settings as ServiceSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+
+SERVICE_VARS = {name for name, _ in ServiceSettings.env_table()}
+WORKER_VARS = {name for name, _ in worker_config.env_table()}
+# Which settings table each Python service is configured by.
+KNOWN_VARS = {"job-service": SERVICE_VARS, "migrate": SERVICE_VARS, "analysis-worker": WORKER_VARS}
+
+
+@pytest.fixture(scope="module")
+def services() -> dict[str, dict[str, Any]]:
+    doc = yaml.safe_load(COMPOSE.read_text())
+    found: dict[str, dict[str, Any]] = doc["services"]
+    return found
+
+
+def env(service: dict[str, Any]) -> dict[str, str]:
+    """`environment:` as a mapping, whichever of compose's two syntaxes is used."""
+    raw = service.get("environment") or {}
+    if isinstance(raw, list):
+        return dict(item.split("=", 1) for item in raw)
+    return {key: str(value) for key, value in raw.items()}
+
+
+def depends(service: dict[str, Any]) -> dict[str, str]:
+    """depends_on as {service: condition}."""
+    raw = service.get("depends_on") or {}
+    if isinstance(raw, list):
+        return dict.fromkeys(raw, "service_started")
+    return {name: spec.get("condition", "service_started") for name, spec in raw.items()}
+
+
+def host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+def test_the_expected_services_exist(services: dict[str, dict[str, Any]]) -> None:
+    expected = {"postgres", "minio", "createbucket", "migrate", "job-service", "analysis-worker"}
+    assert expected <= set(services)
+
+
+@pytest.mark.parametrize("name", sorted(KNOWN_VARS))
+def test_every_variable_is_one_the_code_reads(
+    services: dict[str, dict[str, Any]], name: str
+) -> None:
+    unknown = set(env(services[name])) - KNOWN_VARS[name]
+    assert not unknown, f"{name} sets variables its settings do not define: {sorted(unknown)}"
+
+
+def test_the_settings_accept_the_values(services: dict[str, dict[str, Any]]) -> None:
+    """What the services would do at start-up with these values: parse and validate them."""
+    ServiceSettings.from_env(env(services["job-service"]))
+    ServiceSettings.from_env(env(services["migrate"]))
+    worker = worker_config.Settings.from_env(env(services["analysis-worker"]))
+    # Left empty on purpose: hostname-pid is distinct per replica, a fixed id would not be.
+    assert "ANALYSIS_WORKER_WORKER_ID" not in env(services["analysis-worker"])
+    assert worker.metrics_address is not None
+
+
+def test_job_service_sets_what_has_no_usable_default(services: dict[str, dict[str, Any]]) -> None:
+    values = env(services["job-service"])
+    required = {
+        "JOB_SERVICE_DATABASE_URL",
+        "JOB_SERVICE_GRPC_ADDRESS",
+        "JOB_SERVICE_S3_ENDPOINT_URL",
+        "JOB_SERVICE_S3_PUBLIC_ENDPOINT_URL",
+        "JOB_SERVICE_S3_ACCESS_KEY_ID",
+        "JOB_SERVICE_S3_SECRET_ACCESS_KEY",
+        "JOB_SERVICE_S3_BUCKET",
+    }
+    assert required <= set(values), sorted(required - set(values))
+    # The default 127.0.0.1 would be unreachable from the other containers and the host.
+    assert host_port(values["JOB_SERVICE_GRPC_ADDRESS"])[0] == "0.0.0.0"
+
+
+def test_worker_sets_what_has_no_usable_default(services: dict[str, dict[str, Any]]) -> None:
+    values = env(services["analysis-worker"])
+    required = {
+        "ANALYSIS_WORKER_JOB_SERVICE_ADDRESS",
+        "ANALYSIS_WORKER_S3_ENDPOINT_URL",
+        "ANALYSIS_WORKER_S3_ACCESS_KEY_ID",
+        "ANALYSIS_WORKER_S3_SECRET_ACCESS_KEY",
+    }
+    assert required <= set(values), sorted(required - set(values))
+
+
+def test_migrate_runs_alembic_on_the_job_service_database(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    migrate = services["migrate"]
+    assert migrate["command"] == ["alembic", "upgrade", "head"]
+    assert (
+        env(migrate)["JOB_SERVICE_DATABASE_URL"]
+        == env(services["job-service"])["JOB_SERVICE_DATABASE_URL"]
+    )
+
+
+def test_database_url_matches_the_postgres_service(services: dict[str, dict[str, Any]]) -> None:
+    pg = env(services["postgres"])
+    url = urlsplit(env(services["job-service"])["JOB_SERVICE_DATABASE_URL"])
+    assert url.scheme == "postgresql+asyncpg"
+    assert (url.hostname, url.port) == ("postgres", 5432)
+    assert url.username == pg["POSTGRES_USER"] and url.password == pg["POSTGRES_PASSWORD"]
+    assert url.path == "/" + pg["POSTGRES_DB"]
+
+
+def test_s3_settings_match_the_minio_service(services: dict[str, dict[str, Any]]) -> None:
+    minio = env(services["minio"])
+    bucket = env(services["job-service"])["JOB_SERVICE_S3_BUCKET"]
+    for name, prefix in (("job-service", "JOB_SERVICE_"), ("analysis-worker", "ANALYSIS_WORKER_")):
+        values = env(services[name])
+        assert values[prefix + "S3_ENDPOINT_URL"] == "http://minio:9000", name
+        assert values[prefix + "S3_ACCESS_KEY_ID"] == minio["MINIO_ROOT_USER"], name
+        assert values[prefix + "S3_SECRET_ACCESS_KEY"] == minio["MINIO_ROOT_PASSWORD"], name
+    script = " ".join(services["createbucket"]["command"])
+    assert f"mc mb --ignore-existing local/{bucket}" in script
+    assert f"mc alias set local http://minio:9000 {minio['MINIO_ROOT_USER']} " in script
+
+
+def test_presigned_urls_point_at_a_published_minio_port(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    public = urlsplit(env(services["job-service"])["JOB_SERVICE_S3_PUBLIC_ENDPOINT_URL"])
+    assert public.hostname == "127.0.0.1"
+    assert f"127.0.0.1:{public.port}:9000" in services["minio"]["ports"]
+
+
+def test_worker_dials_the_job_service_where_it_listens(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    host, port = host_port(env(services["analysis-worker"])["ANALYSIS_WORKER_JOB_SERVICE_ADDRESS"])
+    assert host == "job-service"
+    assert port == host_port(env(services["job-service"])["JOB_SERVICE_GRPC_ADDRESS"])[1]
+
+
+@pytest.mark.parametrize("name", ["postgres", "minio", "job-service", "analysis-worker"])
+def test_long_running_services_have_a_healthcheck(
+    services: dict[str, dict[str, Any]], name: str
+) -> None:
+    check = services[name].get("healthcheck", {})
+    assert check.get("test"), f"{name} has no healthcheck"
+    assert not check.get("disable", False)
+
+
+def test_healthchecks_probe_the_right_thing(services: dict[str, dict[str, Any]]) -> None:
+    assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
+    job_check = " ".join(services["job-service"]["healthcheck"]["test"])
+    grpc_port = host_port(env(services["job-service"])["JOB_SERVICE_GRPC_ADDRESS"])[1]
+    assert "grpc_health" in job_check and f"127.0.0.1:{grpc_port}" in job_check
+    metrics = env(services["analysis-worker"])["ANALYSIS_WORKER_METRICS_ADDRESS"]
+    worker_check = " ".join(services["analysis-worker"]["healthcheck"]["test"])
+    assert f"127.0.0.1:{host_port(metrics)[1]}/metrics" in worker_check
+
+
+def test_start_order_is_expressed_with_conditions(services: dict[str, dict[str, Any]]) -> None:
+    assert depends(services["createbucket"]) == {"minio": "service_healthy"}
+    assert depends(services["migrate"]) == {"postgres": "service_healthy"}
+    job = depends(services["job-service"])
+    assert job["migrate"] == "service_completed_successfully"
+    assert job["createbucket"] == "service_completed_successfully"
+    assert job["minio"] == "service_healthy"
+    assert depends(services["analysis-worker"])["job-service"] == "service_healthy"
+
+
+def test_one_shot_services_are_not_restarted(services: dict[str, dict[str, Any]]) -> None:
+    for name in ("createbucket", "migrate"):
+        assert services[name].get("restart", "no") == "no", name
+
+
+def test_analysis_worker_scales(services: dict[str, dict[str, Any]]) -> None:
+    worker = services["analysis-worker"]
+    assert "container_name" not in worker
+    assert not worker.get("ports"), "a fixed host port would clash between replicas"
+    assert worker["deploy"]["replicas"] == 2
+
+
+def _published_host_ip(spec: str | dict[str, Any]) -> str | None:
+    """The host address of one `ports:` entry (None: every interface)."""
+    if isinstance(spec, dict):
+        ip = spec.get("host_ip")
+        return str(ip) if ip else None
+    ip = r"\d+\.\d+\.\d+\.\d+|\[[^\]]+\]"
+    match = re.fullmatch(rf"(?:(?P<ip>{ip}):)?(?:[\d-]*:)?[\d-]+(?:/\w+)?", spec)
+    assert match, f"unrecognised ports entry {spec!r}"
+    return match.group("ip")
+
+
+def test_every_published_port_binds_localhost_only(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in services.items():
+        for spec in service.get("ports", []):
+            assert _published_host_ip(spec) == "127.0.0.1", f"{name}: {spec!r}"
+
+
+def test_python_services_build_the_one_dockerfile(services: dict[str, dict[str, Any]]) -> None:
+    builds = {name: services[name].get("build") for name in KNOWN_VARS}
+    assert all(b == {"context": ".", "dockerfile": "docker/Dockerfile"} for b in builds.values())
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11-slim\b", dockerfile, re.M)
+    # Every COPY source exists and is let through the Dockerfile's ignore file.
+    ignore = (ROOT / "docker" / "Dockerfile.dockerignore").read_text()
+    for line in re.findall(r"^COPY (.+)$", dockerfile, re.M):
+        *sources, _dest = line.split()
+        for source in sources:
+            assert (ROOT / source).exists(), source
+            assert f"!{source.rstrip('/')}" in ignore, f"{source} is not in the build context"
