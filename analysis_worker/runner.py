@@ -47,6 +47,7 @@ QUICK_DONE_PCT = 10
 DEEP_END_PCT = 99
 
 UNEXPECTED_ERROR_CODE = "ANALYSIS_ERROR"
+JOB_SERVICE_ERROR_CODE = "JOB_SERVICE_ERROR"
 CANCELLED_CODE = "CANCELLED"
 
 _QUICK_STATUSES = (jobs_pb2.JOB_STATUS_QUEUED, jobs_pb2.JOB_STATUS_QUICK_RUNNING)
@@ -109,6 +110,13 @@ class JobRunner:
         except (AnalysisError, StorageError) as exc:
             if job.stop_reason is None:
                 await self._fail(job, exc.code, exc.message, retryable=exc.retryable)
+                return
+        except JobServiceError as exc:
+            # The job-service refused a report with an unexpected status (e.g. INTERNAL): say
+            # so, rather than blaming the analysis; the retry budget still bounds it.
+            if job.stop_reason is None:
+                job.log.error("job-service refused a report: %s", exc)
+                await self._fail(job, JOB_SERVICE_ERROR_CODE, str(exc), retryable=True)
                 return
         except Exception as exc:
             if job.stop_reason is None:

@@ -108,7 +108,8 @@ class Admin:
             raise errors.JobNotFound(job_id)
         verdict: JobError | None = None
         obj = None
-        if job.status is JobStatus.awaiting_upload or job.upload_failed:
+        # Never queue a job whose object was not verified (e.g. cancelled while awaiting upload).
+        if job.status is JobStatus.awaiting_upload or job.upload_failed or job.etag is None:
             obj = await self._store.head(job.bucket, job.key)
             verdict = verify_upload(job, obj)
             if verdict is not None:

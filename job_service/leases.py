@@ -93,6 +93,7 @@ class Leases:
         deadline = loop.time() + min(max(wait, 0.0), self._settings.claim_max_wait_seconds)
         while True:
             ticket = self._waiters.register()
+            used = False
             try:
                 leases = await self._claim_once(worker_id, limit)
                 if leases or loop.time() >= deadline:
@@ -104,8 +105,9 @@ class Leases:
                     self._metrics.claim_waiters.dec()
                 if not woken:
                     return []
+                used = True  # query again, with this wake
             finally:
-                self._waiters.discard(ticket)
+                self._waiters.discard(ticket, used=used)
 
     async def _claim_once(self, worker_id: str, limit: int) -> list[Lease]:
         start = asyncio.get_running_loop().time()
@@ -250,7 +252,10 @@ class Leases:
             error = JobError(code, message, retryable, job.attempts)
             await repo.record_error(conn, job_id, error, worker)
             exhausted = self.retry.exhausted(job.attempts, job.max_attempts)
-            if retryable and not exhausted and code != errors.CANCELLED:
+            if job.cancel_requested and code != errors.CANCELLED:
+                # An operator asked to cancel: a retry would run the job again.
+                job = await self._cancel_now(conn, job, LeaseOutcome.failed)
+            elif retryable and not exhausted and code != errors.CANCELLED:
                 job = await self._requeue(conn, job, error, LeaseOutcome.retried, backoff=True)
             else:
                 if retryable and exhausted:

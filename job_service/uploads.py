@@ -77,6 +77,8 @@ class Uploads:
         request_id was used for a different upload, DatabaseUnavailable.
         """
         s = self._settings
+        ttl = timedelta(seconds=s.upload_url_ttl_seconds)
+        created = False
         async with transaction(self._engine) as conn:
             job = None
             if upload.request_id is not None:
@@ -100,8 +102,7 @@ class Uploads:
                         "s3_key": f"{s.s3_upload_prefix}{job_id}/source",
                         "request_id": upload.request_id,
                         "max_attempts": s.max_attempts,
-                        "upload_expires_at": func.now()
-                        + timedelta(seconds=s.upload_url_ttl_seconds),
+                        "upload_expires_at": func.now() + ttl,
                     },
                 )
                 if job is None:  # a concurrent retry with this request_id inserted first
@@ -109,17 +110,19 @@ class Uploads:
                     job = await repo.get_job_by_request_id(conn, upload.request_id)
                     assert job is not None
                 else:
+                    created = True
                     log.info("job created", extra={"job_id": str(job.id)})
             if upload.request_id is not None:
                 check_same_request(job, upload)
+            if not created and (job.status is JobStatus.awaiting_upload or job.upload_failed):
+                # A retry gets a fresh URL; the reconciler must count from its expiry.
+                job = await repo.update_job(
+                    conn, job.id, upload_expires_at=func.now() + ttl, upload_checked_at=None
+                )
         if job.status is not JobStatus.awaiting_upload and not job.upload_failed:
             return InitiatedUpload(job, "", {}, job.upload_expires_at)
-        ttl = timedelta(seconds=s.upload_url_ttl_seconds)
         url, headers = await self._store.presign_put(job.bucket, job.key, job.content_type, ttl)
-        expires = job.upload_expires_at
-        if job.upload_failed or (expires is not None and expires < datetime.now(expires.tzinfo)):
-            expires = datetime.now(tz=job.created_at.tzinfo) + ttl
-        return InitiatedUpload(job, url, headers, expires)
+        return InitiatedUpload(job, url, headers, job.upload_expires_at)
 
     async def complete(self, job_id: JobId) -> Job:
         """Verify the upload with HeadObject, then queue the job (the design note's table).
@@ -201,18 +204,13 @@ class Uploads:
                 limit=s.reconcile_batch,
             )
         counts = {"queued": 0, "expired": 0, "waiting": 0, "error": 0}
-        grace = timedelta(seconds=s.reconcile_after_seconds)
-        for job in stale:
+        for job, url_expired in stale:
             try:
                 obj = await self._store.head(job.bucket, job.key)
                 if obj is not None and verify_upload(job, obj) is None:
                     await self.complete(job.id)
                     counts["queued"] += 1
-                elif (
-                    obj is None
-                    and job.upload_expires_at is not None
-                    and (job.upload_expires_at + grace < datetime.now(job.upload_expires_at.tzinfo))
-                ):
+                elif obj is None and url_expired:
                     await self._expire(job)
                     counts["expired"] += 1
                 else:

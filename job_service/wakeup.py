@@ -23,9 +23,11 @@ class ClaimWaiters:
         self._waiters.append(fut)
         return fut
 
-    def discard(self, fut: asyncio.Future[None]) -> None:
-        """The call is done with its ticket; a wake it received unused goes to the next one."""
-        if fut.done() and not fut.cancelled():
+    def discard(self, fut: asyncio.Future[None], *, used: bool = False) -> None:
+        """The call is done with its ticket. A wake it received but did not use (it found work
+        or its time ran out) goes to the next waiter; a used one does not, or two parked calls
+        would hand one wake back and forth, querying all the while."""
+        if fut.done() and not fut.cancelled() and not used:
             self.wake(1)
         else:
             fut.cancel()

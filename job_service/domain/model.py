@@ -255,6 +255,14 @@ def fence(job: Job, token: LeaseToken, *, replay_outcomes: frozenset[LeaseOutcom
     raise errors.LeaseLost(job.id, detail)
 
 
+def validate_text(field: str, value: str, max_chars: int) -> str:
+    """Free text stored as is (messages, reasons, URIs): trimmed, bounded, and without NUL,
+    which PostgreSQL text cannot hold."""
+    if "\x00" in value:
+        raise errors.InvalidArgument(field, "must not contain NUL characters")
+    return value.strip()[:max_chars]
+
+
 def validate_error_code(code: str) -> str:
     code = code.strip()
     if not _ERROR_CODE.match(code):

@@ -12,7 +12,7 @@ from jobs.v1 import jobs_pb2_grpc as pb_grpc
 from job_service.admin import Admin
 from job_service.config import Settings
 from job_service.domain import errors
-from job_service.domain.model import parse_job_id
+from job_service.domain.model import parse_job_id, validate_text
 from job_service.domain.status import JobStatus
 from job_service.metrics import Metrics
 from job_service.rpc import convert
@@ -21,14 +21,13 @@ from job_service.rpc.errors import unary
 if TYPE_CHECKING:
     Ctx = grpc.aio.ServicerContext[Any, Any]
 
+MAX_REASON_CHARS = 1000
+
 
 def _duration(msg: pb.ListJobsRequest | pb.GetStatsRequest, field: str) -> timedelta | None:
     if not msg.HasField(field):  # type: ignore[arg-type]
         return None
-    value: timedelta = getattr(msg, field).ToTimedelta()
-    if value < timedelta(0):
-        raise errors.InvalidArgument(field, "must not be negative")
-    return value
+    return convert.duration_from_pb(getattr(msg, field), field)
 
 
 class AdminServicer(pb_grpc.AdminServiceServicer):
@@ -68,10 +67,14 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
     async def RequeueJob(
         self, request: pb.RequeueJobRequest, context: Ctx
     ) -> pb.RequeueJobResponse:
-        job = await self._admin.requeue(parse_job_id(request.job_id), request.reason.strip())
+        job = await self._admin.requeue(
+            parse_job_id(request.job_id), validate_text("reason", request.reason, MAX_REASON_CHARS)
+        )
         return pb.RequeueJobResponse(job=convert.job_to_pb(job))
 
     @unary
     async def CancelJob(self, request: pb.CancelJobRequest, context: Ctx) -> pb.CancelJobResponse:
-        job = await self._admin.cancel(parse_job_id(request.job_id), request.reason.strip())
+        job = await self._admin.cancel(
+            parse_job_id(request.job_id), validate_text("reason", request.reason, MAX_REASON_CHARS)
+        )
         return pb.CancelJobResponse(job=convert.job_to_pb(job))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -55,8 +56,28 @@ def struct(value: Mapping[str, Any] | None) -> struct_pb2.Struct | None:
     return out
 
 
-def struct_to_dict(value: struct_pb2.Struct) -> dict[str, Any]:
-    return json_format.MessageToDict(value)
+def struct_to_dict(value: struct_pb2.Struct, field: str = "result") -> dict[str, Any]:
+    try:
+        out: dict[str, Any] = json_format.MessageToDict(value)
+    except ValueError as exc:  # NaN / Infinity have no JSON form
+        raise errors.InvalidArgument(field, f"must be JSON-representable: {exc}") from None
+    if "\\u0000" in json.dumps(out):
+        raise errors.InvalidArgument(field, "must not contain NUL characters")
+    return out
+
+
+#: Longest duration any request may carry (ClaimJob waits are capped far lower anyway).
+MAX_DURATION = timedelta(days=3650)
+
+
+def duration_from_pb(value: duration_pb2.Duration, field: str) -> timedelta:
+    """A request's Duration, checked: not negative, at most MAX_DURATION."""
+    seconds = value.seconds + value.nanos / 1e9
+    if seconds < 0:
+        raise errors.InvalidArgument(field, "must not be negative")
+    if seconds > MAX_DURATION.total_seconds():
+        raise errors.InvalidArgument(field, f"must be at most {MAX_DURATION.days} days")
+    return timedelta(seconds=seconds)
 
 
 def job_to_pb(job: Job) -> pb.Job:
@@ -114,7 +135,9 @@ def lease_to_pb(lease: Lease, *, heartbeat_interval: timedelta, results_prefix: 
         etag=job.etag or "",
         attempt=lease.attempt,
         lease_token=str(lease.token),
-        results_prefix=f"{results_prefix}{job.id}/",
+        # One prefix per lease: a worker that lost its lease can never overwrite the results
+        # of the lease that replaced it.
+        results_prefix=f"{results_prefix}{job.id}/{lease.attempt:02d}-{lease.token.hex[:8]}/",
     )
     stamp = ts(lease.expires_at)
     assert stamp is not None

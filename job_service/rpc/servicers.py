@@ -22,6 +22,7 @@ from job_service.domain.model import (
     validate_error_code,
     validate_new_upload,
     validate_progress,
+    validate_text,
     validate_worker_id,
 )
 from job_service.leases import Leases
@@ -101,9 +102,11 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                 "max_jobs",
                 f"must be >= 1 (the number of jobs you can start now), got {request.max_jobs}",
             )
-        wait = request.wait.ToTimedelta().total_seconds() if request.HasField("wait") else 0.0
-        if wait < 0:
-            raise errors.InvalidArgument("wait", "must not be negative")
+        wait = (
+            convert.duration_from_pb(request.wait, "wait").total_seconds()
+            if request.HasField("wait")
+            else 0.0
+        )
         remaining = context.time_remaining()
         if remaining is not None:
             wait = min(wait, max(remaining - DEADLINE_MARGIN_SECONDS, 0.0))
@@ -164,7 +167,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             parse_job_id(request.job_id),
             parse_lease_token(request.lease_token),
             convert.struct_to_dict(request.result) if request.HasField("result") else None,
-            request.results_uri.strip(),
+            validate_text("results_uri", request.results_uri, MAX_MESSAGE_CHARS),
         )
         return pb.CompleteJobResponse(job=convert.job_to_pb(job))
 
@@ -173,7 +176,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         job_id = parse_job_id(request.job_id)
         token = parse_lease_token(request.lease_token)
         code = validate_error_code(request.error_code)
-        message = request.error_message.strip()[:MAX_MESSAGE_CHARS] or code
+        message = validate_text("error_message", request.error_message, MAX_MESSAGE_CHARS) or code
         job = await self._leases.fail(job_id, token, code, message, request.retryable)
         return pb.FailJobResponse(job=convert.job_to_pb(job))
 
@@ -184,6 +187,6 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         job = await self._leases.release(
             parse_job_id(request.job_id),
             parse_lease_token(request.lease_token),
-            request.reason.strip()[:MAX_MESSAGE_CHARS],
+            validate_text("reason", request.reason, MAX_MESSAGE_CHARS),
         )
         return pb.ReleaseJobResponse(job=convert.job_to_pb(job))

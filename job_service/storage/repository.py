@@ -293,9 +293,12 @@ async def lock_expired_leases(conn: AsyncConnection, *, limit: int = 500) -> lis
     return [to_job(r) for r in rows]
 
 
-async def stale_uploads(conn: AsyncConnection, *, older_than: timedelta, limit: int) -> list[Job]:
-    """Jobs still awaiting their upload after `older_than`, least recently checked first; marks
-    them checked so the next pass (or another instance) looks at others."""
+async def stale_uploads(
+    conn: AsyncConnection, *, older_than: timedelta, limit: int
+) -> list[tuple[Job, bool]]:
+    """Jobs still awaiting their upload after `older_than`, least recently checked first, each
+    with whether its upload URL expired more than `older_than` ago (database time); marks them
+    checked so the next pass (or another instance) looks at others."""
     picked = (
         select(jobs.c.id)
         .where(
@@ -315,9 +318,14 @@ async def stale_uploads(conn: AsyncConnection, *, older_than: timedelta, limit: 
         update(jobs)
         .where(jobs.c.id == picked.c.id)
         .values(upload_checked_at=func.now())
-        .returning(jobs)
+        .returning(
+            jobs,
+            func.coalesce(jobs.c.upload_expires_at + older_than < func.now(), False).label(
+                "url_expired"
+            ),
+        )
     )
-    return [to_job(r) for r in rows]
+    return [(to_job(r), bool(r.url_expired)) for r in rows]
 
 
 async def list_jobs(

@@ -74,7 +74,8 @@ async def test_queued_job_is_claimable(api, moto_s3):
     assert lease.content_type == "video/mp4" and lease.size_bytes == len(VIDEO)
     assert lease.attempt == 1 and lease.lease_token
     assert lease.lease_expires_at.seconds > 0
-    assert lease.results_prefix.endswith(f"{job.job_id}/")
+    token_hex = lease.lease_token.replace("-", "")
+    assert lease.results_prefix == f"results/{job.job_id}/01-{token_hex[:8]}/"  # per lease
     assert await claim(api) == []  # leased: nobody else gets it
 
 

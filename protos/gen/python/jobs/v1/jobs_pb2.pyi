@@ -482,7 +482,9 @@ class Lease(_message.Message):
     """1 on the first claim."""
     lease_token: _builtins.str
     results_prefix: _builtins.str
-    """Where to write results: s3://bucket/<results_prefix>..."""
+    """Where to write results: s3://bucket/<results_prefix>... One prefix per lease, so a worker
+    that lost its lease cannot overwrite the results of the lease that replaced it.
+    """
     @_builtins.property
     def job(self) -> Global___Job: ...
     @_builtins.property
