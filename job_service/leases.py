@@ -40,6 +40,14 @@ from job_service.wakeup import ClaimWaiters, wait_for
 
 log = logging.getLogger(__name__)
 
+#: The only status changes a worker reports; the state machine's backward edges are for the
+#: service's own use (lease lost, retry).
+PROGRESS_EDGES = frozenset(
+    {
+        (JobStatus.quick_running, JobStatus.quick_done),
+        (JobStatus.quick_done, JobStatus.deep_running),
+    }
+)
 #: Statuses ReportProgress may move a job to.
 PROGRESS_STATUSES = frozenset(
     {JobStatus.quick_running, JobStatus.quick_done, JobStatus.deep_running}
@@ -150,9 +158,9 @@ class Leases:
                 stage_timeout=timedelta(seconds=self._settings.stage_timeout_seconds),
             )
         results = []
-        for job_id, _token in refs:
-            if job_id in held:
-                expires, cancel = held[job_id]
+        for job_id, token in refs:
+            if (job_id, token) in held:
+                expires, cancel = held[job_id, token]
                 results.append(HeartbeatResult(job_id, True, expires, cancel))
             else:
                 results.append(HeartbeatResult(job_id, False, None, False))
@@ -193,6 +201,10 @@ class Leases:
             values: dict[str, Any] = {"progress_pct": progress_pct}
             if status is not None and status is not job.status:
                 check_transition(job.status, status)
+                if (job.status, status) not in PROGRESS_EDGES:
+                    raise errors.InvalidTransition(
+                        job.status, status, "a worker reports progress forward only"
+                    )
                 values["status"] = status
                 if status is JobStatus.deep_running:
                     values["stage_started_at"] = func.now()

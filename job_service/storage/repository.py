@@ -251,9 +251,10 @@ async def renew_leases(
     *,
     lease: timedelta,
     stage_timeout: timedelta,
-) -> dict[uuid.UUID, tuple[datetime, bool]]:
-    """Renew many leases in one statement. Returns {job_id: (new expiry, cancel_requested)} for
-    the leases still held; a lease past its stage's hard cap is not renewed (it then expires)."""
+) -> dict[tuple[uuid.UUID, uuid.UUID], tuple[datetime, bool]]:
+    """Renew many leases in one statement. Returns {(job_id, token): (new expiry,
+    cancel_requested)} for the leases still held; a lease past its stage's hard cap is not
+    renewed (it then expires)."""
     if not refs:
         return {}
     req = (
@@ -271,10 +272,10 @@ async def renew_leases(
             jobs.c.stage_started_at + stage_timeout > func.now(),
         )
         .values(lease_expires_at=func.now() + lease)
-        .returning(jobs.c.id, jobs.c.lease_expires_at, jobs.c.cancel_requested)
+        .returning(jobs.c.id, jobs.c.lease_token, jobs.c.lease_expires_at, jobs.c.cancel_requested)
     )
     rows = await conn.execute(stmt, {"ids": [r[0] for r in refs], "tokens": [r[1] for r in refs]})
-    return {r.id: (r.lease_expires_at, r.cancel_requested) for r in rows}
+    return {(r.id, r.lease_token): (r.lease_expires_at, r.cancel_requested) for r in rows}
 
 
 async def lock_expired_leases(conn: AsyncConnection, *, limit: int = 500) -> list[Job]:
