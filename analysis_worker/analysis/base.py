@@ -13,35 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from analysis_worker.analysis.errors import (
-    AnalysisAborted,
-    AnalysisError,
-    InvalidMediaError,
-    MediaIOError,
-)
-from analysis_worker.analysis.results import (
-    ActivitySegment,
-    DeepResult,
-    MediaProbe,
-    QuickResult,
-    SceneCut,
-    SignalStats,
-)
+from analysis_worker.analysis.results import DeepResult, QuickResult
 
 __all__ = [
     "DEFAULT_ANALYZER_SPEC",
-    "ActivitySegment",
-    "AnalysisAborted",
-    "AnalysisError",
     "Analyzer",
-    "DeepResult",
-    "InvalidMediaError",
-    "MediaIOError",
-    "MediaProbe",
     "ProgressFn",
-    "QuickResult",
-    "SceneCut",
-    "SignalStats",
     "StopFn",
     "load_analyzer",
 ]

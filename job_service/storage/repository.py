@@ -100,11 +100,6 @@ def error_values(error: JobError | None) -> dict[str, Any]:
     }
 
 
-async def now(conn: AsyncConnection) -> datetime:
-    value: datetime = (await conn.execute(select(func.now()))).scalar_one()
-    return value
-
-
 async def get_job(
     conn: AsyncConnection, job_id: uuid.UUID, *, for_update: bool = False
 ) -> Job | None:
@@ -132,13 +127,6 @@ async def mark_session_uploaded(conn: AsyncConnection, session_id: uuid.UUID) ->
         .where(sessions.c.id == session_id)
         .values(status="uploaded", updated_at=func.now())
     )
-
-
-async def session_status(conn: AsyncConnection, session_id: uuid.UUID) -> str | None:
-    value: str | None = (
-        await conn.execute(select(sessions.c.status).where(sessions.c.id == session_id))
-    ).scalar_one_or_none()
-    return value
 
 
 async def insert_job(conn: AsyncConnection, values: Mapping[str, Any]) -> Job | None:
