@@ -64,6 +64,130 @@ JOB_STATUS_FAILED: JobStatus.ValueType  # 7
 """The dead letter: `error` says why; AdminService.RequeueJob redrives it."""
 Global___JobStatus: _TypeAlias = JobStatus  # noqa: Y015
 
+class _ErrorCode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ERROR_CODE_UNSPECIFIED: _ErrorCode.ValueType  # 0
+    ERROR_CODE_UPLOAD_OBJECT_NOT_FOUND: _ErrorCode.ValueType  # 1
+    """Upload verification (CompleteUpload, the upload reconciler). Upload again and call
+    CompleteUpload to recover.
+    """
+    ERROR_CODE_UPLOAD_EMPTY: _ErrorCode.ValueType  # 2
+    ERROR_CODE_UPLOAD_SIZE_MISMATCH: _ErrorCode.ValueType  # 3
+    ERROR_CODE_UPLOAD_CONTENT_TYPE_MISMATCH: _ErrorCode.ValueType  # 4
+    ERROR_CODE_UPLOAD_EXPIRED: _ErrorCode.ValueType  # 5
+    """The upload URL expired and no acceptable object arrived."""
+    ERROR_CODE_UPLOAD_CHECKSUM_MISMATCH: _ErrorCode.ValueType  # 6
+    """The stored object's checksum is not the one declared at InitiateUpload."""
+    ERROR_CODE_UPLOAD_MISSING: _ErrorCode.ValueType  # 10
+    """Reported by workers."""
+    ERROR_CODE_UPLOAD_CHANGED: _ErrorCode.ValueType  # 11
+    """The object is not the verified one any more (ETag, size or checksum changed)."""
+    ERROR_CODE_DOWNLOAD_FAILED: _ErrorCode.ValueType  # 12
+    ERROR_CODE_STORAGE_ACCESS_DENIED: _ErrorCode.ValueType  # 13
+    ERROR_CODE_RESULTS_UPLOAD_FAILED: _ErrorCode.ValueType  # 14
+    ERROR_CODE_INVALID_MEDIA: _ErrorCode.ValueType  # 15
+    ERROR_CODE_MEDIA_IO: _ErrorCode.ValueType  # 16
+    ERROR_CODE_ANALYSIS_ERROR: _ErrorCode.ValueType  # 17
+    """An unexpected error (a bug) in the worker's pipeline or an analyzer."""
+    ERROR_CODE_ANALYSIS_FAILED: _ErrorCode.ValueType  # 18
+    ERROR_CODE_JOB_SERVICE_ERROR: _ErrorCode.ValueType  # 19
+    """The job-service refused a worker's report with an unexpected status."""
+    ERROR_CODE_LEASE_OUT_OF_BOUNDS: _ErrorCode.ValueType  # 20
+    """A lease named a bucket, key or results prefix outside what the worker may touch."""
+    ERROR_CODE_CANCELLED: _ErrorCode.ValueType  # 30
+    """Set by the job-service."""
+    ERROR_CODE_LEASE_EXPIRED: _ErrorCode.ValueType  # 31
+    ERROR_CODE_INFRASTRUCTURE_UNAVAILABLE: _ErrorCode.ValueType  # 32
+    """Infrastructure trouble (FAILURE_KIND_INFRASTRUCTURE) lasted past the service's
+    infrastructure retry window.
+    """
+
+class ErrorCode(_ErrorCode, metaclass=_ErrorCodeEnumTypeWrapper):
+    """The error codes stored on jobs (JobError.code) and sent in FailJobRequest.error_code. Those
+    fields stay strings (old callers, and codes of plug-in analyzers); the string is the enum
+    value's name without the ERROR_CODE_ prefix. Both services and the client library take their
+    constants from this enum, so every code that crosses the wire is named once.
+    """
+
+ERROR_CODE_UNSPECIFIED: ErrorCode.ValueType  # 0
+ERROR_CODE_UPLOAD_OBJECT_NOT_FOUND: ErrorCode.ValueType  # 1
+"""Upload verification (CompleteUpload, the upload reconciler). Upload again and call
+CompleteUpload to recover.
+"""
+ERROR_CODE_UPLOAD_EMPTY: ErrorCode.ValueType  # 2
+ERROR_CODE_UPLOAD_SIZE_MISMATCH: ErrorCode.ValueType  # 3
+ERROR_CODE_UPLOAD_CONTENT_TYPE_MISMATCH: ErrorCode.ValueType  # 4
+ERROR_CODE_UPLOAD_EXPIRED: ErrorCode.ValueType  # 5
+"""The upload URL expired and no acceptable object arrived."""
+ERROR_CODE_UPLOAD_CHECKSUM_MISMATCH: ErrorCode.ValueType  # 6
+"""The stored object's checksum is not the one declared at InitiateUpload."""
+ERROR_CODE_UPLOAD_MISSING: ErrorCode.ValueType  # 10
+"""Reported by workers."""
+ERROR_CODE_UPLOAD_CHANGED: ErrorCode.ValueType  # 11
+"""The object is not the verified one any more (ETag, size or checksum changed)."""
+ERROR_CODE_DOWNLOAD_FAILED: ErrorCode.ValueType  # 12
+ERROR_CODE_STORAGE_ACCESS_DENIED: ErrorCode.ValueType  # 13
+ERROR_CODE_RESULTS_UPLOAD_FAILED: ErrorCode.ValueType  # 14
+ERROR_CODE_INVALID_MEDIA: ErrorCode.ValueType  # 15
+ERROR_CODE_MEDIA_IO: ErrorCode.ValueType  # 16
+ERROR_CODE_ANALYSIS_ERROR: ErrorCode.ValueType  # 17
+"""An unexpected error (a bug) in the worker's pipeline or an analyzer."""
+ERROR_CODE_ANALYSIS_FAILED: ErrorCode.ValueType  # 18
+ERROR_CODE_JOB_SERVICE_ERROR: ErrorCode.ValueType  # 19
+"""The job-service refused a worker's report with an unexpected status."""
+ERROR_CODE_LEASE_OUT_OF_BOUNDS: ErrorCode.ValueType  # 20
+"""A lease named a bucket, key or results prefix outside what the worker may touch."""
+ERROR_CODE_CANCELLED: ErrorCode.ValueType  # 30
+"""Set by the job-service."""
+ERROR_CODE_LEASE_EXPIRED: ErrorCode.ValueType  # 31
+ERROR_CODE_INFRASTRUCTURE_UNAVAILABLE: ErrorCode.ValueType  # 32
+"""Infrastructure trouble (FAILURE_KIND_INFRASTRUCTURE) lasted past the service's
+infrastructure retry window.
+"""
+Global___ErrorCode: _TypeAlias = ErrorCode  # noqa: Y015
+
+class _FailureKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FailureKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FailureKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FAILURE_KIND_UNSPECIFIED: _FailureKind.ValueType  # 0
+    """Old callers: treated as FAILURE_KIND_JOB; `retryable` decides."""
+    FAILURE_KIND_JOB: _FailureKind.ValueType  # 1
+    """The job's own failure (bad media, an analyzer error): counts an attempt; a retryable one
+    backs off and is retried until max_attempts.
+    """
+    FAILURE_KIND_INFRASTRUCTURE: _FailureKind.ValueType  # 2
+    """Infrastructure trouble (S3 5xx, timeouts, refused connections, S3 403 for the worker's own
+    credentials, the job-service unreachable): spends no attempt. The job is requeued, at the
+    stage reached, with a capped and jittered backoff until the service's infrastructure retry
+    window (wall clock since the first infrastructure failure in a row) is spent; only then is
+    it FAILED with INFRASTRUCTURE_UNAVAILABLE. `retryable` is ignored.
+    """
+
+class FailureKind(_FailureKind, metaclass=_FailureKindEnumTypeWrapper):
+    """Whose fault a FailJob is, which decides the budget it spends."""
+
+FAILURE_KIND_UNSPECIFIED: FailureKind.ValueType  # 0
+"""Old callers: treated as FAILURE_KIND_JOB; `retryable` decides."""
+FAILURE_KIND_JOB: FailureKind.ValueType  # 1
+"""The job's own failure (bad media, an analyzer error): counts an attempt; a retryable one
+backs off and is retried until max_attempts.
+"""
+FAILURE_KIND_INFRASTRUCTURE: FailureKind.ValueType  # 2
+"""Infrastructure trouble (S3 5xx, timeouts, refused connections, S3 403 for the worker's own
+credentials, the job-service unreachable): spends no attempt. The job is requeued, at the
+stage reached, with a capped and jittered backoff until the service's infrastructure retry
+window (wall clock since the first infrastructure failure in a row) is spent; only then is
+it FAILED with INFRASTRUCTURE_UNAVAILABLE. `retryable` is ignored.
+"""
+Global___FailureKind: _TypeAlias = FailureKind  # noqa: Y015
+
 class _LeaseState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -94,13 +218,16 @@ class JobError(_message.Message):
     RETRYABLE_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     OCCURRED_AT_FIELD_NUMBER: _builtins.int
+    INFRASTRUCTURE_FIELD_NUMBER: _builtins.int
     code: _builtins.str
-    """UPPER_SNAKE_CASE, e.g. UPLOAD_OBJECT_NOT_FOUND, INVALID_MEDIA, LEASE_EXPIRED."""
+    """UPPER_SNAKE_CASE, e.g. UPLOAD_OBJECT_NOT_FOUND, INVALID_MEDIA, LEASE_EXPIRED (see ErrorCode)."""
     message: _builtins.str
     retryable: _builtins.bool
     """Whether the failure was transient (the job may have been retried after it)."""
     attempt: _builtins.int
     """Which attempt it happened on (0 for upload verification)."""
+    infrastructure: _builtins.bool
+    """Infrastructure trouble rather than the job's own failure: it spent no attempt."""
     @_builtins.property
     def occurred_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -111,10 +238,11 @@ class JobError(_message.Message):
         retryable: _builtins.bool = ...,
         attempt: _builtins.int = ...,
         occurred_at: _timestamp_pb2.Timestamp | None = ...,
+        infrastructure: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "code", b"code", "message", b"message", "occurred_at", b"occurred_at", "retryable", b"retryable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "code", b"code", "infrastructure", b"infrastructure", "message", b"message", "occurred_at", b"occurred_at", "retryable", b"retryable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -145,6 +273,7 @@ class Job(_message.Message):
     UPLOAD_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     CANCEL_REQUESTED_FIELD_NUMBER: _builtins.int
     AVAILABLE_AT_FIELD_NUMBER: _builtins.int
+    INFRASTRUCTURE_FAILING_SINCE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     session_id: _builtins.str
     status: Global___JobStatus.ValueType
@@ -185,6 +314,12 @@ class Job(_message.Message):
     def available_at(self) -> _timestamp_pb2.Timestamp:
         """Earliest time the job may be claimed again (retry backoff)."""
 
+    @_builtins.property
+    def infrastructure_failing_since(self) -> _timestamp_pb2.Timestamp:
+        """Set while the job's failures in a row are infrastructure trouble; the infrastructure retry
+        window counts from here. Unset once the job makes progress again.
+        """
+
     def __init__(
         self,
         *,
@@ -209,10 +344,11 @@ class Job(_message.Message):
         upload_expires_at: _timestamp_pb2.Timestamp | None = ...,
         cancel_requested: _builtins.bool = ...,
         available_at: _timestamp_pb2.Timestamp | None = ...,
+        infrastructure_failing_since: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["available_at", b"available_at", "created_at", b"created_at", "error", b"error", "result", b"result", "updated_at", b"updated_at", "upload_expires_at", b"upload_expires_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["available_at", b"available_at", "created_at", b"created_at", "error", b"error", "infrastructure_failing_since", b"infrastructure_failing_since", "result", b"result", "updated_at", b"updated_at", "upload_expires_at", b"upload_expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "available_at", b"available_at", "bucket", b"bucket", "cancel_requested", b"cancel_requested", "content_type", b"content_type", "created_at", b"created_at", "error", b"error", "etag", b"etag", "filename", b"filename", "job_id", b"job_id", "key", b"key", "max_attempts", b"max_attempts", "progress_pct", b"progress_pct", "result", b"result", "results_uri", b"results_uri", "session_id", b"session_id", "size_bytes", b"size_bytes", "stage", b"stage", "status", b"status", "updated_at", b"updated_at", "upload_expires_at", b"upload_expires_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "available_at", b"available_at", "bucket", b"bucket", "cancel_requested", b"cancel_requested", "content_type", b"content_type", "created_at", b"created_at", "error", b"error", "etag", b"etag", "filename", b"filename", "infrastructure_failing_since", b"infrastructure_failing_since", "job_id", b"job_id", "key", b"key", "max_attempts", b"max_attempts", "progress_pct", b"progress_pct", "result", b"result", "results_uri", b"results_uri", "session_id", b"session_id", "size_bytes", b"size_bytes", "stage", b"stage", "status", b"status", "updated_at", b"updated_at", "upload_expires_at", b"upload_expires_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -472,6 +608,7 @@ class Lease(_message.Message):
     LEASE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
     RESULTS_PREFIX_FIELD_NUMBER: _builtins.int
+    LEASE_TTL_FIELD_NUMBER: _builtins.int
     bucket: _builtins.str
     key: _builtins.str
     content_type: _builtins.str
@@ -493,6 +630,13 @@ class Lease(_message.Message):
     def heartbeat_interval(self) -> _duration_pb2.Duration:
         """How often to call Heartbeat to keep the lease."""
 
+    @_builtins.property
+    def lease_ttl(self) -> _duration_pb2.Duration:
+        """How long the lease lasts from when the service answered (lease_expires_at minus the
+        service's clock). Workers fence themselves with it on their own monotonic clock, counted
+        from when they sent the call, so clock skew cannot make them overrun the lease.
+        """
+
     def __init__(
         self,
         *,
@@ -507,10 +651,11 @@ class Lease(_message.Message):
         lease_expires_at: _timestamp_pb2.Timestamp | None = ...,
         heartbeat_interval: _duration_pb2.Duration | None = ...,
         results_prefix: _builtins.str = ...,
+        lease_ttl: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "job", b"job", "lease_expires_at", b"lease_expires_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "job", b"job", "lease_expires_at", b"lease_expires_at", "lease_ttl", b"lease_ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "bucket", b"bucket", "content_type", b"content_type", "etag", b"etag", "heartbeat_interval", b"heartbeat_interval", "job", b"job", "key", b"key", "lease_expires_at", b"lease_expires_at", "lease_token", b"lease_token", "results_prefix", b"results_prefix", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "bucket", b"bucket", "content_type", b"content_type", "etag", b"etag", "heartbeat_interval", b"heartbeat_interval", "job", b"job", "key", b"key", "lease_expires_at", b"lease_expires_at", "lease_token", b"lease_token", "lease_ttl", b"lease_ttl", "results_prefix", b"results_prefix", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -591,12 +736,17 @@ class LeaseStatus(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     LEASE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     CANCEL_REQUESTED_FIELD_NUMBER: _builtins.int
+    LEASE_TTL_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     state: Global___LeaseState.ValueType
     cancel_requested: _builtins.bool
     """An operator cancelled the job: stop and FailJob it with code CANCELLED."""
     @_builtins.property
     def lease_expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def lease_ttl(self) -> _duration_pb2.Duration:
+        """For HELD leases: as Lease.lease_ttl, from this renewal."""
+
     def __init__(
         self,
         *,
@@ -604,10 +754,11 @@ class LeaseStatus(_message.Message):
         state: Global___LeaseState.ValueType = ...,
         lease_expires_at: _timestamp_pb2.Timestamp | None = ...,
         cancel_requested: _builtins.bool = ...,
+        lease_ttl: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["lease_expires_at", b"lease_expires_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease_expires_at", b"lease_expires_at", "lease_ttl", b"lease_ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_requested", b"cancel_requested", "job_id", b"job_id", "lease_expires_at", b"lease_expires_at", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_requested", b"cancel_requested", "job_id", b"job_id", "lease_expires_at", b"lease_expires_at", "lease_ttl", b"lease_ttl", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -649,7 +800,10 @@ class ReportProgressRequest(_message.Message):
     job_id: _builtins.str
     lease_token: _builtins.str
     status: Global___JobStatus.ValueType
-    """QUICK_RUNNING, QUICK_DONE or DEEP_RUNNING; UNSPECIFIED keeps the current status."""
+    """QUICK_RUNNING, QUICK_DONE or DEEP_RUNNING; UNSPECIFIED keeps the current status.
+    DEEP_RUNNING with `result` from QUICK_RUNNING records the quick pass and enters the deep
+    pass in one call (it passes through QUICK_DONE).
+    """
     progress_pct: _builtins.int
     """0..100, overall."""
     @_builtins.property
@@ -754,13 +908,17 @@ class FailJobRequest(_message.Message):
     ERROR_CODE_FIELD_NUMBER: _builtins.int
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
     RETRYABLE_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     lease_token: _builtins.str
     error_code: _builtins.str
     """UPPER_SNAKE_CASE, e.g. INVALID_MEDIA, DOWNLOAD_FAILED, CANCELLED."""
     error_message: _builtins.str
     retryable: _builtins.bool
-    """Retryable: back off and retry until max attempts. Not retryable: FAILED at once."""
+    """Retryable: back off and retry until max attempts. Not retryable: FAILED at once.
+    Applies to FAILURE_KIND_JOB (and UNSPECIFIED) only.
+    """
+    kind: Global___FailureKind.ValueType
     def __init__(
         self,
         *,
@@ -769,10 +927,11 @@ class FailJobRequest(_message.Message):
         error_code: _builtins.str = ...,
         error_message: _builtins.str = ...,
         retryable: _builtins.bool = ...,
+        kind: Global___FailureKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_code", b"error_code", "error_message", b"error_message", "job_id", b"job_id", "lease_token", b"lease_token", "retryable", b"retryable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_code", b"error_code", "error_message", b"error_message", "job_id", b"job_id", "kind", b"kind", "lease_token", b"lease_token", "retryable", b"retryable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
