@@ -222,10 +222,12 @@ class HandBack:
         self._tasks: set[asyncio.Task[None]] = set()
         self.handed_back = 0
 
-    def submit(self, tokens: Sequence[uuid.UUID], reason: str) -> None:
+    def submit(
+        self, tokens: Sequence[uuid.UUID], reason: str, *, backend_pid: int | None = None
+    ) -> None:
         if not tokens:
             return
-        task = asyncio.get_running_loop().create_task(self._run(list(tokens), reason))
+        task = asyncio.get_running_loop().create_task(self._run(list(tokens), reason, backend_pid))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -238,17 +240,22 @@ class HandBack:
             elif fut.exception() is None:
                 granted = [j.lease_token for j in fut.result() if j.lease_token is not None]
                 self.submit(granted, "caller gone")
-            elif isinstance(fut.exception(), errors.DatabaseOutcomeUnknown):
-                self.submit(tokens, "claim outcome unknown")
+            elif isinstance(exc := fut.exception(), errors.DatabaseOutcomeUnknown):
+                self.submit(tokens, "claim outcome unknown", backend_pid=exc.backend_pid)
 
         claim.add_done_callback(done)
 
-    async def _run(self, tokens: list[uuid.UUID], reason: str) -> None:
+    async def _run(self, tokens: list[uuid.UUID], reason: str, backend_pid: int | None) -> None:
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self._give_up_after
         backoff = 0.05
         while True:
             try:
+                if backend_pid is not None:
+                    # The claim may still be running on a backend that lost its client: end it
+                    # first, or it could grant its leases after we handed back nothing.
+                    await self._store.end_backend(backend_pid)
+                    backend_pid = None
                 n = await self._store.hand_back(tokens)
             except errors.DatabaseUnavailable as exc:
                 if loop.time() + backoff > give_up:
@@ -369,8 +376,8 @@ class Leases:
         except asyncio.CancelledError:
             self.hand_back.after(task, tokens)
             raise
-        except errors.DatabaseOutcomeUnknown:
-            self.hand_back.submit(tokens, "claim outcome unknown")
+        except errors.DatabaseOutcomeUnknown as exc:
+            self.hand_back.submit(tokens, "claim outcome unknown", backend_pid=exc.backend_pid)
             raise
         self._metrics.claim_seconds.observe(loop.time() - start)
         leases = []

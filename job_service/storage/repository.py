@@ -41,7 +41,7 @@ from job_service.domain.status import (
     requeue_status,
     running_status_for_claim,
 )
-from job_service.storage.db import Connection, LeasePool
+from job_service.storage.db import LEASE_APPLICATION_NAME, Connection, LeasePool
 from job_service.storage.tables import job_errors, jobs, sessions
 
 
@@ -251,13 +251,21 @@ SELECT min(available_at) AS at, bool_or(available_at <= now()) AS now_claimable 
 WHERE {_CLAIMABLE}
 """
 
-# Renewal writes lease_expires_at only, which no index contains: a HOT update.
+# Renewal writes lease_expires_at only, which no index contains: a HOT update. The rows are
+# locked in job id order (LockRows above the Sort), so overlapping heartbeats cannot deadlock.
 SQL_RENEW = f"""
+WITH held AS (
+    SELECT j.id FROM {_T} j
+    JOIN unnest($1::uuid[], $2::uuid[]) AS r(id, token)
+      ON j.id = r.id AND j.lease_token = r.token
+    WHERE j.status IN {_in(LEASED)}
+      AND j.stage_started_at + make_interval(secs => $4) > now()
+    ORDER BY j.id
+    FOR UPDATE OF j
+)
 UPDATE {_T} j SET lease_expires_at = now() + make_interval(secs => $3)
-FROM unnest($1::uuid[], $2::uuid[]) AS r(id, token)
-WHERE j.id = r.id AND j.lease_token = r.token
-  AND j.status IN {_in(LEASED)}
-  AND j.stage_started_at + make_interval(secs => $4) > now()
+FROM held
+WHERE j.id = held.id
 RETURNING j.id, j.lease_token, j.lease_expires_at, j.cancel_requested
 """
 
@@ -391,6 +399,12 @@ FOR UPDATE SKIP LOCKED
 """
 
 SQL_GET = f"SELECT * FROM {_T} WHERE id = $1"
+
+#: Only ever one of our own lease-path backends (the pool's application_name).
+SQL_END_BACKEND = f"""
+SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity
+WHERE pid = $1 AND application_name = '{LEASE_APPLICATION_NAME}'
+"""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -617,6 +631,15 @@ class LeaseStore:
             return done
 
         return await self.pool.run(run)
+
+    async def end_backend(self, pid: int) -> bool:
+        """End a lease-path backend that may still be running a statement whose client is gone
+        (waits up to 5 s for it to exit), so that statement's outcome is settled."""
+
+        async def run(conn: Connection) -> object:
+            return await conn.fetchval(SQL_END_BACKEND, pid)
+
+        return bool(await self.pool.run(run))
 
     async def probe(self) -> None:
         """One trivial statement: tells the pool's reachability tracking whether we get through."""
