@@ -280,9 +280,7 @@ def pretty(line: str) -> str:
     with contextlib.suppress(ValueError):
         stamp = datetime.fromisoformat(stamp).astimezone().strftime("%H:%M:%S")
     level = str(record.pop("level", "")).upper()
-    # The job-service calls the message "msg", the worker "event".
-    message = str(record.pop("msg", "") or record.pop("event", ""))
-    record.pop("event", None)
+    message = str(record.pop("msg", ""))
     for noise in ("service", "logger", "taskName"):
         record.pop(noise, None)
     exc = record.pop("exc", None)
