@@ -3,6 +3,8 @@ own rules are in tests/unit/worker/test_worker_config.py."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from pydantic import ValidationError
 
@@ -40,12 +42,12 @@ def test_from_env_coerces_every_field_and_the_defaults_round_trip() -> None:
     ],
 )
 def test_a_bad_value_names_the_variable_and_the_value(name: str, value: str) -> None:
-    with pytest.raises(SettingsError, match=f"{PREFIX}{name}='{value}'"):
+    with pytest.raises(SettingsError, match=re.escape(f"{PREFIX}{name}='{value}'")):
         Settings.from_env({PREFIX + name: value})
 
 
 def test_a_rule_across_fields_names_both_variables() -> None:
-    with pytest.raises(ValueError, match="HEARTBEAT_INTERVAL_SECONDS.*LEASE_SECONDS"):
+    with pytest.raises(ValueError, match=r"HEARTBEAT_INTERVAL_SECONDS.*LEASE_SECONDS"):
         Settings.from_env({"JOB_SERVICE_LEASE_SECONDS": "10"})
     with pytest.raises(ValidationError):
         Settings(lease_seconds=10)
