@@ -20,6 +20,7 @@ from job_service.admin import Admin
 from job_service.config import Settings
 from job_service.leases import Leases
 from job_service.metrics import Metrics
+from job_service.retention import MIN_AGE, Retention
 from job_service.rpc.admin_servicer import AdminServicer
 from job_service.rpc.registration import CallGate, add_services
 from job_service.rpc.servicers import UploadServicer, WorkerServicer
@@ -57,8 +58,11 @@ def check_edge_settings(s: Settings) -> None:
     ):
         if getattr(s, name) <= 0:
             raise ValueError(f"JOB_SERVICE_{name.upper()} must be > 0")
-    if s.retention_seconds < 0:
-        raise ValueError("JOB_SERVICE_RETENTION_SECONDS must be >= 0 (0 keeps jobs forever)")
+    if s.retention_seconds != 0 and s.retention_seconds < MIN_AGE.total_seconds():
+        raise ValueError(
+            f"JOB_SERVICE_RETENTION_SECONDS must be 0 (keep finished jobs forever) or at least "
+            f"{int(MIN_AGE.total_seconds())}"
+        )
 
 
 class JobServiceApp:
@@ -108,6 +112,7 @@ class JobServiceApp:
         self.leases = Leases(engine, s, waiters, self.metrics)
         self.admin = Admin(aux_engine, store, s, self.metrics)
         watch_uploads = Uploads(aux_engine, store, s, self.metrics, changes)
+        self.retention = Retention(aux_engine, store, s)
         listener = ClaimableListener(s.database_url, engine, waiters, changes)
         await listener.start()
         self._stack.push_async_callback(listener.stop)
@@ -124,7 +129,7 @@ class JobServiceApp:
             {
                 "UploadService": UploadServicer(self.uploads, s, self.metrics, watch_uploads),
                 "WorkerService": WorkerServicer(self.leases, s, self.metrics),
-                "AdminService": AdminServicer(self.admin, s, self.metrics),
+                "AdminService": AdminServicer(self.admin, s, self.metrics, self.retention),
             },
             self.gate,
             self.metrics,
@@ -157,6 +162,13 @@ class JobServiceApp:
                 asyncio.create_task(
                     self._every(s.reconcile_interval_seconds, self.uploads.reconcile_stale),
                     name="upload-reconciler",
+                )
+            )
+        if s.retention_seconds > 0:
+            self._tasks.append(
+                asyncio.create_task(
+                    self._every(s.retention_interval_seconds, self.retention.run_policy),
+                    name="retention",
                 )
             )
         if s.metrics_address:
