@@ -65,9 +65,7 @@ class PageTokens:
             : self._MAC_BYTES
         ]
 
-    def encode(
-        self, job: Job, statuses: Sequence[JobStatus], older_than: timedelta | None
-    ) -> str:
+    def encode(self, job: Job, statuses: Sequence[JobStatus], older_than: timedelta | None) -> str:
         micros = (job.updated_at - _EPOCH) // timedelta(microseconds=1)
         payload = self._PAYLOAD.pack(self._VERSION, micros, job.id.bytes)
         raw = payload + self._mac(self._filter_key(statuses, older_than), payload)
@@ -78,7 +76,8 @@ class PageTokens:
     ) -> tuple[datetime, uuid.UUID]:
         def refuse(why: str) -> errors.InvalidArgument:
             return errors.InvalidArgument(
-                "page_token", f"{why}; pass the next_page_token of the previous page with the same "
+                "page_token",
+                f"{why}; pass the next_page_token of the previous page with the same "
                 "statuses and older_than, or start again without one",
             )
 

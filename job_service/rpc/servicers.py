@@ -17,6 +17,7 @@ from jobs.v1 import jobs_pb2_grpc as pb_grpc
 
 from job_service.config import Settings
 from job_service.domain import errors
+from job_service.domain.leasing import FailureKind
 from job_service.domain.model import (
     parse_job_id,
     parse_lease_token,
@@ -28,7 +29,7 @@ from job_service.domain.model import (
     validate_text,
     validate_worker_id,
 )
-from job_service.leases import FailureKind, Leases
+from job_service.leases import Leases
 from job_service.metrics import Metrics
 from job_service.rpc import convert
 from job_service.rpc.errors import stream, unary

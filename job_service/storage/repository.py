@@ -7,11 +7,10 @@ round trip."""
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 
 import asyncpg
 from sqlalchemy import (
@@ -27,6 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from job_service.domain.leasing import LeaseEnd, Snapshot
 from job_service.domain.model import (
     Job,
     JobError,
@@ -405,29 +405,6 @@ SQL_END_BACKEND = f"""
 SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity
 WHERE pid = $1 AND application_name = '{LEASE_APPLICATION_NAME}'
 """
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Snapshot:
-    """A job as a diagnostic read saw it, with the database's clock at that moment."""
-
-    job: Job
-    db_now: datetime
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class LeaseEnd:
-    """How a lease ends when it does not complete: the use case decides, end_lease applies."""
-
-    status: JobStatus
-    attempts: int
-    #: Seconds from now until the job may be claimed again; None keeps available_at.
-    delay: float | None
-    error: JobError
-    #: The error kept in the history (the worker's own report).
-    history: JobError
-    infrastructure_since: Literal["set", "clear", "keep"]
-    outcome: LeaseOutcome
 
 
 def _end_args(job: Job, token: uuid.UUID, end: LeaseEnd) -> tuple[Any, ...]:
