@@ -212,6 +212,13 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
+async def _keep_session(_conn: asyncpg.Connection) -> None:
+    """Instead of asyncpg's reset on release (advisory unlock, CLOSE ALL, UNLISTEN, RESET ALL:
+    one more round trip per call). The lease path's connections carry no session state: only
+    single statements in autocommit and transactions that always end (asyncpg still rolls back
+    one that did not)."""
+
+
 class LeasePool:
     """The lease path's own asyncpg pool: single statements in autocommit, prepared once per
     connection (asyncpg's statement cache). Its own pool so that floods of WatchJob or admin
@@ -246,6 +253,7 @@ class LeasePool:
             max_size=self._size,
             timeout=self._connect_timeout,
             init=_init_connection,
+            reset=_keep_session,
             server_settings=self._settings,
             max_inactive_connection_lifetime=300,
         )
