@@ -95,6 +95,23 @@ class Settings(BaseSettings):
     retention_interval_seconds: float = 600.0
     #: Jobs deleted per transaction (small: each batch holds its row locks only briefly).
     retention_batch: int = 500
+    # -- lease path (perf-core) --
+    #: Infrastructure failures (FailJob kind=INFRASTRUCTURE) spend no attempt: requeued after a
+    #: jittered backoff between the base and the cap, growing with how long the trouble lasts...
+    infra_retry_base_seconds: float = 1.0
+    infra_retry_max_seconds: float = 30.0
+    #: ...until this long after the first infrastructure failure in a row; then FAILED with
+    #: INFRASTRUCTURE_UNAVAILABLE.
+    infra_retry_window_seconds: float = 21600.0
+    #: After the database was unreachable (or the service started), expired leases are taken
+    #: back only once it has been reachable this long; never less than one lease.
+    outage_grace_seconds: float = 0.0
+    #: Connections of the lease path's own pool (ClaimJob, Heartbeat, the fenced calls).
+    lease_pool_size: int = 10
+    #: lock_timeout / statement_timeout of the lease path: a call that would wait longer answers
+    #: UNAVAILABLE instead.
+    lease_lock_timeout_seconds: float = 2.0
+    lease_statement_timeout_seconds: float = 10.0
 
     @property
     def lease(self) -> timedelta:
