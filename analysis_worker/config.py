@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar
 
+from analysis_worker.analysis.base import DEFAULT_ANALYZER_SPEC
+
 PREFIX = "ANALYSIS_WORKER_"
-DEFAULT_ANALYZER = "analysis_worker.analysis.pyav_analyzer:PyAVAnalyzer"
 
 # (name without prefix, default). An empty default for WORKER_ID means "derive hostname-pid";
 # an empty S3_ENDPOINT_URL means "AWS", empty WORK_DIR the system temp dir, empty
@@ -30,12 +31,14 @@ _DEFAULTS: tuple[tuple[str, str], ...] = (
     ("S3_REGION", "us-east-1"),
     ("S3_ACCESS_KEY_ID", "devaccess"),
     ("S3_SECRET_ACCESS_KEY", "devsecret"),
-    ("ANALYZER", DEFAULT_ANALYZER),
+    ("ANALYZER", DEFAULT_ANALYZER_SPEC),
     ("WORK_DIR", ""),
     ("SHUTDOWN_GRACE_SECONDS", "30"),
     ("METRICS_ADDRESS", "127.0.0.1:9465"),
     ("LOG_LEVEL", "INFO"),
     ("LOG_FORMAT", "json"),
+    # worker (issue 7): seconds of S3 trouble one lease retries before giving the job back.
+    ("S3_RETRY_BUDGET_SECONDS", "60"),
 )
 
 # ClaimJobRequest.worker_id is at most 200 characters (jobs.proto).
@@ -74,12 +77,15 @@ class Settings:
     s3_region: str
     s3_access_key_id: str
     s3_secret_access_key: str = field(repr=False)
-    analyzer: str = DEFAULT_ANALYZER
+    analyzer: str = DEFAULT_ANALYZER_SPEC
     work_dir: Path | None = None
     shutdown_grace_seconds: float = 30.0
     metrics_address: HostPort | None = None
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
+    # worker (issue 7): seconds of S3 trouble (5xx, timeouts, refused connections, 403) one
+    # lease retries inside itself before it gives the job back as infrastructure trouble.
+    s3_retry_budget_seconds: float = 60.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -115,6 +121,7 @@ class Settings:
             metrics_address=parsed("METRICS_ADDRESS", _optional_host_port),
             log_level=parsed("LOG_LEVEL", _log_level),
             log_format=parsed("LOG_FORMAT", _log_format),
+            s3_retry_budget_seconds=parsed("S3_RETRY_BUDGET_SECONDS", _non_negative_float),
         )
 
 
