@@ -30,6 +30,7 @@ from analysis_worker.storage import Storage
 from analysis_worker.worker import Worker, WorkerOptions
 from localinfra.s3 import MotoS3
 from tests.support.analyzers import open_gate
+from tests.support.faults import FaultyProxy
 
 BUCKET = "videos"
 FAST_RETRY = Backoff(max_attempts=3, initial_backoff=0.01, max_backoff=0.05)
@@ -310,12 +311,14 @@ class Harness:
         s3_retry_budget: float = 30.0,
         rpc_timeout: float = 5.0,
         worker_id: str = "test-worker",
+        client: JobClient | None = None,
     ) -> RunningWorker:
         """A real Worker; `address` (e.g. a FaultyProxy) and `s3` (a client through one)
         replace the direct routes to the fake service and to moto."""
         metrics = WorkerMetrics()
         executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="analysis")
-        client = self.client(address=address, rpc_timeout=rpc_timeout, worker_id=worker_id)
+        if client is None:
+            client = self.client(address=address, rpc_timeout=rpc_timeout, worker_id=worker_id)
         runner = JobRunner(
             client=client,
             storage=Storage(self.s3 if s3 is None else s3),
@@ -368,6 +371,53 @@ async def s3_client(moto_s3: MotoS3) -> AsyncIterator[Any]:
         config=BotoConfig(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
     ) as client:
         yield client
+
+
+def s3_client_for(endpoint_url: str, moto: MotoS3) -> Any:
+    """An aioboto3 S3 client context (botocore retries off: the worker's own retries are under
+    test) with short timeouts, so a hanging S3 fails a call in about a second."""
+    return aioboto3.Session().client(
+        "s3",
+        endpoint_url=endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id=moto.access_key,
+        aws_secret_access_key=moto.secret_key,
+        config=BotoConfig(
+            s3={"addressing_style": "path"},
+            retries={"max_attempts": 1},
+            connect_timeout=1,
+            read_timeout=1,
+        ),
+    )
+
+
+@pytest.fixture
+async def s3_proxy(moto_s3: MotoS3) -> AsyncIterator[FaultyProxy]:
+    """The TCP fault proxy in front of moto (the worker's route to S3 in fault tests)."""
+    proxy = await FaultyProxy("127.0.0.1", moto_s3.port).start()
+    try:
+        yield proxy
+    finally:
+        await proxy.stop()
+
+
+@pytest.fixture
+async def proxied_s3(s3_proxy: FaultyProxy, moto_s3: MotoS3) -> AsyncIterator[Any]:
+    async with s3_client_for(f"http://{s3_proxy.address}", moto_s3) as client:
+        yield client
+
+
+@pytest.fixture
+async def service_proxy(
+    fake_service: tuple[FakeWorkerService, str],
+) -> AsyncIterator[FaultyProxy]:
+    """The TCP fault proxy in front of the fake job-service (a partition when it hangs)."""
+    host, port = fake_service[1].rsplit(":", 1)
+    proxy = await FaultyProxy(host, int(port)).start()
+    try:
+        yield proxy
+    finally:
+        await proxy.stop()
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ job is deterministically mid-analysis while the test acts.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import threading
@@ -26,6 +27,8 @@ from analysis_worker.analysis import (
     QuickResult,
     StopFn,
 )
+from analysis_worker.job_client import JobClient
+from analysis_worker.worker import Worker
 from tests.support.analyzers import (
     AlwaysRetryableFailure,
     BusyGatedAnalyzer,
@@ -35,7 +38,7 @@ from tests.support.analyzers import (
     recorded_calls,
 )
 
-from .conftest import BUCKET, Harness, RunningWorker
+from .conftest import BUCKET, FAST_RETRY, Harness, RunningWorker
 
 QUICK_DONE = jobs_pb2.JOB_STATUS_QUICK_DONE
 DEEP_RUNNING = jobs_pb2.JOB_STATUS_DEEP_RUNNING
@@ -508,6 +511,46 @@ async def test_idle_worker_stops_at_once_even_mid_long_poll(harness: Harness) ->
     asked = time.monotonic()
     await running.stop(within=5)
     assert time.monotonic() - asked < 2
+    # The long poll was cancelled, not waited out: the service saw its caller go.
+    await fake.wait_for(lambda: fake.cancelled_claims == 1, "the cancelled claim", within=2)
+
+
+class SigtermAsTheAnswerArrives(JobClient):
+    """Delivers SIGTERM (shutdown()) the instant a ClaimJob answer with leases comes back —
+    the race a signal handler can land in, made deterministic."""
+
+    worker: Worker | None = None
+
+    async def claim(
+        self, max_jobs: int, wait: float, *, stop: asyncio.Event | None = None
+    ) -> list[jobs_pb2.Lease]:
+        leases = await super().claim(max_jobs, wait, stop=stop)
+        if leases and self.worker is not None:
+            self.worker.shutdown()
+        return leases
+
+
+async def test_leases_that_arrive_as_shutdown_begins_are_handed_back_unstarted(
+    harness: Harness,
+) -> None:
+    fake = harness.fake
+    channel = grpc.aio.insecure_channel(harness.address)
+    harness.channels.append(channel)
+    client = SigtermAsTheAnswerArrives(
+        channel, worker_id="test-worker", rpc_timeout=5.0, retry=FAST_RETRY
+    )
+    running = harness.start(gated(harness), concurrency=2, client=client)
+    client.worker = running.worker
+    first, second = await harness.lease(), await harness.lease()
+    fake.offer(first, second)
+    # No shutdown() from the test: the client delivers it, and run() then returns by itself.
+    await asyncio.wait_for(asyncio.shield(running.task), 10)
+    released = fake.requests("ReleaseJob")
+    assert sorted(r.job_id for r in released) == sorted([first.job.job_id, second.job.job_id])
+    assert {r.lease_token for r in released} == {first.lease_token, second.lease_token}
+    assert passes(harness) == []  # nothing was started
+    assert fake.requests("ReportProgress") == [] and fake.requests("FailJob") == []
+    assert metric(running, "analysis_worker_jobs_released_total") == 2
 
 
 class IgnoresStop(SyntheticAnalyzer):
