@@ -9,6 +9,7 @@ worker and the service.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -224,3 +225,33 @@ async def test_a_fenced_job_uploads_no_results_even_if_its_analysis_finishes(
     await fake.wait_for(lambda: len(fake.requests("ClaimJob")) > claims, "a new claim")
     assert fake.requests("CompleteJob") == [] and fake.requests("FailJob") == []
     assert fake.requests("ReleaseJob") == []
+
+
+async def test_complete_job_is_retried_through_a_partition_until_the_lease_runs_out(
+    harness: Harness, service_proxy: FaultyProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A finished deep pass whose CompleteJob cannot reach the service is retried while the
+    lease lives, then dropped by the fence — never turned into a FailJob or a release."""
+    fake = harness.fake
+    fake.lease_seconds = 2.0
+    lease = await harness.lease(heartbeat_interval=0.5)
+    fake.offer(lease)
+    running = harness.start(gated(harness), address=service_proxy.address, rpc_timeout=0.3)
+    await fake.wait_for(lambda: "deep" in passes(harness), "the deep pass")
+    service_proxy.set_mode("hang")
+    open_gate(harness.gate_dir)  # the pass finishes while the service is unreachable
+    with caplog.at_level(logging.WARNING, logger="analysis_worker"):
+        await fake.wait_for(lambda: not running.worker.active_job_ids, "the fence", within=10)
+    tries = [
+        r
+        for r in caplog.records
+        if getattr(r, "call", None) == "CompleteJob" and getattr(r, "job_id", None)
+    ]
+    assert len(tries) >= 2  # retried, not given up on at the first failure
+    assert metric(running, "analysis_worker_leases_fenced_total") == 1
+    assert metric(running, "analysis_worker_jobs_completed_total") == 0
+
+    heal(service_proxy)
+    claims = len(fake.requests("ClaimJob"))
+    await fake.wait_for(lambda: len(fake.requests("ClaimJob")) > claims, "a new claim")
+    assert fake.methods(lease.job.job_id) == ["ReportProgress"]  # entering deep, nothing after
