@@ -34,7 +34,7 @@ async def s3_proxy(moto_s3: MotoS3) -> AsyncIterator[FaultyProxy]:
 
 async def wait_for_lines(proc: ServiceProcess, msg: str, count: int, within: float = 30) -> None:
     deadline = time.monotonic() + within
-    while sum(line.get("event") == msg for line in json_lines(proc)) < count:
+    while sum(line.get("msg") == msg for line in json_lines(proc)) < count:
         assert proc.proc.poll() is None, proc.log()
         assert time.monotonic() < deadline, f"fewer than {count} {msg!r}:\n{proc.log()}"
         await asyncio.sleep(0.05)  # the worker process logs as it retries
