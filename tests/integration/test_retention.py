@@ -247,7 +247,11 @@ async def test_purge_jobs_rejects_bad_requests(api, app, moto_s3, fields, field)
 
 async def test_background_task_applies_the_configured_retention(database_url, moto_s3):
     settings = settings_for(
-        database_url, moto_s3, retention_seconds=7 * DAY, retention_interval_seconds=0.2
+        database_url,
+        moto_s3,
+        retention_seconds=7 * DAY,
+        retention_interval_seconds=0.2,
+        retention_delete_results=True,
     )
     async with JobServiceApp(settings) as app:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
@@ -255,11 +259,21 @@ async def test_background_task_applies_the_configured_retention(database_url, mo
             old = [await done_job(api, moto_s3), await failed_job(api, moto_s3)]
             fresh = await done_job(api, moto_s3)
             active = await initiate(api)
+            prefix = settings.s3_results_prefix
+            keys = {j: f"{prefix}{j}/01-aaaa/summary.json" for j in (*old, fresh)}
+            for key in keys.values():
+                await put_object(moto_s3, settings.s3_bucket, key)
             await backdate(app, [*old, active.job.job_id], OLD)
             deadline = time.monotonic() + 15
             while await job_ids_left(app) != {fresh, active.job.job_id}:
                 assert time.monotonic() < deadline, await job_ids_left(app)
                 await asyncio.sleep(0.1)
+            client = moto_s3.client()
+            listed = await asyncio.to_thread(
+                client.list_objects_v2, Bucket=settings.s3_bucket, Prefix=settings.s3_results_prefix
+            )
+            left = {o["Key"] for o in listed.get("Contents", [])}
+            assert keys[fresh] in left and not {keys[j] for j in old} & left
             # Unset older_than means the configured age when retention is on.
             resp = await api.admin.PurgeJobs(pb.PurgeJobsRequest(dry_run=True), timeout=10)
             assert resp.older_than.ToTimedelta() == timedelta(days=7) and resp.jobs == 0
