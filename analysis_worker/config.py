@@ -16,10 +16,10 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from analysis_worker.analysis import DEFAULT_ANALYZER_SPEC
 from pipeline_common.settings import EnvSettings
 
 PREFIX = "ANALYSIS_WORKER_"
-DEFAULT_ANALYZER = "analysis_worker.analysis.pyav_analyzer:PyAVAnalyzer"
 
 # ClaimJobRequest.worker_id is at most 200 characters (jobs.proto).
 _MAX_WORKER_ID = 200
@@ -59,7 +59,7 @@ class Settings(EnvSettings):
     s3_region: _NonEmpty = "us-east-1"
     s3_access_key_id: str = "devaccess"
     s3_secret_access_key: str = Field(default="devsecret", repr=False)
-    analyzer: str = DEFAULT_ANALYZER
+    analyzer: str = DEFAULT_ANALYZER_SPEC
     work_dir: Path | None = None
     shutdown_grace_seconds: _Seconds = 30
     metrics_address: Annotated[HostPort | None, NoDecode] = HostPort("127.0.0.1", 9465)

@@ -20,7 +20,7 @@ from sqlalchemy import func
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from job_service.config import Settings
-from job_service.domain import errors
+from job_service.domain import codes, errors
 from job_service.domain.model import (
     Fence,
     Job,
@@ -264,10 +264,10 @@ class Leases:
             error = JobError(code, message, retryable, job.attempts)
             await repo.record_error(conn, job_id, error, worker)
             exhausted = self.retry.exhausted(job.attempts, job.max_attempts)
-            if job.cancel_requested and code != errors.CANCELLED:
+            if job.cancel_requested and code != codes.CANCELLED:
                 # An operator asked to cancel: a retry would run the job again.
                 job = await self._cancel_now(conn, job, LeaseOutcome.failed)
-            elif retryable and not exhausted and code != errors.CANCELLED:
+            elif retryable and not exhausted and code != codes.CANCELLED:
                 job = await self._requeue(conn, job, error, LeaseOutcome.retried, backoff=True)
             else:
                 if retryable and exhausted:
@@ -333,7 +333,7 @@ class Leases:
             expired = await repo.lock_expired_leases(conn)
             for job in expired:
                 error = JobError(
-                    errors.LEASE_EXPIRED,
+                    codes.LEASE_EXPIRED,
                     f"lease held by {job.leased_by} expired on attempt {job.attempts} "
                     "(worker crashed, hung or lost its connection)",
                     retryable=True,
@@ -395,7 +395,7 @@ class Leases:
         )
 
     async def _cancel_now(self, conn: AsyncConnection, job: Job, outcome: LeaseOutcome) -> Job:
-        error = JobError(errors.CANCELLED, "cancelled by an operator", False, job.attempts)
+        error = JobError(codes.CANCELLED, "cancelled by an operator", False, job.attempts)
         return await repo.update_job(
             conn,
             job.id,

@@ -219,6 +219,10 @@ class PostgresCluster:
         """libpq-style URL for ``database``: ``postgresql://postgres@127.0.0.1:PORT/DATABASE``."""
         return f"postgresql://{SUPERUSER}@{LOCALHOST}:{self._port}/{database}"
 
+    def sqlalchemy_url(self, database: str = "postgres") -> str:
+        """:meth:`dsn` for SQLAlchemy with the asyncpg driver (what the job-service takes)."""
+        return self.dsn(database).replace("postgresql://", "postgresql+asyncpg://", 1)
+
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:

@@ -28,7 +28,7 @@ TEMPLATE_DB = "jobs_template"
 
 
 def sa_url(pg: PostgresCluster, database: str) -> str:
-    return pg.dsn(database).replace("postgresql://", "postgresql+asyncpg://", 1)
+    return pg.sqlalchemy_url(database)
 
 
 @pytest.fixture(scope="session")

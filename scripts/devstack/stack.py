@@ -102,7 +102,7 @@ class Stack:
         exists = pg.execute(f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'")
         if not exists:
             pg.create_database(DATABASE)
-        self.database_url = pg.dsn(DATABASE).replace("postgresql://", "postgresql+asyncpg://", 1)
+        self.database_url = pg.sqlalchemy_url(DATABASE)
         self.write_state(ready=False)
         self.console.say(
             f"postgres on {LOCALHOST}:{pg.port} ready, database {DATABASE} "

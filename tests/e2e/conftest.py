@@ -17,10 +17,9 @@ from jobs.v1 import jobs_pb2 as pb
 from jobs.v1 import jobs_pb2_grpc
 
 from localinfra.s3 import MotoS3
+from pipeline_common.wire import TERMINAL_STATUSES
 from tests.support.analyzers import GATE_DIR_ENV, MAX_GATE_SECONDS_ENV
 from tests.support.procs import ServiceProcess, spawn
-
-TERMINAL = (pb.JOB_STATUS_DONE, pb.JOB_STATUS_FAILED)
 
 
 @dataclasses.dataclass
@@ -124,7 +123,7 @@ def json_lines(proc: ServiceProcess) -> list[dict[str, Any]]:
 async def watch(
     api: Api,
     job_id: str,
-    until: Callable[[pb.Job], bool] = lambda job: job.status in TERMINAL,
+    until: Callable[[pb.Job], bool] = lambda job: job.status in TERMINAL_STATUSES,
     within: float = 60.0,
     seen: list[pb.Job] | None = None,
 ) -> pb.Job:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from analysis_worker.config import DEFAULT_ANALYZER, PREFIX, HostPort, Settings, env_table
+from analysis_worker.analysis import DEFAULT_ANALYZER_SPEC
+from analysis_worker.config import PREFIX, HostPort, Settings, env_table
 
 
 def env(**values: str) -> dict[str, str]:
@@ -25,7 +26,7 @@ def test_defaults() -> None:
     assert s.s3_endpoint_url == "http://127.0.0.1:8333"
     assert s.s3_region == "us-east-1"
     assert (s.s3_access_key_id, s.s3_secret_access_key) == ("devaccess", "devsecret")
-    assert s.analyzer == DEFAULT_ANALYZER
+    assert s.analyzer == DEFAULT_ANALYZER_SPEC
     assert s.work_dir is None
     assert s.shutdown_grace_seconds == 30
     assert s.metrics_address == HostPort("127.0.0.1", 9465)
