@@ -50,11 +50,10 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import NamedTuple, Self
+from typing import NamedTuple
 
 from localinfra.ports import LOCALHOST, free_port
-from localinfra.process import Lifeline, pid_alive, tail, wait_until
+from localinfra.process import Lifeline, StartStop, pid_alive, tail, wait_until
 
 SUPERUSER = "postgres"
 """Name of the database superuser of every cluster (``initdb -U``)."""
@@ -129,7 +128,7 @@ def _client_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
 
 
-class PostgresCluster:
+class PostgresCluster(StartStop):
     """A PostgreSQL cluster in ``data_dir``, listening on ``127.0.0.1:port``.
 
     ``port`` defaults to a free port chosen at construction time (so :meth:`dsn` is usable before
@@ -284,18 +283,6 @@ class PostgresCluster:
             if self._lifeline is not None:
                 self._lifeline.disarm()
                 self._lifeline = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # ------------------------------------------------------------------ databases
 
