@@ -52,7 +52,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from localinfra.ports import LOCALHOST, free_port
+from localinfra.netports import LOCALHOST, free_port
 from localinfra.process import Lifeline, StartStop, pid_alive, tail, wait_until
 
 SUPERUSER = "postgres"

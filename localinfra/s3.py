@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import botocore.session
 from botocore.config import Config
 
-from localinfra.ports import LOCALHOST, free_ports
+from localinfra.netports import LOCALHOST, free_ports
 from localinfra.process import Lifeline, StartStop, pid_alive, tail, wait_until
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ from jobs.v1 import jobs_pb2_grpc
 from job_service.app import JobServiceApp
 from job_service.config import Settings
 from job_service.storage import migrate
-from localinfra.ports import free_port
+from localinfra.netports import free_port
 from localinfra.postgres import PostgresCluster
 from localinfra.s3 import MotoS3
 from tests.support.procs import ServiceProcess, spawn, wait_serving

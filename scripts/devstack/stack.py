@@ -17,7 +17,7 @@ from typing import IO
 from job_service.config import Settings as ServiceSettings
 from job_service.storage import migrate
 from localinfra import supervise
-from localinfra.ports import LOCALHOST, is_listening
+from localinfra.netports import LOCALHOST, is_listening
 from localinfra.postgres import PostgresCluster
 from localinfra.process import pid_alive
 from localinfra.s3 import SeaweedS3
