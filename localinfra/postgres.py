@@ -302,18 +302,13 @@ class PostgresCluster(StartStop):
 
     # ------------------------------------------------------------------ internals
 
+    def _connection_args(self) -> list[str]:
+        """Where a client binary connects: TCP on 127.0.0.1, as the superuser."""
+        return ["-h", LOCALHOST, "-p", str(self._port), "-U", SUPERUSER]
+
     def _client(self, binary: str, args: Sequence[str]) -> str:
         """Run a client binary against the server over TCP as the current user."""
-        argv = [
-            str(self.bindir / binary),
-            "-h",
-            LOCALHOST,
-            "-p",
-            str(self._port),
-            "-U",
-            SUPERUSER,
-            *args,
-        ]
+        argv = [str(self.bindir / binary), *self._connection_args(), *args]
         result = subprocess.run(
             argv, capture_output=True, text=True, env=_client_env(), timeout=_COMMAND_TIMEOUT
         )
@@ -564,12 +559,7 @@ class PostgresCluster(StartStop):
         result = subprocess.run(
             [
                 str(self.bindir / "pg_isready"),
-                "-h",
-                LOCALHOST,
-                "-p",
-                str(self._port),
-                "-U",
-                SUPERUSER,
+                *self._connection_args(),
                 "-d",
                 "postgres",
                 "-t",
