@@ -30,7 +30,14 @@ from jobs.v1 import jobs_pb2_grpc
 from localinfra.ports import free_port
 from localinfra.postgres import PostgresCluster, PostgresError
 from localinfra.s3 import MotoS3
-from tests.chaos.processes import ServiceProcess, json_lines, start, wait_logged, wait_serving
+from tests.chaos.processes import (
+    ServiceProcess,
+    json_lines,
+    message,
+    start,
+    wait_logged,
+    wait_serving,
+)
 from tests.support import flows
 from tests.support.analyzers import (
     DEEP_SECONDS_ENV,
@@ -394,10 +401,4 @@ class Fleet:
 
 
 def _events(procs: Sequence[ServiceProcess], event: str) -> list[dict[str, Any]]:
-    # The worker logs the message as "event", the job-service (today) as "msg".
-    return [
-        line
-        for p in procs
-        for line in json_lines(p)
-        if str(line.get("event", line.get("msg", ""))).startswith(event)
-    ]
+    return [line for p in procs for line in json_lines(p) if message(line).startswith(event)]

@@ -15,7 +15,7 @@ from typing import Any
 
 from tests.support.procs import ServiceProcess, spawn, wait_serving
 
-__all__ = ["ServiceProcess", "json_lines", "start", "wait_logged", "wait_serving"]
+__all__ = ["ServiceProcess", "json_lines", "message", "start", "wait_logged", "wait_serving"]
 
 
 def start(module: str, env: Mapping[str, str], log_path: Path) -> ServiceProcess:
@@ -34,10 +34,15 @@ def json_lines(proc: ServiceProcess) -> list[dict[str, Any]]:
     return lines
 
 
+def message(line: dict[str, Any]) -> str:
+    """A JSON log line's message: "msg" (one log format for both services), "event" before."""
+    return str(line.get("msg", line.get("event", "")))
+
+
 async def wait_logged(proc: ServiceProcess, event: str, within: float = 30.0) -> None:
     """Until a JSON log line has this `event`; fails with the log if the process exits."""
     deadline = time.monotonic() + within
-    while not any(line.get("event") == event for line in json_lines(proc)):
+    while not any(message(line) == event for line in json_lines(proc)):
         if proc.proc.poll() is not None:
             raise AssertionError(f"process exited with {proc.proc.returncode}:\n{proc.log()}")
         if time.monotonic() > deadline:

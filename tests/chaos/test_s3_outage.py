@@ -1,11 +1,11 @@
 """S3 outages, seen by the workers and by the job-service.
 
 Backoff scale: today's job retry chain is 2+4+8+16 s (base 2 s, doubling; ~30 s, jitter makes
-it 15-30 s). These scenarios divide every service-side backoff setting by the same factor
-(`factor`: base 2 s -> 2 s * factor, cap 300 s -> 300 s * factor, the infrastructure backoff cap
-60 s -> 60 s * factor) and make the outage longer than five of those scaled chains, so the
-outage outlasts the retry budget exactly as a 2.5-minute outage outlasts today's defaults.
-Worker-internal timings (botocore's retries, the worker's own backoff) keep their defaults.
+it 15-30 s). These scenarios multiply every backoff setting by one `factor`: the job retry base
+2 s and cap 300 s, the infrastructure backoff base 1 s and cap 30 s, and the worker's in-lease
+S3 retry budget 60 s. The outage is longer than five of the scaled chains, so it outlasts the
+retry budget exactly as a 2.5-minute outage outlasts the defaults. botocore's own retries
+inside one S3 call keep their defaults.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from tests.support import flows
 
 DEFAULT_RETRY_BASE = 2.0
 DEFAULT_RETRY_MAX = 300.0
-DEFAULT_INFRA_RETRY_MAX = 60.0
+DEFAULT_INFRA_RETRY_MAX = 30.0
+#: How long one lease retries S3 trouble before it hands the job back (worker default).
+DEFAULT_WORKER_S3_BUDGET = 60.0
 
 
 def scaled_backoff(factor: float) -> dict[str, Any]:
@@ -54,12 +56,18 @@ async def test_s3_outage_for_the_workers_fails_no_job(
     # so each job meets as many failed downloads as the short outage allows.
     jobs = chaos_scale.pick(2, 6)
     workers = 2
-    outage = 5 * chain_seconds(factor) + chaos_scale.pick(4.5, 6.0)
+    # Longer than five scaled chains; the full run's is the issue's own 60 s.
+    outage = max(5 * chain_seconds(factor) + 4.5, chaos_scale.pick(0.0, 60.0))
     lease = chaos_scale.pick(3.0, 4.0)
     # After S3 returns: one scaled infrastructure backoff cap, a lease, the queue's analysis
     # time, and slack for a loaded 2-core machine.
     analysis = 0.2 + 1.0
-    bound = 60 * factor + lease + jobs / workers * analysis + chaos_scale.pick(15, 20)
+    bound = (
+        DEFAULT_INFRA_RETRY_MAX * factor
+        + lease
+        + jobs / workers * analysis
+        + chaos_scale.pick(15, 20)
+    )
     fig.notes["backoff factor"] = f"{factor} (chain {chain_seconds(factor):.1f} s)"
     fig.notes["outage s"] = round(outage, 1)
 
@@ -71,7 +79,12 @@ async def test_s3_outage_for_the_workers_fails_no_job(
         **scaled_backoff(factor),
     )
     for _ in range(workers):
-        await fleet.worker(service.address, s3_endpoint=s3.url, deep_seconds=1.0)
+        await fleet.worker(
+            service.address,
+            s3_endpoint=s3.url,
+            deep_seconds=1.0,
+            s3_retry_budget_seconds=DEFAULT_WORKER_S3_BUDGET * factor,
+        )
     api = fleet.api(service.address)
 
     s3.set_mode("http503")
@@ -125,10 +138,13 @@ async def test_s3_outage_for_the_job_service_leaves_uploads_untouched(
     )
     api = fleet.api(service.address)
     uploads = [await flows.initiate(api) for _ in range(jobs)]
-    for init in uploads:
-        await flows.put_object(moto_s3, init.job.bucket, init.job.key)
     ids = [init.job.job_id for init in uploads]
     fig.submitted = len(ids)
+    # The outage begins before any object exists, so the reconciler cannot have queued a job
+    # before it; the clients' PUTs go to S3 directly, only the service's S3 traffic is cut.
+    s3.set_mode("http503")
+    for init in uploads:
+        await flows.put_object(moto_s3, init.job.bucket, init.job.key)
     by_client = ids[: jobs // 2]  # the client retries these; the reconciler finds the rest
 
     answers: collections.Counter[str] = collections.Counter()
@@ -144,7 +160,6 @@ async def test_s3_outage_for_the_job_service_leaves_uploads_untouched(
                 answers[exc.code().name] += 1
         return landed
 
-    s3.set_mode("http503")
     await complete_all(by_client)
     await asyncio.sleep(outage / 2)  # the reconciler runs every 0.5 s meanwhile
     s3.set_mode("refuse")
