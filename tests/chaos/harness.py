@@ -353,6 +353,10 @@ class Fleet:
         await wait_logged(proc, "worker started")
         return proc
 
+    async def start_workers(self, count: int, address: str, **options: Any) -> list[ServiceProcess]:
+        """`count` workers started at once (their start-up is the slow part)."""
+        return list(await asyncio.gather(*(self.worker(address, **options) for _ in range(count))))
+
     def kill(self, proc: ServiceProcess) -> None:
         """SIGKILL, and remember when: the end of whatever that process was analysing."""
         if proc.proc.poll() is None:

@@ -38,9 +38,9 @@ async def test_database_outage_of_three_leases_takes_no_lease_from_healthy_worke
     lease = chaos_scale.pick(3.0, 4.0)
     outage = lease * chaos_scale.pick(3.5, 4.0)
     workers = 2
-    # Long enough that every job is mid-deep-pass when the outage begins and still has two
-    # leases of work left when it ends: the workers must renew after the outage.
-    deep = outage + 2 * lease + 1
+    # Long enough that every job is mid-deep-pass when the outage begins and still has one
+    # and a half leases of work left when it ends: the workers must renew after the outage.
+    deep = outage + 1.5 * lease + 1
     fig.notes["lease s"] = lease
     fig.notes["outage s"] = outage
 
@@ -51,8 +51,7 @@ async def test_database_outage_of_three_leases_takes_no_lease_from_healthy_worke
         heartbeat_interval_seconds=lease / 3,
         retry_base_seconds=0.1,
     )
-    for _ in range(workers):
-        await fleet.worker(service.address, deep_seconds=deep)
+    await fleet.start_workers(workers, service.address, deep_seconds=deep)
     api = fleet.api(service.address)
     ids = await fleet.submit(api, workers)
     fig.submitted = len(ids)
@@ -119,8 +118,7 @@ async def test_postgres_restart_under_load_loses_and_fails_nothing(
         heartbeat_interval_seconds=lease / 3,
         retry_base_seconds=0.1,
     )
-    for _ in range(workers):
-        await fleet.worker(service.address, deep_seconds=1.5)
+    await fleet.start_workers(workers, service.address, deep_seconds=1.5)
     api = fleet.api(service.address)
     ids = await fleet.submit(api, jobs)
     fig.submitted = len(ids)

@@ -31,7 +31,7 @@ async def test_watch_and_claim_floods_cost_no_lease(
     # claim queries, as a misconfigured fleet would send.
     claimers = chaos_scale.pick(200, 400)
     workers = 2
-    deep = flood_seconds + 3 * lease
+    deep = flood_seconds + 2 * lease
     fig.notes["flood"] = (
         f"{watchers} WatchJob streams + {claimers} ClaimJob loops (half parked, half hot) "
         f"for {flood_seconds:.0f} s"
@@ -44,8 +44,7 @@ async def test_watch_and_claim_floods_cost_no_lease(
         retry_base_seconds=0.1,
         claim_max_wait_seconds=2,
     )
-    for _ in range(workers):
-        await fleet.worker(service.address, deep_seconds=deep)
+    await fleet.start_workers(workers, service.address, deep_seconds=deep)
     ids = await fleet.submit(fleet.api(service.address), workers)
     fig.submitted = len(ids)
 

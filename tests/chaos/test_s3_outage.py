@@ -78,13 +78,13 @@ async def test_s3_outage_for_the_workers_fails_no_job(
         heartbeat_interval_seconds=lease / 3,
         **scaled_backoff(factor),
     )
-    for _ in range(workers):
-        await fleet.worker(
-            service.address,
-            s3_endpoint=s3.url,
-            deep_seconds=1.0,
-            s3_retry_budget_seconds=DEFAULT_WORKER_S3_BUDGET * factor,
-        )
+    await fleet.start_workers(
+        workers,
+        service.address,
+        s3_endpoint=s3.url,
+        deep_seconds=1.0,
+        s3_retry_budget_seconds=DEFAULT_WORKER_S3_BUDGET * factor,
+    )
     api = fleet.api(service.address)
 
     s3.set_mode("http503")
