@@ -393,6 +393,9 @@ class Fleet:
     async def close(self) -> None:
         for channel in self._channels:
             await channel.close()
+        # Heal every fault first, so graceful stops do not wait on a frozen connection.
+        for proxy in self.proxies:
+            proxy.set_mode("pass")
         # Workers first (they may still talk to the service), then services; SIGTERM with a
         # short grace, then SIGKILL (ServiceProcess.stop).
         for group in (self.workers, self.services):
