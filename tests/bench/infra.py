@@ -8,6 +8,7 @@ parked calls, history rows).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import tempfile
@@ -56,6 +57,7 @@ class BenchInfra:
         self.processes = processes
         self.service_env = dict(service_env)
         self._services: list[ServiceProcess] = []
+        self._retiring: list[asyncio.Task[None]] = []
         self._logs = 0
 
     async def start(self) -> None:
@@ -113,10 +115,21 @@ class BenchInfra:
         await wait_serving(svc, f"127.0.0.1:{port}", timeout=60.0)
         return svc
 
-    def stop_service(self, svc: ServiceProcess) -> None:
-        svc.stop()
+    def retire(self, svc: ServiceProcess, database: str) -> None:
+        """Stop a section's service (SIGTERM, its graceful shutdown) and drop its database in
+        the background, so the next section does not wait for the grace period."""
         if svc in self._services:
             self._services.remove(svc)
+
+        def stop() -> None:
+            svc.stop()
+            self.drop_database(database)
+
+        self._retiring.append(asyncio.create_task(asyncio.to_thread(stop)))
+
+    async def finish_retiring(self) -> None:
+        await asyncio.gather(*self._retiring)
+        self._retiring.clear()
 
     async def statements(self, database: str) -> tuple[int, int]:
         """Statements the database has received so far (pg_stat_statements, all users): all of

@@ -183,12 +183,15 @@ async def heartbeat(address: str, seconds: float, callers: int, per_call: int) -
         start = time.perf_counter()
         await asyncio.gather(*(worker(i, s) for i, s in enumerate(stubs)))
         elapsed = time.perf_counter() - start
-        for i, stub in enumerate(stubs):
+
+        async def release(i: int, stub: jobs_pb2_grpc.WorkerServiceStub) -> None:
             for ref in held[i]:
                 await stub.ReleaseJob(
                     pb.ReleaseJobRequest(job_id=ref.job_id, lease_token=ref.lease_token),
                     timeout=TIMEOUT,
                 )
+
+        await asyncio.gather(*(release(i, s) for i, s in enumerate(stubs)))
     return done / elapsed
 
 
@@ -245,10 +248,11 @@ async def parked_queries(
     address: str,
     parked: int,
     wait_s: float,
-) -> tuple[float, float]:
+) -> tuple[float, float, dict[str, int]]:
     """Statements/s the service's database receives while `parked` ClaimJob calls wait on an
-    idle queue. Calls start spread over one wait, then one full wait is measured, so every call
-    comes back and asks again once inside the window."""
+    idle queue (all, and without transaction control), and the calls that failed by status
+    code. Calls start spread over one wait, then one full wait is measured, so every call comes
+    back and asks again once inside the window."""
     stop = asyncio.Event()
     wait = duration_pb2.Duration(seconds=int(wait_s), nanos=int((wait_s % 1) * 1e9))
     n_channels = max(1, min(100, parked // 10))
@@ -275,10 +279,15 @@ async def parked_queries(
             elapsed = time.perf_counter() - start
         finally:
             stop.set()
+            failed: dict[str, int] = {}
             for t in tasks:
+                if t.done() and not t.cancelled() and t.exception() is not None:
+                    exc = t.exception()
+                    code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else repr(exc)
+                    failed[code] = failed.get(code, 0) + 1
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-    return (after[0] - before[0]) / elapsed, (after[1] - before[1]) / elapsed
+    return (after[0] - before[0]) / elapsed, (after[1] - before[1]) / elapsed, failed
 
 
 async def claim_latency(address: str, dsn: str, rounds: int) -> list[float]:

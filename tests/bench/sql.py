@@ -87,18 +87,26 @@ RETURNING id
 """
 
 
-async def seed(dsn: str, n: int, status: str = "queued") -> list[uuid.UUID]:
-    """Insert n jobs in `status` (one session, one INSERT ... generate_series)."""
+async def seed(
+    dsn: str, n: int, status: str = "queued", *, settle: bool = False
+) -> list[uuid.UUID]:
+    """Insert n jobs in `status` (one session, one INSERT ... generate_series). With `settle`,
+    vacuum and checkpoint afterwards, so the next measurement neither pays for the previous
+    one's dead rows nor for this insert's checkpoint."""
     conn = await asyncpg.connect(dsn)
     try:
         session = uuid.uuid4()
         await conn.execute("INSERT INTO video_sessions (id) VALUES ($1)", session)
+        ids: list[uuid.UUID] = []
         if status == "done":
             # History: nobody needs the ids, and 1M of them is a lot of memory.
             await conn.execute(SEED.replace("RETURNING id", ""), status, n, session)
-            return []
-        rows = await conn.fetch(SEED, status, n, session)
-        return [r["id"] for r in rows]
+        else:
+            ids = [r["id"] for r in await conn.fetch(SEED, status, n, session)]
+        if settle:
+            await conn.execute("VACUUM (ANALYZE) video_analysis_jobs")
+            await conn.execute("CHECKPOINT")
+        return ids
     finally:
         await conn.close()
 
@@ -107,6 +115,7 @@ async def vacuum_analyze(dsn: str) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute("VACUUM (ANALYZE) video_analysis_jobs")
+        await conn.execute("CHECKPOINT")
     finally:
         await conn.close()
 
