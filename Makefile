@@ -32,8 +32,8 @@ proto: $(STAMP)
 # Fails when the committed stubs differ from what the protos generate.
 proto-check: $(STAMP)
 	@tmp=$$(mktemp -d); PY=$(PY) bash scripts/gen_protos.sh "$$tmp"; \
-	if diff -r -q protos/gen/python/jobs "$$tmp/jobs" >/dev/null; then echo "proto stubs: up to date"; rm -rf "$$tmp"; \
-	else echo "proto stubs are stale: run 'make proto' and commit"; diff -r protos/gen/python/jobs "$$tmp/jobs" | head -20; rm -rf "$$tmp"; exit 1; fi
+	if diff -r -q -x __pycache__ protos/gen/python/jobs "$$tmp/jobs" >/dev/null; then echo "proto stubs: up to date"; rm -rf "$$tmp"; \
+	else echo "proto stubs are stale: run 'make proto' and commit"; diff -r -x __pycache__ protos/gen/python/jobs "$$tmp/jobs" | head -20; rm -rf "$$tmp"; exit 1; fi
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -41,7 +41,9 @@ class ActiveJob:
 
     def __init__(self, lease: jobs_pb2.Lease, worker_id: str) -> None:
         self.lease = lease
-        self.log = JobLog(log, job_id=lease.job.job_id, worker_id=worker_id)
+        self.log = JobLog(
+            log, job_id=lease.job.job_id, worker_id=worker_id, attempt=lease.attempt
+        )
         self.stop_reason: StopReason | None = None
         # Set once the job reached its outcome (completed, failed or released).
         self.done = False

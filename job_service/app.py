@@ -13,14 +13,16 @@ import grpc
 from google.rpc import error_details_pb2  # noqa: F401  (reflection serves ErrorInfo to grpcurl)
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from jobs.v1 import jobs_pb2, jobs_pb2_grpc
+from jobs.v1 import jobs_pb2
 from prometheus_client import start_http_server
 
 from job_service.admin import Admin
 from job_service.config import Settings
 from job_service.leases import Leases
 from job_service.metrics import Metrics
+from job_service.retention import MIN_AGE, Retention
 from job_service.rpc.admin_servicer import AdminServicer
+from job_service.rpc.registration import CallGate, add_services
 from job_service.rpc.servicers import UploadServicer, WorkerServicer
 from job_service.s3 import S3Gateway
 from job_service.storage.db import create_engine
@@ -43,6 +45,24 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
+
+
+def check_edge_settings(s: Settings) -> None:
+    for name in (
+        "max_concurrent_rpcs",
+        "max_watch_streams",
+        "watch_max_seconds",
+        "aux_db_pool_size",
+        "retention_interval_seconds",
+        "retention_batch",
+    ):
+        if getattr(s, name) <= 0:
+            raise ValueError(f"JOB_SERVICE_{name.upper()} must be > 0")
+    if s.retention_seconds != 0 and s.retention_seconds < MIN_AGE.total_seconds():
+        raise ValueError(
+            f"JOB_SERVICE_RETENTION_SECONDS must be 0 (keep finished jobs forever) or at least "
+            f"{int(MIN_AGE.total_seconds())}"
+        )
 
 
 class JobServiceApp:
@@ -71,6 +91,16 @@ class JobServiceApp:
         )
         self._stack.push_async_callback(engine.dispose)
         self.engine = engine
+        check_edge_settings(s)
+        # WatchJob, AdminService and retention get a small pool of their own: however many
+        # streams or operator reads there are, they never take the lease path's connections.
+        aux_engine = create_engine(
+            s.database_url,
+            pool_size=s.aux_db_pool_size,
+            connect_timeout=s.db_connect_timeout_seconds,
+        )
+        self._stack.push_async_callback(aux_engine.dispose)
+        self.aux_engine = aux_engine
         store = await self._stack.enter_async_context(S3Gateway(s))
         if not await store.bucket_exists(s.s3_bucket):
             raise RuntimeError(
@@ -80,7 +110,9 @@ class JobServiceApp:
         waiters, changes = ClaimWaiters(), JobChanges()
         self.uploads = Uploads(engine, store, s, self.metrics, changes)
         self.leases = Leases(engine, s, waiters, self.metrics)
-        self.admin = Admin(engine, store, s, self.metrics)
+        self.admin = Admin(aux_engine, store, s, self.metrics)
+        watch_uploads = Uploads(aux_engine, store, s, self.metrics, changes)
+        self.retention = Retention(aux_engine, store, s)
         listener = ClaimableListener(s.database_url, engine, waiters, changes)
         await listener.start()
         self._stack.push_async_callback(listener.stop)
@@ -88,14 +120,19 @@ class JobServiceApp:
             await asyncio.wait_for(listener.connected.wait(), 10)
 
         server = grpc.aio.server(options=SERVER_OPTIONS)
-        jobs_pb2_grpc.add_UploadServiceServicer_to_server(
-            UploadServicer(self.uploads, s, self.metrics), server
-        )
-        jobs_pb2_grpc.add_WorkerServiceServicer_to_server(
-            WorkerServicer(self.leases, s, self.metrics), server
-        )
-        jobs_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminServicer(self.admin, s, self.metrics), server
+        # Not the generated add_*_to_server: one registration for every method, whose
+        # deserializer never fails (a malformed request is INVALID_ARGUMENT, not UNKNOWN) and
+        # which enforces the concurrency caps.
+        self.gate = CallGate(max_rpcs=s.max_concurrent_rpcs, max_streams=s.max_watch_streams)
+        add_services(
+            server,
+            {
+                "UploadService": UploadServicer(self.uploads, s, self.metrics, watch_uploads),
+                "WorkerService": WorkerServicer(self.leases, s, self.metrics),
+                "AdminService": AdminServicer(self.admin, s, self.metrics, self.retention),
+            },
+            self.gate,
+            self.metrics,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -125,6 +162,13 @@ class JobServiceApp:
                 asyncio.create_task(
                     self._every(s.reconcile_interval_seconds, self.uploads.reconcile_stale),
                     name="upload-reconciler",
+                )
+            )
+        if s.retention_seconds > 0:
+            self._tasks.append(
+                asyncio.create_task(
+                    self._every(s.retention_interval_seconds, self.retention.run_policy),
+                    name="retention",
                 )
             )
         if s.metrics_address:

@@ -159,8 +159,8 @@ def validate_new_upload(
         raise errors.InvalidArgument(
             "filename", f"is {len(name)} characters; at most {MAX_FILENAME_CHARS} are allowed"
         )
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        raise errors.InvalidArgument("filename", "must not contain control characters")
+    if _has_control(name):
+        raise errors.InvalidArgument("filename", "must not contain NUL or control characters")
     ctype = content_type.strip().lower()
     if not ctype:
         raise errors.InvalidArgument("content_type", "is required, e.g. video/mp4")
@@ -277,8 +277,27 @@ def validate_worker_id(worker_id: str) -> str:
     if not wid:
         raise errors.InvalidArgument("worker_id", "is required (e.g. hostname-pid)")
     if len(wid) > MAX_WORKER_ID_CHARS:
-        raise errors.InvalidArgument("worker_id", f"at most {MAX_WORKER_ID_CHARS} characters")
+        raise errors.InvalidArgument(
+            "worker_id", f"is {len(wid)} characters; at most {MAX_WORKER_ID_CHARS} are allowed"
+        )
+    if _has_control(wid):
+        raise errors.InvalidArgument(
+            "worker_id", "must not contain NUL or other control characters (e.g. hostname-pid)"
+        )
     return wid
+
+
+def _has_control(value: str) -> bool:
+    return any(ord(c) < 32 or ord(c) == 127 for c in value)
+
+
+def validate_failure_kind(kind: int, known: frozenset[int]) -> int:
+    """A FailJob `kind` must be one of the FailureKind values (0 = old callers)."""
+    if kind not in known:
+        raise errors.InvalidArgument(
+            "kind", f"{kind} is not a FailureKind (use FAILURE_KIND_JOB or _INFRASTRUCTURE)"
+        )
+    return kind
 
 
 def validate_progress(pct: int) -> int:

@@ -6,9 +6,10 @@ means is in the use cases (job_service.uploads, .leases, .admin).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 from jobs.v1 import jobs_pb2 as pb
@@ -19,7 +20,9 @@ from job_service.domain import errors
 from job_service.domain.model import (
     parse_job_id,
     parse_lease_token,
+    parse_uuid,
     validate_error_code,
+    validate_failure_kind,
     validate_new_upload,
     validate_progress,
     validate_text,
@@ -39,9 +42,25 @@ MAX_HEARTBEAT_LEASES = 1000
 MAX_MESSAGE_CHARS = 4000
 
 
+#: Trailing metadata on a WatchJob stream that ended at the service's maximum lifetime (the job
+#: had not finished): call WatchJob again.
+WATCH_END_KEY = "jobs-watch-end"
+WATCH_END_MAX_LIFETIME = "max-lifetime"
+#: FailureKind values a FailJob may carry.
+FAILURE_KINDS = frozenset(int(v) for v in pb.FailureKind.values())
+
+
 class UploadServicer(pb_grpc.UploadServiceServicer):
-    def __init__(self, uploads: Uploads, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        uploads: Uploads,
+        settings: Settings,
+        metrics: Metrics,
+        watch_uploads: Uploads | None = None,
+    ) -> None:
         self._uploads = uploads
+        # WatchJob reads through its own (small) pool: see app.py.
+        self._watch = watch_uploads or uploads
         self._settings = settings
         self.metrics = metrics
 
@@ -84,8 +103,40 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
     async def WatchJob(
         self, request: pb.WatchJobRequest, context: Ctx
     ) -> AsyncIterator[pb.WatchJobResponse]:
-        async for job in self._uploads.watch(parse_job_id(request.job_id)):
-            yield pb.WatchJobResponse(job=convert.job_to_pb(job))
+        """Ends with OK when the job finishes, or after JOB_SERVICE_WATCH_MAX_SECONDS with OK and
+        trailing metadata jobs-watch-end=max-lifetime (the client calls WatchJob again)."""
+        job_id = parse_job_id(request.job_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.watch_max_seconds
+        updates = cast(AsyncGenerator[Any, None], self._watch.watch(job_id))
+        try:
+            while True:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    job = await asyncio.wait_for(anext(updates), remaining)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    break
+                yield pb.WatchJobResponse(job=convert.job_to_pb(job))
+            context.set_trailing_metadata(((WATCH_END_KEY, WATCH_END_MAX_LIFETIME),))
+        finally:
+            await updates.aclose()
+
+
+def validate_worker_request(request: Any) -> None:
+    """Checks every WorkerService request shares, before its handler reads it: the ids it
+    carries are UUIDs and no string holds NUL (PostgreSQL text cannot)."""
+    for name in ("job_id", "lease_token"):
+        value = getattr(request, name, None)
+        if isinstance(value, str):
+            parse_uuid(name, value)
+    for name in ("worker_id", "error_code", "error_message", "reason", "results_uri"):
+        value = getattr(request, name, None)
+        if isinstance(value, str) and "\x00" in value:
+            raise errors.InvalidArgument(name, "must not contain NUL characters")
 
 
 class WorkerServicer(pb_grpc.WorkerServiceServicer):
@@ -96,6 +147,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
 
     @unary
     async def ClaimJob(self, request: pb.ClaimJobRequest, context: Ctx) -> pb.ClaimJobResponse:
+        validate_worker_request(request)
         worker_id = validate_worker_id(request.worker_id)
         if request.max_jobs < 1:
             raise errors.InvalidArgument(
@@ -125,6 +177,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
 
     @unary
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: Ctx) -> pb.HeartbeatResponse:
+        validate_worker_request(request)
         validate_worker_id(request.worker_id)
         if not request.leases:
             raise errors.InvalidArgument("leases", "name at least one (job_id, lease_token)")
@@ -150,6 +203,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     async def ReportProgress(
         self, request: pb.ReportProgressRequest, context: Ctx
     ) -> pb.ReportProgressResponse:
+        validate_worker_request(request)
         job = await self._leases.report_progress(
             parse_job_id(request.job_id),
             parse_lease_token(request.lease_token),
@@ -163,6 +217,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     async def CompleteJob(
         self, request: pb.CompleteJobRequest, context: Ctx
     ) -> pb.CompleteJobResponse:
+        validate_worker_request(request)
         job = await self._leases.complete(
             parse_job_id(request.job_id),
             parse_lease_token(request.lease_token),
@@ -173,6 +228,8 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
 
     @unary
     async def FailJob(self, request: pb.FailJobRequest, context: Ctx) -> pb.FailJobResponse:
+        validate_worker_request(request)
+        validate_failure_kind(request.kind, FAILURE_KINDS)
         job_id = parse_job_id(request.job_id)
         token = parse_lease_token(request.lease_token)
         code = validate_error_code(request.error_code)
@@ -184,6 +241,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     async def ReleaseJob(
         self, request: pb.ReleaseJobRequest, context: Ctx
     ) -> pb.ReleaseJobResponse:
+        validate_worker_request(request)
         job = await self._leases.release(
             parse_job_id(request.job_id),
             parse_lease_token(request.lease_token),

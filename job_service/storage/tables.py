@@ -113,6 +113,12 @@ jobs = Table(
         "created_at",
         postgresql_where=text("status = 'awaiting_upload'"),
     ),
+    # The retention purge's scan over finished jobs, oldest change first (revision 0008).
+    Index(
+        "ix_video_analysis_jobs_finished",
+        "updated_at",
+        postgresql_where=text("status IN ('done', 'failed')"),
+    ),
 )
 
 job_errors = Table(

@@ -98,10 +98,10 @@ async def start_worker(
 
 
 async def wait_logged(proc: ServiceProcess, event: str, within: float = 30.0) -> None:
-    """Waits for a JSON log line with this `event`; fails with the log if the process exits."""
+    """Waits for a JSON log line with this `msg`; fails with the log if the process exits."""
     deadline = time.monotonic() + within
     while True:
-        if any(line.get("event") == event for line in json_lines(proc)):
+        if any(line.get("msg") == event for line in json_lines(proc)):
             return
         if proc.proc.poll() is not None:
             raise AssertionError(f"process exited with {proc.proc.returncode}:\n{proc.log()}")

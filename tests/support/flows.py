@@ -73,7 +73,7 @@ def error_reason(err: grpc.aio.AioRpcError) -> str:
     for detail in status.details:
         info = error_details_pb2.ErrorInfo()
         if detail.Unpack(info):
-            return info.reason
+            return str(info.reason)  # google.rpc stubs are not followed: Any
     raise AssertionError("no ErrorInfo detail")
 
 

@@ -92,9 +92,9 @@ async def test_runs_a_real_video_to_completion_and_exits_0_on_sigterm(
     assert await exit_code(proc) == 0
     lines = json_lines(proc)
     job_lines = [line for line in lines if line.get("job_id") == lease.job.job_id]
-    assert {"lease started", "job completed"} <= {str(line["event"]) for line in job_lines}
+    assert {"lease started", "job completed"} <= {str(line["msg"]) for line in job_lines}
     assert all(line["worker_id"] == "proc-worker" for line in job_lines)
-    assert any(line["event"] == "worker stopped" for line in lines)
+    assert any(line["msg"] == "worker stopped" for line in lines)
 
 
 async def test_sigterm_mid_analysis_releases_the_lease_and_exits_0(
