@@ -16,6 +16,8 @@ import json
 import random
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import grpc
@@ -79,6 +81,7 @@ class Fleet:
         self.lost = 0
         self.errors: dict[str, int] = {}
         self.jobs_done = 0
+        self.abandoned = 0  # gave up after retries: the lease expires and the job runs again
 
     async def run(self) -> dict[str, Any]:
         chans = [grpc.aio.insecure_channel(self.address) for _ in range(self.n_channels)]
@@ -97,106 +100,103 @@ class Fleet:
             "lost": self.lost,
             "errors": self.errors,
             "jobs_done": self.jobs_done,
+            "abandoned": self.abandoned,
             "window_s": self.window_s,
         }
 
-    async def call(self, name: str, coro: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            resp = await coro
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.ABORTED:
-                self.lost += 1
-            else:
+    async def call(self, name: str, make: Callable[[], Any], attempts: int = 1) -> Any:
+        """One RPC, retried like a worker retries UNAVAILABLE. A failed attempt is a latency
+        sample too (a 5 s deadline exceeded is a 5 s heartbeat). ABORTED: the lease is lost."""
+        for attempt in range(attempts):
+            start = time.perf_counter()
+            try:
+                resp = await make()
+            except grpc.aio.AioRpcError as exc:
+                self.sample(name, start)
+                if exc.code() == grpc.StatusCode.ABORTED:
+                    self.lost += 1
+                    return None
                 key = f"{name}:{exc.code().name}"
                 self.errors[key] = self.errors.get(key, 0) + 1
-            return None
+                if attempt + 1 < attempts:
+                    await asyncio.sleep(0.5 * (attempt + 1))
+                continue
+            self.sample(name, start)
+            self.calls += 1
+            return resp
+        return None
+
+    def sample(self, name: str, start: float) -> None:
         end = time.perf_counter()
-        self.calls += 1
         if self.window[0] <= start and end <= self.window[1]:
             self.latencies[name].append((end - start) * 1000)
-        return resp
 
     async def worker(self, i: int, stub: jobs_pb2_grpc.WorkerServiceStub) -> None:
         name = f"sim-{self.offset + i}"
         await asyncio.sleep(self.ramp_s * random.random())
         while (left := self.end - time.perf_counter()) > 0.5:
             wait = duration_pb2.Duration(seconds=max(1, min(20, int(left))))
+            request = pb.ClaimJobRequest(worker_id=name, max_jobs=1, wait=wait)
             resp = await self.call(
-                "ClaimJob",
-                stub.ClaimJob(
-                    pb.ClaimJobRequest(worker_id=name, max_jobs=1, wait=wait),
-                    timeout=wait.seconds + 5,
-                ),
+                "ClaimJob", partial(stub.ClaimJob, request, timeout=wait.seconds + 5)
             )
-            if resp is None or not resp.leases:
+            if resp is None:
+                await asyncio.sleep(1.0)  # a worker backs off before claiming again
                 continue
-            lease = resp.leases[0]
-            await self.run_job(
-                name, stub, {"job_id": lease.job.job_id, "lease_token": lease.lease_token}
-            )
+            if resp.leases:
+                lease = resp.leases[0]
+                await self.run_job(
+                    name, stub, pb.LeaseRef(job_id=lease.job.job_id, lease_token=lease.lease_token)
+                )
 
     async def run_job(
-        self, name: str, stub: jobs_pb2_grpc.WorkerServiceStub, ref: dict[str, str]
-    ) -> bool:
+        self, name: str, stub: jobs_pb2_grpc.WorkerServiceStub, ref: pb.LeaseRef
+    ) -> None:
         started = time.perf_counter()
         finish = started + self.job_s
-        beats = [
-            started + k * self.heartbeat_s for k in range(1, int(self.job_s / self.heartbeat_s) + 1)
-        ]
-        beats = [b for b in beats if b < finish]
-        half = started + self.job_s / 2
-        progress_sent = False
-        events = sorted([(b, "beat") for b in beats] + [(half, "progress"), (finish, "done")])
+        n_beats = int(self.job_s / self.heartbeat_s)
+        beats = [started + k * self.heartbeat_s for k in range(1, n_beats + 1)]
+        events = sorted(
+            [(b, "beat") for b in beats if b < finish]
+            + [(started + self.job_s / 2, "progress"), (finish, "done")]
+        )
+        fenced = {"job_id": ref.job_id, "lease_token": ref.lease_token}
         for at, what in events:
             if at > self.end:
                 # The window is over: hand the lease back, as a worker does on SIGTERM.
-                await self.call(
-                    "ReleaseJob",
-                    stub.ReleaseJob(
-                        pb.ReleaseJobRequest(**ref, reason="bench window over"), timeout=10
-                    ),
-                )
-                return False
+                release = pb.ReleaseJobRequest(**fenced, reason="bench window over")
+                await self.call("ReleaseJob", partial(stub.ReleaseJob, release, timeout=10), 3)
+                return
             now = time.perf_counter()
             if at > now:
                 await asyncio.sleep(at - now)
             if what == "beat":
-                resp = await self.call(
-                    "Heartbeat",
-                    stub.Heartbeat(
-                        pb.HeartbeatRequest(worker_id=name, leases=[pb.LeaseRef(**ref)]), timeout=5
-                    ),
-                )
-                if resp is None:
-                    return False
-                if any(s.state != pb.LEASE_STATE_HELD for s in resp.leases):
+                beat = pb.HeartbeatRequest(worker_id=name, leases=[ref])
+                resp = await self.call("Heartbeat", partial(stub.Heartbeat, beat, timeout=5))
+                if resp is not None and any(s.state != pb.LEASE_STATE_HELD for s in resp.leases):
                     self.lost += 1
-                    return False
-            elif what == "progress" and not progress_sent:
-                progress_sent = True
+                    return
+                # A failed heartbeat is retried at the next beat: the lease outlasts two.
+            elif what == "progress":
                 for status in (pb.JOB_STATUS_QUICK_DONE, pb.JOB_STATUS_DEEP_RUNNING):
+                    report = pb.ReportProgressRequest(**fenced, status=status, progress_pct=50)
                     if (
                         await self.call(
-                            "ReportProgress",
-                            stub.ReportProgress(
-                                pb.ReportProgressRequest(**ref, status=status, progress_pct=50),
-                                timeout=10,
-                            ),
+                            "ReportProgress", partial(stub.ReportProgress, report, timeout=10), 3
                         )
                         is None
                     ):
-                        return False
+                        self.abandoned += 1
+                        return
             elif what == "done":
+                done = pb.CompleteJobRequest(**fenced)
                 if (
-                    await self.call(
-                        "CompleteJob", stub.CompleteJob(pb.CompleteJobRequest(**ref), timeout=10)
-                    )
+                    await self.call("CompleteJob", partial(stub.CompleteJob, done, timeout=10), 3)
                     is None
                 ):
-                    return False
+                    self.abandoned += 1
+                    return
                 self.jobs_done += 1
-        return True
 
 
 async def main(kind: str, args: dict[str, Any]) -> None:
