@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import asyncpg
-from localinfra.ports import free_port
+from localinfra.netports import free_port
 
 from job_service.storage import migrate
 from localinfra.postgres import DEFAULT_SETTINGS, PostgresCluster
