@@ -11,7 +11,7 @@ from types import TracebackType
 
 import grpc
 from google.rpc import error_details_pb2  # noqa: F401  (reflection serves ErrorInfo to grpcurl)
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 from jobs.v1 import jobs_pb2
 from prometheus_client import start_http_server
@@ -22,7 +22,7 @@ from job_service.leases import Leases
 from job_service.metrics import Metrics
 from job_service.retention import MIN_AGE, Retention
 from job_service.rpc.admin_servicer import AdminServicer
-from job_service.rpc.registration import CallGate, add_services
+from job_service.rpc.registration import CallGate, add_health, add_services
 from job_service.rpc.servicers import UploadServicer, WorkerServicer
 from job_service.s3 import S3Gateway
 from job_service.storage.db import LeasePool, Reachability, create_engine
@@ -155,7 +155,7 @@ class JobServiceApp:
             self.gate,
             self.metrics,
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        add_health(server, self.health, self.metrics)
         reflection.enable_server_reflection(
             (
                 *SERVICE_NAMES,

@@ -57,9 +57,11 @@ def struct(value: Mapping[str, Any] | None) -> struct_pb2.Struct | None:
 
 
 #: Limits on a Struct a request may carry (ReportProgress/CompleteJob `result`, and any future
-#: Struct field). Depth counts nested objects and lists, the top-level Struct being 1: 32 JSON
-#: levels are about 66 protobuf levels inside a WatchJobResponse, far below protobuf's parse
-#: limit of 100, so whatever is stored can always be served back.
+#: Struct field). Depth counts nested objects and lists, the top-level Struct being 1. It is
+#: bound by protobuf's parse limit of 100 message levels: an object costs 3 (Struct, map entry,
+#: Value), so a 32-deep result still parses inside the deepest message that carries it
+#: (ClaimJobResponse > Lease > Job, when a job resumes at the deep pass) and whatever is stored
+#: can always be served back; 33 would not. test_validation checks both ends.
 MAX_STRUCT_DEPTH = 32
 MAX_STRUCT_BYTES = 256 * 1024
 

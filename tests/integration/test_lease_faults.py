@@ -24,9 +24,9 @@ from job_service.domain import errors
 from job_service.storage import migrate
 from job_service.storage.db import LEASE_APPLICATION_NAME, DbFault, classify, domain_error
 from localinfra.postgres import PostgresCluster
-from tests.conftest import Stubs, sa_url, settings_for, stubs_for
 from tests.support.faults import FaultyProxy
 from tests.support.flows import claim, error_reason, queued_job
+from tests.support.service import Stubs, sa_url, settings_for, stubs_for
 
 FAST = dict(
     lease_seconds=1.0,

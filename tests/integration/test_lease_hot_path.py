@@ -20,8 +20,8 @@ from job_service.storage import migrate
 from job_service.storage.db import LEASE_APPLICATION_NAME
 from job_service.storage.repository import SQL_CLAIM
 from localinfra.postgres import PostgresCluster
-from tests.conftest import Stubs, sa_url, settings_for, stubs_for
 from tests.support.flows import claim, error_reason, queued_job
+from tests.support.service import Stubs, sa_url, settings_for, stubs_for
 
 QUIET = dict(
     # Background work that would show up in the counts: the reaper and the gauges.

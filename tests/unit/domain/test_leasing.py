@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from job_service.domain import errors
+from job_service.domain import codes, errors
 from job_service.domain.leasing import (
     FailureKind,
     InfraRetryPolicy,
@@ -99,7 +99,7 @@ def test_infrastructure_trouble_past_the_window_fails_with_its_own_code():
     since = NOW - timedelta(seconds=INFRA.window)
     end = fail(job(infrastructure_failing_since=since), kind=FailureKind.INFRASTRUCTURE)
     assert end.status is S.failed
-    assert end.error.code == errors.INFRASTRUCTURE_UNAVAILABLE
+    assert end.error.code == codes.INFRASTRUCTURE_UNAVAILABLE
     assert end.error.infrastructure and not end.error.retryable
     assert end.history.code == "DOWNLOAD_FAILED"  # the history keeps what was reported
     assert end.attempts == 0  # still no attempt spent
@@ -123,17 +123,17 @@ def test_the_jobs_own_failures_count_attempts_and_break_the_infrastructure_run()
 @pytest.mark.parametrize("kind", list(FailureKind))
 def test_an_operator_cancel_wins(kind):
     end = fail(job(cancel_requested=True), kind=kind)
-    assert (end.status, end.error.code) == (S.failed, errors.CANCELLED)
+    assert (end.status, end.error.code) == (S.failed, codes.CANCELLED)
 
 
 def test_cancelled_code_is_never_retried():
-    end = fail(job(), kind=FailureKind.INFRASTRUCTURE, code=errors.CANCELLED)
+    end = fail(job(), kind=FailureKind.INFRASTRUCTURE, code=codes.CANCELLED)
     assert end.status is S.failed and not end.error.infrastructure
 
 
 def test_expired_lease_counts_the_attempt():
     end = decide_expired(Snapshot(job(S.deep_running, attempts=1), NOW), retry=RETRY)
-    assert (end.status, end.attempts, end.error.code) == (S.quick_done, 1, errors.LEASE_EXPIRED)
+    assert (end.status, end.attempts, end.error.code) == (S.quick_done, 1, codes.LEASE_EXPIRED)
     assert end.infrastructure_since == "keep"
     last = decide_expired(Snapshot(job(attempts=3), NOW), retry=RETRY)
     assert last.status is S.failed and "gave up" in last.error.message
