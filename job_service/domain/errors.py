@@ -147,3 +147,26 @@ UPLOAD_ERROR_CODES = frozenset(
 )
 LEASE_EXPIRED = "LEASE_EXPIRED"
 CANCELLED = "CANCELLED"
+
+
+# -- added by the lease path (perf-core): database faults a retry can cure -------------------
+
+
+class DatabaseConflict(JobServiceError):
+    """The database aborted the statement as a conflict (serialization failure, deadlock);
+    nothing was changed, retry."""
+
+    kind = ErrorKind.ABORTED
+    reason = "DATABASE_CONFLICT"
+
+
+class DatabaseOutcomeUnknown(DatabaseUnavailable):
+    """The connection broke while the change was in flight: it may or may not have been made.
+    Retrying is safe (a fenced call repeated after it took effect answers OK)."""
+
+    def __init__(self, message: str | None = None, **metadata: object) -> None:
+        super().__init__(message, outcome="unknown", **metadata)
+
+
+#: Infrastructure trouble (FailJob kind=INFRASTRUCTURE) lasted past the retry window.
+INFRASTRUCTURE_UNAVAILABLE = "INFRASTRUCTURE_UNAVAILABLE"

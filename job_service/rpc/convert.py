@@ -148,6 +148,7 @@ def job_to_pb(job: Job) -> pb.Job:
         ("updated_at", job.updated_at),
         ("upload_expires_at", job.upload_expires_at),
         ("available_at", job.available_at),
+        ("infrastructure_failing_since", job.infrastructure_failing_since),
     ):
         stamp = ts(value)
         if stamp is not None:
@@ -158,6 +159,7 @@ def job_to_pb(job: Job) -> pb.Job:
             message=job.error.message,
             retryable=job.error.retryable,
             attempt=job.error.attempt,
+            infrastructure=job.error.infrastructure,
         )
         stamp = ts(job.error.occurred_at)
         if stamp is not None:
@@ -169,7 +171,13 @@ def job_to_pb(job: Job) -> pb.Job:
     return msg
 
 
-def lease_to_pb(lease: Lease, *, heartbeat_interval: timedelta, results_prefix: str) -> pb.Lease:
+def lease_to_pb(
+    lease: Lease,
+    *,
+    heartbeat_interval: timedelta,
+    results_prefix: str,
+    lease_ttl: timedelta | None = None,
+) -> pb.Lease:
     job = lease.job
     msg = pb.Lease(
         job=job_to_pb(job),
@@ -188,4 +196,6 @@ def lease_to_pb(lease: Lease, *, heartbeat_interval: timedelta, results_prefix: 
     assert stamp is not None
     msg.lease_expires_at.CopyFrom(stamp)
     msg.heartbeat_interval.CopyFrom(duration(heartbeat_interval))
+    if lease_ttl is not None:
+        msg.lease_ttl.CopyFrom(duration(lease_ttl))
     return msg
