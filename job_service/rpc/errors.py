@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import grpc
@@ -42,11 +43,24 @@ STATUS_OF: dict[ErrorKind, grpc.StatusCode] = {
 }
 
 
-def to_status(code: grpc.StatusCode, message: str, reason: str, metadata: dict[str, str]) -> Any:
+def to_status(
+    code: grpc.StatusCode,
+    message: str,
+    reason: str,
+    metadata: dict[str, str],
+    retry_after: float | None = None,
+) -> Any:
+    """A google.rpc.Status with an ErrorInfo, and a RetryInfo when the caller should wait."""
     info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
-    proto = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=[detail])
+    details = [detail]
+    if retry_after is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromTimedelta(timedelta(seconds=retry_after))
+        details.append(any_pb2.Any())
+        details[-1].Pack(retry)
+    proto = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)
     return rpc_status.to_status(proto)
 
 

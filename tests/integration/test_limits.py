@@ -13,6 +13,8 @@ from typing import Any
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from jobs.v1 import jobs_pb2 as pb
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -36,6 +38,16 @@ async def until(predicate: Any, timeout: float = 10.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached"
         await asyncio.sleep(0.02)
+
+
+def retry_delay(err: grpc.aio.AioRpcError) -> float | None:
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    assert status is not None
+    for detail in status.details:
+        info = error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            return info.retry_delay.ToTimedelta().total_seconds()
+    return None
 
 
 def heartbeat(api: Stubs, lease: pb.Lease) -> Any:
@@ -63,6 +75,7 @@ async def test_calls_over_the_cap_are_refused_at_once_but_heartbeats_never(
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert error_reason(err.value) == "TOO_MANY_RPCS"
         assert "JOB_SERVICE_MAX_CONCURRENT_RPCS" in err.value.details()
+        assert retry_delay(err.value) == 1.0
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await claim(api, worker_id="p-4")
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -103,6 +116,7 @@ async def test_watch_streams_over_the_cap_are_refused(database_url, moto_s3):
                 pass
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert error_reason(err.value) == "TOO_MANY_STREAMS"
+        assert retry_delay(err.value) == 1.0
         # Unary calls are not counted against the stream cap.
         assert (await get_job(api, job.job_id)).job_id == job.job_id
 
