@@ -27,7 +27,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from job_service.config import Settings
-from job_service.domain import errors
+from job_service.domain import codes, errors
 from job_service.domain.model import (
     Fence,
     Job,
@@ -121,15 +121,15 @@ def decide_failure(
 ) -> LeaseEnd:
     """How a FailJob ends the lease. Pure: the job as read, the database's clock, the policies."""
     job = snap.job
-    infrastructure = kind is FailureKind.INFRASTRUCTURE and code != errors.CANCELLED
+    infrastructure = kind is FailureKind.INFRASTRUCTURE and code != codes.CANCELLED
     reported = JobError(
         code, message, retryable or infrastructure, job.attempts, infrastructure=infrastructure
     )
     # The claim counted an attempt; infrastructure trouble gives it back.
     attempts = max(job.attempts - 1, 0) if infrastructure else job.attempts
-    if job.cancel_requested and code != errors.CANCELLED:
+    if job.cancel_requested and code != codes.CANCELLED:
         # An operator asked to cancel: a retry would run the job again.
-        cancelled = JobError(errors.CANCELLED, "cancelled by an operator", False, job.attempts)
+        cancelled = JobError(codes.CANCELLED, "cancelled by an operator", False, job.attempts)
         return LeaseEnd(
             JobStatus.failed, attempts, None, cancelled, reported, "keep", LeaseOutcome.failed
         )
@@ -138,7 +138,7 @@ def decide_failure(
         elapsed = max((snap.db_now - since).total_seconds(), 0.0)
         if elapsed >= infra.window:
             gave_up = JobError(
-                errors.INFRASTRUCTURE_UNAVAILABLE,
+                codes.INFRASTRUCTURE_UNAVAILABLE,
                 f"infrastructure trouble for {elapsed:.0f} s, past the retry window of "
                 f"{infra.window:.0f} s; last: {code}: {message}",
                 retryable=False,
@@ -162,7 +162,7 @@ def decide_failure(
             LeaseOutcome.retried,
         )
     exhausted = retry.exhausted(job.attempts, job.max_attempts)
-    if retryable and not exhausted and code != errors.CANCELLED:
+    if retryable and not exhausted and code != codes.CANCELLED:
         target = requeue_status(job.status)
         if target is not job.status:
             check_transition(job.status, target)
@@ -182,14 +182,14 @@ def decide_expired(snap: Snapshot, *, retry: RetryPolicy) -> LeaseEnd:
     which counts the attempt."""
     job = snap.job
     error = JobError(
-        errors.LEASE_EXPIRED,
+        codes.LEASE_EXPIRED,
         f"lease held by {job.leased_by} expired on attempt {job.attempts} "
         "(worker crashed, hung or lost its connection)",
         retryable=True,
         attempt=job.attempts,
     )
     if job.cancel_requested:
-        cancelled = JobError(errors.CANCELLED, "cancelled by an operator", False, job.attempts)
+        cancelled = JobError(codes.CANCELLED, "cancelled by an operator", False, job.attempts)
         return LeaseEnd(
             JobStatus.failed, job.attempts, None, cancelled, error, "keep", LeaseOutcome.expired
         )
