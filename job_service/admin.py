@@ -121,8 +121,9 @@ class Admin:
         older_than: timedelta | None,
         page_size: int,
         page_token: str,
-    ) -> tuple[list[Job], str]:
-        """A page of jobs, newest change first, and the token of the next page ("" at the end)."""
+    ) -> tuple[list[Job], bool]:
+        """A page of jobs, newest change first, and whether more follow (page_token() of the
+        last job served is then the next page's token)."""
         if page_size < 0 or page_size > MAX_PAGE_SIZE:
             raise errors.InvalidArgument("page_size", f"must be within 0..{MAX_PAGE_SIZE}")
         size = page_size or DEFAULT_PAGE_SIZE
@@ -131,10 +132,13 @@ class Admin:
             rows = await repo.list_jobs(
                 conn, statuses=statuses, older_than=older_than, limit=size + 1, after=after
             )
-        page = rows[:size]
-        if len(rows) <= size:
-            return page, ""
-        return page, self._tokens.encode(page[-1], statuses, older_than)
+        return rows[:size], len(rows) > size
+
+    def page_token(
+        self, last: Job, statuses: Sequence[JobStatus], older_than: timedelta | None
+    ) -> str:
+        """The token of the page after `last`, bound to this filter."""
+        return self._tokens.encode(last, statuses, older_than)
 
     async def stats(self, stuck_after: timedelta | None = None) -> Stats:
         stuck = stuck_after or timedelta(seconds=self._settings.stuck_upload_seconds)

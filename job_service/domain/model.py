@@ -295,15 +295,6 @@ def _has_control(value: str) -> bool:
     return any(ord(c) < 32 or ord(c) == 127 for c in value)
 
 
-def validate_failure_kind(kind: int, known: frozenset[int]) -> int:
-    """A FailJob `kind` must be one of the FailureKind values (0 = old callers)."""
-    if kind not in known:
-        raise errors.InvalidArgument(
-            "kind", f"{kind} is not a FailureKind (use FAILURE_KIND_JOB or _INFRASTRUCTURE)"
-        )
-    return kind
-
-
 def validate_progress(pct: int) -> int:
     if not 0 <= pct <= 100:
         raise errors.InvalidArgument("progress_pct", f"must be within 0..100, got {pct}")

@@ -23,7 +23,6 @@ from job_service.domain.model import (
     parse_lease_token,
     parse_uuid,
     validate_error_code,
-    validate_failure_kind,
     validate_new_upload,
     validate_progress,
     validate_text,
@@ -54,8 +53,6 @@ MAX_MESSAGE_CHARS = 4000
 #: had not finished): call WatchJob again.
 WATCH_END_KEY = "jobs-watch-end"
 WATCH_END_MAX_LIFETIME = "max-lifetime"
-#: FailureKind values a FailJob may carry.
-FAILURE_KINDS = frozenset(int(v) for v in pb.FailureKind.values())
 
 
 class UploadServicer(pb_grpc.UploadServiceServicer):
@@ -251,7 +248,6 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     @unary
     async def FailJob(self, request: pb.FailJobRequest, context: Ctx) -> pb.FailJobResponse:
         validate_worker_request(request)
-        validate_failure_kind(request.kind, FAILURE_KINDS)
         job_id = parse_job_id(request.job_id)
         token = parse_lease_token(request.lease_token)
         code = validate_error_code(request.error_code)
