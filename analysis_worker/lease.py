@@ -83,9 +83,7 @@ class ActiveJob:
         """`sent_at` (event-loop clock) and `sent_wall` (time.time()): when the ClaimJob that
         granted this lease was sent; the lease's lifetime counts from there."""
         self.lease = lease
-        self.log = JobLog(
-            log, job_id=lease.job.job_id, worker_id=worker_id, attempt=lease.attempt
-        )
+        self.log = JobLog(log, job_id=lease.job.job_id, worker_id=worker_id, attempt=lease.attempt)
         self.stop_reason: StopReason | None = None
         # Set once the job reached its outcome (completed, failed or released).
         self.done = False

@@ -241,19 +241,10 @@ class JobRunner:
     async def _enter_deep(self, job: ActiveJob, quick_result: struct_pb2.Struct) -> None:
         """Records the quick pass and enters the deep pass: one ReportProgress(DEEP_RUNNING,
         result) where the service supports it, else QUICK_DONE(result) then DEEP_RUNNING."""
+        deep, quick_done = jobs_pb2.JOB_STATUS_DEEP_RUNNING, jobs_pb2.JOB_STATUS_QUICK_DONE
         if self._one_call_deep is not False:
             try:
-                await self._deliver(
-                    job,
-                    "ReportProgress(DEEP_RUNNING, quick result)",
-                    lambda: self._client.report_progress(
-                        job.lease,
-                        status=jobs_pb2.JOB_STATUS_DEEP_RUNNING,
-                        progress_pct=QUICK_DONE_PCT,
-                        result=quick_result,
-                    ),
-                    give_up=job.lost,
-                )
+                await self._report_stage(job, deep, quick_result, give_up=job.lost)
             except JobCallError as exc:
                 if exc.code is not grpc.StatusCode.FAILED_PRECONDITION:
                     raise
@@ -268,25 +259,26 @@ class JobRunner:
                 self._one_call_deep = True
                 job.raise_if_stopped()
                 return
-        await self._deliver(
-            job,
-            "ReportProgress(QUICK_DONE)",
-            lambda: self._client.report_progress(
-                job.lease,
-                status=jobs_pb2.JOB_STATUS_QUICK_DONE,
-                progress_pct=QUICK_DONE_PCT,
-                result=quick_result,
-            ),
-            give_up=job.lost,
-        )
+        await self._report_stage(job, quick_done, quick_result, give_up=job.lost)
         job.raise_if_stopped()
+        await self._report_stage(job, deep, None, give_up=job.stopped)
+
+    async def _report_stage(
+        self,
+        job: ActiveJob,
+        status: jobs_pb2.JobStatus.ValueType,
+        result: struct_pb2.Struct | None,
+        *,
+        give_up: asyncio.Event,
+    ) -> None:
+        name = jobs_pb2.JobStatus.Name(status).removeprefix("JOB_STATUS_")
         await self._deliver(
             job,
-            "ReportProgress(DEEP_RUNNING)",
+            f"ReportProgress({name}{', quick result' if result is not None else ''})",
             lambda: self._client.report_progress(
-                job.lease, status=jobs_pb2.JOB_STATUS_DEEP_RUNNING, progress_pct=QUICK_DONE_PCT
+                job.lease, status=status, progress_pct=QUICK_DONE_PCT, result=result
             ),
-            give_up=job.stopped,
+            give_up=give_up,
         )
 
     async def _deep(self, job: ActiveJob, video: Path, out_dir: Path) -> DeepResult:
