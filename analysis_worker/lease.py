@@ -52,7 +52,10 @@ def lease_lifetime(
         if seconds > 0:
             return seconds
     if expires_at is not None and (expires_at.seconds or expires_at.nanos):
-        return max(0.0, expires_at.ToNanoseconds() / 1e9 - sent_wall)
+        seconds = expires_at.ToNanoseconds() / 1e9 - sent_wall
+        # Already over by our clock: the clocks disagree by more than a lease. Fencing on that
+        # would stop every job at once; without lease_ttl there is no honest count to fence on.
+        return seconds if seconds > 0 else None
     return None
 
 

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2, timestamp_pb2
 from jobs.v1 import jobs_pb2
 
 from analysis_worker.analysis import AnalysisAborted, DeepResult, ProgressFn, StopFn
+from analysis_worker.lease import lease_lifetime
 from tests.support.analyzers import GatedAnalyzer, SyntheticAnalyzer, open_gate, recorded_calls
 from tests.support.faults import FaultyProxy
 
@@ -255,3 +257,17 @@ async def test_complete_job_is_retried_through_a_partition_until_the_lease_runs_
     claims = len(fake.requests("ClaimJob"))
     await fake.wait_for(lambda: len(fake.requests("ClaimJob")) > claims, "a new claim")
     assert fake.methods(lease.job.job_id) == ["ReportProgress"]  # entering deep, nothing after
+
+
+def test_lease_lifetime_prefers_the_relative_ttl_and_falls_back_to_the_expiry() -> None:
+    ttl = duration_pb2.Duration(seconds=30)
+    expires = timestamp_pb2.Timestamp(seconds=1_000_030)
+    # lease_ttl wins: it does not depend on the clocks agreeing.
+    assert lease_lifetime(ttl, expires, sent_wall=1_000_020.0) == 30
+    # Without it, the expiry against our wall clock at the moment we sent the call.
+    assert lease_lifetime(None, expires, sent_wall=1_000_010.0) == 20
+    assert lease_lifetime(duration_pb2.Duration(), expires, sent_wall=1_000_010.0) == 20
+    # Nothing to count on: no fence (rather than a fence that stops every job at once).
+    assert lease_lifetime(None, None, sent_wall=1_000_010.0) is None
+    assert lease_lifetime(None, timestamp_pb2.Timestamp(), sent_wall=1_000_010.0) is None
+    assert lease_lifetime(None, expires, sent_wall=1_000_031.0) is None
