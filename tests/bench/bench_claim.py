@@ -31,7 +31,7 @@ from jobs.v1 import jobs_pb2 as pb
 from jobs.v1 import jobs_pb2_grpc
 
 from job_service.storage import migrate
-from localinfra.ports import free_port
+from localinfra.netports import free_port
 from localinfra.postgres import PostgresCluster
 from localinfra.s3 import MotoS3
 from tests.support.procs import spawn, wait_serving
