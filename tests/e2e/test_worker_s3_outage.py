@@ -15,10 +15,9 @@ from jobs.v1 import jobs_pb2 as pb
 from localinfra.media import make_video
 from localinfra.s3 import MotoS3
 from tests.support import flows
+from tests.support.e2e import Api, json_lines, watch
 from tests.support.faults import FaultyProxy
 from tests.support.procs import ServiceProcess
-
-from .conftest import Api, json_lines, watch
 
 pytestmark = pytest.mark.slow
 

@@ -23,8 +23,7 @@ from analysis_worker.analysis import AnalysisAborted, DeepResult, ProgressFn, St
 from analysis_worker.lease import lease_lifetime
 from tests.support.analyzers import GatedAnalyzer, SyntheticAnalyzer, open_gate, recorded_calls
 from tests.support.faults import FaultyProxy
-
-from .conftest import BUCKET, Harness, RunningWorker
+from tests.support.worker_service import BUCKET, Harness, RunningWorker
 
 
 def metric(running: RunningWorker, name: str) -> float:
