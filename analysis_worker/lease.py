@@ -104,6 +104,8 @@ class ActiveJob:
         # Event-loop time at which the worker stops the job unless renewed (None: unknown).
         self.fence_at: float | None = None
         self._fence_handle: asyncio.TimerHandle | None = None
+        # The last known length of this lease (seconds from a claim/renewal); None: unknown.
+        self.lifetime: float | None = None
         lifetime = lease_lifetime(
             lease.lease_ttl if lease.HasField("lease_ttl") else None,
             lease.lease_expires_at if lease.HasField("lease_expires_at") else None,
@@ -123,6 +125,21 @@ class ActiveJob:
     def renewed(self, sent_at: float, lifetime: float | None) -> None:
         """A claim/renewal sent at `sent_at` (loop clock) succeeded and lasts `lifetime` s."""
         self.renewed_at = max(self.renewed_at, sent_at)
+        if lifetime is not None:
+            self.lifetime = lifetime
+        self._extend_fence(sent_at, lifetime)
+
+    def held_through_outage(self, sent_at: float) -> None:
+        """A heartbeat sent at `sent_at` was answered "the service's database is unavailable".
+
+        Nobody can rescue the lease while the database is down, and the service rescues
+        nothing until one grace (at least a lease) after it is back; so the lease cannot be
+        taken before `sent_at` plus one lifetime, and the fence moves there. Not a renewal: the
+        heartbeat loop keeps retrying, and renews as soon as the database answers again.
+        """
+        self._extend_fence(sent_at, self.lifetime)
+
+    def _extend_fence(self, sent_at: float, lifetime: float | None) -> None:
         if lifetime is None or self.done or self.lost.is_set():
             return
         margin = min(MAX_FENCE_MARGIN, lifetime * FENCE_MARGIN_FRACTION)

@@ -18,7 +18,9 @@ from typing import Any
 import aioboto3
 import grpc
 from botocore.config import Config as BotoConfig
-from google.protobuf import duration_pb2, struct_pb2
+from google.protobuf import any_pb2, duration_pb2, struct_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 from jobs.v1 import jobs_pb2, jobs_pb2_grpc
 
 from analysis_worker.analysis import Analyzer
@@ -73,6 +75,7 @@ class FakeWorkerService(jobs_pb2_grpc.WorkerServiceServicer):
         # job id -> monotonic time its current lease ends (with lease_seconds set).
         self.expires: dict[str, float] = {}
         self.expired: set[str] = set()
+        self.database_down = False
         self._changed = asyncio.Event()
 
     # -- test side ---------------------------------------------------------------------------
@@ -123,8 +126,33 @@ class FakeWorkerService(jobs_pb2_grpc.WorkerServiceServicer):
         if self.errors[method]:
             code = self.errors[method].pop(0)
             await context.abort(code, f"scripted {code.name}")
+        if self.database_down and method != "ClaimJob":
+            info = error_details_pb2.ErrorInfo(reason="DATABASE_UNAVAILABLE", domain="jobs.v1")
+            detail = any_pb2.Any()
+            detail.Pack(info)
+            await context.abort_with_status(
+                rpc_status.to_status(
+                    status_pb2.Status(
+                        code=code_pb2.UNAVAILABLE,
+                        message="the job database did not answer",
+                        details=[detail],
+                    )
+                )
+            )
+
+    def set_database_down(self, down: bool) -> None:
+        """Models the service losing its database: every call answers UNAVAILABLE
+        DATABASE_UNAVAILABLE, no lease expires meanwhile, and once it is back every lease gets
+        one more lease length (the service's outage grace) to be renewed."""
+        self.database_down = down
+        if not down and self.lease_seconds is not None:
+            grace_end = time.monotonic() + self.lease_seconds
+            for job_id, ends in self.expires.items():
+                self.expires[job_id] = max(ends, grace_end)
 
     def _check_expiry(self, job_id: str) -> None:
+        if self.database_down:
+            return
         ends = self.expires.get(job_id)
         if ends is not None and time.monotonic() > ends and job_id not in self.lost:
             self.lost.add(job_id)

@@ -270,3 +270,50 @@ def test_lease_lifetime_prefers_the_relative_ttl_and_falls_back_to_the_expiry() 
     assert lease_lifetime(None, None, sent_wall=1_000_010.0) is None
     assert lease_lifetime(None, timestamp_pb2.Timestamp(), sent_wall=1_000_010.0) is None
     assert lease_lifetime(None, expires, sent_wall=1_000_031.0) is None
+
+
+async def test_a_database_outage_at_the_service_longer_than_a_lease_costs_no_lease(
+    harness: Harness,
+) -> None:
+    """UNAVAILABLE DATABASE_UNAVAILABLE: the service is there and nobody can take the lease
+    until one grace after its database is back, so the worker keeps working through it (and
+    renews as soon as it can) instead of fencing itself."""
+    fake = harness.fake
+    fake.lease_seconds = 1.5
+    lease = await harness.lease(heartbeat_interval=0.5)
+    fake.offer(lease)
+    running = harness.start(gated(harness))
+    await fake.wait_for(lambda: "deep" in passes(harness), "the deep pass")
+    await fake.wait_for(lambda: heartbeats(harness) >= 1, "a first renewal")
+
+    fake.set_database_down(True)
+    down_at = time.monotonic()
+    await fake.wait_for(lambda: time.monotonic() > down_at + 3 * 1.5, "three leases of outage")
+    assert running.worker.active_job_ids == [lease.job.job_id]
+    assert passes(harness) == ["quick", "deep"]  # not aborted
+    fake.set_database_down(False)
+    before = heartbeats(harness)
+    await fake.wait_for(lambda: heartbeats(harness) >= before + 2, "renewals after the outage")
+    assert fake.expired == set()
+
+    open_gate(harness.gate_dir)
+    await fake.wait_for(lambda: fake.requests("CompleteJob"), "CompleteJob")
+    assert metric(running, "analysis_worker_leases_fenced_total") == 0
+    assert fake.requests("FailJob") == [] and fake.requests("ReleaseJob") == []
+
+
+async def test_plain_unavailable_longer_than_a_lease_still_fences(harness: Harness) -> None:
+    """Without the service saying its database is down, an unrenewed lease may be rescued at
+    its expiry: the worker stops the job first."""
+    fake = harness.fake
+    fake.lease_seconds = 1.5
+    lease = await harness.lease(heartbeat_interval=0.5)
+    fake.offer(lease)
+    running = harness.start(gated(harness))
+    await fake.wait_for(lambda: "deep" in passes(harness), "the deep pass")
+    await fake.wait_for(lambda: heartbeats(harness) >= 1, "a first renewal")
+    fake.errors["Heartbeat"] = [grpc.StatusCode.UNAVAILABLE] * 1000
+    await fake.wait_for(lambda: "aborted" in passes(harness), "the fence", within=5)
+    await fake.wait_for(lambda: not running.worker.active_job_ids, "the job dropped")
+    assert metric(running, "analysis_worker_leases_fenced_total") == 1
+    assert fake.requests("ReleaseJob") == [] and fake.requests("FailJob") == []
