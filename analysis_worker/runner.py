@@ -329,24 +329,16 @@ class JobRunner:
         kind: jobs_pb2.FailureKind.ValueType = jobs_pb2.FAILURE_KIND_JOB,
     ) -> None:
         infrastructure = kind == jobs_pb2.FAILURE_KIND_INFRASTRUCTURE
-        try:
-            await self._deliver(
-                job,
-                "FailJob",
-                lambda: self._client.fail(
-                    job.lease, code=code, message=message, retryable=retryable, kind=kind
-                ),
-                give_up=job.lost,
-            )
-        except LeaseLostError:
-            job.stop(StopReason.LOST)
+        ended = await self._end_lease(
+            job,
+            "FailJob",
+            lambda: self._client.fail(
+                job.lease, code=code, message=message, retryable=retryable, kind=kind
+            ),
+            error_code=code,
+        )
+        if not ended:
             return
-        except JobStopped:
-            return
-        except JobCallError as exc:
-            job.log.error("FailJob was rejected", extra={"error": str(exc), "error_code": code})
-            return
-        job.done = True
         if infrastructure:
             self._metrics.infrastructure_failures.labels(code=code).inc()
         else:
@@ -362,24 +354,31 @@ class JobRunner:
         )
 
     async def _release(self, job: ActiveJob, reason: str) -> None:
-        try:
-            await self._deliver(
-                job,
-                "ReleaseJob",
-                lambda: self._client.release(job.lease, reason=reason),
-                give_up=job.lost,
-            )
-        except LeaseLostError:
-            job.stop(StopReason.LOST)
+        ended = await self._end_lease(
+            job, "ReleaseJob", lambda: self._client.release(job.lease, reason=reason)
+        )
+        if not ended:
             return
-        except JobStopped:
-            return
-        except JobCallError as exc:
-            job.log.error("ReleaseJob was rejected", extra={"error": str(exc)})
-            return
-        job.done = True
         self._metrics.jobs_released.inc()
         job.log.info("lease released", extra={"reason": reason})
+
+    async def _end_lease(
+        self, job: ActiveJob, what: str, call: Callable[[], Awaitable[Any]], **log_extra: str
+    ) -> bool:
+        """Delivers the call that ends the lease (FailJob, ReleaseJob); True once it landed
+        (the job is then done). False if the lease was lost meanwhile, or the call refused."""
+        try:
+            await self._deliver(job, what, call, give_up=job.lost)
+        except LeaseLostError:
+            job.stop(StopReason.LOST)
+            return False
+        except JobStopped:
+            return False
+        except JobCallError as exc:
+            job.log.error("%s was rejected", what, extra={"error": str(exc), **log_extra})
+            return False
+        job.done = True
+        return True
 
     async def _deliver(
         self,
