@@ -288,6 +288,7 @@ class Worker:
         while True:
             held = self._held()
             if not held:
+                failures = 0  # the next lease starts a schedule of its own
                 self._job_added.clear()
                 await self._job_added.wait()
                 continue
