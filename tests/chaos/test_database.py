@@ -106,7 +106,7 @@ async def test_postgres_restart_under_load_loses_and_fails_nothing(
     figures: Callable[[str], Figures],
 ) -> None:
     fig = figures("Postgres restart (fast shutdown) under load")
-    jobs = chaos_scale.pick(8, 24)
+    jobs = chaos_scale.pick(6, 24)
     workers = 3
     restarts = chaos_scale.pick(1, 3)
     lease = 3.0
