@@ -14,7 +14,7 @@ help:
 	@echo "make proto      regenerate the gRPC stubs from protos/"
 	@echo "make lint       ruff + import-linter;  make typecheck: mypy"
 	@echo "make migrate    alembic upgrade head against JOB_SERVICE_DATABASE_URL"
-	@echo "make bench      claim-throughput benchmark with a same-run baseline"
+	@echo "make bench      lease-path benchmark beside same-run baselines (raw SQL, PgQueuer, echo); BENCH_ARGS=--quick"
 	@echo "make chaos      the chaos suite at full scale (faults across the fleet, ~10 min)"
 
 $(STAMP): pyproject.toml
@@ -59,7 +59,7 @@ demo: $(STAMP)
 	$(PY) -m scripts.demo
 
 bench: $(STAMP)
-	$(PY) -m tests.bench.bench_claim
+	$(PY) -m tests.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf .run .bench .pytest_cache .mypy_cache .ruff_cache
