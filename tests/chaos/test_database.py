@@ -73,6 +73,7 @@ async def test_database_outage_of_three_leases_takes_no_lease_from_healthy_worke
         fig.notes["deep passes per job"] = deep_passes(spans)
         fig.notes["'lease expired' warnings"] = len(fleet.service_events("lease expired"))
         fig.notes["attempts before the outage"] = sorted(before.values())
+        fig.notes["workers' self-fence lines"] = len(fleet.worker_events("lease not renewed"))
 
     after = {j.id: j.attempts for j in await jobs_db.jobs()}
     assert after == before, fig.render()  # the outage spent no attempt

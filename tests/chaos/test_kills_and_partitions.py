@@ -151,6 +151,7 @@ async def test_partition_longer_than_a_lease_never_runs_a_job_twice_at_once(
             (s.worker, s.kind, s.outcome, round(s.end - s.start, 1)) for s in spans
         ]
         fig.notes["completions accepted"] = len(completions)
+        fig.notes["workers' self-fence lines"] = len(fleet.worker_events("lease not renewed"))
 
     assert fig.statuses == {"done": 1}, fig.render()
     assert not fig.overlapping_jobs, fig.render()  # at most one analysis at any moment
