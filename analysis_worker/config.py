@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import Field, field_validator
-from pydantic_settings import NoDecode, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from analysis_worker.analysis import DEFAULT_ANALYZER_SPEC
-from pipeline_common.settings import EnvSettings
 
 PREFIX = "ANALYSIS_WORKER_"
 
@@ -41,14 +46,26 @@ class HostPort:
         return f"{self.host}:{self.port}"
 
 
-class Settings(EnvSettings):
+class SettingsError(ValueError):
+    """A setting has a bad value; the message names the variable(s) to fix."""
+
+
+class Settings(BaseSettings):
     """Everything main() needs to build the worker. Durations are in seconds.
 
     An empty WORKER_ID means "derive hostname-pid", an empty S3_ENDPOINT_URL "AWS", an empty
     WORK_DIR the system temp dir, an empty METRICS_ADDRESS "no metrics endpoint".
     """
 
-    model_config = SettingsConfigDict(env_prefix=PREFIX, str_strip_whitespace=True)
+    # pydantic-settings, as the job-service's settings; the two share no code (the worker shares
+    # only the generated protos with the job-service), so these few lines stand in both.
+    model_config = SettingsConfigDict(
+        env_prefix=PREFIX,
+        str_strip_whitespace=True,
+        frozen=True,
+        extra="forbid",
+        validate_default=True,
+    )
 
     job_service_address: _NonEmpty = "127.0.0.1:50051"
     worker_id: Annotated[str, Field(max_length=_MAX_WORKER_ID)] = ""
@@ -96,6 +113,46 @@ class Settings(EnvSettings):
         if level not in _LOG_LEVELS:
             raise ValueError(f"must be one of {', '.join(_LOG_LEVELS)}")
         return level
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # `Settings(**values)` is the defaults plus `values`; only from_env() reads variables.
+        return (init_settings,)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
+        """Reads ANALYSIS_WORKER_* from `environ` (default os.environ, names compared
+        case-insensitively); SettingsError names every bad variable and its value."""
+        env = {k.upper(): v for k, v in (os.environ if environ is None else environ).items()}
+        given: dict[str, Any] = {
+            n: env[PREFIX + n.upper()] for n in cls.model_fields if PREFIX + n.upper() in env
+        }
+        try:
+            return cls(**given)
+        except ValidationError as exc:
+            problems = [
+                f"{PREFIX}{str(e['loc'][0]).upper()}={e['input']!r}: "
+                + str(e["msg"]).removeprefix("Value error, ")
+                if e["loc"]
+                else str(e["msg"])
+                for e in exc.errors(include_url=False)
+            ]
+            raise SettingsError("; ".join(problems)) from None
+
+    @classmethod
+    def env_table(cls) -> list[tuple[str, str]]:
+        """Every variable, with its default as written in the environment, in field order."""
+        return [
+            (PREFIX + name.upper(), "" if field.default is None else str(field.default))
+            for name, field in cls.model_fields.items()
+        ]
 
 
 def env_table() -> list[tuple[str, str]]:

@@ -15,7 +15,7 @@ import threading
 
 from jobs.v1 import jobs_pb2
 
-from pipeline_common.logs import JobLog
+from analysis_worker.logs import JobLog
 
 log = logging.getLogger("analysis_worker.job")
 

@@ -20,11 +20,11 @@ from botocore.config import Config as BotoConfig
 from analysis_worker.analysis import Analyzer, load_analyzer
 from analysis_worker.config import Settings
 from analysis_worker.job_client import JobClient, create_channel
+from analysis_worker.logs import configure_logging
 from analysis_worker.metrics import MetricsServer, WorkerMetrics, serve_metrics
 from analysis_worker.runner import JobRunner
 from analysis_worker.storage import Storage
 from analysis_worker.worker import Worker, WorkerOptions
-from pipeline_common.logs import configure_logging
 
 log = logging.getLogger("analysis_worker")
 
@@ -41,7 +41,7 @@ def main() -> int:
     except ValueError as exc:
         print(f"analysis-worker: configuration error: {exc}", file=sys.stderr)
         return 2
-    configure_logging("analysis-worker", settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format)
     try:
         analyzer = load_analyzer(settings.analyzer)
     except ValueError as exc:

@@ -2,26 +2,33 @@
 
 Every variable has a default that works with `make run`'s local stack; the README lists them.
 Built once in main() and passed in: nothing reads the environment at import time. The mechanism
-(pydantic-settings; `from_env`, `env_table`, errors naming the variable) is
-pipeline_common.settings, shared with the worker. Add a setting as `name: type = default` at
-the end of the class.
+is pydantic-settings, as in the worker's settings (analysis_worker.config): `Settings(**values)`
+is the defaults plus `values` and reads no environment; `Settings.from_env()` reads the
+JOB_SERVICE_* variables and its errors name the variable and value. Add a setting as
+`name: type = default` at the end of the class.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from datetime import timedelta
-from typing import Self
+from typing import Any, Self
 
-from pydantic import PositiveFloat, PositiveInt, model_validator
-from pydantic_settings import SettingsConfigDict
-
-from pipeline_common.settings import EnvSettings
+from pydantic import PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 PREFIX = "JOB_SERVICE_"
 
 
-class Settings(EnvSettings):
-    model_config = SettingsConfigDict(env_prefix=PREFIX)
+class SettingsError(ValueError):
+    """A setting has a bad value; the message names the variable(s) to fix."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=PREFIX, frozen=True, extra="forbid", validate_default=True
+    )
 
     #: SQLAlchemy URL of the job database (asyncpg driver).
     database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:55432/jobs"
@@ -101,3 +108,45 @@ class Settings(EnvSettings):
                 "JOB_SERVICE_LEASE_SECONDS, so one lost heartbeat does not lose the lease"
             )
         return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Only what the constructor is given: the environment is read by from_env() alone.
+        return (init_settings,)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
+        """Reads JOB_SERVICE_* from `environ` (default os.environ; names compare
+        case-insensitively); raises SettingsError naming every bad variable."""
+        env = {k.upper(): v for k, v in (os.environ if environ is None else environ).items()}
+        values: dict[str, Any] = {
+            n: env[PREFIX + n.upper()] for n in cls.model_fields if PREFIX + n.upper() in env
+        }
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise SettingsError(_explain(exc)) from None
+
+    @classmethod
+    def env_table(cls) -> list[tuple[str, str]]:
+        """(variable, default) for every field; the README and docker-compose are checked
+        against it."""
+        return [(PREFIX + n.upper(), str(f.default)) for n, f in cls.model_fields.items()]
+
+
+def _explain(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors(include_url=False):
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if error["loc"]:
+            problems.append(f"{PREFIX}{str(error['loc'][0]).upper()}={error['input']!r}: {message}")
+        else:  # a rule across several fields: its message names them
+            problems.append(message)
+    return "; ".join(problems)

@@ -8,7 +8,7 @@ import signal
 
 from job_service.app import JobServiceApp
 from job_service.config import Settings
-from pipeline_common.logs import configure_logging
+from job_service.logs import configure_logging
 
 log = logging.getLogger("job_service")
 
@@ -25,7 +25,7 @@ async def serve(settings: Settings) -> None:
 
 def main() -> None:
     settings = Settings.from_env()
-    configure_logging("job-service", settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format)
     asyncio.run(serve(settings))
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import IO
 
 _COLOURS = ("36", "32", "33", "35", "34", "91", "92", "93")
-# Keys of the services' JSON lines (pipeline_common.logs) not worth a place on a terminal line.
+# Keys of the services' JSON lines (job_service.logs, analysis_worker.logs) not worth a place
+# on a terminal line.
 _NOISE = ("service", "logger", "taskName")
 
 

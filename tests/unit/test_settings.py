@@ -1,4 +1,4 @@
-"""The one settings mechanism (pipeline_common.settings) as the job-service uses it; the worker's
+"""The settings mechanism (pydantic-settings) as the job-service uses it; the worker's
 own rules are in tests/unit/worker/test_worker_config.py."""
 
 from __future__ import annotations
@@ -8,8 +8,7 @@ import re
 import pytest
 from pydantic import ValidationError
 
-from job_service.config import PREFIX, Settings
-from pipeline_common.settings import SettingsError
+from job_service.config import PREFIX, Settings, SettingsError
 
 
 def test_the_constructor_reads_no_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,8 +9,8 @@ import logging
 import urllib.request
 
 from analysis_worker.config import HostPort
+from analysis_worker.logs import JobLog, TextFormatter, json_formatter
 from analysis_worker.metrics import WorkerMetrics, serve_metrics
-from pipeline_common.logs import JobLog, JsonFormatter, TextFormatter
 
 
 def capture(formatter: logging.Formatter) -> tuple[logging.Logger, io.StringIO]:
@@ -25,7 +25,7 @@ def capture(formatter: logging.Formatter) -> tuple[logging.Logger, io.StringIO]:
 
 
 def test_job_lines_are_one_json_object_with_job_and_worker_ids() -> None:
-    logger, stream = capture(JsonFormatter("analysis-worker"))
+    logger, stream = capture(json_formatter())
     log = JobLog(logger, job_id="job-1", worker_id="w-1")
     log.info("deep pass done", extra={"seconds": 1.5})
     try:
