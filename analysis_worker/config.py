@@ -22,7 +22,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from analysis_worker.analysis import DEFAULT_ANALYZER_SPEC
+from analysis_worker.analysis.base import DEFAULT_ANALYZER_SPEC
 
 PREFIX = "ANALYSIS_WORKER_"
 
