@@ -14,7 +14,8 @@ help:
 	@echo "make proto      regenerate the gRPC stubs from protos/"
 	@echo "make lint       ruff + import-linter;  make typecheck: mypy"
 	@echo "make migrate    alembic upgrade head against JOB_SERVICE_DATABASE_URL"
-	@echo "make bench      claim-throughput benchmark with a same-run baseline"
+	@echo "make bench      lease-path benchmark beside same-run baselines (raw SQL, PgQueuer, echo); BENCH_ARGS=--quick"
+	@echo "make chaos      the chaos suite at full scale (faults across the fleet, ~10 min)"
 
 $(STAMP): pyproject.toml
 	@command -v $(PY_BOOT) >/dev/null || { echo "need $(PY_BOOT) on PATH"; exit 1; }
@@ -58,7 +59,13 @@ demo: $(STAMP)
 	$(PY) -m scripts.demo
 
 bench: $(STAMP)
-	$(PY) -m tests.bench.bench_claim
+	$(PY) -m tests.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf .run .bench .pytest_cache .mypy_cache .ruff_cache
+
+# The chaos suite at full scale (about ten minutes): real processes, Postgres, S3 and fault
+# proxies; prints its figures at the end. `make test` runs the same scenarios at CHAOS_SCALE=short.
+.PHONY: chaos
+chaos: $(STAMP)
+	CHAOS_SCALE=full $(VENV)/bin/pytest -q tests/chaos $(PYTEST_ARGS)

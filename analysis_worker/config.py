@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     metrics_address: Annotated[HostPort | None, NoDecode] = HostPort("127.0.0.1", 9465)
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
+    # worker (issue 7): seconds of S3 trouble (5xx, timeouts, refused connections, 403) one
+    # lease retries inside itself before it gives the job back as infrastructure trouble.
+    s3_retry_budget_seconds: _Seconds = 60
 
     @field_validator("worker_id")
     @classmethod

@@ -2,9 +2,9 @@
 exceptions.
 
 The vocabulary is the proto enum `jobs.v1.ErrorCode`: the stored code is the enum name without
-its `ERROR_CODE_` prefix. These plain constants keep the domain free of generated code;
-tests/unit/domain/test_codes.py checks them against the enum both ways, so a code added to the
-proto must be added here (and the other way round).
+its `ERROR_CODE_` prefix (tests/support/wire.py error_code()). These plain constants keep the
+domain free of generated code; tests/unit/domain/test_codes.py checks them against the enum
+both ways, so a code added to the proto must be added here (and the other way round).
 """
 
 from __future__ import annotations

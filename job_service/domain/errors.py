@@ -127,3 +127,22 @@ class DatabaseUnavailable(JobServiceError):
 
     kind = ErrorKind.UNAVAILABLE
     reason = "DATABASE_UNAVAILABLE"
+
+
+# Database faults a retry can cure (the lease path classifies them in storage/db.py).
+
+
+class DatabaseConflict(JobServiceError):
+    """The database aborted the statement as a conflict (serialization failure, deadlock);
+    nothing was changed, retry."""
+
+    kind = ErrorKind.ABORTED
+    reason = "DATABASE_CONFLICT"
+
+
+class DatabaseOutcomeUnknown(DatabaseUnavailable):
+    """The connection broke while the change was in flight: it may or may not have been made.
+    Retrying is safe (a fenced call repeated after it took effect answers OK)."""
+
+    def __init__(self, message: str | None = None, **metadata: object) -> None:
+        super().__init__(message, outcome="unknown", **metadata)

@@ -44,6 +44,8 @@ class JobError:
     retryable: bool = False
     attempt: int = 0
     occurred_at: datetime | None = None
+    #: Infrastructure trouble (FailJob kind=INFRASTRUCTURE), which spends no attempt.
+    infrastructure: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -75,6 +77,8 @@ class Job:
     error: JobError | None = None
     result: Mapping[str, Any] | None = None
     results_uri: str | None = None
+    #: Set while the job's failures in a row are infrastructure trouble (revision 0006).
+    infrastructure_failing_since: datetime | None = None
 
     @property
     def stage(self) -> str:

@@ -14,13 +14,8 @@ from typing import Any
 from jobs.v1 import jobs_pb2 as pb
 from jobs.v1 import jobs_pb2_grpc
 
-from job_service.domain.status import TERMINAL
-from job_service.rpc.convert import status_to_pb
 from tests.support.procs import ServiceProcess
-
-#: The domain's terminal statuses (job_service.domain.status.TERMINAL, the one definition) on
-#: the wire.
-TERMINAL_STATUSES = frozenset(status_to_pb(status) for status in TERMINAL)
+from tests.support.wire import TERMINAL_STATUSES
 
 
 @dataclasses.dataclass

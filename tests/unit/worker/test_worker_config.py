@@ -31,6 +31,7 @@ def test_defaults() -> None:
     assert s.shutdown_grace_seconds == 30
     assert s.metrics_address == HostPort("127.0.0.1", 9465)
     assert (s.log_level, s.log_format) == ("INFO", "json")
+    assert s.s3_retry_budget_seconds == 60
 
 
 def test_overrides() -> None:
@@ -49,6 +50,7 @@ def test_overrides() -> None:
             METRICS_ADDRESS="",
             LOG_LEVEL="debug",
             LOG_FORMAT="text",
+            S3_RETRY_BUDGET_SECONDS="0",
         )
     )
     assert s.job_service_address == "jobs:6000"
@@ -63,6 +65,7 @@ def test_overrides() -> None:
     assert s.shutdown_grace_seconds == 0
     assert s.metrics_address is None  # empty: no endpoint
     assert (s.log_level, s.log_format) == ("DEBUG", "text")
+    assert s.s3_retry_budget_seconds == 0  # give the job back at the first S3 failure
 
 
 @pytest.mark.parametrize(
@@ -83,6 +86,8 @@ def test_overrides() -> None:
         ("LOG_LEVEL", "LOUD"),
         ("LOG_FORMAT", "xml"),
         ("S3_REGION", ""),
+        ("S3_RETRY_BUDGET_SECONDS", "-5"),
+        ("S3_RETRY_BUDGET_SECONDS", "inf"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str) -> None:
@@ -98,7 +103,7 @@ def test_secret_is_not_in_repr() -> None:
 def test_env_table_lists_every_variable_with_a_default_that_parses() -> None:
     table = env_table()
     names = [name for name, _ in table]
-    assert len(names) == len(set(names)) == 15
+    assert len(names) == len(set(names)) == 16
     assert all(name.startswith(PREFIX) for name in names)
     # The documented defaults are the real ones: feeding them back changes nothing.
     assert Settings.from_env(dict(table)) == Settings.from_env({})
@@ -119,6 +124,7 @@ def test_env_table_lists_every_variable_with_a_default_that_parses() -> None:
         "METRICS_ADDRESS": "",
         "LOG_LEVEL": "DEBUG",
         "LOG_FORMAT": "text",
+        "S3_RETRY_BUDGET_SECONDS": "5",
     }
     assert sorted(PREFIX + k for k in alternatives) == sorted(names)
     defaults = Settings.from_env({})
