@@ -19,11 +19,12 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tests.bench import pgq, service, sql
-from tests.bench.infra import BenchInfra, machine
+from tests.bench.infra import PGQ_DATABASE, BenchInfra, machine
 from tests.bench.report import KEYS, Line, p50, pct, rate, render
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,6 +92,13 @@ QUICK = Sizes(
     fleet_window=3.0,
     uploads=20,
 )
+#: --sections NAME -> method; all of them by default, in this order.
+SECTIONS = {
+    "throughput": "throughput",
+    "idle": "idle_and_wake",
+    "history": "history",
+    "fleet": "fleet",
+}
 CALLERS = 8
 CLAIM_CALLERS = 16
 LEASES_PER_HEARTBEAT = 32
@@ -119,6 +127,10 @@ async def load(kind: str, **args: Any) -> dict[str, Any]:
     return result
 
 
+def div(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
 def ratio(a: float, b: float) -> str:
     return f"{a / b:.0%}" if b else "n/a"
 
@@ -134,11 +146,9 @@ class Bench:
         self.lines[line.key] = line
         note(f"{line.what}: {line.figure}  {line.beside}")
 
-    async def run(self) -> None:
-        await self.throughput()
-        await self.idle_and_wake()
-        await self.history()
-        await self.fleet()
+    async def run(self, sections: Sequence[str]) -> None:
+        for name in sections:
+            await getattr(self, SECTIONS[name])()
 
     # -- throughput: echo, raw floor, PgQueuer, worker cycle, claims, heartbeats -------------
 
@@ -197,12 +207,11 @@ class Bench:
                 "floor_batched",
                 "raw SQL, claim batch 10 + one batched ack per claim",
                 rate(floor_b, "jobs/s"),
-                f"{floor_b / floor:.1f}x the floor",
+                f"{div(floor_b, floor):.1f}x the floor",
             )
         )
 
         pgq_dsn = infra.dsn("pgqueuer")
-        await pgq.install(pgq_dsn)
         pgq1 = await pgq.throughput(pgq_dsn, s.pgq_jobs_1, 1)
         self.add(
             Line(
@@ -253,10 +262,10 @@ class Bench:
                 continue
             jobs = cycles[key]
             beside = (
-                f"{ratio(jobs, floor)} of raw floor; {jobs / pgq1:.2f}x PgQueuer 1p, "
-                f"{jobs / pgqn:.2f}x PgQueuer {n}p"
+                f"{ratio(jobs, floor)} of raw floor; {div(jobs, pgq1):.2f}x PgQueuer 1p, "
+                f"{div(jobs, pgqn):.2f}x PgQueuer {n}p"
             )
-            met = jobs / floor >= 0.30 if batch == 10 else None
+            met = div(jobs, floor) >= 0.30 if batch == 10 else None
             self.add(Line(key, what, rate(jobs, "jobs/s"), beside, target, met))
 
         await sql.seed(raw, s.raw_seed, settle=True)
@@ -278,7 +287,7 @@ class Bench:
                 rate(claims, "claims/s"),
                 f"{ratio(claims, raw_claims)} of raw claim-one",
                 "≥ 50% of raw claim-one",
-                claims / raw_claims >= 0.5,
+                div(claims, raw_claims) >= 0.5,
             )
         )
 
@@ -351,7 +360,7 @@ class Bench:
                 "wake",
                 f"wake-up: commit (enqueue) -> lease received, {PARKED_CALLERS} parked callers",
                 f"p50 {w50:.1f} / p99 {pct(wake, 0.99):.1f} ms",
-                f"{w50 / q50:.1f}x PgQueuer commit->start p50",
+                f"{div(w50, q50):.1f}x PgQueuer commit->start p50",
                 "p50 ≤ 3 ms and ≤ 2x PgQueuer",
                 w50 <= 3.0 and w50 <= 2 * q50,
             )
@@ -526,12 +535,17 @@ async def amain(args: argparse.Namespace) -> int:
             sizes, fleet_steps=tuple(int(x) for x in args.fleet_steps.split(","))
         )
     env = dict(kv.split("=", 1) for kv in args.service_env)
+    sections = args.sections.split(",") if args.sections else list(SECTIONS)
+    unknown = [x for x in sections if x not in SECTIONS]
+    if unknown:
+        raise SystemExit(f"unknown sections {unknown}; choose from {list(SECTIONS)}")
     infra = BenchInfra(args.processes, env)
     started = time.perf_counter()
     try:
         await infra.start()
+        await pgq.install(infra.dsn(PGQ_DATABASE))
         bench = Bench(infra, sizes, args.quick)
-        await bench.run()
+        await bench.run(sections)
     finally:
         await infra.finish_retiring()
         infra.close()
@@ -559,7 +573,7 @@ async def amain(args: argparse.Namespace) -> int:
     (out_dir / f"{name}.json").write_text(
         json.dumps([dataclasses.asdict(x) for x in ordered], indent=1) + "\n"
     )
-    if missing:
+    if missing and len(sections) == len(SECTIONS):
         print(f"missing lines: {missing}", file=sys.stderr)
         return 1
     return 0
@@ -569,6 +583,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="toy sizes, for make test")
     parser.add_argument("--processes", type=int, help="JOB_SERVICE_PROCESSES for the service")
+    parser.add_argument(
+        "--sections", help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)"
+    )
     parser.add_argument("--out", help="directory for results.md/.json (default .bench/)")
     parser.add_argument("--fleet-steps", help="comma-separated fleet sizes to try, in order")
     parser.add_argument(

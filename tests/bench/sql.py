@@ -139,10 +139,11 @@ async def floor(
     """Claim `batch` per statement, then ack each job (or the whole claim) fenced. Jobs/s."""
     pool = await asyncpg.create_pool(dsn, min_size=connections, max_size=connections)
     done = 0
+    last = 0.0
     deadline = time.perf_counter() + seconds
 
     async def worker(i: int) -> None:
-        nonlocal done
+        nonlocal done, last
         async with pool.acquire() as conn:
             while time.perf_counter() < deadline:
                 rows = await conn.fetch(CLAIM, batch, f"raw-{i}")
@@ -157,37 +158,38 @@ async def floor(
                     for r in rows:
                         assert await conn.fetchval(ACK, r["id"], r["lease_token"]) is not None
                 done += len(rows)
+                last = time.perf_counter()
 
     try:
         start = time.perf_counter()
         await asyncio.gather(*(worker(i) for i in range(connections)))
-        elapsed = time.perf_counter() - start
     finally:
         await pool.close()
-    return done / elapsed
+    return done / (last - start) if done else 0.0
 
 
 async def claim_one(dsn: str, seconds: float, connections: int) -> float:
     """The claim statement with LIMIT 1 on `connections` connections. Claims/s."""
     pool = await asyncpg.create_pool(dsn, min_size=connections, max_size=connections)
     done = 0
+    last = 0.0
     deadline = time.perf_counter() + seconds
 
     async def worker(i: int) -> None:
-        nonlocal done
+        nonlocal done, last
         async with pool.acquire() as conn:
             while time.perf_counter() < deadline:
                 if not await conn.fetch(CLAIM, 1, f"raw-{i}"):
                     return
                 done += 1
+                last = time.perf_counter()
 
     try:
         start = time.perf_counter()
         await asyncio.gather(*(worker(i) for i in range(connections)))
-        elapsed = time.perf_counter() - start
     finally:
         await pool.close()
-    return done / elapsed
+    return done / (last - start) if done else 0.0
 
 
 async def renew(dsn: str, seconds: float, connections: int, per_call: int) -> float:
