@@ -15,6 +15,7 @@ help:
 	@echo "make lint       ruff + import-linter;  make typecheck: mypy"
 	@echo "make migrate    alembic upgrade head against JOB_SERVICE_DATABASE_URL"
 	@echo "make bench      lease-path benchmark beside same-run baselines (raw SQL, PgQueuer, echo); BENCH_ARGS=--quick"
+	@echo "make chaos      the chaos suite at full scale (faults across the fleet, ~10 min)"
 
 $(STAMP): pyproject.toml
 	@command -v $(PY_BOOT) >/dev/null || { echo "need $(PY_BOOT) on PATH"; exit 1; }
@@ -62,3 +63,9 @@ bench: $(STAMP)
 
 clean:
 	rm -rf .run .bench .pytest_cache .mypy_cache .ruff_cache
+
+# The chaos suite at full scale (about ten minutes): real processes, Postgres, S3 and fault
+# proxies; prints its figures at the end. `make test` runs the same scenarios at CHAOS_SCALE=short.
+.PHONY: chaos
+chaos: $(STAMP)
+	CHAOS_SCALE=full $(VENV)/bin/pytest -q tests/chaos $(PYTEST_ARGS)

@@ -22,8 +22,9 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from analysis_worker.analysis.base import DEFAULT_ANALYZER_SPEC
+
 PREFIX = "ANALYSIS_WORKER_"
-DEFAULT_ANALYZER = "analysis_worker.analysis.pyav_analyzer:PyAVAnalyzer"
 
 # ClaimJobRequest.worker_id is at most 200 characters (jobs.proto).
 _MAX_WORKER_ID = 200
@@ -75,12 +76,15 @@ class Settings(BaseSettings):
     s3_region: _NonEmpty = "us-east-1"
     s3_access_key_id: str = "devaccess"
     s3_secret_access_key: str = Field(default="devsecret", repr=False)
-    analyzer: str = DEFAULT_ANALYZER
+    analyzer: str = DEFAULT_ANALYZER_SPEC
     work_dir: Path | None = None
     shutdown_grace_seconds: _Seconds = 30
     metrics_address: Annotated[HostPort | None, NoDecode] = HostPort("127.0.0.1", 9465)
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
+    # worker (issue 7): seconds of S3 trouble (5xx, timeouts, refused connections, 403) one
+    # lease retries inside itself before it gives the job back as infrastructure trouble.
+    s3_retry_budget_seconds: _Seconds = 60
 
     @field_validator("worker_id")
     @classmethod

@@ -16,7 +16,7 @@ from sqlalchemy import func
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from job_service.config import Settings
-from job_service.domain import errors
+from job_service.domain import codes, errors
 from job_service.domain.model import Job, JobError, JobId, LeaseOutcome, verify_upload
 from job_service.domain.status import TERMINAL, JobStatus, check_transition
 from job_service.metrics import Metrics
@@ -224,7 +224,7 @@ class Admin:
             if job.lease_token is not None:
                 job = await repo.update_job(conn, job_id, cancel_requested=True)
             else:
-                error = JobError(errors.CANCELLED, message, False, job.attempts)
+                error = JobError(codes.CANCELLED, message, False, job.attempts)
                 job = await repo.update_job(
                     conn,
                     job_id,

@@ -11,7 +11,7 @@ from types import TracebackType
 
 import grpc
 from google.rpc import error_details_pb2  # noqa: F401  (reflection serves ErrorInfo to grpcurl)
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 from jobs.v1 import jobs_pb2
 from prometheus_client import start_http_server
@@ -22,11 +22,12 @@ from job_service.leases import Leases
 from job_service.metrics import Metrics
 from job_service.retention import MIN_AGE, Retention
 from job_service.rpc.admin_servicer import AdminServicer
-from job_service.rpc.registration import CallGate, add_services
+from job_service.rpc.registration import CallGate, add_health, add_services
 from job_service.rpc.servicers import UploadServicer, WorkerServicer
 from job_service.s3 import S3Gateway
-from job_service.storage.db import create_engine
+from job_service.storage.db import LeasePool, Reachability, create_engine
 from job_service.storage.notify import ClaimableListener
+from job_service.storage.repository import LeaseStore
 from job_service.uploads import Uploads
 from job_service.wakeup import ClaimWaiters, JobChanges
 
@@ -108,12 +109,32 @@ class JobServiceApp:
                 "create it (every upload would look missing otherwise)"
             )
         waiters, changes = ClaimWaiters(), JobChanges()
+        self.waiters = waiters
+        # The lease path's own pool (issue 7 section 7): WatchJob or admin floods on the engine
+        # cannot starve heartbeats of connections.
+        self.reachability = Reachability()
+        lease_pool = LeasePool(
+            s.database_url,
+            size=s.lease_pool_size,
+            connect_timeout=s.db_connect_timeout_seconds,
+            lock_timeout=s.lease_lock_timeout_seconds,
+            statement_timeout=s.lease_statement_timeout_seconds,
+            reachability=self.reachability,
+        )
+        await lease_pool.start()
+        self._stack.push_async_callback(lease_pool.close)
+        self.lease_pool = lease_pool
+        lease_store = LeaseStore(lease_pool)
         self.uploads = Uploads(engine, store, s, self.metrics, changes)
-        self.leases = Leases(engine, s, waiters, self.metrics)
+        self.leases = Leases(lease_store, s, waiters, self.metrics, self.reachability)
+        self._stack.push_async_callback(self.leases.hand_back.close)
         self.admin = Admin(aux_engine, store, s, self.metrics)
         watch_uploads = Uploads(aux_engine, store, s, self.metrics, changes)
         self.retention = Retention(aux_engine, store, s)
-        listener = ClaimableListener(s.database_url, engine, waiters, changes)
+        listener = ClaimableListener(
+            s.database_url, lease_store, waiters, changes, reachability=self.reachability
+        )
+        self.listener = listener
         await listener.start()
         self._stack.push_async_callback(listener.stop)
         with contextlib.suppress(TimeoutError):
@@ -134,7 +155,7 @@ class JobServiceApp:
             self.gate,
             self.metrics,
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        add_health(server, self.health, self.metrics)
         reflection.enable_server_reflection(
             (
                 *SERVICE_NAMES,
@@ -198,6 +219,9 @@ class JobServiceApp:
 
     async def _stop_server(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
+        # Parked ClaimJob calls answer (empty) now instead of waiting out the grace, and no
+        # call claims from here on: nothing is leased to a caller that is about to be cut off.
+        self.waiters.close()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -74,27 +74,46 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     #: "json" or "text".
     log_format: str = "json"
-    # --- edge helper: bounded resources, page tokens, retention (docs/decisions.md 15-19) ---
+    # --- edge helper: bounded resources, page tokens, retention (docs/decisions.md, edge) ---
     #: Unary calls in flight (parked ClaimJob included) above which new ones are refused with
     #: RESOURCE_EXHAUSTED; the lease-keeping calls (Heartbeat, ReportProgress, CompleteJob,
     #: FailJob, ReleaseJob) are never refused.
-    max_concurrent_rpcs: int = 10000
+    max_concurrent_rpcs: PositiveInt = 10000
     #: WatchJob streams open at once; more are refused with RESOURCE_EXHAUSTED.
-    max_watch_streams: int = 1000
+    max_watch_streams: PositiveInt = 1000
     #: A WatchJob stream ends (status OK) after this long; the client calls WatchJob again.
-    watch_max_seconds: float = 300.0
+    watch_max_seconds: PositiveFloat = 300.0
     #: Connections of the pool WatchJob, AdminService and retention use, apart from the lease
     #: path's, so a flood of streams or operator reads cannot starve heartbeats.
-    aux_db_pool_size: int = 3
+    aux_db_pool_size: PositiveInt = 3
     #: Key that signs ListJobs page tokens; empty derives one from the database URL (every
     #: instance of a deployment then agrees). Set it when the URL is not secret.
     page_token_secret: str = ""
     #: Finished jobs (done, failed) whose last change is older than this are deleted with their
     #: error rows by a background task; 0 keeps them forever (the default).
     retention_seconds: float = 0.0
-    retention_interval_seconds: float = 600.0
+    retention_interval_seconds: PositiveFloat = 600.0
     #: Jobs deleted per transaction (small: each batch holds its row locks only briefly).
-    retention_batch: int = 500
+    # -- lease path (perf-core) --
+    #: Infrastructure failures (FailJob kind=INFRASTRUCTURE) spend no attempt: requeued after a
+    #: jittered backoff between the base and the cap, growing with how long the trouble lasts...
+    infra_retry_base_seconds: float = 1.0
+    infra_retry_max_seconds: float = 30.0
+    #: ...until this long after the first infrastructure failure in a row; then FAILED with
+    #: INFRASTRUCTURE_UNAVAILABLE.
+    infra_retry_window_seconds: float = 21600.0
+    #: After the database was unreachable (or the service started), expired leases are taken
+    #: back only once it has been reachable this long; never less than one lease.
+    outage_grace_seconds: float = 0.0
+    #: Connections of the lease path's own pool (ClaimJob, Heartbeat, the fenced calls).
+    lease_pool_size: int = 10
+    #: lock_timeout / statement_timeout of the lease path: a call that would wait longer answers
+    #: UNAVAILABLE instead.
+    lease_lock_timeout_seconds: float = 2.0
+    lease_statement_timeout_seconds: float = 10.0
+    retention_batch: PositiveInt = 500
+    #: The background task also deletes the purged jobs' results in S3 (PurgeJobs asks per call).
+    retention_delete_results: bool = False
 
     @property
     def lease(self) -> timedelta:

@@ -139,11 +139,13 @@ class Retention:
         )
 
     async def run_policy(self) -> PurgeReport | None:
-        """One background pass of the configured policy (rows only: S3 results of purged jobs
-        are left to the bucket's lifecycle rule, or to PurgeJobs with delete_results)."""
-        age = self._settings.retention_seconds
-        if age <= 0:
+        """One background pass of the configured policy (at most BATCHES_PER_PASS batches;
+        the next pass continues)."""
+        s = self._settings
+        if s.retention_seconds <= 0:
             return None
         return await self.purge(
-            timedelta(seconds=age), max_jobs=self._settings.retention_batch * BATCHES_PER_PASS
+            timedelta(seconds=s.retention_seconds),
+            delete_results=s.retention_delete_results,
+            max_jobs=s.retention_batch * BATCHES_PER_PASS,
         )

@@ -18,7 +18,7 @@ from sqlalchemy import func
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from job_service.config import Settings
-from job_service.domain import errors
+from job_service.domain import codes, errors
 from job_service.domain.model import (
     Job,
     JobError,
@@ -40,10 +40,10 @@ log = logging.getLogger(__name__)
 WATCH_REFRESH_SECONDS = 5.0
 
 _PREFLIGHT_OUTCOME = {
-    errors.UPLOAD_OBJECT_NOT_FOUND: "not_found",
-    errors.UPLOAD_EMPTY: "empty",
-    errors.UPLOAD_SIZE_MISMATCH: "size_mismatch",
-    errors.UPLOAD_CONTENT_TYPE_MISMATCH: "content_type_mismatch",
+    codes.UPLOAD_OBJECT_NOT_FOUND: "not_found",
+    codes.UPLOAD_EMPTY: "empty",
+    codes.UPLOAD_SIZE_MISMATCH: "size_mismatch",
+    codes.UPLOAD_CONTENT_TYPE_MISMATCH: "content_type_mismatch",
 }
 
 
@@ -225,7 +225,7 @@ class Uploads:
 
     async def _expire(self, job: Job) -> None:
         error = JobError(
-            errors.UPLOAD_EXPIRED,
+            codes.UPLOAD_EXPIRED,
             "the upload URL expired and no object arrived; call InitiateUpload with the same "
             "request_id for a new URL, upload, then CompleteUpload",
         )

@@ -57,9 +57,11 @@ def struct(value: Mapping[str, Any] | None) -> struct_pb2.Struct | None:
 
 
 #: Limits on a Struct a request may carry (ReportProgress/CompleteJob `result`, and any future
-#: Struct field). Depth counts nested objects and lists, the top-level Struct being 1: 32 JSON
-#: levels are about 66 protobuf levels inside a WatchJobResponse, far below protobuf's parse
-#: limit of 100, so whatever is stored can always be served back.
+#: Struct field). Depth counts nested objects and lists, the top-level Struct being 1. It is
+#: bound by protobuf's parse limit of 100 message levels: an object costs 3 (Struct, map entry,
+#: Value), so a 32-deep result still parses inside the deepest message that carries it
+#: (ClaimJobResponse > Lease > Job, when a job resumes at the deep pass) and whatever is stored
+#: can always be served back; 33 would not. test_validation checks both ends.
 MAX_STRUCT_DEPTH = 32
 MAX_STRUCT_BYTES = 256 * 1024
 
@@ -146,6 +148,7 @@ def job_to_pb(job: Job) -> pb.Job:
         ("updated_at", job.updated_at),
         ("upload_expires_at", job.upload_expires_at),
         ("available_at", job.available_at),
+        ("infrastructure_failing_since", job.infrastructure_failing_since),
     ):
         stamp = ts(value)
         if stamp is not None:
@@ -156,6 +159,7 @@ def job_to_pb(job: Job) -> pb.Job:
             message=job.error.message,
             retryable=job.error.retryable,
             attempt=job.error.attempt,
+            infrastructure=job.error.infrastructure,
         )
         stamp = ts(job.error.occurred_at)
         if stamp is not None:
@@ -167,7 +171,13 @@ def job_to_pb(job: Job) -> pb.Job:
     return msg
 
 
-def lease_to_pb(lease: Lease, *, heartbeat_interval: timedelta, results_prefix: str) -> pb.Lease:
+def lease_to_pb(
+    lease: Lease,
+    *,
+    heartbeat_interval: timedelta,
+    results_prefix: str,
+    lease_ttl: timedelta | None = None,
+) -> pb.Lease:
     job = lease.job
     msg = pb.Lease(
         job=job_to_pb(job),
@@ -186,4 +196,6 @@ def lease_to_pb(lease: Lease, *, heartbeat_interval: timedelta, results_prefix: 
     assert stamp is not None
     msg.lease_expires_at.CopyFrom(stamp)
     msg.heartbeat_interval.CopyFrom(duration(heartbeat_interval))
+    if lease_ttl is not None:
+        msg.lease_ttl.CopyFrom(duration(lease_ttl))
     return msg

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import descriptor, message
+from grpc_health.v1 import health_pb2
 from jobs.v1 import jobs_pb2
 
 from job_service.metrics import Metrics
@@ -181,3 +182,40 @@ def add_services(
             (grpc.method_handlers_generic_handler(service.full_name, handlers),)
         )
         server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def add_health(server: grpc.aio.Server, servicer: object, metrics: Metrics) -> None:
+    """grpc.health.v1.Health with the same safe deserializer (never capped: a saturated service
+    must still answer its health checks). Its Watch writes with context.write, so the wrapper
+    is a coroutine, not a generator."""
+    service = health_pb2.DESCRIPTOR.services_by_name["Health"]
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in service.methods:
+        request_cls = getattr(health_pb2, method.input_type.name)
+        response_cls = getattr(health_pb2, method.output_type.name)
+        fn = getattr(servicer, method.name)
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            _guarded(fn, method.name, metrics),
+            request_deserializer=safe_deserializer(request_cls),
+            response_serializer=response_cls.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def _guarded(
+    fn: Callable[[Any, Ctx], Awaitable[Any]], method: str, metrics: Metrics
+) -> Callable[[Any, Ctx], Awaitable[Any]]:
+    async def behavior(request: Any, context: Ctx) -> Any:
+        if isinstance(request, Undecodable):
+            await _malformed(context, metrics, method, request)
+        return await fn(request, context)
+
+    return behavior

@@ -28,7 +28,7 @@ from job_service.domain.model import (
     validate_text,
     validate_worker_id,
 )
-from job_service.leases import Leases
+from job_service.leases import FailureKind, Leases
 from job_service.metrics import Metrics
 from job_service.rpc import convert
 from job_service.rpc.errors import stream, unary
@@ -38,6 +38,13 @@ if TYPE_CHECKING:
     Ctx = grpc.aio.ServicerContext[Any, Any]
 #: Kept between a long-poll's answer and the caller's deadline, so the answer arrives in time.
 DEADLINE_MARGIN_SECONDS = 1.0
+#: No claim starts later than this before the caller's deadline (see leases.MIN_CLAIM_SECONDS).
+ANSWER_MARGIN_SECONDS = 0.1
+_FAILURE_KIND = {
+    pb.FAILURE_KIND_UNSPECIFIED: FailureKind.JOB,
+    pb.FAILURE_KIND_JOB: FailureKind.JOB,
+    pb.FAILURE_KIND_INFRASTRUCTURE: FailureKind.INFRASTRUCTURE,
+}
 MAX_HEARTBEAT_LEASES = 1000
 MAX_MESSAGE_CHARS = 4000
 
@@ -160,9 +167,20 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             else 0.0
         )
         remaining = context.time_remaining()
+        budget = None
         if remaining is not None:
             wait = min(wait, max(remaining - DEADLINE_MARGIN_SECONDS, 0.0))
-        leases = await self._leases.claim(worker_id, request.max_jobs, wait)
+            budget = remaining - ANSWER_MARGIN_SECONDS
+        leases = await self._leases.claim(worker_id, request.max_jobs, wait, budget=budget)
+        if leases:
+            # The answer may still not reach the caller (it cancels, its deadline passes while
+            # the response is on its way): then its leases go back at once, no attempt counted.
+            def gone(ctx: Ctx) -> None:
+                if ctx.cancelled():
+                    self._leases.give_back(leases, "ClaimJob caller gone")
+
+            # The stubs type the callback as a stub-only class; any callable works.
+            context.add_done_callback(gone)  # type: ignore[arg-type]
         interval = timedelta(seconds=self._settings.heartbeat_interval_seconds)
         return pb.ClaimJobResponse(
             leases=[
@@ -170,6 +188,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                     lease,
                     heartbeat_interval=interval,
                     results_prefix=self._settings.s3_results_prefix,
+                    lease_ttl=self._leases.lease_ttl,
                 )
                 for lease in leases
             ]
@@ -187,6 +206,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             )
         refs = [(parse_job_id(r.job_id), parse_lease_token(r.lease_token)) for r in request.leases]
         results = await self._leases.heartbeat(request.worker_id, refs)
+        ttl = convert.duration(self._leases.lease_ttl)
         out = pb.HeartbeatResponse()
         for r in results:
             status = out.leases.add(
@@ -197,6 +217,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             stamp = convert.ts(r.expires_at)
             if stamp is not None:
                 status.lease_expires_at.CopyFrom(stamp)
+                status.lease_ttl.CopyFrom(ttl)
         return out
 
     @unary
@@ -234,7 +255,10 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         token = parse_lease_token(request.lease_token)
         code = validate_error_code(request.error_code)
         message = validate_text("error_message", request.error_message, MAX_MESSAGE_CHARS) or code
-        job = await self._leases.fail(job_id, token, code, message, request.retryable)
+        kind = _FAILURE_KIND.get(request.kind)
+        if kind is None:
+            raise errors.InvalidArgument("kind", f"{request.kind} is not a FailureKind")
+        job = await self._leases.fail(job_id, token, code, message, request.retryable, kind)
         return pb.FailJobResponse(job=convert.job_to_pb(job))
 
     @unary

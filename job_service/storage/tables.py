@@ -94,6 +94,10 @@ jobs = Table(
     Column("results_uri", Text),
     # When the upload reconciler last looked for this job's object (revision 0005).
     Column("upload_checked_at", DateTime(timezone=True)),
+    # Revision 0006 (lease path): the infrastructure retry window counts from here; the stored
+    # error was infrastructure trouble (spent no attempt).
+    Column("infrastructure_failing_since", DateTime(timezone=True)),
+    Column("error_infrastructure", Boolean, nullable=False, server_default="false"),
     # The claim's scan: only claimable rows are in it, so it stays small as history grows.
     Index(
         "ix_video_analysis_jobs_claimable",
@@ -101,10 +105,11 @@ jobs = Table(
         "created_at",
         postgresql_where=text("status IN ('queued', 'quick_done') AND lease_token IS NULL"),
     ),
-    # The reaper's scan over live leases.
+    # The reaper's scan over live leases. Not on lease_expires_at, the one column a heartbeat
+    # writes, so heartbeats are HOT updates (revision 0006; the table has fillfactor 80).
     Index(
-        "ix_video_analysis_jobs_lease_expires_at",
-        "lease_expires_at",
+        "ix_video_analysis_jobs_leased",
+        "leased_at",
         postgresql_where=text("lease_token IS NOT NULL"),
     ),
     Index("ix_video_analysis_jobs_status_updated_at", "status", "updated_at"),
@@ -138,9 +143,12 @@ job_errors = Table(
     Column("retryable", Boolean, nullable=False),
     Column("worker_id", Text),
     Column("occurred_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # Revision 0006: infrastructure trouble, not the job's own failure.
+    Column("infrastructure", Boolean, nullable=False, server_default="false"),
 )
 
-#: NOTIFY channel: a row became claimable (payload: job id). See revision 0003's trigger.
+#: NOTIFY channel: a row became claimable (payload: job id), or will at a time (payload
+#: `at:<epoch seconds>`, a backoff). See revisions 0003 and 0006.
 CLAIMABLE_CHANNEL = "video_analysis_jobs_claimable"
 #: NOTIFY channel: a job's status or progress changed (payload: job id). See revision 0004.
 CHANGED_CHANNEL = "video_analysis_jobs_changed"

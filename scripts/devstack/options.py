@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 from analysis_worker.config import Settings as WorkerSettings
 from job_service.config import Settings as ServiceSettings
-from localinfra.ports import LOCALHOST, free_ports, is_listening
+from localinfra.netports import LOCALHOST, free_ports, is_listening
 from scripts.devstack import StackError
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -17,7 +17,7 @@ from typing import IO
 from job_service.config import Settings as ServiceSettings
 from job_service.storage import migrate
 from localinfra import supervise
-from localinfra.ports import LOCALHOST, is_listening
+from localinfra.netports import LOCALHOST, is_listening
 from localinfra.postgres import PostgresCluster
 from localinfra.process import pid_alive
 from localinfra.s3 import SeaweedS3
@@ -102,7 +102,7 @@ class Stack:
         exists = pg.execute(f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'")
         if not exists:
             pg.create_database(DATABASE)
-        self.database_url = pg.dsn(DATABASE).replace("postgresql://", "postgresql+asyncpg://", 1)
+        self.database_url = pg.sqlalchemy_url(DATABASE)
         self.write_state(ready=False)
         self.console.say(
             f"postgres on {LOCALHOST}:{pg.port} ready, database {DATABASE} "

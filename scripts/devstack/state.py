@@ -11,7 +11,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from localinfra.ports import LOCALHOST
+from localinfra.netports import LOCALHOST
 from scripts.devstack.console import shown
 from scripts.devstack.options import Options
 

@@ -1,8 +1,8 @@
-"""Fuzzing every RPC of a real in-process job-service: thousands of generated requests (NUL,
-huge and exotic strings, integers at their extremes, unknown enum values, out-of-range
-durations, deep, huge and non-JSON Structs) and raw garbage bytes sent through a generic
-channel call. Not one answer may be INTERNAL or UNKNOWN (those are our bugs), and the server
-must still be SERVING at the end.
+"""Fuzzing every RPC of a real in-process job-service, grpc.health.v1.Health included:
+thousands of generated requests (NUL, huge and exotic strings, integers at their extremes,
+unknown enum values, out-of-range durations, deep, huge and non-JSON Structs) and raw garbage
+bytes sent through a generic channel call. Not one answer may be INTERNAL or UNKNOWN (those
+are our bugs), and the server must still be SERVING at the end.
 
 Requests are built from the service descriptors, so an RPC or field added to jobs.proto is
 fuzzed without touching this file. The generator is seeded: a failure names its seed and is
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-from google.protobuf import descriptor, duration_pb2, struct_pb2
+from google.protobuf import descriptor, duration_pb2, message_factory, struct_pb2
 from grpc_health.v1 import health_pb2
 from jobs.v1 import jobs_pb2 as pb
 
@@ -173,7 +173,7 @@ class Gen:
             return self.duration()
         if name == "google.protobuf.Struct":
             return self.struct()
-        return self.message(pb.__dict__[field.message_type.name])
+        return self.message(message_class(field.message_type))
 
     def _set(self, msg: Any, field: descriptor.FieldDescriptor) -> None:
         if field.type == descriptor.FieldDescriptor.TYPE_MESSAGE:
@@ -290,11 +290,13 @@ def varint(n: int) -> bytes:
 
 
 def methods() -> list[tuple[str, descriptor.MethodDescriptor]]:
-    return [
-        (f"/{svc.full_name}/{m.name}", m)
-        for svc in (pb.DESCRIPTOR.services_by_name[name] for name in SERVICES)
-        for m in svc.methods
-    ]
+    services = [pb.DESCRIPTOR.services_by_name[name] for name in SERVICES]
+    services.append(health_pb2.DESCRIPTOR.services_by_name["Health"])
+    return [(f"/{svc.full_name}/{m.name}", m) for svc in services for m in svc.methods]
+
+
+def message_class(desc: descriptor.Descriptor) -> Any:
+    return message_factory.GetMessageClass(desc)
 
 
 async def call_once(
@@ -326,7 +328,7 @@ async def test_fuzz_every_rpc_never_answers_internal_or_unknown(api, app, moto_s
     gen = Gen(rng, job_ids, tokens)
     plan: list[tuple[str, descriptor.MethodDescriptor, bytes]] = []
     for path, method in methods():
-        cls = pb.__dict__[method.input_type.name]
+        cls = message_class(method.input_type)
         for i in range(CALLS_PER_RPC):
             msg = gen.mutated(cls) if i % 2 else gen.message(cls)
             plan.append((path, method, msg.SerializeToString()))

@@ -247,7 +247,11 @@ async def test_purge_jobs_rejects_bad_requests(api, app, moto_s3, fields, field)
 
 async def test_background_task_applies_the_configured_retention(database_url, moto_s3):
     settings = settings_for(
-        database_url, moto_s3, retention_seconds=7 * DAY, retention_interval_seconds=0.2
+        database_url,
+        moto_s3,
+        retention_seconds=7 * DAY,
+        retention_interval_seconds=0.2,
+        retention_delete_results=True,
     )
     async with JobServiceApp(settings) as app:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
@@ -255,11 +259,21 @@ async def test_background_task_applies_the_configured_retention(database_url, mo
             old = [await done_job(api, moto_s3), await failed_job(api, moto_s3)]
             fresh = await done_job(api, moto_s3)
             active = await initiate(api)
+            prefix = settings.s3_results_prefix
+            keys = {j: f"{prefix}{j}/01-aaaa/summary.json" for j in (*old, fresh)}
+            for key in keys.values():
+                await put_object(moto_s3, settings.s3_bucket, key)
             await backdate(app, [*old, active.job.job_id], OLD)
             deadline = time.monotonic() + 15
             while await job_ids_left(app) != {fresh, active.job.job_id}:
                 assert time.monotonic() < deadline, await job_ids_left(app)
                 await asyncio.sleep(0.1)
+            client = moto_s3.client()
+            listed = await asyncio.to_thread(
+                client.list_objects_v2, Bucket=settings.s3_bucket, Prefix=settings.s3_results_prefix
+            )
+            left = {o["Key"] for o in listed.get("Contents", [])}
+            assert keys[fresh] in left and not {keys[j] for j in old} & left
             # Unset older_than means the configured age when retention is on.
             resp = await api.admin.PurgeJobs(pb.PurgeJobsRequest(dry_run=True), timeout=10)
             assert resp.older_than.ToTimedelta() == timedelta(days=7) and resp.jobs == 0
@@ -271,3 +285,47 @@ def test_retention_below_the_minimum_age_is_refused_at_start(database_url, moto_
     with pytest.raises(ValueError, match="RETENTION_SECONDS"):
         check_edge_settings(settings_for(database_url, moto_s3, retention_seconds=60))
     check_edge_settings(settings_for(database_url, moto_s3, retention_seconds=0))
+
+
+async def test_revision_0008_builds_a_valid_index_over_history_and_rolls_back(pg, fresh_db):
+    from alembic import command
+
+    from job_service.storage import migrate
+    from tests.conftest import sa_url
+
+    name = fresh_db()
+    url = sa_url(pg, name)
+    await migrate.upgrade_async(url, "0007")
+    # History to index: finished and active jobs written before the revision.
+    pg.execute(
+        "INSERT INTO video_sessions (id) VALUES ('00000000-0000-0000-0000-000000000001');"
+        "INSERT INTO video_analysis_jobs (id, session_id, status, stage, filename, content_type,"
+        " size_bytes, s3_bucket, s3_key, updated_at) SELECT gen_random_uuid(),"
+        " '00000000-0000-0000-0000-000000000001', (ARRAY['done','failed','queued'])[1 + i % 3]"
+        "::video_analysis_job_status, 'X', 'a.mp4', 'video/mp4', 1, 'videos', 'k' || i,"
+        " now() - make_interval(days => i % 30) FROM generate_series(1, 3000) AS i",
+        name,
+    )
+    await migrate.upgrade_async(url, "head")
+    await asyncio.to_thread(migrate.check, url)
+    valid = pg.execute(
+        "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+        "WHERE c.relname = 'ix_video_analysis_jobs_finished'",
+        name,
+    )
+    assert valid == "t"
+    plan = pg.execute(
+        "SET enable_seqscan = off; EXPLAIN SELECT id FROM video_analysis_jobs WHERE status IN "
+        "('done', 'failed') AND updated_at < now() - interval '7 days' ORDER BY updated_at "
+        "LIMIT 500",
+        name,
+    )
+    assert "ix_video_analysis_jobs_finished" in plan
+
+    await asyncio.to_thread(command.downgrade, migrate.alembic_config(url), "0007")
+    gone = pg.execute(
+        "SELECT count(*) FROM pg_class WHERE relname = 'ix_video_analysis_jobs_finished'", name
+    )
+    assert gone == "0"
+    await migrate.upgrade_async(url, "head")
+    await asyncio.to_thread(migrate.check, url)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from localinfra import supervise
-from localinfra.ports import free_port, is_listening
+from localinfra.netports import free_port, is_listening
 
 # A child that listens on $PORT once it has started, and reacts to SIGTERM as $ON_TERM says.
 CHILD = textwrap.dedent(

@@ -13,7 +13,7 @@ import pytest
 
 from analysis_worker.config import Settings as WorkerSettings
 from job_service.config import Settings as ServiceSettings
-from localinfra.ports import LOCALHOST, free_ports
+from localinfra.netports import LOCALHOST, free_ports
 from scripts.devstack import StackError
 from scripts.devstack.console import pretty
 from scripts.devstack.options import (
