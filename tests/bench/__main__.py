@@ -454,7 +454,8 @@ class Bench:
             db = infra.new_database("fleet")
             await sql.seed(infra.dsn(db), 2 * size + 100)
             proc = await infra.start_service(db)
-            n_proc = 1 if size <= 1000 else 2
+            # Two load processes past 1,000 workers (and in --quick, so both paths stay run).
+            n_proc = 1 if size <= 1000 and not self.quick else 2
             share = [size // n_proc + (1 if i < size % n_proc else 0) for i in range(n_proc)]
             outs = await asyncio.gather(
                 *(
