@@ -302,26 +302,36 @@ async def parked_queries(
     return (after[0] - before[0]) / elapsed, (after[1] - before[1]) / elapsed, failed
 
 
-async def claim_latency(address: str, dsn: str, rounds: int) -> list[float]:
-    """ms of a ClaimJob(max_jobs=1) that finds one freshly queued job."""
-    samples = []
-    async with channels(address, 1) as chans:
-        stub = workers(chans)[0]
-        conn = await asyncpg.connect(dsn)
-        try:
-            session = uuid.uuid4()
-            await conn.execute("INSERT INTO video_sessions (id) VALUES ($1)", session)
-            for _ in range(rounds):
-                await conn.fetch(sql.SEED, "queued", 1, session)
+async def claim_latency(
+    addresses: Sequence[str], dsns: Sequence[str], rounds: int
+) -> list[list[float]]:
+    """ms of a ClaimJob(max_jobs=1) that finds one freshly queued job, per service; the services
+    take turns (in alternating order) so noise is shared."""
+    samples: list[list[float]] = [[] for _ in addresses]
+    chans = [grpc.aio.insecure_channel(a) for a in addresses]
+    conns = [await asyncpg.connect(d) for d in dsns]
+    try:
+        stubs = [jobs_pb2_grpc.WorkerServiceStub(ch) for ch in chans]
+        sessions = []
+        for conn in conns:
+            sessions.append(uuid.uuid4())
+            await conn.execute("INSERT INTO video_sessions (id) VALUES ($1)", sessions[-1])
+        for r in range(rounds):
+            order = range(len(stubs)) if r % 2 == 0 else reversed(range(len(stubs)))
+            for i in order:
+                await conns[i].fetch(sql.SEED, "queued", 1, sessions[i])
                 start = time.perf_counter()
-                resp = await stub.ClaimJob(
+                resp = await stubs[i].ClaimJob(
                     pb.ClaimJobRequest(worker_id="lat", max_jobs=1, wait=EMPTY_WAIT),
                     timeout=TIMEOUT,
                 )
-                samples.append((time.perf_counter() - start) * 1000)
+                samples[i].append((time.perf_counter() - start) * 1000)
                 assert len(resp.leases) == 1
-        finally:
+    finally:
+        for conn in conns:
             await conn.close()
+        for ch in chans:
+            await ch.close()
     return samples
 
 

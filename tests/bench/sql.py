@@ -111,28 +111,6 @@ async def seed(
         await conn.close()
 
 
-async def vacuum_analyze(dsn: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute("VACUUM (ANALYZE) video_analysis_jobs")
-        await conn.execute("CHECKPOINT")
-    finally:
-        await conn.close()
-
-
-async def finish_leased(dsn: str) -> None:
-    """Mark every leased job done (cleanup between latency rounds)."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(
-            "UPDATE video_analysis_jobs SET status = 'done', stage = 'DONE', "
-            "lease_token = NULL, lease_expires_at = NULL, last_lease_outcome = 'completed' "
-            "WHERE lease_token IS NOT NULL"
-        )
-    finally:
-        await conn.close()
-
-
 async def floor(
     dsn: str, seconds: float, connections: int, batch: int, *, batched_ack: bool
 ) -> float:
@@ -228,19 +206,24 @@ async def renew(dsn: str, seconds: float, connections: int, per_call: int) -> fl
     return done / elapsed
 
 
-async def claim_latency(dsn: str, rounds: int) -> list[float]:
-    """Milliseconds of one claim statement that finds one freshly queued job."""
-    conn = await asyncpg.connect(dsn)
-    samples = []
+async def claim_latency(dsns: Sequence[str], rounds: int) -> list[list[float]]:
+    """ms of one claim statement that finds one freshly queued job, per database, taking turns
+    (in alternating order) so noise is shared."""
+    conns = [await asyncpg.connect(d) for d in dsns]
+    samples: list[list[float]] = [[] for _ in dsns]
     try:
-        for _ in range(rounds):
-            await conn.fetch(SEED, "queued", 1, await _session(conn))
-            start = time.perf_counter()
-            rows = await conn.fetch(CLAIM, 1, "raw-lat")
-            samples.append((time.perf_counter() - start) * 1000)
-            assert len(rows) == 1
+        sessions = [await _session(conn) for conn in conns]
+        for r in range(rounds):
+            order = range(len(conns)) if r % 2 == 0 else reversed(range(len(conns)))
+            for i in order:
+                await conns[i].fetch(SEED, "queued", 1, sessions[i])
+                start = time.perf_counter()
+                rows = await conns[i].fetch(CLAIM, 1, "raw-lat")
+                samples[i].append((time.perf_counter() - start) * 1000)
+                assert len(rows) == 1
     finally:
-        await conn.close()
+        for conn in conns:
+            await conn.close()
     return samples
 
 
