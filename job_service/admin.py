@@ -20,6 +20,7 @@ from job_service.metrics import Metrics
 from job_service.ports import ObjectStore
 from job_service.storage import repository as repo
 from job_service.storage.db import transaction
+from job_service.uploads import abort_upload
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,15 @@ class Admin:
         verdict: JobError | None = None
         obj = None
         # Never queue a job whose object was not verified (e.g. cancelled while awaiting upload).
-        if job.status is JobStatus.awaiting_upload or job.upload_failed or job.etag is None:
+        # UPLOAD_CHANGED: the object was overwritten after verification; verify it again and
+        # record the new ETag, or refuse (upload helper, issue 7 section 8).
+        changed = job.error is not None and job.error.code == errors.UPLOAD_CHANGED
+        if (
+            job.status is JobStatus.awaiting_upload
+            or job.upload_failed
+            or job.etag is None
+            or changed
+        ):
             obj = await self._store.head(job.bucket, job.key)
             verdict = verify_upload(job, obj)
             if verdict is not None:
@@ -176,5 +185,7 @@ class Admin:
                     **repo.error_values(error),
                 )
                 await repo.record_error(conn, job_id, error)
+        # Upload helper hook (issue 9): no multipart parts left behind by a cancelled upload.
+        await abort_upload(self._engine, self._store, job)
         log.info("job cancel requested", extra={"job_id": str(job_id), "reason": reason})
         return job

@@ -136,6 +136,8 @@ UPLOAD_SIZE_MISMATCH = "UPLOAD_SIZE_MISMATCH"
 UPLOAD_CONTENT_TYPE_MISMATCH = "UPLOAD_CONTENT_TYPE_MISMATCH"
 #: The upload URL expired and no object arrived (found by the upload reconciler).
 UPLOAD_EXPIRED = "UPLOAD_EXPIRED"
+#: S3's stored checksum is not the SHA-256 declared at InitiateUpload (revision 0007).
+UPLOAD_CHECKSUM_MISMATCH = "UPLOAD_CHECKSUM_MISMATCH"
 UPLOAD_ERROR_CODES = frozenset(
     {
         UPLOAD_OBJECT_NOT_FOUND,
@@ -143,7 +145,11 @@ UPLOAD_ERROR_CODES = frozenset(
         UPLOAD_SIZE_MISMATCH,
         UPLOAD_CONTENT_TYPE_MISMATCH,
         UPLOAD_EXPIRED,
+        UPLOAD_CHECKSUM_MISMATCH,
     }
 )
+#: Reported by a worker whose download is not the verified object (ETag or SHA-256 changed):
+#: CompleteUpload and RequeueJob verify the object again (issue 7 section 8).
+UPLOAD_CHANGED = "UPLOAD_CHANGED"
 LEASE_EXPIRED = "LEASE_EXPIRED"
 CANCELLED = "CANCELLED"

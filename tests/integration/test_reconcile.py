@@ -60,7 +60,7 @@ async def test_reconciler_queues_verified_uploads_and_expires_abandoned_ones(dat
             fresh = await initiate(api)
 
             counts = await app.uploads.reconcile_stale()
-            assert counts == {"queued": 1, "expired": 1, "waiting": 1, "error": 0}
+            assert counts == {"queued": 1, "failed": 0, "expired": 1, "waiting": 1, "error": 0}
             assert (await get_job(api, uploaded.job.job_id)).status == pb.JOB_STATUS_QUEUED
             expired = await get_job(api, abandoned.job.job_id)
             assert (expired.status, expired.error.code) == (pb.JOB_STATUS_FAILED, "UPLOAD_EXPIRED")
@@ -69,6 +69,7 @@ async def test_reconciler_queues_verified_uploads_and_expires_abandoned_ones(dat
             # Checked jobs are not looked at again in the next pass.
             assert await app.uploads.reconcile_stale() == {
                 "queued": 0,
+                "failed": 0,
                 "expired": 0,
                 "waiting": 0,
                 "error": 0,
