@@ -65,6 +65,8 @@ class UploadProgress:
     parts_total: int = 0
     parts_skipped: int = 0
     part_number: int | None = None
+    #: Parts being sent right now (the parallelism actually reached).
+    parts_active: int = 0
 
 
 ProgressCallback = Callable[[UploadProgress], None]
@@ -515,6 +517,7 @@ class _Meter:
         self._cb = callback
         self._loop: asyncio.AbstractEventLoop | None = None
         self._per_part: dict[int, int] = {}
+        self._active: set[int] = set()
         self._done = 0
         self._skipped = 0
         self._skipped_bytes = 0
@@ -527,8 +530,9 @@ class _Meter:
         self._skipped += 1
         self._skipped_bytes += size
 
-    def reset_part(self, n: int) -> None:
+    def reset_part(self, n: int) -> None:  # called from transfer threads
         self._per_part[n] = 0
+        self._active.add(n)
 
     def add(self, n: int, k: int) -> None:  # called from transfer threads
         self._per_part[n] = self._per_part.get(n, 0) + k
@@ -537,6 +541,7 @@ class _Meter:
 
     def part_done(self, n: int) -> None:
         self._done += 1
+        self._active.discard(n)
         self._emit(n)
 
     def _emit(self, part_number: int | None) -> None:
@@ -552,5 +557,6 @@ class _Meter:
                 parts_total=self.parts,
                 parts_skipped=self._skipped,
                 part_number=part_number,
+                parts_active=len(self._active),
             )
         )
