@@ -134,9 +134,10 @@ async def test_watch_reconnects_when_the_service_restarts(database_url, moto_s3,
             seen.append(first.status)
             follow = asyncio.create_task(collect(watch, seen))
         # The service is gone (stream broken); a new instance takes over the same address.
-        async with JobServiceApp(settings):
-            await finish(stubs_for(channel), {"ok": True})
-            await asyncio.wait_for(follow, 30)
+        async with JobServiceApp(settings) as again:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{again.port}") as worker:
+                await finish(stubs_for(worker), {"ok": True})
+            await asyncio.wait_for(follow, 60)
     assert seen[0] == pb.JOB_STATUS_QUEUED and seen[-1] == pb.JOB_STATUS_DONE
 
 
