@@ -150,6 +150,9 @@ def add_upload(up: argparse.ArgumentParser) -> None:
         "--multipart", action="store_true", help="ask for a multipart upload even if small"
     )
     up.add_argument(
+        "--parallel", type=positive_int, default=4, metavar="N", help="parts in flight (default 4)"
+    )
+    up.add_argument(
         "--state-dir",
         type=Path,
         default=None,
@@ -421,6 +424,7 @@ class ProgressBar:
         self._start: float | None = None
         self._base = 0  # bytes already in S3 when this run started (resume)
         self._drawn_at, self._drawn_pct = 0.0, -1
+        self._finished = False
 
     def __call__(self, p: UploadProgress) -> None:
         now = self._clock()
@@ -441,8 +445,9 @@ class ProgressBar:
                 return
             self.stream.write("\r" + self.line(p, pct, now) + ("\n" if finished else ""))
         elif pct // 25 > self._drawn_pct // 25 or p.part_number is not None or finished:
-            if finished and self._drawn_pct == 100:
+            if self._finished:
                 return
+            self._finished = finished
             self.stream.write(self.line(p, pct, now) + "\n")
         else:
             return
@@ -469,15 +474,20 @@ def cmd_upload(c: Client, args: argparse.Namespace, o: Output) -> int:
         size = path.stat().st_size
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-    job = c.jobs.upload_file(
-        path,
-        ctype,
-        progress=ProgressBar(o.err, f"{path.name} ({ctype}, {size} bytes)"),
-        resume=args.resume,
-        state_dir=args.state_dir,
-        multipart=args.multipart,
-        session_id=args.session_id,
-    )
+    try:
+        job = c.jobs.upload_file(
+            path,
+            ctype,
+            progress=ProgressBar(o.err, f"{path.name} ({ctype}, {size} bytes)"),
+            resume=args.resume,
+            state_dir=args.state_dir,
+            multipart=args.multipart,
+            session_id=args.session_id,
+            concurrency=args.parallel,
+        )
+    except KeyboardInterrupt:
+        o.note(f"\nupload interrupted: run `jobctl upload {path} --resume` to continue it")
+        raise
     o.note(f"job {job.job_id}: {status_name(job.status)}")
     if o.json_mode:
         o.json(as_json(job))

@@ -65,6 +65,7 @@ class SyncJobsClient:
         state_dir: Path | None = None,
         multipart: bool = False,
         session_id: str = "",
+        concurrency: int = 4,
     ) -> pb.Job:
         """See JobsClient.upload_file; `progress` runs on the client's loop thread."""
         return self._run(
@@ -77,6 +78,7 @@ class SyncJobsClient:
                 state_dir=state_dir,
                 multipart=multipart,
                 session_id=session_id,
+                concurrency=concurrency,
             )
         )
 

@@ -30,6 +30,8 @@ class Api:
     upload: jobs_pb2_grpc.UploadServiceAsyncStub
     worker: jobs_pb2_grpc.WorkerServiceAsyncStub
     admin: jobs_pb2_grpc.AdminServiceAsyncStub
+    # For the client library (tests.support.flows.upload).
+    channel: grpc.aio.Channel | None = None
 
 
 @pytest.fixture
@@ -44,6 +46,7 @@ async def connect() -> AsyncIterator[Callable[[str], Api]]:
             jobs_pb2_grpc.UploadServiceStub(channel),
             jobs_pb2_grpc.WorkerServiceStub(channel),
             jobs_pb2_grpc.AdminServiceStub(channel),
+            channel,
         )
 
     yield make

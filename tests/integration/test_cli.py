@@ -9,6 +9,8 @@ import dataclasses
 import io
 import json
 import os
+import re
+import signal
 import sys
 import time
 import uuid
@@ -454,3 +456,60 @@ async def test_console_script_against_the_service_process(start_job_service, tmp
 
     res = await run_module("--address", svc.address, "--json", "get", job_id)
     assert json.loads(res.out)["status"] == "JOB_STATUS_QUEUED"
+
+
+# ------------------------------------------------------------------------- large uploads
+
+
+async def test_upload_of_a_large_file_goes_multipart_with_progress(jobctl, api, tmp_path):
+    path = tmp_path / "match.mp4"
+    path.write_bytes(os.urandom(40 * 1024**2))  # below the 64 MiB threshold: --multipart
+    res = await jobctl("upload", str(path), "--multipart", "--state-dir", str(tmp_path / "s"))
+    assert res.code == 0, res.err
+    job_id = res.out.strip()
+    lines = res.err.splitlines()
+    size = 40 * 1024**2
+    assert lines[0] == f"job {job_id}: uploading match.mp4 (video/mp4, {size} bytes) (3 parts)"
+    bars = [ln for ln in lines if ln.startswith("upload [")]
+    assert any("part 1/3" in ln for ln in bars) and "part 3/3" in bars[-1]
+    assert "100%" in bars[-1] and "41943040/41943040 bytes (40.0/40.0 MiB)" in bars[-1]
+    assert re.search(r" \d+\.\d MiB/s ETA ", bars[1])  # rate and time left while it runs
+    assert lines[-1] == f"job {job_id}: QUEUED"
+    job = await get_job(api, job_id)
+    assert job.status == pb.JOB_STATUS_QUEUED and job.etag.endswith("-3")
+
+
+async def test_upload_survives_ctrl_c_and_resumes(app, api, tmp_path):
+    path = tmp_path / "match.mp4"
+    path.write_bytes(os.urandom(48 * 1024**2))
+    argv = [
+        "-m", "jobs_client.cli", "--address", f"127.0.0.1:{app.port}", "upload", str(path),
+        "--multipart", "--parallel", "1", "--state-dir", str(tmp_path / "s"),
+    ]  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, *argv, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    seen = []
+    while not any("part 1/3" in ln for ln in seen):
+        raw = await asyncio.wait_for(proc.stderr.readline(), 60)
+        assert raw, seen
+        seen.append(raw.decode())
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    _, rest = await asyncio.wait_for(proc.communicate(), 60)
+    err = "".join(seen) + rest.decode()
+    job_id = seen[0].split()[1].rstrip(":")
+    assert proc.returncode == 130, err
+    assert "--resume` to continue it" in err and "Traceback" not in err
+    assert (await get_job(api, job_id)).status == pb.JOB_STATUS_AWAITING_UPLOAD
+
+    again = await asyncio.create_subprocess_exec(
+        sys.executable, *argv, "--resume", cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err2 = await asyncio.wait_for(again.communicate(), 120)
+    assert again.returncode == 0, err2.decode()
+    assert out.decode().strip() == job_id  # the same job
+    assert re.search(r"resuming: [12] of 3 parts already uploaded", err2.decode())
+    assert (await get_job(api, job_id)).status == pb.JOB_STATUS_QUEUED
