@@ -99,10 +99,10 @@ def upload(jobs: SyncJobsClient, path: Path) -> jobs_pb2.Job:
     started = time.monotonic()
     job = jobs.upload_file(path, mimetypes.guess_type(path.name)[0] or "video/mp4")
     say(
-        f"uploaded {_size(size)} with jobs_client (InitiateUpload + PUT + CompleteUpload, "
-        f"{time.monotonic() - started:.2f} s) -> job {job.job_id} {job.stage} "
-        "(the service verified the object and its SHA-256 in S3)"
+        f"uploaded {_size(size)} with jobs_client in {time.monotonic() - started:.2f} s "
+        f"(InitiateUpload with its SHA-256 -> PUT -> CompleteUpload) -> job {job.job_id}"
     )
+    say(f"CompleteUpload -> {job.stage} (the service verified the object and its SHA-256 in S3)")
     return job
 
 
