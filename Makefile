@@ -14,7 +14,8 @@ help:
 	@echo "make proto      regenerate the gRPC stubs from protos/"
 	@echo "make lint       ruff + import-linter;  make typecheck: mypy"
 	@echo "make migrate    alembic upgrade head against JOB_SERVICE_DATABASE_URL"
-	@echo "make bench      claim-throughput benchmark with a same-run baseline"
+	@echo "make bench      lease-path benchmark beside same-run baselines (raw SQL, PgQueuer, echo); BENCH_ARGS=--quick"
+	@echo "make chaos      the chaos suite at full scale (faults across the fleet, ~10 min)"
 
 $(STAMP): pyproject.toml
 	@command -v $(PY_BOOT) >/dev/null || { echo "need $(PY_BOOT) on PATH"; exit 1; }
@@ -32,8 +33,8 @@ proto: $(STAMP)
 # Fails when the committed stubs differ from what the protos generate.
 proto-check: $(STAMP)
 	@tmp=$$(mktemp -d); PY=$(PY) bash scripts/gen_protos.sh "$$tmp"; \
-	if diff -r -q protos/gen/python/jobs "$$tmp/jobs" >/dev/null; then echo "proto stubs: up to date"; rm -rf "$$tmp"; \
-	else echo "proto stubs are stale: run 'make proto' and commit"; diff -r protos/gen/python/jobs "$$tmp/jobs" | head -20; rm -rf "$$tmp"; exit 1; fi
+	if diff -r -q -x __pycache__ protos/gen/python/jobs "$$tmp/jobs" >/dev/null; then echo "proto stubs: up to date"; rm -rf "$$tmp"; \
+	else echo "proto stubs are stale: run 'make proto' and commit"; diff -r -x __pycache__ protos/gen/python/jobs "$$tmp/jobs" | head -20; rm -rf "$$tmp"; exit 1; fi
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -58,7 +59,13 @@ demo: $(STAMP)
 	$(PY) -m scripts.demo
 
 bench: $(STAMP)
-	$(PY) -m tests.bench.bench_claim
+	$(PY) -m tests.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf .run .bench .pytest_cache .mypy_cache .ruff_cache
+
+# The chaos suite at full scale (about ten minutes): real processes, Postgres, S3 and fault
+# proxies; prints its figures at the end. `make test` runs the same scenarios at CHAOS_SCALE=short.
+.PHONY: chaos
+chaos: $(STAMP)
+	CHAOS_SCALE=full $(VENV)/bin/pytest -q tests/chaos $(PYTEST_ARGS)

@@ -9,45 +9,30 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from analysis_worker.analysis.base import DEFAULT_ANALYZER_SPEC
 
 PREFIX = "ANALYSIS_WORKER_"
-DEFAULT_ANALYZER = "analysis_worker.analysis.pyav_analyzer:PyAVAnalyzer"
-
-# (name without prefix, default). An empty default for WORKER_ID means "derive hostname-pid";
-# an empty S3_ENDPOINT_URL means "AWS", empty WORK_DIR the system temp dir, empty
-# METRICS_ADDRESS "no metrics endpoint".
-_DEFAULTS: tuple[tuple[str, str], ...] = (
-    ("JOB_SERVICE_ADDRESS", "127.0.0.1:50051"),
-    ("WORKER_ID", ""),
-    ("CONCURRENCY", "2"),
-    ("CLAIM_WAIT_SECONDS", "20"),
-    ("RPC_TIMEOUT_SECONDS", "10"),
-    ("S3_ENDPOINT_URL", "http://127.0.0.1:8333"),
-    ("S3_REGION", "us-east-1"),
-    ("S3_ACCESS_KEY_ID", "devaccess"),
-    ("S3_SECRET_ACCESS_KEY", "devsecret"),
-    ("ANALYZER", DEFAULT_ANALYZER),
-    ("WORK_DIR", ""),
-    ("SHUTDOWN_GRACE_SECONDS", "30"),
-    ("METRICS_ADDRESS", "127.0.0.1:9465"),
-    ("LOG_LEVEL", "INFO"),
-    ("LOG_FORMAT", "json"),
-)
 
 # ClaimJobRequest.worker_id is at most 200 characters (jobs.proto).
 _MAX_WORKER_ID = 200
 _LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 
-T = TypeVar("T")
-
-
-def env_table() -> list[tuple[str, str]]:
-    """Every variable the worker reads, with its default, in a stable order."""
-    return [(PREFIX + name, default) for name, default in _DEFAULTS]
+_Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+_PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+_NonEmpty = Annotated[str, Field(min_length=1)]
 
 
 @dataclass(frozen=True)
@@ -61,114 +46,121 @@ class HostPort:
         return f"{self.host}:{self.port}"
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything main() needs to build the worker. Durations are in seconds."""
+class SettingsError(ValueError):
+    """A setting has a bad value; the message names the variable(s) to fix."""
 
-    job_service_address: str
-    worker_id: str
-    concurrency: int
-    claim_wait_seconds: float
-    rpc_timeout_seconds: float
-    s3_endpoint_url: str | None
-    s3_region: str
-    s3_access_key_id: str
-    s3_secret_access_key: str = field(repr=False)
-    analyzer: str = DEFAULT_ANALYZER
+
+class Settings(BaseSettings):
+    """Everything main() needs to build the worker. Durations are in seconds.
+
+    An empty WORKER_ID means "derive hostname-pid", an empty S3_ENDPOINT_URL "AWS", an empty
+    WORK_DIR the system temp dir, an empty METRICS_ADDRESS "no metrics endpoint".
+    """
+
+    # pydantic-settings, as the job-service's settings; the two share no code (the worker shares
+    # only the generated protos with the job-service), so these few lines stand in both.
+    model_config = SettingsConfigDict(
+        env_prefix=PREFIX,
+        str_strip_whitespace=True,
+        frozen=True,
+        extra="forbid",
+        validate_default=True,
+    )
+
+    job_service_address: _NonEmpty = "127.0.0.1:50051"
+    worker_id: Annotated[str, Field(max_length=_MAX_WORKER_ID)] = ""
+    concurrency: Annotated[int, Field(ge=1)] = 2
+    claim_wait_seconds: _Seconds = 20
+    rpc_timeout_seconds: _PositiveSeconds = 10
+    s3_endpoint_url: str | None = "http://127.0.0.1:8333"
+    s3_region: _NonEmpty = "us-east-1"
+    s3_access_key_id: str = "devaccess"
+    s3_secret_access_key: str = Field(default="devsecret", repr=False)
+    analyzer: str = DEFAULT_ANALYZER_SPEC
     work_dir: Path | None = None
-    shutdown_grace_seconds: float = 30.0
-    metrics_address: HostPort | None = None
+    shutdown_grace_seconds: _Seconds = 30
+    metrics_address: Annotated[HostPort | None, NoDecode] = HostPort("127.0.0.1", 9465)
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
+    # worker (issue 7): seconds of S3 trouble (5xx, timeouts, refused connections, 403) one
+    # lease retries inside itself before it gives the job back as infrastructure trouble.
+    s3_retry_budget_seconds: _Seconds = 60
+
+    @field_validator("worker_id")
+    @classmethod
+    def _derive_worker_id(cls, value: str) -> str:
+        return value or f"{socket.gethostname()}-{os.getpid()}"
+
+    @field_validator("s3_endpoint_url", "work_dir", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("analyzer")
+    @classmethod
+    def _import_spec(cls, value: str) -> str:
+        module, sep, attr = value.partition(":")
+        if not (sep and module and attr):
+            raise ValueError("must look like 'package.module:ClassName'")
+        return value
+
+    @field_validator("metrics_address", mode="before")
+    @classmethod
+    def _host_port(cls, value: Any) -> Any:
+        return _optional_host_port(value) if isinstance(value, str) else value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in _LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(_LOG_LEVELS)}")
+        return level
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Reads the settings; raises ValueError naming the variable when a value is bad."""
-        env = os.environ if environ is None else environ
-        defaults = dict(_DEFAULTS)
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # `Settings(**values)` is the defaults plus `values`; only from_env() reads variables.
+        return (init_settings,)
 
-        def raw(name: str) -> str:
-            return env.get(PREFIX + name, defaults[name]).strip()
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
+        """Reads ANALYSIS_WORKER_* from `environ` (default os.environ, names compared
+        case-insensitively); SettingsError names every bad variable and its value."""
+        env = {k.upper(): v for k, v in (os.environ if environ is None else environ).items()}
+        given: dict[str, Any] = {
+            n: env[PREFIX + n.upper()] for n in cls.model_fields if PREFIX + n.upper() in env
+        }
+        try:
+            return cls(**given)
+        except ValidationError as exc:
+            problems = [
+                f"{PREFIX}{str(e['loc'][0]).upper()}={e['input']!r}: "
+                + str(e["msg"]).removeprefix("Value error, ")
+                if e["loc"]
+                else str(e["msg"])
+                for e in exc.errors(include_url=False)
+            ]
+            raise SettingsError("; ".join(problems)) from None
 
-        def parsed(name: str, parse: Callable[[str], T]) -> T:
-            value = raw(name)
-            try:
-                return parse(value)
-            except ValueError as exc:
-                raise ValueError(f"{PREFIX}{name}={value!r}: {exc}") from None
-
-        address = parsed("JOB_SERVICE_ADDRESS", _non_empty)
-        worker_id = parsed("WORKER_ID", _worker_id)
-        return cls(
-            job_service_address=address,
-            worker_id=worker_id or f"{socket.gethostname()}-{os.getpid()}",
-            concurrency=parsed("CONCURRENCY", _positive_int),
-            claim_wait_seconds=parsed("CLAIM_WAIT_SECONDS", _non_negative_float),
-            rpc_timeout_seconds=parsed("RPC_TIMEOUT_SECONDS", _positive_float),
-            s3_endpoint_url=raw("S3_ENDPOINT_URL") or None,
-            s3_region=parsed("S3_REGION", _non_empty),
-            s3_access_key_id=raw("S3_ACCESS_KEY_ID"),
-            s3_secret_access_key=raw("S3_SECRET_ACCESS_KEY"),
-            analyzer=parsed("ANALYZER", _import_spec),
-            work_dir=Path(raw("WORK_DIR")) if raw("WORK_DIR") else None,
-            shutdown_grace_seconds=parsed("SHUTDOWN_GRACE_SECONDS", _non_negative_float),
-            metrics_address=parsed("METRICS_ADDRESS", _optional_host_port),
-            log_level=parsed("LOG_LEVEL", _log_level),
-            log_format=parsed("LOG_FORMAT", _log_format),
-        )
-
-
-def _non_empty(value: str) -> str:
-    if not value:
-        raise ValueError("must not be empty")
-    return value
+    @classmethod
+    def env_table(cls) -> list[tuple[str, str]]:
+        """Every variable, with its default as written in the environment, in field order."""
+        return [
+            (PREFIX + name.upper(), "" if field.default is None else str(field.default))
+            for name, field in cls.model_fields.items()
+        ]
 
 
-def _worker_id(value: str) -> str:
-    if len(value) > _MAX_WORKER_ID:
-        raise ValueError(f"at most {_MAX_WORKER_ID} characters")
-    return value
-
-
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise ValueError("must be an integer") from None
-    if number < 1:
-        raise ValueError("must be at least 1")
-    return number
-
-
-def _float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError("must be a number of seconds") from None
-    if number != number or number in (float("inf"), float("-inf")):
-        raise ValueError("must be finite")
-    return number
-
-
-def _non_negative_float(value: str) -> float:
-    number = _float(value)
-    if number < 0:
-        raise ValueError("must not be negative")
-    return number
-
-
-def _positive_float(value: str) -> float:
-    number = _float(value)
-    if number <= 0:
-        raise ValueError("must be positive")
-    return number
-
-
-def _import_spec(value: str) -> str:
-    module, sep, attr = value.partition(":")
-    if not (sep and module and attr):
-        raise ValueError("must look like 'package.module:ClassName'")
-    return value
+def env_table() -> list[tuple[str, str]]:
+    """Every variable the worker reads, with its default, in a stable order."""
+    return Settings.env_table()
 
 
 def _optional_host_port(value: str) -> HostPort | None:
@@ -184,18 +176,3 @@ def _optional_host_port(value: str) -> HostPort | None:
     if not 0 <= port <= 65535:
         raise ValueError("port must be in 0..65535")
     return HostPort(host.strip("[]"), port)
-
-
-def _log_level(value: str) -> str:
-    level = value.upper()
-    if level not in _LOG_LEVELS:
-        raise ValueError(f"must be one of {', '.join(_LOG_LEVELS)}")
-    return level
-
-
-def _log_format(value: str) -> Literal["json", "text"]:
-    if value == "json":
-        return "json"
-    if value == "text":
-        return "text"
-    raise ValueError("must be 'json' or 'text'")

@@ -1,18 +1,20 @@
 """The worker's only way to talk to the job-service: `WorkerService` behind deadlines and retries.
 
 Every RPC goes through one place so the rules hold everywhere: each call has a deadline; a
-transient failure (UNAVAILABLE, DEADLINE_EXCEEDED) is retried with exponential backoff and jitter a
-bounded number of times and then surfaces as `JobServiceUnavailable` — which the worker treats as
-"try again later", never as a reason to fail a job; ABORTED means the lease is not ours any more
-(`LeaseLostError`) and is never retried; every other status is a `JobServiceError`.
+transient failure (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED) is retried with capped,
+jittered backoff a bounded number of times and then surfaces as `JobCallUnavailable` — which the
+worker treats as "try again later", never as a reason to fail a job; ABORTED means the lease is
+not ours any more (`LeaseLostError`) and is never retried; every other status is a
+`JobCallError`, whose `service_trouble` says whether the service (not the request) is to blame.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -24,11 +26,27 @@ log = logging.getLogger(__name__)
 
 RespT = TypeVar("RespT")
 
-_TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# Retried inside the client: the call may land if made again in a moment. RESOURCE_EXHAUSTED is
+# the service shedding load (its caps on concurrent RPCs), not a verdict on the request.
+TRANSIENT_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+# The service, not the request, is in trouble: a bug (INTERNAL, UNKNOWN), a call cut off by a
+# restart or a proxy (CANCELLED), or an outage. A report that must land is retried on these for
+# as long as the lease lives; none of them is ever a reason to fail the job.
+SERVICE_TROUBLE_CODES = TRANSIENT_CODES | {
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.CANCELLED,
+}
 
 
-class JobServiceError(Exception):
-    """The job-service answered with a status the worker has no recovery for."""
+class JobCallError(Exception):
+    """A WorkerService call did not succeed; `code` is the gRPC status it ended with."""
 
     def __init__(self, method: str, code: grpc.StatusCode, details: str) -> None:
         super().__init__(f"{method}: {code.name}: {details}")
@@ -36,19 +54,25 @@ class JobServiceError(Exception):
         self.code = code
         self.details = details
 
+    @property
+    def service_trouble(self) -> bool:
+        """True when retrying the same call later may succeed (see SERVICE_TROUBLE_CODES)."""
+        return self.code in SERVICE_TROUBLE_CODES
 
-class JobServiceUnavailable(JobServiceError):
+
+class JobCallUnavailable(JobCallError):
     """The job-service stayed unreachable (or too slow) through every retry; try again later."""
 
 
-class LeaseLostError(JobServiceError):
+class LeaseLostError(JobCallError):
     """ABORTED: the lease is no longer ours (expired and re-leased, or finished). Drop the job."""
 
 
 @dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff with "equal jitter": half the delay is fixed so retries never hammer,
-    half is random so a fleet that lost the service at the same moment does not retry in step."""
+class Backoff:
+    """Capped exponential backoff with "equal jitter": half the delay is fixed so retries never
+    hammer, half is random so a fleet that lost the service at the same moment does not retry
+    in step. `max_attempts` bounds the calls made by one JobClient method."""
 
     max_attempts: int = 5
     initial_backoff: float = 0.25
@@ -57,7 +81,8 @@ class RetryPolicy:
 
     def delay(self, retry_number: int, rng: random.Random) -> float:
         """Seconds to wait before retry `retry_number` (0 for the first retry)."""
-        cap = min(self.max_backoff, self.initial_backoff * self.multiplier**retry_number)
+        exponent = min(retry_number, 64)  # 2.0**1100 overflows; the cap is reached long before
+        cap = min(self.max_backoff, self.initial_backoff * self.multiplier**exponent)
         return cap / 2 + rng.uniform(0, cap / 2)
 
 
@@ -95,24 +120,33 @@ class JobClient:
         *,
         worker_id: str,
         rpc_timeout: float,
-        retry: RetryPolicy | None = None,
+        retry: Backoff | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self._stub = jobs_pb2_grpc.WorkerServiceStub(channel)
         self._worker_id = worker_id
         self._rpc_timeout = rpc_timeout
-        self._retry = retry or RetryPolicy()
+        self._retry = retry or Backoff()
         self._rng = rng or random.Random()
 
     @property
     def worker_id(self) -> str:
         return self._worker_id
 
-    async def claim(self, max_jobs: int, wait: float) -> list[jobs_pb2.Lease]:
+    @property
+    def rpc_timeout(self) -> float:
+        return self._rpc_timeout
+
+    async def claim(
+        self, max_jobs: int, wait: float, *, stop: asyncio.Event | None = None
+    ) -> list[jobs_pb2.Lease]:
         """Leases up to `max_jobs` jobs, long-polling up to `wait` seconds; [] when none came.
 
         The deadline is the wait plus one RPC timeout, so the server's long poll always ends
-        before the client gives up on it.
+        before the client gives up on it. When `stop` is set mid-call the call is cancelled
+        (the service hands back what it granted to a cancelled call) and [] is returned — unless
+        the answer had already arrived: then its leases are returned, and the caller, which is
+        stopping, must hand them back.
         """
         if max_jobs < 1:
             raise ValueError("ClaimJob needs max_jobs >= 1; do not claim with no free slot")
@@ -121,27 +155,30 @@ class JobClient:
             max_jobs=max_jobs,
             wait=_duration(wait),
         )
-        response: jobs_pb2.ClaimJobResponse = await self._unary(
-            "ClaimJob", self._stub.ClaimJob, request, deadline=wait + self._rpc_timeout
+        response: jobs_pb2.ClaimJobResponse | None = await self._unary(
+            "ClaimJob",
+            self._stub.ClaimJob,
+            request,
+            deadline=wait + self._rpc_timeout,
+            stop=stop,
         )
-        return list(response.leases)
+        return [] if response is None else list(response.leases)
 
     async def heartbeat(
         self, leases: Sequence[jobs_pb2.LeaseRef], *, deadline: float | None = None
     ) -> list[jobs_pb2.LeaseStatus]:
-        """Renews every lease in one call; one status per lease, in request order.
+        """Renews every lease in one call, once; one status per lease, in request order.
 
         The service answers ABORTED only when every requested lease is lost; that is an answer
-        ("all LOST"), not an error, so it comes back as LOST statuses. `deadline` (the worker
-        passes its heartbeat interval) caps each attempt, and a transient failure is retried
-        once only: a heartbeat that cannot land before the next one is due is not worth
-        waiting for — the next one is the retry.
+        ("all LOST"), not an error, so it comes back as LOST statuses. `deadline` caps the call
+        (the heartbeat loop picks it from the leases' remaining time) and nothing is retried
+        here: the loop knows how long the leases last and schedules the retry itself.
         """
         request = jobs_pb2.HeartbeatRequest(worker_id=self._worker_id, leases=list(leases))
         timeout = self._rpc_timeout if deadline is None else min(deadline, self._rpc_timeout)
         try:
             response: jobs_pb2.HeartbeatResponse = await self._unary(
-                "Heartbeat", self._stub.Heartbeat, request, deadline=timeout, max_attempts=2
+                "Heartbeat", self._stub.Heartbeat, request, deadline=timeout, max_attempts=1
             )
         except LeaseLostError:
             return [
@@ -185,14 +222,23 @@ class JobClient:
         return response.job
 
     async def fail(
-        self, lease: jobs_pb2.Lease, *, code: str, message: str, retryable: bool
+        self,
+        lease: jobs_pb2.Lease,
+        *,
+        code: str,
+        message: str,
+        retryable: bool,
+        kind: jobs_pb2.FailureKind.ValueType = jobs_pb2.FAILURE_KIND_JOB,
     ) -> jobs_pb2.Job:
+        """FailJob. `kind` FAILURE_KIND_INFRASTRUCTURE spends no attempt; send it with
+        retryable=True, so a service that predates `kind` retries the job instead of failing it."""
         request = jobs_pb2.FailJobRequest(
             job_id=lease.job.job_id,
             lease_token=lease.lease_token,
             error_code=code,
             error_message=message,
             retryable=retryable,
+            kind=kind,
         )
         response: jobs_pb2.FailJobResponse = await self._unary(
             "FailJob", self._stub.FailJob, request
@@ -211,28 +257,36 @@ class JobClient:
     async def _unary(
         self,
         method: str,
-        rpc: Callable[..., Awaitable[RespT]],
+        rpc: Callable[..., Any],
         request: Any,
         *,
         deadline: float | None = None,
         max_attempts: int | None = None,
-    ) -> RespT:
+        stop: asyncio.Event | None = None,
+    ) -> Any:
+        """Makes the call, retrying transient failures; None if `stop` cut it short."""
         timeout = self._rpc_timeout if deadline is None else deadline
         attempts = max_attempts or self._retry.max_attempts
         attempt = 0
         while True:
             attempt += 1
             try:
-                return await rpc(request, timeout=timeout)
+                call = rpc(request, timeout=timeout)
+                if stop is None:
+                    return await call
+                answered, response = await _unless_stopped(call, stop)
+                if not answered:
+                    return None
+                return response
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 details = exc.details() or ""
                 if code == grpc.StatusCode.ABORTED:
                     raise LeaseLostError(method, code, details) from None
-                if code not in _TRANSIENT:
-                    raise JobServiceError(method, code, details) from None
+                if code not in TRANSIENT_CODES:
+                    raise JobCallError(method, code, details) from None
                 if attempt >= attempts:
-                    raise JobServiceUnavailable(method, code, details) from None
+                    raise JobCallUnavailable(method, code, details) from None
                 delay = self._retry.delay(attempt - 1, self._rng)
                 log.warning(
                     "job-service call failed; retrying",
@@ -244,7 +298,41 @@ class JobClient:
                         "retry_in_s": round(delay, 3),
                     },
                 )
-                await asyncio.sleep(delay)
+                if stop is None:
+                    await asyncio.sleep(delay)
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=delay)
+                    if stop.is_set():
+                        return None
+
+
+async def _unless_stopped(call: Any, stop: asyncio.Event) -> tuple[bool, Any]:
+    """Awaits a grpc.aio call unless `stop` is set first; then cancels it.
+
+    (True, response) if the call answered — even if `stop` came at the same moment: a
+    completed call cannot be cancelled, and its answer (leases) must not be dropped.
+    (False, None) if the call was cancelled before it answered. Raises its AioRpcError.
+    """
+
+    async def answer() -> Any:
+        return await call
+
+    answering = asyncio.ensure_future(answer())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({answering, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        call.cancel()
+        answering.cancel()
+        raise
+    finally:
+        stopping.cancel()
+    if not answering.done() and call.cancel():
+        with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+            await answering
+        return False, None
+    return True, await answering
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:

@@ -4,6 +4,13 @@ The heartbeat loop, the shutdown sequence and the analysis thread all look at th
 the stop decision lives in one object: the event loop sets a reason; the analysis thread polls
 `should_stop()` (a threading.Event, safe to read from any thread); coroutines wait on asyncio
 events to wake early from a download or a retry backoff.
+
+Self-fencing: the worker counts each lease's lifetime on its own monotonic clock, from the moment
+it SENT the claim or the renewal that granted it (the service can only have started the lease
+later, so the worker's deadline is never after the service's). If no renewal lands by then, the
+job stops as if the lease were lost: the analysis is aborted, nothing more is uploaded and
+nothing more is sent for it. A worker cut off from the job-service therefore stops before the
+service can give the job to anyone else, so at most one worker runs a job at any moment.
 """
 
 from __future__ import annotations
@@ -12,7 +19,9 @@ import asyncio
 import enum
 import logging
 import threading
+import time
 
+from google.protobuf import duration_pb2, timestamp_pb2
 from jobs.v1 import jobs_pb2
 
 from analysis_worker.logs import JobLog
@@ -21,6 +30,30 @@ log = logging.getLogger("analysis_worker.job")
 
 # Used when a lease comes without a heartbeat interval (the contract always sets one).
 DEFAULT_HEARTBEAT_INTERVAL = 10.0
+# The worker stops this much before its own count of the lease runs out (a tenth of the lease,
+# at most one second): stopping an analysis thread or an upload is not instantaneous.
+FENCE_MARGIN_FRACTION = 0.1
+MAX_FENCE_MARGIN = 1.0
+
+
+def lease_lifetime(
+    ttl: duration_pb2.Duration | None,
+    expires_at: timestamp_pb2.Timestamp | None,
+    *,
+    sent_wall: float,
+) -> float | None:
+    """Seconds a claim or renewal lasts, counted from when it was sent; None if unknown.
+
+    `lease_ttl` (relative, immune to clock skew) when the service sends it; otherwise
+    `lease_expires_at` against the local wall clock at the moment the call was sent.
+    """
+    if ttl is not None:
+        seconds = ttl.ToTimedelta().total_seconds()
+        if seconds > 0:
+            return seconds
+    if expires_at is not None and (expires_at.seconds or expires_at.nanos):
+        return max(0.0, expires_at.ToNanoseconds() / 1e9 - sent_wall)
+    return None
 
 
 class StopReason(enum.IntEnum):
@@ -39,15 +72,43 @@ class JobStopped(Exception):
 class ActiveJob:
     """A held lease: what to heartbeat, and the stop flag shared with the analysis thread."""
 
-    def __init__(self, lease: jobs_pb2.Lease, worker_id: str) -> None:
+    def __init__(
+        self,
+        lease: jobs_pb2.Lease,
+        worker_id: str,
+        *,
+        sent_at: float | None = None,
+        sent_wall: float | None = None,
+    ) -> None:
+        """`sent_at` (event-loop clock) and `sent_wall` (time.time()): when the ClaimJob that
+        granted this lease was sent; the lease's lifetime counts from there."""
         self.lease = lease
-        self.log = JobLog(log, job_id=lease.job.job_id, worker_id=worker_id)
+        self.log = JobLog(
+            log, job_id=lease.job.job_id, worker_id=worker_id, attempt=lease.attempt
+        )
         self.stop_reason: StopReason | None = None
         # Set once the job reached its outcome (completed, failed or released).
         self.done = False
+        # Set when the worker stopped the job itself because its lease ran out unrenewed.
+        self.fenced = False
+        # Seconds this lease has spent retrying S3 (its infrastructure retry budget).
+        self.s3_trouble_seconds = 0.0
         self._stop_flag = threading.Event()
         self.stopped = asyncio.Event()
         self.lost = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        now = self._loop.time()
+        # When the last successful claim/renewal was sent: heartbeats are scheduled from here.
+        self.renewed_at = now if sent_at is None else sent_at
+        # Event-loop time at which the worker stops the job unless renewed (None: unknown).
+        self.fence_at: float | None = None
+        self._fence_handle: asyncio.TimerHandle | None = None
+        lifetime = lease_lifetime(
+            lease.lease_ttl if lease.HasField("lease_ttl") else None,
+            lease.lease_expires_at if lease.HasField("lease_expires_at") else None,
+            sent_wall=time.time() if sent_wall is None else sent_wall,
+        )
+        self.renewed(self.renewed_at, lifetime)
 
     @property
     def job_id(self) -> str:
@@ -57,6 +118,37 @@ class ActiveJob:
     def heartbeat_interval(self) -> float:
         interval = self.lease.heartbeat_interval.ToTimedelta().total_seconds()
         return interval if interval > 0 else DEFAULT_HEARTBEAT_INTERVAL
+
+    def renewed(self, sent_at: float, lifetime: float | None) -> None:
+        """A claim/renewal sent at `sent_at` (loop clock) succeeded and lasts `lifetime` s."""
+        self.renewed_at = max(self.renewed_at, sent_at)
+        if lifetime is None or self.done or self.lost.is_set():
+            return
+        margin = min(MAX_FENCE_MARGIN, lifetime * FENCE_MARGIN_FRACTION)
+        fence_at = sent_at + lifetime - margin
+        if self.fence_at is not None and fence_at <= self.fence_at:
+            return  # an older round answered late: it cannot shorten what a newer one granted
+        self.fence_at = fence_at
+        if self._fence_handle is not None:
+            self._fence_handle.cancel()
+        self._fence_handle = self._loop.call_at(fence_at, self._fence)
+
+    def _fence(self) -> None:
+        self._fence_handle = None
+        if self.done or self.lost.is_set():
+            return
+        self.fenced = True
+        self.log.warning(
+            "lease not renewed before it expires: stopping the job (self-fenced)",
+            extra={"attempt": self.lease.attempt},
+        )
+        self.stop(StopReason.LOST)
+
+    def close(self) -> None:
+        """The job task is over: no fence timer may outlive it."""
+        if self._fence_handle is not None:
+            self._fence_handle.cancel()
+            self._fence_handle = None
 
     def ref(self) -> jobs_pb2.LeaseRef:
         return jobs_pb2.LeaseRef(job_id=self.job_id, lease_token=self.lease.lease_token)

@@ -1,41 +1,27 @@
-"""Structured logs: one JSON object per line, with `job_id` and `worker_id` on every job line.
+"""The worker's log lines: one JSON object per line (or readable text at a desk), and JobLog.
 
-Stdlib logging plus a small formatter rather than a logging dependency: anything passed in
-`extra=` becomes a top-level field, so a log pipeline can filter one job's story across workers.
+The format is the pipeline's one log format, also used by the job-service (job_service.logs):
+every JSON line has `ts`, `level`, `service`, `logger` and `msg`, and anything passed in
+`extra=` becomes a top-level field, so a line about a job carries `job_id` (and `worker_id`,
+`attempt` where known). python-json-logger renders it; the two services share no code of ours
+(the worker shares only the generated protos with the job-service), only this key schema.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from collections.abc import Mapping, MutableMapping
-from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
-# Attributes every LogRecord has; anything else on a record came from `extra=`.
-_RECORD_ATTRS = frozenset(
-    logging.LogRecord("", 0, "", 0, "", None, None).__dict__.keys()
-    | {"message", "asctime", "taskName"}
-)
+from pythonjsonlogger.json import JsonFormatter
 
-
-class JsonFormatter(logging.Formatter):
-    """Formats a record as one JSON line: ts, level, logger, event, the extras, and exc."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname,
-            "logger": record.name,
-            "event": record.getMessage(),
-        }
-        for key, value in record.__dict__.items():
-            if key not in _RECORD_ATTRS and not key.startswith("_"):
-                entry[key] = value
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+SERVICE = "analysis-worker"
+#: python-json-logger's record fields renamed to the pipeline's keys.
+KEYS = {"levelname": "level", "name": "logger", "message": "msg", "exc_info": "exc"}
+# Libraries that log credential lookups and retries at INFO/DEBUG: kept out of job logs.
+_NOISY = ("botocore", "aiobotocore", "aioboto3", "urllib3")
+_STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
 
 
 class TextFormatter(logging.Formatter):
@@ -45,40 +31,48 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        extras = " ".join(
-            f"{key}={value}"
-            for key, value in record.__dict__.items()
-            if key not in _RECORD_ATTRS and not key.startswith("_")
-        )
-        if not extras:
-            return line
-        head, sep, tail = line.partition("\n")
-        return f"{head} {extras}{sep}{tail}"
+        head, sep, tail = super().format(record).partition("\n")
+        extras = " ".join(f"{k}={v}" for k, v in record.__dict__.items() if k not in _STANDARD)
+        return f"{head} {extras}{sep}{tail}" if extras else f"{head}{sep}{tail}"
 
 
-def configure_logging(level: str, fmt: Literal["json", "text"]) -> None:
-    """Installs one stderr handler on the root logger (called once, from main())."""
+def json_formatter(service: str = SERVICE) -> logging.Formatter:
+    return JsonFormatter(
+        "{levelname}{name}{message}",
+        style="{",
+        rename_fields=KEYS,
+        static_fields={"service": service},
+        timestamp="ts",
+    )
+
+
+def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
+    """One stderr handler on the root logger (called once, from main()); `fmt` "json" or
+    "text"."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.setFormatter(json_formatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(level)
-    # botocore logs credentials lookups and retries at INFO/DEBUG: keep them out of job logs.
-    for noisy in ("botocore", "aiobotocore", "aioboto3", "urllib3"):
+    root.setLevel(level.upper())
+    for noisy in _NOISY:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 
 class JobLog(logging.LoggerAdapter[logging.Logger]):
-    """A logger bound to one job: every line carries job_id and worker_id.
+    """A logger bound to one job: every line carries job_id and worker_id (and the attempt).
 
     Unlike the stdlib adapter on 3.11, `extra=` given at the call is merged, not dropped.
     """
 
-    def __init__(self, logger: logging.Logger, *, job_id: str, worker_id: str) -> None:
-        super().__init__(logger, {"job_id": job_id, "worker_id": worker_id})
+    def __init__(
+        self, logger: logging.Logger, *, job_id: str, worker_id: str, attempt: int | None = None
+    ) -> None:
+        bound: dict[str, object] = {"job_id": job_id, "worker_id": worker_id}
+        if attempt is not None:
+            bound["attempt"] = attempt
+        super().__init__(logger, bound)
 
     def process(
         self, msg: Any, kwargs: MutableMapping[str, Any]

@@ -119,6 +119,7 @@ async def _serve(
                     executor=executor,
                     metrics=metrics,
                     work_dir=settings.work_dir,
+                    s3_retry_budget=settings.s3_retry_budget_seconds,
                 )
                 worker = Worker(
                     WorkerOptions(

@@ -59,6 +59,23 @@ class WorkerMetrics:
             "Leases found lost (heartbeat LOST or ABORTED); the job was dropped.",
             registry=r,
         )
+        self.leases_fenced = Counter(
+            "analysis_worker_leases_fenced_total",
+            "Jobs the worker stopped itself because their lease ran out unrenewed.",
+            registry=r,
+        )
+        self.infrastructure_failures = Counter(
+            "analysis_worker_infrastructure_failures_total",
+            "Leases given back with FailJob(FAILURE_KIND_INFRASTRUCTURE), by error code.",
+            ["code"],
+            registry=r,
+        )
+        self.storage_retries = Counter(
+            "analysis_worker_storage_retries_total",
+            "S3 operations retried inside a lease after infrastructure errors.",
+            ["operation"],
+            registry=r,
+        )
         self.heartbeats = Counter(
             "analysis_worker_heartbeats_total",
             "Heartbeat calls by outcome (ok, error).",

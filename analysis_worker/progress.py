@@ -2,8 +2,9 @@
 
 The analyzer calls `progress(fraction)` from its thread, possibly often. `ProgressThrottle`
 keeps only values worth a ReportProgress (+`min_step` points, or any advance after
-`min_interval` seconds) and hands them to the loop; `ProgressReporter` sends the latest one with at
-most one call in flight, so a slow job-service never queues a backlog of stale percentages.
+`min_interval` seconds) and hands them to the loop; `ProgressSender` sends the latest one with
+at most one call in flight, so a slow job-service never queues a backlog of stale percentages.
+(`analysis.progress.ProgressReporter` is the analyzer-side step filter; this is the wire side.)
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class ProgressThrottle:
             self._loop.call_soon_threadsafe(self._sink, pct)
 
 
-class ProgressReporter:
+class ProgressSender:
     """Sends the newest percentage it was given, one call at a time, until closed."""
 
     def __init__(self, send: Callable[[int], Awaitable[None]]) -> None:
@@ -71,7 +72,7 @@ class ProgressReporter:
         self._wake.set()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="progress-reporter")
+        self._task = asyncio.create_task(self._run(), name="progress-sender")
 
     async def close(self) -> None:
         """Stops sending; a percentage not sent yet is dropped (CompleteJob says 100)."""

@@ -1,11 +1,25 @@
 """The life of one lease: download → quick pass → deep pass → upload → CompleteJob.
 
-…or the right ending when it cannot get there: an analysis or storage failure becomes FailJob
-with the error's code and retryability; a bug becomes a retryable ANALYSIS_ERROR (logged with
-its traceback); a lost lease ends the job silently (it is someone else's now); a cancellation
-becomes FailJob(CANCELLED); a shutdown hands the lease back with ReleaseJob. A job-service
-outage is never a reason to fail a job: calls that must land are retried until they do or the
-lease is lost.
+…or the right ending when it cannot get there. Two budgets are kept apart:
+
+* **The job's own failures** (bad media, an analyzer error, the upload missing or changed)
+  become FailJob(FAILURE_KIND_JOB) with the error's code and retryability: they count attempts.
+  A bug becomes a retryable ANALYSIS_ERROR (logged with its traceback).
+* **Infrastructure trouble** never counts an attempt. S3 errors that a retry can cure (5xx,
+  timeouts, refused connections, 403 for our own credentials) are retried inside the lease with
+  capped, jittered backoff, waking early if the job is stopped; only when the lease's S3 retry
+  budget is spent does the worker give the lease up with FailJob(FAILURE_KIND_INFRASTRUCTURE),
+  which requeues the job without spending an attempt. A job-service that is unreachable or in
+  trouble (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, INTERNAL, UNKNOWN, CANCELLED)
+  only delays the calls that must land (quick results, CompleteJob, FailJob, ReleaseJob): they
+  are retried until they land or the lease is gone, so a finished deep pass is never turned into
+  a FailJob because of the service. A report the service refuses for good (INVALID_ARGUMENT,
+  FAILED_PRECONDITION, NOT_FOUND, PERMISSION_DENIED, …) cannot land by being repeated; the job is
+  then failed JOB_SERVICE_ERROR, retryable, so its attempts bound how often that repeats.
+
+A lost lease ends the job silently (it is someone else's now), and so does the worker's own
+fence when a lease runs out unrenewed; a cancellation becomes FailJob(CANCELLED); a shutdown
+hands the lease back with ReleaseJob.
 """
 
 from __future__ import annotations
@@ -23,20 +37,16 @@ from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any, TypeVar
 
+import grpc
 from google.protobuf import json_format, struct_pb2
 from jobs.v1 import jobs_pb2
 
+from analysis_worker import codes
 from analysis_worker.analysis import AnalysisError, Analyzer, DeepResult
-from analysis_worker.job_client import (
-    JobClient,
-    JobServiceError,
-    JobServiceUnavailable,
-    LeaseLostError,
-    RetryPolicy,
-)
+from analysis_worker.job_client import Backoff, JobCallError, JobClient, LeaseLostError
 from analysis_worker.lease import ActiveJob, JobStopped, StopReason
 from analysis_worker.metrics import WorkerMetrics
-from analysis_worker.progress import ProgressReporter, ProgressThrottle
+from analysis_worker.progress import ProgressSender, ProgressThrottle
 from analysis_worker.storage import Storage, StorageError
 
 T = TypeVar("T")
@@ -46,9 +56,12 @@ T = TypeVar("T")
 QUICK_DONE_PCT = 10
 DEEP_END_PCT = 99
 
-UNEXPECTED_ERROR_CODE = "ANALYSIS_ERROR"
-JOB_SERVICE_ERROR_CODE = "JOB_SERVICE_ERROR"
-CANCELLED_CODE = "CANCELLED"
+# Between two rounds of the client's own retries; grows to 30 s during long outages.
+DELIVERY_BACKOFF = Backoff(max_attempts=1, initial_backoff=1.0, max_backoff=30.0)
+# Between two tries of one S3 operation inside a lease.
+S3_BACKOFF = Backoff(max_attempts=1, initial_backoff=0.5, max_backoff=10.0)
+# How long, in total, one lease may spend retrying S3 before it gives the job back.
+DEFAULT_S3_RETRY_BUDGET = 60.0
 
 _QUICK_STATUSES = (jobs_pb2.JOB_STATUS_QUEUED, jobs_pb2.JOB_STATUS_QUICK_RUNNING)
 _RESUME_STATUSES = (jobs_pb2.JOB_STATUS_QUICK_DONE, jobs_pb2.JOB_STATUS_DEEP_RUNNING)
@@ -67,7 +80,9 @@ class JobRunner:
         executor: Executor,
         metrics: WorkerMetrics,
         work_dir: Path | None = None,
-        delivery_retry: RetryPolicy | None = None,
+        delivery_retry: Backoff = DELIVERY_BACKOFF,
+        s3_retry: Backoff = S3_BACKOFF,
+        s3_retry_budget: float = DEFAULT_S3_RETRY_BUDGET,
         progress_interval: float = 1.0,
         progress_step: int = 5,
     ) -> None:
@@ -77,13 +92,15 @@ class JobRunner:
         self._executor = executor
         self._metrics = metrics
         self._work_dir = work_dir
-        # Between two rounds of the client's own retries; grows to 30 s during long outages.
-        self._delivery_retry = delivery_retry or RetryPolicy(
-            max_attempts=1, initial_backoff=1.0, max_backoff=30.0
-        )
+        self._delivery_retry = delivery_retry
+        self._s3_retry = s3_retry
+        self._s3_retry_budget = s3_retry_budget
         self._progress_interval = progress_interval
         self._progress_step = progress_step
         self._rng = random.Random()
+        # Whether the service takes ReportProgress(DEEP_RUNNING, result) from QUICK_RUNNING
+        # (quick results + entering the deep pass in one call); None until the first answer.
+        self._one_call_deep: bool | None = None
 
     async def run(self, job: ActiveJob) -> None:
         """Takes the job to an outcome; raises nothing but CancelledError.
@@ -94,10 +111,16 @@ class JobRunner:
         try:
             await self._attempt(job, tmp)
         finally:
+            job.close()
             shutil.rmtree(tmp, ignore_errors=True)
             if job.stop_reason is StopReason.LOST:
                 self._metrics.leases_lost.inc()
-                job.log.warning("lease lost: job dropped without further calls")
+                if job.fenced:
+                    self._metrics.leases_fenced.inc()
+                job.log.warning(
+                    "lease lost: job dropped without further calls",
+                    extra={"self_fenced": job.fenced},
+                )
 
     async def _attempt(self, job: ActiveJob, tmp: Path) -> None:
         try:
@@ -107,25 +130,35 @@ class JobRunner:
             pass
         except LeaseLostError:
             job.stop(StopReason.LOST)
-        except (AnalysisError, StorageError) as exc:
+        except StorageError as exc:
+            if job.stop_reason is None:
+                kind = (
+                    jobs_pb2.FAILURE_KIND_INFRASTRUCTURE
+                    if exc.infrastructure
+                    else jobs_pb2.FAILURE_KIND_JOB
+                )
+                await self._fail(job, exc.code, exc.message, retryable=exc.retryable, kind=kind)
+                return
+        except AnalysisError as exc:
             if job.stop_reason is None:
                 await self._fail(job, exc.code, exc.message, retryable=exc.retryable)
                 return
-        except JobServiceError as exc:
-            # The job-service refused a report with an unexpected status (e.g. INTERNAL): say
-            # so, rather than blaming the analysis; the retry budget still bounds it.
+        except JobCallError as exc:
+            # Service trouble never gets here (deliveries retry it until the lease is gone):
+            # this is a refusal that repeating cannot cure. Say so rather than blame the
+            # analysis; the job's attempts bound how often it repeats.
             if job.stop_reason is None:
                 job.log.error("job-service refused a report: %s", exc)
-                await self._fail(job, JOB_SERVICE_ERROR_CODE, str(exc), retryable=True)
+                await self._fail(job, codes.JOB_SERVICE_ERROR, str(exc), retryable=True)
                 return
         except Exception as exc:
             if job.stop_reason is None:
                 job.log.exception("unexpected error in the job pipeline")
                 message = f"{type(exc).__name__}: {exc}"
-                await self._fail(job, UNEXPECTED_ERROR_CODE, message, retryable=True)
+                await self._fail(job, codes.ANALYSIS_ERROR, message, retryable=True)
                 return
         if job.stop_reason is StopReason.CANCELLED:
-            await self._fail(job, CANCELLED_CODE, "cancelled by an operator", retryable=False)
+            await self._fail(job, codes.CANCELLED, "cancelled by an operator", retryable=False)
         elif job.stop_reason is StopReason.SHUTDOWN:
             await self._release(job, "worker shutting down")
 
@@ -146,7 +179,9 @@ class JobRunner:
         out_dir.mkdir()
         video = tmp / _input_name(lease.key)
         job.raise_if_stopped()
-        size = await _until_stopped(job, self._storage.download(lease, video))
+        size = await self._s3(
+            job, "download", lambda: self._storage.download(lease, video), interrupt=job.stopped
+        )
         job.log.info("downloaded", extra={"bytes": size})
 
         if status in _RESUME_STATUSES:
@@ -162,8 +197,15 @@ class JobRunner:
         deep_summary.pop("signal_path", None)
         deep_summary["signal_uri"] = self._storage.object_uri(lease, deep.signal_path.name)
         summary = {"quick": quick_summary, "deep": deep_summary}
-        results_uri = await self._storage.upload_results(
-            lease, signal_file=deep.signal_path, summary=summary
+        # A shutdown does not interrupt the finishing steps (finishing beats handing the work
+        # back); a lost lease, or the worker's own fence, does: nothing more is uploaded.
+        results_uri = await self._s3(
+            job,
+            "results upload",
+            lambda: self._storage.upload_results(
+                lease, signal_file=deep.signal_path, summary=summary
+            ),
+            interrupt=job.lost,
         )
         job.raise_if_stopped(finishing=True)
         await self._deliver(
@@ -186,8 +228,46 @@ class JobRunner:
         summary = quick.to_dict()
         # Uploaded now, not with the rest: if this lease is lost during the deep pass, the
         # worker that resumes the job skips the quick pass and would have no thumbnails.
-        summary["thumbnails"] = await self._storage.upload_thumbnails(job.lease, quick.thumbnails)
+        summary["thumbnails"] = await self._s3(
+            job,
+            "thumbnails upload",
+            lambda: self._storage.upload_thumbnails(job.lease, quick.thumbnails),
+            interrupt=job.lost,
+        )
         # Worth recording even if a shutdown began meanwhile: the next attempt resumes at deep.
+        await self._enter_deep(job, _struct(summary))
+        return summary
+
+    async def _enter_deep(self, job: ActiveJob, quick_result: struct_pb2.Struct) -> None:
+        """Records the quick pass and enters the deep pass: one ReportProgress(DEEP_RUNNING,
+        result) where the service supports it, else QUICK_DONE(result) then DEEP_RUNNING."""
+        if self._one_call_deep is not False:
+            try:
+                await self._deliver(
+                    job,
+                    "ReportProgress(DEEP_RUNNING, quick result)",
+                    lambda: self._client.report_progress(
+                        job.lease,
+                        status=jobs_pb2.JOB_STATUS_DEEP_RUNNING,
+                        progress_pct=QUICK_DONE_PCT,
+                        result=quick_result,
+                    ),
+                    give_up=job.lost,
+                )
+            except JobCallError as exc:
+                if exc.code is not grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
+                # A service that moves quick_running -> deep_running only through quick_done.
+                # It recorded nothing; from now on this worker makes the two calls.
+                self._one_call_deep = False
+                job.log.info(
+                    "job-service wants QUICK_DONE before DEEP_RUNNING; using two calls",
+                    extra={"error": str(exc)},
+                )
+            else:
+                self._one_call_deep = True
+                job.raise_if_stopped()
+                return
         await self._deliver(
             job,
             "ReportProgress(QUICK_DONE)",
@@ -195,7 +275,7 @@ class JobRunner:
                 job.lease,
                 status=jobs_pb2.JOB_STATUS_QUICK_DONE,
                 progress_pct=QUICK_DONE_PCT,
-                result=_struct(summary),
+                result=quick_result,
             ),
             give_up=job.lost,
         )
@@ -208,27 +288,26 @@ class JobRunner:
             ),
             give_up=job.stopped,
         )
-        return summary
 
     async def _deep(self, job: ActiveJob, video: Path, out_dir: Path) -> DeepResult:
         job.raise_if_stopped()
-        reporter = ProgressReporter(functools.partial(self._send_progress, job))
+        sender = ProgressSender(functools.partial(self._send_progress, job))
         throttle = ProgressThrottle(
             asyncio.get_running_loop(),
-            reporter.offer,
+            sender.offer,
             start_pct=QUICK_DONE_PCT,
             end_pct=DEEP_END_PCT,
             min_interval=self._progress_interval,
             min_step=self._progress_step,
         )
-        reporter.start()
+        sender.start()
         started = time.monotonic()
         try:
             deep = await self._in_thread(
                 functools.partial(self._analyzer.deep, video, out_dir, throttle, job.should_stop)
             )
         finally:
-            await reporter.close()
+            await sender.close()
         elapsed = time.monotonic() - started
         self._metrics.pass_seconds.labels("deep").observe(elapsed)
         job.log.info(
@@ -245,16 +324,25 @@ class JobRunner:
             await self._client.report_progress(job.lease, progress_pct=pct)
         except LeaseLostError:
             job.stop(StopReason.LOST)
-        except JobServiceError as exc:
+        except JobCallError as exc:
             job.log.warning("progress report failed", extra={"error": str(exc)})
 
-    async def _fail(self, job: ActiveJob, code: str, message: str, *, retryable: bool) -> None:
+    async def _fail(
+        self,
+        job: ActiveJob,
+        code: str,
+        message: str,
+        *,
+        retryable: bool,
+        kind: jobs_pb2.FailureKind.ValueType = jobs_pb2.FAILURE_KIND_JOB,
+    ) -> None:
+        infrastructure = kind == jobs_pb2.FAILURE_KIND_INFRASTRUCTURE
         try:
             await self._deliver(
                 job,
                 "FailJob",
                 lambda: self._client.fail(
-                    job.lease, code=code, message=message, retryable=retryable
+                    job.lease, code=code, message=message, retryable=retryable, kind=kind
                 ),
                 give_up=job.lost,
             )
@@ -263,14 +351,22 @@ class JobRunner:
             return
         except JobStopped:
             return
-        except JobServiceError as exc:
+        except JobCallError as exc:
             job.log.error("FailJob was rejected", extra={"error": str(exc), "error_code": code})
             return
         job.done = True
-        self._metrics.jobs_failed.labels(code=code, retryable=str(retryable).lower()).inc()
+        if infrastructure:
+            self._metrics.infrastructure_failures.labels(code=code).inc()
+        else:
+            self._metrics.jobs_failed.labels(code=code, retryable=str(retryable).lower()).inc()
         job.log.warning(
             "job failed",
-            extra={"error_code": code, "error_message": message, "retryable": retryable},
+            extra={
+                "error_code": code,
+                "error_message": message,
+                "retryable": retryable,
+                "infrastructure": infrastructure,
+            },
         )
 
     async def _release(self, job: ActiveJob, reason: str) -> None:
@@ -286,7 +382,7 @@ class JobRunner:
             return
         except JobStopped:
             return
-        except JobServiceError as exc:
+        except JobCallError as exc:
             job.log.error("ReleaseJob was rejected", extra={"error": str(exc)})
             return
         job.done = True
@@ -301,32 +397,97 @@ class JobRunner:
         *,
         give_up: asyncio.Event,
     ) -> T:
-        """Makes `call` until it lands: an outage only delays it. Stops (JobStopped) once
-        `give_up` is set — the lease is lost, or the job is stopping and the call is moot."""
+        """Makes `call` until it lands: service trouble only delays it. Stops (JobStopped)
+        once `give_up` is set — the lease is lost (or fenced), or the job is stopping and the
+        call is moot. A lost lease (LeaseLostError) and a refusal that repeating cannot cure
+        (JobCallError without service_trouble) are raised."""
         retry = 0
         while True:
             if give_up.is_set():
                 raise JobStopped(what)
             try:
                 return await call()
-            except JobServiceUnavailable as exc:
+            except JobCallError as exc:
+                if not exc.service_trouble:
+                    raise
                 delay = self._delivery_retry.delay(retry, self._rng)
                 retry += 1
                 job.log.warning(
-                    "job-service unavailable; will retry",
+                    "job-service call failed; will retry while the lease lasts",
                     extra={"call": what, "code": exc.code.name, "retry_in_s": round(delay, 2)},
                 )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(give_up.wait(), timeout=delay)
 
+    async def _s3(
+        self,
+        job: ActiveJob,
+        what: str,
+        operation: Callable[[], Coroutine[Any, Any, T]],
+        *,
+        interrupt: asyncio.Event,
+    ) -> T:
+        """Runs an S3 operation, retrying infrastructure errors inside the lease.
+
+        `interrupt` cancels the operation in flight (JobStopped); a backoff also ends early
+        when the job is stopped for any reason. The lease's budget (`s3_retry_budget` seconds
+        of S3 trouble in total, across its operations) bounds the retries; when it is spent
+        the last error is raised and the job is given back as infrastructure trouble.
+        """
+        loop = asyncio.get_running_loop()
+        retry = 0
+        trouble_since: float | None = None
+        while True:
+            tried_at = loop.time()
+            try:
+                result = await _until(interrupt, operation())
+            except StorageError as exc:
+                if not exc.infrastructure:
+                    raise
+                now = loop.time()
+                if trouble_since is None:
+                    trouble_since = tried_at
+                spent = job.s3_trouble_seconds + (now - trouble_since)
+                left = self._s3_retry_budget - spent
+                if left <= 0:
+                    job.s3_trouble_seconds = spent
+                    job.log.warning(
+                        "S3 retry budget of this lease spent; giving the job back",
+                        extra={"operation": what, "error_code": exc.code, "spent_s": round(spent)},
+                    )
+                    raise
+                delay = min(self._s3_retry.delay(retry, self._rng), left)
+                retry += 1
+                self._metrics.storage_retries.labels(operation=what).inc()
+                job.log.warning(
+                    "S3 operation failed; retrying inside the lease",
+                    extra={
+                        "operation": what,
+                        "error_code": exc.code,
+                        "error": exc.message,
+                        "retry_in_s": round(delay, 2),
+                    },
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(job.stopped.wait(), timeout=delay)
+                if job.stop_reason is not None:
+                    raise JobStopped(f"stopped while retrying the {what}") from None
+                continue
+            if trouble_since is not None:
+                job.s3_trouble_seconds += loop.time() - trouble_since
+            return result
+
     async def _in_thread(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
 
-async def _until_stopped(job: ActiveJob, work: Coroutine[Any, Any, T]) -> T:
-    """Runs `work` unless the job is told to stop first (then cancels it: JobStopped)."""
+async def _until(event: asyncio.Event, work: Coroutine[Any, Any, T]) -> T:
+    """Runs `work` unless `event` is set first (then cancels it: JobStopped)."""
+    if event.is_set():
+        work.close()
+        raise JobStopped("stopped before starting")
     task = asyncio.ensure_future(work)
-    stopped = asyncio.ensure_future(job.stopped.wait())
+    stopped = asyncio.ensure_future(event.wait())
     try:
         await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
     finally:

@@ -4,7 +4,9 @@ The download reads with `If-Match: <lease etag>` so the bytes analysed are exact
 job-service verified — a presigned PUT URL stays valid after verification, so the object can be
 overwritten. It streams to disk in chunks: videos do not fit in memory. S3 failures become
 `StorageError`s that say whether retrying can help, which is all the worker needs to decide
-between a retryable and a final FailJob.
+between a retryable and a final FailJob — and whose fault it is: `infrastructure` errors (S3
+5xx, timeouts, refused connections, 403 for our own credentials) say nothing about the job, so
+the worker retries them inside the lease and never lets them spend the job's attempts.
 """
 
 from __future__ import annotations
@@ -21,29 +23,40 @@ import aiohttp
 from botocore.exceptions import BotoCoreError, ClientError
 from jobs.v1 import jobs_pb2
 
+from analysis_worker.codes import (
+    DOWNLOAD_FAILED,
+    RESULTS_UPLOAD_FAILED,
+    STORAGE_ACCESS_DENIED,
+    UPLOAD_CHANGED,
+    UPLOAD_MISSING,
+)
+
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1024 * 1024
-
-UPLOAD_MISSING = "UPLOAD_MISSING"
-UPLOAD_CHANGED = "UPLOAD_CHANGED"
-DOWNLOAD_FAILED = "DOWNLOAD_FAILED"
-STORAGE_ACCESS_DENIED = "STORAGE_ACCESS_DENIED"
-RESULTS_UPLOAD_FAILED = "RESULTS_UPLOAD_FAILED"
 
 _MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchBucket"})
 _CHANGED_CODES = frozenset({"412", "PreconditionFailed"})
 _DENIED_CODES = frozenset({"403", "AccessDenied", "Forbidden"})
 
 
+# Codes that mean "S3, or our access to it, is in trouble" rather than "this job is broken".
+INFRASTRUCTURE_CODES = frozenset({DOWNLOAD_FAILED, STORAGE_ACCESS_DENIED, RESULTS_UPLOAD_FAILED})
+
+
 class StorageError(Exception):
-    """An S3 failure, with the job error code to report and whether a retry can help."""
+    """An S3 failure, with the job error code to report and whether a retry can help.
+
+    `infrastructure`: the failure is S3's or our credentials', not the job's; it is retried
+    inside the lease and, if that does not cure it, reported as FAILURE_KIND_INFRASTRUCTURE.
+    """
 
     def __init__(self, code: str, message: str, *, retryable: bool) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.retryable = retryable
+        self.infrastructure = code in INFRASTRUCTURE_CODES
 
 
 class Storage:
@@ -61,7 +74,8 @@ class Storage:
 
         Raises StorageError: UPLOAD_MISSING (404, final), UPLOAD_CHANGED (412 or size
         mismatch: overwritten after verification, final), STORAGE_ACCESS_DENIED (403, a
-        configuration fault, retryable), DOWNLOAD_FAILED (network, timeout, 5xx, retryable).
+        configuration fault: infrastructure), DOWNLOAD_FAILED (network, timeout, 5xx:
+        infrastructure).
         """
         params: dict[str, str] = {"Bucket": lease.bucket, "Key": lease.key}
         if lease.etag:
@@ -119,7 +133,7 @@ class Storage:
             await self._s3.put_object(
                 Bucket=lease.bucket, Key=key, Body=body, ContentType="application/json"
             )
-        except (TimeoutError, ClientError, BotoCoreError, OSError) as exc:
+        except (TimeoutError, ClientError, BotoCoreError, aiohttp.ClientError, OSError) as exc:
             raise _upload_error(lease.bucket, key, exc) from exc
         return self.results_uri(lease)
 
@@ -143,7 +157,7 @@ class Storage:
             await self._s3.upload_file(
                 str(path), bucket, key, ExtraArgs={"ContentType": content_type}
             )
-        except (TimeoutError, ClientError, BotoCoreError, OSError) as exc:
+        except (TimeoutError, ClientError, BotoCoreError, aiohttp.ClientError, OSError) as exc:
             raise _upload_error(bucket, key, exc) from exc
 
 

@@ -3,13 +3,18 @@
 Three concurrent parts on one event loop:
 * the claim loop long-polls ClaimJob for exactly the number of free slots, and does not call it
   at all while every slot is busy;
-* one heartbeat loop renews all held leases in a single Heartbeat call per interval and turns
-  the answers into stop decisions (LOST → drop, cancel_requested → CANCELLED);
+* one heartbeat loop renews all held leases in a single Heartbeat call and turns the answers
+  into stop decisions (LOST → drop, cancel_requested → CANCELLED). Rounds are scheduled from
+  the last *successful* renewal (not "an interval after the last call returned"); a failed or
+  slow round is retried quickly, each try's deadline fitted to the time the leases have left,
+  so one lost or hung round never costs a lease. Each lease fences itself (lease.py) if no
+  renewal lands before it runs out;
 * one task per lease (`JobRunner.run`), whose analysis runs in a thread pool so the loop, and
   with it the heartbeats, never stalls behind a CPU-bound pass.
 
-`shutdown()` (SIGTERM/SIGINT) stops claiming at once, gives running jobs `shutdown_grace`
-seconds to finish, then aborts them: each hands its lease back with ReleaseJob.
+`shutdown()` (SIGTERM/SIGINT) stops claiming at once — an in-flight long-poll ClaimJob is
+cancelled, and leases that arrive anyway are handed back with ReleaseJob — gives running jobs
+`shutdown_grace` seconds to finish, then aborts them: each hands its lease back with ReleaseJob.
 """
 
 from __future__ import annotations
@@ -19,19 +24,15 @@ import contextlib
 import functools
 import logging
 import random
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 from jobs.v1 import jobs_pb2
 
-from analysis_worker.job_client import (
-    JobClient,
-    JobServiceError,
-    JobServiceUnavailable,
-    RetryPolicy,
-)
-from analysis_worker.lease import ActiveJob, StopReason
+from analysis_worker.job_client import Backoff, JobCallError, JobCallUnavailable, JobClient
+from analysis_worker.lease import ActiveJob, StopReason, lease_lifetime
 from analysis_worker.metrics import WorkerMetrics
 from analysis_worker.runner import JobRunner
 
@@ -39,7 +40,12 @@ log = logging.getLogger(__name__)
 
 
 # Between failed ClaimJob rounds; grows to 30 s during a long outage.
-CLAIM_RETRY = RetryPolicy(max_attempts=1, initial_backoff=1.0, max_backoff=30.0)
+CLAIM_RETRY = Backoff(max_attempts=1, initial_backoff=1.0, max_backoff=30.0)
+# Between a failed (or timed-out) heartbeat round and the next try. The next try also never
+# waits past a quarter of the time the leases have left.
+HEARTBEAT_RETRY = Backoff(max_attempts=1, initial_backoff=0.1, max_backoff=2.0)
+# The shortest deadline a heartbeat round gets, however little time the leases have left.
+MIN_HEARTBEAT_DEADLINE = 0.05
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,9 @@ class WorkerOptions:
     # before the worker cancels them and releases the leases itself.
     abort_timeout: float = 10.0
     # Backoff between failed ClaimJob rounds (the client has already retried inside each).
-    claim_retry: RetryPolicy = CLAIM_RETRY
+    claim_retry: Backoff = CLAIM_RETRY
+    # Between a failed heartbeat round and its retry (see HEARTBEAT_RETRY).
+    heartbeat_retry: Backoff = HEARTBEAT_RETRY
     # When ClaimJob answers "nothing" faster than this (a service that does not long-poll, or
     # claim_wait 0), wait out the rest before asking again instead of spinning.
     min_empty_claim_interval: float = 1.0
@@ -106,11 +114,11 @@ class Worker:
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat-loop")
         try:
             await self._stopping.wait()
-            # Stop claiming at once, even mid-long-poll.
-            claim.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await claim
+            # Stop claiming at once, even mid-long-poll: the claim loop cancels its in-flight
+            # ClaimJob itself, so it can hand back any lease that arrived anyway.
+            await asyncio.wait({claim}, timeout=self._client.rpc_timeout)
             await self._drain()
+            await self._wait_background()
         finally:
             claim.cancel()
             heartbeat.cancel()
@@ -118,6 +126,11 @@ class Worker:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         log.info("worker stopped", extra=self._log_extra)
+
+    async def _wait_background(self) -> None:
+        """Hand-backs still in flight get one RPC timeout (plus retries' worth) to land."""
+        if self._background_tasks:
+            await asyncio.wait(set(self._background_tasks), timeout=2 * self._client.rpc_timeout)
 
     async def _drain(self) -> None:
         """Lets running jobs finish within the grace period, then aborts and releases them."""
@@ -157,7 +170,7 @@ class Worker:
                 await self._client.release(job.lease, reason="worker shutting down (forced)")
                 self._metrics.jobs_released.inc()
                 job.log.warning("lease released after forced abort")
-            except JobServiceError as exc:
+            except JobCallError as exc:
                 job.log.error("could not release lease", extra={"error": str(exc)})
 
     # -- claiming ------------------------------------------------------------------------------
@@ -168,19 +181,22 @@ class Worker:
         while not self._stopping.is_set():
             free = self._options.concurrency - len(self._jobs)
             if free <= 0:
-                await self._slot_freed.wait()
+                await _first_of(self._slot_freed, self._stopping)
                 self._slot_freed.clear()
                 continue
             started = loop.time()
+            sent_wall = time.time()
             try:
-                leases = await self._client.claim(free, self._options.claim_wait)
-            except JobServiceError as exc:
+                leases = await self._client.claim(
+                    free, self._options.claim_wait, stop=self._stopping
+                )
+            except JobCallError as exc:
                 # Unavailable or rejected: nothing is claimed, so nothing can be lost by
                 # waiting. Back off and keep trying; the service may come back any time.
                 failures += 1
                 self._metrics.claim_calls.labels("error").inc()
                 delay = self._options.claim_retry.delay(failures - 1, self._rng)
-                level = logging.WARNING if isinstance(exc, JobServiceUnavailable) else logging.ERROR
+                level = logging.WARNING if isinstance(exc, JobCallUnavailable) else logging.ERROR
                 log.log(
                     level,
                     "ClaimJob failed; backing off",
@@ -192,18 +208,22 @@ class Worker:
             failures = 0
             self._metrics.claim_calls.labels("leased" if leases else "empty").inc()
             for index, lease in enumerate(leases):
-                if index < free:
-                    self._start(lease)
+                if self._stopping.is_set():
+                    # The answer arrived as SIGTERM did: never start what we are about to
+                    # abandon, hand it back at once (no attempt counted).
+                    self._background(self._hand_back(lease, "worker shutting down"))
+                elif index < free:
+                    self._start(lease, sent_at=started, sent_wall=sent_wall)
                 else:
                     # The service gave more than asked: never hold what we cannot start.
-                    self._background(self._hand_back(lease))
+                    self._background(self._hand_back(lease, "more leases than requested"))
             idle = self._options.min_empty_claim_interval - (loop.time() - started)
             if not leases and idle > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), timeout=idle)
 
-    def _start(self, lease: jobs_pb2.Lease) -> None:
-        job = ActiveJob(lease, self._options.worker_id)
+    def _start(self, lease: jobs_pb2.Lease, *, sent_at: float, sent_wall: float) -> None:
+        job = ActiveJob(lease, self._options.worker_id, sent_at=sent_at, sent_wall=sent_wall)
         if lease.job.cancel_requested:
             job.stop(StopReason.CANCELLED)  # fail it as CANCELLED without starting
         self._jobs[job.job_id] = job
@@ -227,38 +247,99 @@ class Worker:
         self._background_tasks.add(task)
         task.add_done_callback(self._background_tasks.discard)
 
-    async def _hand_back(self, lease: jobs_pb2.Lease) -> None:
-        with contextlib.suppress(JobServiceError):
-            await self._client.release(lease, reason="more leases than requested")
+    async def _hand_back(self, lease: jobs_pb2.Lease, reason: str) -> None:
+        try:
+            await self._client.release(lease, reason=reason)
+        except JobCallError as exc:
+            # Its lease expires on its own; the job is claimable again after that.
+            log.warning(
+                "could not hand a lease back",
+                extra={**self._log_extra, "job_id": lease.job.job_id, "error": str(exc)},
+            )
+            return
+        self._metrics.jobs_released.inc()
+        log.info(
+            "lease handed back unstarted",
+            extra={**self._log_extra, "job_id": lease.job.job_id, "reason": reason},
+        )
 
     # -- heartbeats ----------------------------------------------------------------------------
 
+    def _held(self) -> list[ActiveJob]:
+        return [job for job in self._jobs.values() if not job.done and not job.lost.is_set()]
+
     async def _heartbeat_loop(self) -> None:
-        """One Heartbeat call per interval for every held lease: O(1) calls per worker."""
+        """Renews every held lease in one Heartbeat call: O(1) calls per worker.
+
+        A round is due one heartbeat interval after the last renewal that *succeeded* (sent
+        time), for the lease due first; every held lease rides along. A failed or timed-out
+        round is retried after a short jittered backoff, never waiting past a quarter of the
+        time left before the first lease would fence itself.
+        """
+        loop = asyncio.get_running_loop()
+        failures = 0
+        retry_at = 0.0
         while True:
-            if not self._jobs:
+            held = self._held()
+            if not held:
                 self._job_added.clear()
                 await self._job_added.wait()
                 continue
-            # The shortest interval any held lease asks for; a lease claimed mid-wait is
-            # renewed early, never late.
-            interval = min(job.heartbeat_interval for job in self._jobs.values())
-            await asyncio.sleep(interval)
-            await self._heartbeat_once(interval)
+            now = loop.time()
+            if failures:
+                due = retry_at
+            else:
+                due = min(job.renewed_at + job.heartbeat_interval for job in held)
+            if due > now:
+                # A lease claimed meanwhile may be due sooner: wake for it.
+                self._job_added.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._job_added.wait(), timeout=due - now)
+                continue
+            if await self._heartbeat_once(held):
+                failures = 0
+                continue
+            failures += 1
+            now = loop.time()
+            delay = self._options.heartbeat_retry.delay(failures - 1, self._rng)
+            fence_at = self._first_fence(held)
+            if fence_at is not None:
+                delay = min(delay, max(0.0, (fence_at - now) / 4))
+            retry_at = now + delay
 
-    async def _heartbeat_once(self, interval: float) -> None:
-        held = [job for job in self._jobs.values() if not job.done and not job.lost.is_set()]
-        if not held:
-            return
+    @staticmethod
+    def _first_fence(jobs: list[ActiveJob]) -> float | None:
+        fences = [job.fence_at for job in jobs if job.fence_at is not None]
+        return min(fences) if fences else None
+
+    async def _heartbeat_once(self, held: list[ActiveJob]) -> bool:
+        """One round; True if the service answered."""
+        loop = asyncio.get_running_loop()
+        sent_at = loop.time()
+        sent_wall = time.time()
+        # Wait at most one interval, and at most half the time the first lease has left, so
+        # a hung round leaves room for a retry before any lease runs out.
+        deadline = min(job.heartbeat_interval for job in held)
+        fence_at = self._first_fence(held)
+        if fence_at is not None:
+            deadline = min(deadline, (fence_at - sent_at) / 2)
+        deadline = max(deadline, MIN_HEARTBEAT_DEADLINE)
         try:
-            statuses = await self._client.heartbeat([job.ref() for job in held], deadline=interval)
-        except JobServiceError as exc:
-            # Keep working: if the lease really expired meanwhile, the next answer says LOST.
+            statuses = await self._client.heartbeat([job.ref() for job in held], deadline=deadline)
+        except JobCallError as exc:
+            # Keep working: the retry comes soon, and if the lease really expired meanwhile
+            # the next answer says LOST (or the lease fences itself first).
             self._metrics.heartbeats.labels("error").inc()
             log.warning(
-                "heartbeat failed", extra={**self._log_extra, "error": str(exc), "jobs": len(held)}
+                "heartbeat failed; retrying soon",
+                extra={
+                    **self._log_extra,
+                    "error": str(exc),
+                    "jobs": len(held),
+                    "deadline_s": round(deadline, 3),
+                },
             )
-            return
+            return False
         self._metrics.heartbeats.labels("ok").inc()
         by_id = {status.job_id: status for status in statuses}
         for job in held:
@@ -270,6 +351,26 @@ class Worker:
                 if job.stop_reason is not StopReason.LOST:
                     job.log.warning("heartbeat: lease lost; stopping the job")
                 job.stop(StopReason.LOST)
-            elif status.cancel_requested and job.stop_reason is None:
+                continue
+            job.renewed(
+                sent_at,
+                lease_lifetime(
+                    status.lease_ttl if status.HasField("lease_ttl") else None,
+                    status.lease_expires_at if status.HasField("lease_expires_at") else None,
+                    sent_wall=sent_wall,
+                ),
+            )
+            if status.cancel_requested and job.stop_reason is None:
                 job.log.info("heartbeat: cancellation requested; stopping the job")
                 job.stop(StopReason.CANCELLED)
+        return True
+
+
+async def _first_of(*events: asyncio.Event) -> None:
+    """Waits until any of `events` is set."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
+import hmac
 import logging
+import struct
 import uuid
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from job_service.config import Settings
-from job_service.domain import errors
+from job_service.domain import codes, errors
 from job_service.domain.model import Job, JobError, JobId, LeaseOutcome, verify_upload
 from job_service.domain.status import TERMINAL, JobStatus, check_transition
 from job_service.metrics import Metrics
 from job_service.ports import ObjectStore
 from job_service.storage import repository as repo
 from job_service.storage.db import transaction
-from job_service.uploads import abort_upload
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +38,72 @@ class Stats:
     stuck_after: timedelta
 
 
-def encode_page_token(job: Job) -> str:
-    raw = f"{job.updated_at.isoformat()}|{job.id}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+class PageTokens:
+    """ListJobs page tokens (AIP-158): the cursor (updated_at, id) of the last job served,
+    bound by an HMAC to the filter it was made for. A token that was altered, made by hand,
+    made for another filter or carrying a time outside what the service could have served is
+    refused with INVALID_ARGUMENT, never passed to the database."""
+
+    _VERSION = 1
+    _PAYLOAD = struct.Struct(">Bq16s")  # version, updated_at in µs since the epoch, job id
+    _MAC_BYTES = 16
+    #: How far a token's time may be ahead of this instance's clock (database clock skew).
+    _MAX_SKEW = timedelta(days=1)
+
+    def __init__(self, secret: str, database_url: str) -> None:
+        key = secret or f"jobs.v1 page tokens|{database_url}"
+        self._key = hashlib.sha256(key.encode()).digest()
+
+    @staticmethod
+    def _filter_key(statuses: Sequence[JobStatus], older_than: timedelta | None) -> bytes:
+        names = ",".join(sorted({s.value for s in statuses}))
+        age = "-" if older_than is None else str(older_than // timedelta(microseconds=1))
+        return f"{names}|{age}".encode()
+
+    def _mac(self, filter_key: bytes, payload: bytes) -> bytes:
+        return hmac.new(self._key, filter_key + b"|" + payload, hashlib.sha256).digest()[
+            : self._MAC_BYTES
+        ]
+
+    def encode(
+        self, job: Job, statuses: Sequence[JobStatus], older_than: timedelta | None
+    ) -> str:
+        micros = (job.updated_at - _EPOCH) // timedelta(microseconds=1)
+        payload = self._PAYLOAD.pack(self._VERSION, micros, job.id.bytes)
+        raw = payload + self._mac(self._filter_key(statuses, older_than), payload)
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    def decode(
+        self, token: str, statuses: Sequence[JobStatus], older_than: timedelta | None
+    ) -> tuple[datetime, uuid.UUID]:
+        def refuse(why: str) -> errors.InvalidArgument:
+            return errors.InvalidArgument(
+                "page_token", f"{why}; pass the next_page_token of the previous page with the same "
+                "statuses and older_than, or start again without one",
+            )
+
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        except (ValueError, UnicodeEncodeError):
+            raise refuse("is not a token this service returned") from None
+        if len(raw) != self._PAYLOAD.size + self._MAC_BYTES:
+            raise refuse("is not a token this service returned")
+        payload, mac = raw[: self._PAYLOAD.size], raw[self._PAYLOAD.size :]
+        version, micros, job_id = self._PAYLOAD.unpack(payload)
+        if version != self._VERSION:
+            raise refuse("is not a token this service returned")
+        if not hmac.compare_digest(mac, self._mac(self._filter_key(statuses, older_than), payload)):
+            raise refuse("was not made for this filter (or was altered)")
+        try:
+            when = _EPOCH + timedelta(microseconds=micros)
+        except OverflowError:
+            raise refuse("names a time out of range") from None
+        if when > datetime.now(UTC) + self._MAX_SKEW:
+            raise refuse("names a time out of range")
+        return when, uuid.UUID(bytes=job_id)
 
 
-def decode_page_token(token: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        ts, _, job_id = raw.partition("|")
-        return datetime.fromisoformat(ts), uuid.UUID(job_id)
-    except (ValueError, UnicodeDecodeError):
-        raise errors.InvalidArgument(
-            "page_token", "is not a token this service returned; start again without one"
-        ) from None
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class Admin:
@@ -60,6 +114,7 @@ class Admin:
         self._store = store
         self._settings = settings
         self._metrics = metrics
+        self._tokens = PageTokens(settings.page_token_secret, settings.database_url)
 
     async def list_jobs(
         self,
@@ -72,13 +127,15 @@ class Admin:
         if page_size < 0 or page_size > MAX_PAGE_SIZE:
             raise errors.InvalidArgument("page_size", f"must be within 0..{MAX_PAGE_SIZE}")
         size = page_size or DEFAULT_PAGE_SIZE
-        after = decode_page_token(page_token) if page_token else None
+        after = self._tokens.decode(page_token, statuses, older_than) if page_token else None
         async with transaction(self._engine) as conn:
             rows = await repo.list_jobs(
                 conn, statuses=statuses, older_than=older_than, limit=size + 1, after=after
             )
         page = rows[:size]
-        return page, encode_page_token(page[-1]) if len(rows) > size else ""
+        if len(rows) <= size:
+            return page, ""
+        return page, self._tokens.encode(page[-1], statuses, older_than)
 
     async def stats(self, stuck_after: timedelta | None = None) -> Stats:
         stuck = stuck_after or timedelta(seconds=self._settings.stuck_upload_seconds)
@@ -112,7 +169,7 @@ class Admin:
         # Never queue a job whose object was not verified (e.g. cancelled while awaiting upload).
         # UPLOAD_CHANGED: the object was overwritten after verification; verify it again and
         # record the new ETag, or refuse (upload helper, issue 7 section 8).
-        changed = job.error is not None and job.error.code == errors.UPLOAD_CHANGED
+        changed = job.error is not None and job.error.code == codes.UPLOAD_CHANGED
         if (
             job.status is JobStatus.awaiting_upload
             or job.upload_failed
@@ -175,7 +232,7 @@ class Admin:
             if job.lease_token is not None:
                 job = await repo.update_job(conn, job_id, cancel_requested=True)
             else:
-                error = JobError(errors.CANCELLED, message, False, job.attempts)
+                error = JobError(codes.CANCELLED, message, False, job.attempts)
                 job = await repo.update_job(
                     conn,
                     job_id,
@@ -185,7 +242,18 @@ class Admin:
                     **repo.error_values(error),
                 )
                 await repo.record_error(conn, job_id, error)
-        # Upload helper hook (issue 9): no multipart parts left behind by a cancelled upload.
-        await abort_upload(self._engine, self._store, job)
+        # Upload helper hook (issue 9): no multipart parts left behind by a cancelled upload
+        # (the bucket's AbortIncompleteMultipartUpload rule is the second line).
+        if job.upload_id is not None and job.status is JobStatus.failed:
+            try:
+                await self._store.abort_multipart(job.bucket, job.key, job.upload_id)
+            except errors.StorageUnavailable as exc:
+                log.warning(
+                    "could not abort the cancelled job's multipart upload: %s", exc.message,
+                    extra={"job_id": str(job_id)},
+                )  # fmt: skip
+            else:
+                async with transaction(self._engine) as conn:
+                    job = await repo.set_upload_id(conn, job_id, None)
         log.info("job cancel requested", extra={"job_id": str(job_id), "reason": reason})
         return job

@@ -11,20 +11,23 @@ from types import TracebackType
 
 import grpc
 from google.rpc import error_details_pb2  # noqa: F401  (reflection serves ErrorInfo to grpcurl)
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
-from jobs.v1 import jobs_pb2, jobs_pb2_grpc
+from jobs.v1 import jobs_pb2
 from prometheus_client import start_http_server
 
 from job_service.admin import Admin
 from job_service.config import Settings
 from job_service.leases import Leases
 from job_service.metrics import Metrics
+from job_service.retention import MIN_AGE, Retention
 from job_service.rpc.admin_servicer import AdminServicer
+from job_service.rpc.registration import CallGate, add_health, add_services
 from job_service.rpc.servicers import UploadServicer, WorkerServicer
 from job_service.s3 import S3Gateway
-from job_service.storage.db import create_engine
+from job_service.storage.db import LeasePool, Reachability, create_engine
 from job_service.storage.notify import ClaimableListener
+from job_service.storage.repository import LeaseStore
 from job_service.uploads import Uploads
 from job_service.wakeup import ClaimWaiters, JobChanges
 
@@ -43,6 +46,24 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
+
+
+def check_edge_settings(s: Settings) -> None:
+    for name in (
+        "max_concurrent_rpcs",
+        "max_watch_streams",
+        "watch_max_seconds",
+        "aux_db_pool_size",
+        "retention_interval_seconds",
+        "retention_batch",
+    ):
+        if getattr(s, name) <= 0:
+            raise ValueError(f"JOB_SERVICE_{name.upper()} must be > 0")
+    if s.retention_seconds != 0 and s.retention_seconds < MIN_AGE.total_seconds():
+        raise ValueError(
+            f"JOB_SERVICE_RETENTION_SECONDS must be 0 (keep finished jobs forever) or at least "
+            f"{int(MIN_AGE.total_seconds())}"
+        )
 
 
 class JobServiceApp:
@@ -71,6 +92,16 @@ class JobServiceApp:
         )
         self._stack.push_async_callback(engine.dispose)
         self.engine = engine
+        check_edge_settings(s)
+        # WatchJob, AdminService and retention get a small pool of their own: however many
+        # streams or operator reads there are, they never take the lease path's connections.
+        aux_engine = create_engine(
+            s.database_url,
+            pool_size=s.aux_db_pool_size,
+            connect_timeout=s.db_connect_timeout_seconds,
+        )
+        self._stack.push_async_callback(aux_engine.dispose)
+        self.aux_engine = aux_engine
         store = await self._stack.enter_async_context(S3Gateway(s))
         if not await store.bucket_exists(s.s3_bucket):
             raise RuntimeError(
@@ -78,26 +109,53 @@ class JobServiceApp:
                 "create it (every upload would look missing otherwise)"
             )
         waiters, changes = ClaimWaiters(), JobChanges()
+        self.waiters = waiters
+        # The lease path's own pool (issue 7 section 7): WatchJob or admin floods on the engine
+        # cannot starve heartbeats of connections.
+        self.reachability = Reachability()
+        lease_pool = LeasePool(
+            s.database_url,
+            size=s.lease_pool_size,
+            connect_timeout=s.db_connect_timeout_seconds,
+            lock_timeout=s.lease_lock_timeout_seconds,
+            statement_timeout=s.lease_statement_timeout_seconds,
+            reachability=self.reachability,
+        )
+        await lease_pool.start()
+        self._stack.push_async_callback(lease_pool.close)
+        self.lease_pool = lease_pool
+        lease_store = LeaseStore(lease_pool)
         self.uploads = Uploads(engine, store, s, self.metrics, changes)
-        self.leases = Leases(engine, s, waiters, self.metrics)
-        self.admin = Admin(engine, store, s, self.metrics)
-        listener = ClaimableListener(s.database_url, engine, waiters, changes)
+        self.leases = Leases(lease_store, s, waiters, self.metrics, self.reachability)
+        self._stack.push_async_callback(self.leases.hand_back.close)
+        self.admin = Admin(aux_engine, store, s, self.metrics)
+        watch_uploads = Uploads(aux_engine, store, s, self.metrics, changes)
+        self.retention = Retention(aux_engine, store, s)
+        listener = ClaimableListener(
+            s.database_url, lease_store, waiters, changes, reachability=self.reachability
+        )
+        self.listener = listener
         await listener.start()
         self._stack.push_async_callback(listener.stop)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(listener.connected.wait(), 10)
 
         server = grpc.aio.server(options=SERVER_OPTIONS)
-        jobs_pb2_grpc.add_UploadServiceServicer_to_server(
-            UploadServicer(self.uploads, s, self.metrics), server
+        # Not the generated add_*_to_server: one registration for every method, whose
+        # deserializer never fails (a malformed request is INVALID_ARGUMENT, not UNKNOWN) and
+        # which enforces the concurrency caps.
+        self.gate = CallGate(max_rpcs=s.max_concurrent_rpcs, max_streams=s.max_watch_streams)
+        add_services(
+            server,
+            {
+                "UploadService": UploadServicer(self.uploads, s, self.metrics, watch_uploads),
+                "WorkerService": WorkerServicer(self.leases, s, self.metrics),
+                "AdminService": AdminServicer(self.admin, s, self.metrics, self.retention),
+            },
+            self.gate,
+            self.metrics,
         )
-        jobs_pb2_grpc.add_WorkerServiceServicer_to_server(
-            WorkerServicer(self.leases, s, self.metrics), server
-        )
-        jobs_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminServicer(self.admin, s, self.metrics), server
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        add_health(server, self.health, self.metrics)
         reflection.enable_server_reflection(
             (
                 *SERVICE_NAMES,
@@ -127,6 +185,13 @@ class JobServiceApp:
                     name="upload-reconciler",
                 )
             )
+        if s.retention_seconds > 0:
+            self._tasks.append(
+                asyncio.create_task(
+                    self._every(s.retention_interval_seconds, self.retention.run_policy),
+                    name="retention",
+                )
+            )
         if s.metrics_address:
             host, _, port = s.metrics_address.rpartition(":")
             httpd, _thread = start_http_server(int(port), addr=host, registry=self.metrics.registry)
@@ -154,6 +219,9 @@ class JobServiceApp:
 
     async def _stop_server(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
+        # Parked ClaimJob calls answer (empty) now instead of waiting out the grace, and no
+        # call claims from here on: nothing is leased to a caller that is about to be cut off.
+        self.waiters.close()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

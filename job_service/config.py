@@ -1,22 +1,35 @@
 """Settings of the job-service, read from JOB_SERVICE_* environment variables.
 
 Every variable has a default that works with `make run`'s local stack; the README lists them.
-Built once in main() and passed in: nothing reads the environment at import time.
+Built once in main() and passed in: nothing reads the environment at import time. The mechanism
+is pydantic-settings, as in the worker's settings (analysis_worker.config): `Settings(**values)`
+is the defaults plus `values` and reads no environment; `Settings.from_env()` reads the
+JOB_SERVICE_* variables and its errors name the variable and value. Add a setting as
+`name: type = default` at the end of the class.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping
 from datetime import timedelta
-from typing import Any
+from typing import Any, Self
+
+from pydantic import PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 PREFIX = "JOB_SERVICE_"
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Settings:
+class SettingsError(ValueError):
+    """A setting has a bad value; the message names the variable(s) to fix."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=PREFIX, frozen=True, extra="forbid", validate_default=True
+    )
+
     #: SQLAlchemy URL of the job database (asyncpg driver).
     database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:55432/jobs"
     #: host:port the gRPC server listens on.
@@ -35,18 +48,18 @@ class Settings:
     s3_results_prefix: str = "results/"
     #: Connect/read timeout of one S3 call; a timeout answers UNAVAILABLE and changes nothing.
     s3_timeout_seconds: float = 5.0
-    max_upload_bytes: int = 5 * 1024**3
+    max_upload_bytes: PositiveInt = 5 * 1024**3
     upload_url_ttl_seconds: int = 3600
     #: Lease length; workers renew every heartbeat interval. A crashed worker's job is
     #: claimable again within lease + reaper interval.
-    lease_seconds: float = 30.0
+    lease_seconds: PositiveFloat = 30.0
     heartbeat_interval_seconds: float = 10.0
     #: Hard cap on one stage (quick or deep pass) however often it is renewed.
     stage_timeout_seconds: float = 3600.0
-    max_attempts: int = 5
+    max_attempts: PositiveInt = 5
     retry_base_seconds: float = 2.0
     retry_max_seconds: float = 300.0
-    claim_max_jobs: int = 32
+    claim_max_jobs: PositiveInt = 32
     claim_max_wait_seconds: float = 20.0
     reaper_interval_seconds: float = 5.0
     #: Jobs in awaiting_upload this long are checked against S3 (clients that never call
@@ -61,6 +74,46 @@ class Settings:
     log_level: str = "INFO"
     #: "json" or "text".
     log_format: str = "json"
+    # --- edge helper: bounded resources, page tokens, retention (docs/decisions.md, edge) ---
+    #: Unary calls in flight (parked ClaimJob included) above which new ones are refused with
+    #: RESOURCE_EXHAUSTED; the lease-keeping calls (Heartbeat, ReportProgress, CompleteJob,
+    #: FailJob, ReleaseJob) are never refused.
+    max_concurrent_rpcs: PositiveInt = 10000
+    #: WatchJob streams open at once; more are refused with RESOURCE_EXHAUSTED.
+    max_watch_streams: PositiveInt = 1000
+    #: A WatchJob stream ends (status OK) after this long; the client calls WatchJob again.
+    watch_max_seconds: PositiveFloat = 300.0
+    #: Connections of the pool WatchJob, AdminService and retention use, apart from the lease
+    #: path's, so a flood of streams or operator reads cannot starve heartbeats.
+    aux_db_pool_size: PositiveInt = 3
+    #: Key that signs ListJobs page tokens; empty derives one from the database URL (every
+    #: instance of a deployment then agrees). Set it when the URL is not secret.
+    page_token_secret: str = ""
+    #: Finished jobs (done, failed) whose last change is older than this are deleted with their
+    #: error rows by a background task; 0 keeps them forever (the default).
+    retention_seconds: float = 0.0
+    retention_interval_seconds: PositiveFloat = 600.0
+    #: Jobs deleted per transaction (small: each batch holds its row locks only briefly).
+    # -- lease path (perf-core) --
+    #: Infrastructure failures (FailJob kind=INFRASTRUCTURE) spend no attempt: requeued after a
+    #: jittered backoff between the base and the cap, growing with how long the trouble lasts...
+    infra_retry_base_seconds: float = 1.0
+    infra_retry_max_seconds: float = 30.0
+    #: ...until this long after the first infrastructure failure in a row; then FAILED with
+    #: INFRASTRUCTURE_UNAVAILABLE.
+    infra_retry_window_seconds: float = 21600.0
+    #: After the database was unreachable (or the service started), expired leases are taken
+    #: back only once it has been reachable this long; never less than one lease.
+    outage_grace_seconds: float = 0.0
+    #: Connections of the lease path's own pool (ClaimJob, Heartbeat, the fenced calls).
+    lease_pool_size: int = 10
+    #: lock_timeout / statement_timeout of the lease path: a call that would wait longer answers
+    #: UNAVAILABLE instead.
+    lease_lock_timeout_seconds: float = 2.0
+    lease_statement_timeout_seconds: float = 10.0
+    retention_batch: PositiveInt = 500
+    #: The background task also deletes the purged jobs' results in S3 (PurgeJobs asks per call).
+    retention_delete_results: bool = False
     # Multipart uploads and checksums (upload helper, issue 9). Files above the threshold (or
     # above 5 GiB) go multipart; the part size is max(multipart_part_bytes, ceil(size/10000),
     # s3_min_part_bytes). max_upload_bytes may be raised up to S3's 5 TiB object limit.
@@ -77,36 +130,53 @@ class Settings:
     def lease(self) -> timedelta:
         return timedelta(seconds=self.lease_seconds)
 
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        env = os.environ if environ is None else environ
-        values: dict[str, object] = {}
-        for field in dataclasses.fields(cls):
-            raw = env.get(PREFIX + field.name.upper())
-            if raw is None:
-                continue
-            kind: Any = type(field.default)
-            try:
-                values[field.name] = kind(raw) if kind is not str else raw
-            except ValueError:
-                raise ValueError(
-                    f"{PREFIX}{field.name.upper()}={raw!r} is not a valid {kind.__name__}"
-                ) from None
-        settings = cls(**values)  # type: ignore[arg-type]
-        settings.validate()
-        return settings
-
-    def validate(self) -> None:
+    @model_validator(mode="after")
+    def _heartbeat_fits_the_lease(self) -> Self:
         if self.heartbeat_interval_seconds * 2 > self.lease_seconds:
             raise ValueError(
                 "JOB_SERVICE_HEARTBEAT_INTERVAL_SECONDS must be at most half of "
                 "JOB_SERVICE_LEASE_SECONDS, so one lost heartbeat does not lose the lease"
             )
-        for name in ("lease_seconds", "max_attempts", "claim_max_jobs", "max_upload_bytes"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{PREFIX}{name.upper()} must be > 0")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Only what the constructor is given: the environment is read by from_env() alone.
+        return (init_settings,)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
+        """Reads JOB_SERVICE_* from `environ` (default os.environ; names compare
+        case-insensitively); raises SettingsError naming every bad variable."""
+        env = {k.upper(): v for k, v in (os.environ if environ is None else environ).items()}
+        values: dict[str, Any] = {
+            n: env[PREFIX + n.upper()] for n in cls.model_fields if PREFIX + n.upper() in env
+        }
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise SettingsError(_explain(exc)) from None
 
     @classmethod
     def env_table(cls) -> list[tuple[str, str]]:
-        """(variable, default) pairs; the README table and docker-compose are checked against it."""
-        return [(PREFIX + f.name.upper(), str(f.default)) for f in dataclasses.fields(cls)]
+        """(variable, default) for every field; the README and docker-compose are checked
+        against it."""
+        return [(PREFIX + n.upper(), str(f.default)) for n, f in cls.model_fields.items()]
+
+
+def _explain(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors(include_url=False):
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if error["loc"]:
+            problems.append(f"{PREFIX}{str(error['loc'][0]).upper()}={error['input']!r}: {message}")
+        else:  # a rule across several fields: its message names them
+            problems.append(message)
+    return "; ".join(problems)

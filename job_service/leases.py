@@ -4,23 +4,30 @@ rescue of expired leases.
 Every call after a claim is fenced by (job_id, lease_token): the lease token is new at each
 claim, so a worker whose lease expired and was re-leased cannot touch the job again. A call
 repeated after it succeeded (same token, same outcome) answers with the job and changes nothing.
+
+The hot path is one round trip per call: each repository operation is a single conditional
+statement. Only when it matches nothing does the use case read the row (`diagnose`) to say why:
+LEASE_LOST, a replay (OK), JOB_NOT_FOUND or INVALID_TRANSITION.
+
+Two budgets: the job's own failures count attempts (FailJob kind JOB); infrastructure trouble
+(kind INFRASTRUCTURE) spends none and is bounded by wall-clock time instead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import enum
 import logging
+import random
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-
 from job_service.config import Settings
-from job_service.domain import errors
+from job_service.domain import codes, errors
 from job_service.domain.model import (
     Fence,
     Job,
@@ -34,24 +41,27 @@ from job_service.domain.model import (
 )
 from job_service.domain.status import JobStatus, check_transition, requeue_status
 from job_service.metrics import Metrics
-from job_service.storage import repository as repo
-from job_service.storage.db import transaction
+from job_service.storage.db import Reachability
+from job_service.storage.repository import LeaseEnd, LeaseStore, Snapshot
 from job_service.wakeup import ClaimWaiters, wait_for
 
 log = logging.getLogger(__name__)
 
-#: The only status changes a worker reports; the state machine's backward edges are for the
-#: service's own use (lease lost, retry).
-PROGRESS_EDGES = frozenset(
-    {
-        (JobStatus.quick_running, JobStatus.quick_done),
-        (JobStatus.quick_done, JobStatus.deep_running),
-    }
-)
-#: Statuses ReportProgress may move a job to.
-PROGRESS_STATUSES = frozenset(
-    {JobStatus.quick_running, JobStatus.quick_done, JobStatus.deep_running}
-)
+#: A claim is not started with less time than this left before the caller's deadline: the
+#: answer could not arrive, and its leases would go to nobody.
+MIN_CLAIM_SECONDS = 0.25
+#: A conditional statement that matched nothing while the diagnostic read says it should have
+#: (a concurrent change between the two) is tried again this often before answering ABORTED.
+RETRIES = 3
+#: How long shutdown waits for pending hand-backs.
+CLOSE_SECONDS = 2.0
+
+
+class FailureKind(enum.Enum):
+    """Whose fault a FailJob is; decides the budget it spends."""
+
+    JOB = "job"
+    INFRASTRUCTURE = "infrastructure"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -62,68 +72,307 @@ class HeartbeatResult:
     cancel_requested: bool
 
 
-def _clear_lease(outcome: LeaseOutcome) -> dict[str, Any]:
-    return {
-        "lease_token": None,
-        "leased_by": None,
-        "lease_expires_at": None,
-        "last_lease_outcome": outcome.value,
-    }
+@dataclasses.dataclass(frozen=True, slots=True)
+class InfraRetryPolicy:
+    """Infrastructure trouble: requeued with a short capped, jittered backoff that grows with
+    how long the trouble has lasted, until the window is spent."""
+
+    base: float
+    cap: float
+    window: float
+
+    def delay(self, elapsed: float, rng: random.Random | None = None) -> float:
+        ceiling = min(self.cap, max(self.base, elapsed))
+        factor: float = (rng or random).uniform(0.5, 1.0)
+        return ceiling * factor
+
+
+def progress_sources(status: JobStatus | None, with_result: bool) -> frozenset[JobStatus]:
+    """The statuses ReportProgress may move a job to `status` from (None: keep the status).
+
+    Forward only: quick_running -> quick_done -> deep_running, and quick_running ->
+    deep_running in one call when it carries the quick results."""
+    S = JobStatus
+    if status is None:
+        return frozenset({S.quick_running, S.quick_done, S.deep_running})
+    if status is S.quick_running:
+        return frozenset({S.quick_running})
+    if status is S.quick_done:
+        return frozenset({S.quick_running, S.quick_done})
+    if status is S.deep_running:
+        base = {S.quick_done, S.deep_running}
+        return frozenset(base | {S.quick_running} if with_result else base)
+    raise errors.InvalidArgument(
+        "status",
+        f"ReportProgress moves a job to quick_running, quick_done or deep_running, not "
+        f"{status.value}; use CompleteJob or FailJob",
+    )
+
+
+def decide_failure(
+    snap: Snapshot,
+    *,
+    code: str,
+    message: str,
+    retryable: bool,
+    kind: FailureKind,
+    retry: RetryPolicy,
+    infra: InfraRetryPolicy,
+) -> LeaseEnd:
+    """How a FailJob ends the lease. Pure: the job as read, the database's clock, the policies."""
+    job = snap.job
+    infrastructure = kind is FailureKind.INFRASTRUCTURE and code != codes.CANCELLED
+    reported = JobError(
+        code, message, retryable or infrastructure, job.attempts, infrastructure=infrastructure
+    )
+    # The claim counted an attempt; infrastructure trouble gives it back.
+    attempts = max(job.attempts - 1, 0) if infrastructure else job.attempts
+    if job.cancel_requested and code != codes.CANCELLED:
+        # An operator asked to cancel: a retry would run the job again.
+        cancelled = JobError(codes.CANCELLED, "cancelled by an operator", False, job.attempts)
+        return LeaseEnd(
+            JobStatus.failed, attempts, None, cancelled, reported, "keep", LeaseOutcome.failed
+        )
+    if infrastructure:
+        since = job.infrastructure_failing_since or snap.db_now
+        elapsed = max((snap.db_now - since).total_seconds(), 0.0)
+        if elapsed >= infra.window:
+            gave_up = JobError(
+                codes.INFRASTRUCTURE_UNAVAILABLE,
+                f"infrastructure trouble for {elapsed:.0f} s, past the retry window of "
+                f"{infra.window:.0f} s; last: {code}: {message}",
+                retryable=False,
+                attempt=job.attempts,
+                infrastructure=True,
+            )
+            check_transition(job.status, JobStatus.failed)
+            return LeaseEnd(
+                JobStatus.failed, attempts, None, gave_up, reported, "keep", LeaseOutcome.failed
+            )
+        target = requeue_status(job.status)
+        if target is not job.status:
+            check_transition(job.status, target)
+        return LeaseEnd(
+            target,
+            attempts,
+            infra.delay(elapsed),
+            reported,
+            reported,
+            "set",
+            LeaseOutcome.retried,
+        )
+    exhausted = retry.exhausted(job.attempts, job.max_attempts)
+    if retryable and not exhausted and code != codes.CANCELLED:
+        target = requeue_status(job.status)
+        if target is not job.status:
+            check_transition(job.status, target)
+        delay = retry.delay(job.attempts).total_seconds()
+        return LeaseEnd(target, attempts, delay, reported, reported, "clear", LeaseOutcome.retried)
+    final = reported
+    if retryable and exhausted:
+        final = dataclasses.replace(
+            reported, message=f"{message} (gave up after {job.attempts} attempts)"
+        )
+    check_transition(job.status, JobStatus.failed)
+    return LeaseEnd(JobStatus.failed, attempts, None, final, reported, "clear", LeaseOutcome.failed)
+
+
+def decide_expired(snap: Snapshot, *, retry: RetryPolicy) -> LeaseEnd:
+    """How the reaper ends an expired lease: the worker crashed, hung or lost its connection,
+    which counts the attempt."""
+    job = snap.job
+    error = JobError(
+        codes.LEASE_EXPIRED,
+        f"lease held by {job.leased_by} expired on attempt {job.attempts} "
+        "(worker crashed, hung or lost its connection)",
+        retryable=True,
+        attempt=job.attempts,
+    )
+    if job.cancel_requested:
+        cancelled = JobError(codes.CANCELLED, "cancelled by an operator", False, job.attempts)
+        return LeaseEnd(
+            JobStatus.failed, job.attempts, None, cancelled, error, "keep", LeaseOutcome.expired
+        )
+    if retry.exhausted(job.attempts, job.max_attempts):
+        final = dataclasses.replace(
+            error,
+            retryable=False,
+            message=error.message + f"; gave up after {job.attempts} attempts",
+        )
+        return LeaseEnd(
+            JobStatus.failed, job.attempts, None, final, error, "keep", LeaseOutcome.expired
+        )
+    delay = retry.delay(job.attempts).total_seconds()
+    return LeaseEnd(
+        requeue_status(job.status), job.attempts, delay, error, error, "keep", LeaseOutcome.expired
+    )
+
+
+class HandBack:
+    """Leases granted to a caller that never got the answer (cancelled, timed out, or the
+    connection broke so the outcome is unknown) go back at once, without counting an attempt.
+    Retried in the background while the database is away: the reaper waits one grace after an
+    outage, so the hand-back normally wins; if this process dies first, the leases expire and
+    the reaper counts the attempt (see docs/lifecycle.md)."""
+
+    def __init__(self, store: LeaseStore, *, give_up_after: float, metrics: Metrics) -> None:
+        self._store = store
+        self._give_up_after = give_up_after
+        self._metrics = metrics
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.handed_back = 0
+
+    def submit(self, tokens: Sequence[uuid.UUID], reason: str) -> None:
+        if not tokens:
+            return
+        task = asyncio.get_running_loop().create_task(self._run(list(tokens), reason))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def after(self, claim: asyncio.Future[list[Job]], tokens: Sequence[uuid.UUID]) -> None:
+        """The caller left while `claim` was in flight: hand back whatever it grants."""
+
+        def done(fut: asyncio.Future[list[Job]]) -> None:
+            if fut.cancelled():
+                self.submit(tokens, "claim cancelled in flight")
+            elif fut.exception() is None:
+                granted = [j.lease_token for j in fut.result() if j.lease_token is not None]
+                self.submit(granted, "caller gone")
+            elif isinstance(fut.exception(), errors.DatabaseOutcomeUnknown):
+                self.submit(tokens, "claim outcome unknown")
+
+        claim.add_done_callback(done)
+
+    async def _run(self, tokens: list[uuid.UUID], reason: str) -> None:
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self._give_up_after
+        backoff = 0.05
+        while True:
+            try:
+                n = await self._store.hand_back(tokens)
+            except errors.DatabaseUnavailable as exc:
+                if loop.time() + backoff > give_up:
+                    log.warning("could not hand back %d leases (%s): %s", len(tokens), reason, exc)
+                    return
+                await asyncio.sleep(backoff)  # retry backoff while the database is away
+                backoff = min(backoff * 2, 1.0)
+                continue
+            self.handed_back += n
+            if n:
+                self._metrics.leases_handed_back_total.inc(n)
+                log.info("handed back %d leases (%s)", n, reason)
+            return
+
+    async def close(self) -> None:
+        """Shutdown: give pending hand-backs a moment, then stop retrying."""
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=CLOSE_SECONDS)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
 
 class Leases:
     def __init__(
         self,
-        engine: AsyncEngine,
+        store: LeaseStore,
         settings: Settings,
         waiters: ClaimWaiters,
         metrics: Metrics,
+        reachability: Reachability | None = None,
     ) -> None:
-        self._engine = engine
+        self._store = store
         self._settings = settings
         self._waiters = waiters
         self._metrics = metrics
+        self.reachability = reachability or store.pool.reachability
         self.retry = RetryPolicy(
             max_attempts=settings.max_attempts,
             base_delay=timedelta(seconds=settings.retry_base_seconds),
             max_delay=timedelta(seconds=settings.retry_max_seconds),
         )
+        self.infra = InfraRetryPolicy(
+            base=settings.infra_retry_base_seconds,
+            cap=settings.infra_retry_max_seconds,
+            window=settings.infra_retry_window_seconds,
+        )
+        #: Rescue waits this long after the database became reachable (at least one lease).
+        self.grace = max(settings.lease_seconds, settings.outage_grace_seconds)
+        self.hand_back = HandBack(
+            store, give_up_after=self.grace + settings.lease_seconds, metrics=metrics
+        )
+
+    @property
+    def lease_ttl(self) -> timedelta:
+        return self._settings.lease
 
     # -- claim ------------------------------------------------------------------------------
 
-    async def claim(self, worker_id: str, max_jobs: int, wait: float) -> list[Lease]:
+    async def claim(
+        self, worker_id: str, max_jobs: int, wait: float, *, budget: float | None = None
+    ) -> list[Lease]:
         """Lease up to max_jobs claimable jobs; wait up to `wait` seconds for one to appear.
 
-        Never hands one job to two callers (FOR UPDATE SKIP LOCKED). Raises DatabaseUnavailable.
+        `budget`: seconds until the answer must leave (the caller's deadline minus a margin);
+        no claim starts with less than MIN_CLAIM_SECONDS of it left. Never hands one job to two
+        callers (FOR UPDATE SKIP LOCKED). If the caller goes away while a claim is in flight,
+        its leases are handed back. Raises DatabaseUnavailable.
         """
         limit = min(max_jobs, self._settings.claim_max_jobs)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + min(max(wait, 0.0), self._settings.claim_max_wait_seconds)
+        start = loop.time()
+        deadline = start + min(max(wait, 0.0), self._settings.claim_max_wait_seconds)
+        hard = start + budget if budget is not None else None
+        query = self._waiters.may_be_claimable
         while True:
+            if self._waiters.closed:
+                return []
             ticket = self._waiters.register()
             used = False
             try:
-                leases = await self._claim_once(worker_id, limit)
-                if leases or loop.time() >= deadline:
-                    return leases
+                if query:
+                    if hard is not None and hard - loop.time() < MIN_CLAIM_SECONDS:
+                        return []
+                    epoch = self._waiters.epoch
+                    leases = await self._claim_once(worker_id, limit)
+                    if len(leases) < limit:
+                        self._waiters.saw_empty(epoch)
+                    else:
+                        self._waiters.claimable(1)  # there may be more: pass it on
+                    if leases or loop.time() >= deadline:
+                        return leases
+                elif loop.time() >= deadline:
+                    return []
+                query = True
                 self._metrics.claim_waiters.inc()
                 try:
                     woken = await wait_for(ticket, deadline - loop.time())
                 finally:
                     self._metrics.claim_waiters.dec()
-                if not woken:
+                if not woken or self._waiters.closed:
                     return []
                 used = True  # query again, with this wake
             finally:
                 self._waiters.discard(ticket, used=used)
 
     async def _claim_once(self, worker_id: str, limit: int) -> list[Lease]:
-        start = asyncio.get_running_loop().time()
-        async with transaction(self._engine) as conn:
-            jobs = await repo.claim(
-                conn, worker_id=worker_id, limit=limit, lease=self._settings.lease
-            )
-        self._metrics.claim_seconds.observe(asyncio.get_running_loop().time() - start)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        # The tokens are ours before the statement runs: whatever happens to the answer, the
+        # leases it may have granted can be named and handed back.
+        tokens = [uuid.uuid4() for _ in range(limit)]
+        task = asyncio.ensure_future(
+            self._store.claim(worker_id=worker_id, tokens=tokens, lease=self._settings.lease)
+        )
+        try:
+            jobs = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self.hand_back.after(task, tokens)
+            raise
+        except errors.DatabaseOutcomeUnknown:
+            self.hand_back.submit(tokens, "claim outcome unknown")
+            raise
+        self._metrics.claim_seconds.observe(loop.time() - start)
         leases = []
         for job in jobs:
             assert job.lease_token is not None and job.lease_expires_at is not None
@@ -141,6 +390,10 @@ class Leases:
         self._metrics.jobs_claimed_total.inc(len(leases))
         return leases
 
+    def give_back(self, leases: Sequence[Lease], reason: str) -> None:
+        """The answer carrying these leases did not reach the caller: release them."""
+        self.hand_back.submit([lease.token for lease in leases], reason)
+
     # -- heartbeat --------------------------------------------------------------------------
 
     async def heartbeat(
@@ -150,13 +403,11 @@ class Leases:
 
         Raises LeaseLost when every lease asked for is lost (nothing changed).
         """
-        async with transaction(self._engine) as conn:
-            held = await repo.renew_leases(
-                conn,
-                refs,
-                lease=self._settings.lease,
-                stage_timeout=timedelta(seconds=self._settings.stage_timeout_seconds),
-            )
+        held = await self._store.renew(
+            refs,
+            lease=self._settings.lease,
+            stage_timeout=timedelta(seconds=self._settings.stage_timeout_seconds),
+        )
         results = []
         for job_id, token in refs:
             if (job_id, token) in held:
@@ -171,11 +422,11 @@ class Leases:
 
     # -- fenced calls -----------------------------------------------------------------------
 
-    async def _locked(self, conn: AsyncConnection, job_id: JobId) -> Job:
-        job = await repo.get_job(conn, job_id, for_update=True)
-        if job is None:
+    async def _diagnose(self, job_id: JobId, *, lock: bool = True) -> Snapshot:
+        snap = await self._store.diagnose(job_id, lock=lock)
+        if snap is None:
             raise errors.JobNotFound(job_id)
-        return job
+        return snap
 
     async def report_progress(
         self,
@@ -185,33 +436,34 @@ class Leases:
         progress_pct: int,
         result: Mapping[str, Any] | None,
     ) -> Job:
-        """Stage transitions quick_running -> quick_done -> deep_running, and progress.
+        """Stage transitions quick_running -> quick_done -> deep_running (or quick_running ->
+        deep_running in one call that carries the quick results), and progress.
 
         Raises LeaseLost, InvalidTransition, InvalidArgument, JobNotFound.
         """
-        if status is not None and status not in PROGRESS_STATUSES:
-            raise errors.InvalidArgument(
-                "status",
-                f"ReportProgress moves a job to quick_running, quick_done or deep_running, not "
-                f"{status.value}; use CompleteJob or FailJob",
+        allowed = progress_sources(status, result is not None)
+        for _ in range(RETRIES):
+            out = await self._store.advance(
+                job_id,
+                token,
+                status=status,
+                allowed_from=allowed,
+                progress_pct=progress_pct,
+                result=result,
             )
-        async with transaction(self._engine) as conn:
-            job = await self._locked(conn, job_id)
+            if out is not None:
+                job, before = out
+                if job.status is not before:
+                    self._metrics.job_transitions_total.labels(job.status.value).inc()
+                return job
+            job = (await self._diagnose(job_id)).job
             fence(job, token, replay_outcomes=frozenset())
-            values: dict[str, Any] = {"progress_pct": progress_pct}
-            if status is not None and status is not job.status:
+            if status is not None and job.status not in allowed:
                 check_transition(job.status, status)
-                if (job.status, status) not in PROGRESS_EDGES:
-                    raise errors.InvalidTransition(
-                        job.status, status, "a worker reports progress forward only"
-                    )
-                values["status"] = status
-                if status is JobStatus.deep_running:
-                    values["stage_started_at"] = func.now()
-                self._metrics.job_transitions_total.labels(status.value).inc()
-            if result is not None:
-                values["result"] = dict(result)
-            return await repo.update_job(conn, job_id, **values)
+                raise errors.InvalidTransition(
+                    job.status, status, "a worker reports progress forward only"
+                )
+        raise errors.DatabaseConflict("the job kept changing under the call; retry")
 
     async def complete(
         self,
@@ -221,26 +473,20 @@ class Leases:
         results_uri: str,
     ) -> Job:
         """deep_running -> done. Raises LeaseLost, InvalidTransition, JobNotFound."""
-        async with transaction(self._engine) as conn:
-            job = await self._locked(conn, job_id)
-            if (
-                fence(job, token, replay_outcomes=frozenset({LeaseOutcome.completed}))
-                is Fence.REPLAY
-            ):
+        for _ in range(RETRIES):
+            out = await self._store.complete(job_id, token, result=result, results_uri=results_uri)
+            if out is not None:
+                job, worker = out
+                self._metrics.job_transitions_total.labels(JobStatus.done.value).inc()
+                log.info("job done", extra={"job_id": str(job_id), "worker_id": worker})
                 return job
-            check_transition(job.status, JobStatus.done)
-            job = await repo.update_job(
-                conn,
-                job_id,
-                status=JobStatus.done,
-                progress_pct=100,
-                result=dict(result) if result is not None else job.result,
-                results_uri=results_uri or None,
-                **_clear_lease(LeaseOutcome.completed),
-            )
-        self._metrics.job_transitions_total.labels(JobStatus.done.value).inc()
-        log.info("job done", extra={"job_id": str(job_id), "worker_id": job.leased_by})
-        return job
+            job = (await self._diagnose(job_id)).job
+            replay = frozenset({LeaseOutcome.completed})
+            if fence(job, token, replay_outcomes=replay) is Fence.REPLAY:
+                return job
+            if job.status is not JobStatus.deep_running:
+                check_transition(job.status, JobStatus.done)
+        raise errors.DatabaseConflict("the job kept changing under the call; retry")
 
     async def fail(
         self,
@@ -249,78 +495,76 @@ class Leases:
         code: str,
         message: str,
         retryable: bool,
+        kind: FailureKind = FailureKind.JOB,
     ) -> Job:
-        """A retryable failure backs off and requeues (at the stage reached) until max attempts;
-        then, or for a permanent failure, the job is failed with this error kept.
+        """The job's own failure (kind JOB): a retryable one backs off and requeues (at the
+        stage reached) until max attempts; then, or for a permanent failure, the job is failed
+        with this error kept. Infrastructure trouble (kind INFRASTRUCTURE) spends no attempt:
+        requeued with a short capped backoff until the infrastructure retry window is spent,
+        then failed INFRASTRUCTURE_UNAVAILABLE.
 
-        Raises LeaseLost, JobNotFound.
+        A read and one conditional write (failures are not the common case). Raises LeaseLost,
+        JobNotFound.
         """
-        async with transaction(self._engine) as conn:
-            job = await self._locked(conn, job_id)
-            replay = frozenset({LeaseOutcome.failed, LeaseOutcome.retried})
-            if fence(job, token, replay_outcomes=replay) is Fence.REPLAY:
-                return job
-            worker = job.leased_by
-            error = JobError(code, message, retryable, job.attempts)
-            await repo.record_error(conn, job_id, error, worker)
-            exhausted = self.retry.exhausted(job.attempts, job.max_attempts)
-            if job.cancel_requested and code != errors.CANCELLED:
-                # An operator asked to cancel: a retry would run the job again.
-                job = await self._cancel_now(conn, job, LeaseOutcome.failed)
-            elif retryable and not exhausted and code != errors.CANCELLED:
-                job = await self._requeue(conn, job, error, LeaseOutcome.retried, backoff=True)
-            else:
-                if retryable and exhausted:
-                    error = dataclasses.replace(
-                        error,
-                        message=f"{message} (gave up after {job.attempts} attempts)",
-                    )
-                check_transition(job.status, JobStatus.failed)
-                job = await repo.update_job(
-                    conn,
-                    job_id,
-                    status=JobStatus.failed,
-                    **repo.error_values(error),
-                    **_clear_lease(LeaseOutcome.failed),
-                )
-                self._metrics.job_transitions_total.labels(JobStatus.failed.value).inc()
-        log.info(
-            "job failed" if job.status is JobStatus.failed else "job will be retried",
-            extra={
-                "job_id": str(job_id),
-                "worker_id": worker,
-                "error_code": code,
-                "retryable": retryable,
-                "attempt": error.attempt,
-            },
-        )
-        return job
+        replay = frozenset({LeaseOutcome.failed, LeaseOutcome.retried})
+        for _ in range(RETRIES):
+            snap = await self._diagnose(job_id, lock=False)
+            if fence(snap.job, token, replay_outcomes=replay) is Fence.REPLAY:
+                return snap.job
+            end = decide_failure(
+                snap,
+                code=code,
+                message=message,
+                retryable=retryable,
+                kind=kind,
+                retry=self.retry,
+                infra=self.infra,
+            )
+            out = await self._store.end_lease(snap.job, token, end)
+            if out is None:
+                continue  # cancelled or re-leased meanwhile: decide again on what is there now
+            job, worker = out
+            if job.status is not snap.job.status:
+                self._metrics.job_transitions_total.labels(job.status.value).inc()
+            log.info(
+                "job failed" if job.status is JobStatus.failed else "job will be retried",
+                extra={
+                    "job_id": str(job_id),
+                    "worker_id": worker,
+                    "error_code": code,
+                    "retryable": retryable,
+                    "infrastructure": end.error.infrastructure,
+                    "attempt": snap.job.attempts,
+                },
+            )
+            return job
+        raise errors.DatabaseConflict("the job kept changing under the call; retry")
 
     async def release(self, job_id: JobId, token: LeaseToken, reason: str) -> Job:
         """Hand a lease back without counting an attempt (graceful shutdown).
 
         Raises LeaseLost, JobNotFound.
         """
-        async with transaction(self._engine) as conn:
-            job = await self._locked(conn, job_id)
+        for _ in range(RETRIES):
+            out = await self._store.release(job_id, token)
+            if out is not None:
+                job, worker = out
+                log.info(
+                    "lease released",
+                    extra={"job_id": str(job_id), "worker_id": worker, "reason": reason},
+                )
+                return job
+            job = (await self._diagnose(job_id)).job
             replay = frozenset({LeaseOutcome.released})
             if fence(job, token, replay_outcomes=replay) is Fence.REPLAY:
                 return job
-            worker = job.leased_by
-            if job.cancel_requested:
-                job = await self._cancel_now(conn, job, LeaseOutcome.released)
-            else:
-                job = await repo.update_job(
-                    conn,
-                    job_id,
-                    status=requeue_status(job.status),
-                    attempts=max(job.attempts - 1, 0),
-                    available_at=func.now(),
-                    **_clear_lease(LeaseOutcome.released),
-                )
-        log.info(
-            "lease released", extra={"job_id": str(job_id), "worker_id": worker, "reason": reason}
-        )
+        raise errors.DatabaseConflict("the job kept changing under the call; retry")
+
+    async def get(self, job_id: JobId) -> Job:
+        """One read on the lease pool. Raises JobNotFound."""
+        job = await self._store.get(job_id)
+        if job is None:
+            raise errors.JobNotFound(job_id)
         return job
 
     # -- rescue -----------------------------------------------------------------------------
@@ -328,78 +572,24 @@ class Leases:
     async def rescue_expired(self) -> int:
         """Take back expired leases: requeue at the stage reached with backoff, or fail the job
         when its attempts are spent. Guarded by the row lock and a re-checked expiry, so a
-        worker's completion is never overwritten. Returns how many leases were taken back."""
-        async with transaction(self._engine) as conn:
-            expired = await repo.lock_expired_leases(conn)
-            for job in expired:
-                error = JobError(
-                    errors.LEASE_EXPIRED,
-                    f"lease held by {job.leased_by} expired on attempt {job.attempts} "
-                    "(worker crashed, hung or lost its connection)",
-                    retryable=True,
-                    attempt=job.attempts,
-                )
-                await repo.record_error(conn, job.id, error, job.leased_by)
-                if job.cancel_requested:
-                    await self._cancel_now(conn, job, LeaseOutcome.expired)
-                    result = "failed"
-                elif self.retry.exhausted(job.attempts, job.max_attempts):
-                    error = dataclasses.replace(
-                        error,
-                        retryable=False,
-                        message=error.message + f"; gave up after {job.attempts} attempts",
-                    )
-                    await repo.update_job(
-                        conn,
-                        job.id,
-                        status=JobStatus.failed,
-                        **repo.error_values(error),
-                        **_clear_lease(LeaseOutcome.expired),
-                    )
-                    result = "failed"
-                else:
-                    await self._requeue(conn, job, error, LeaseOutcome.expired, backoff=True)
-                    result = "requeued"
-                self._metrics.lease_expired_total.labels(result).inc()
-                log.warning(
-                    "lease expired; job %s",
-                    result,
-                    extra={
-                        "job_id": str(job.id),
-                        "worker_id": job.leased_by,
-                        "attempt": job.attempts,
-                    },
-                )
-        return len(expired)
+        worker's completion is never overwritten. Returns how many leases were taken back.
 
-    async def _requeue(
-        self,
-        conn: AsyncConnection,
-        job: Job,
-        error: JobError,
-        outcome: LeaseOutcome,
-        *,
-        backoff: bool,
-    ) -> Job:
-        target = requeue_status(job.status)
-        if target is not job.status:
-            check_transition(job.status, target)
-        delay = self.retry.delay(job.attempts) if backoff else timedelta(0)
-        return await repo.update_job(
-            conn,
-            job.id,
-            status=target,
-            available_at=func.now() + delay,
-            **repo.error_values(error),
-            **_clear_lease(outcome),
+        Outage grace: nothing is taken until the database has been reachable from this instance
+        for one grace (at least a lease length) — the workers could not renew while it was not.
+        """
+        if self.reachability.stable_for() < self.grace:
+            with contextlib.suppress(errors.DatabaseUnavailable):
+                await self._store.probe()  # learn when it is back
+            return 0
+        rescued = await self._store.rescue_expired(
+            lambda snap: decide_expired(snap, retry=self.retry)
         )
-
-    async def _cancel_now(self, conn: AsyncConnection, job: Job, outcome: LeaseOutcome) -> Job:
-        error = JobError(errors.CANCELLED, "cancelled by an operator", False, job.attempts)
-        return await repo.update_job(
-            conn,
-            job.id,
-            status=JobStatus.failed,
-            **repo.error_values(error),
-            **_clear_lease(outcome),
-        )
+        for job, end in rescued:
+            result = "failed" if end.status is JobStatus.failed else "requeued"
+            self._metrics.lease_expired_total.labels(result).inc()
+            log.warning(
+                "lease expired; job %s",
+                result,
+                extra={"job_id": str(job.id), "worker_id": job.leased_by, "attempt": job.attempts},
+            )
+        return len(rescued)

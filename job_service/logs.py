@@ -1,42 +1,58 @@
-"""Structured logs: one JSON object per line, with job_id / worker_id when a job is involved."""
+"""The job-service's log lines: one JSON object per line (or readable text at a desk).
+
+The format is the pipeline's one log format, also used by the worker (analysis_worker.logs):
+every JSON line has `ts`, `level`, `service`, `logger` and `msg`, and anything passed in
+`extra=` becomes a top-level field, so a line about a job carries `job_id` (and `worker_id`,
+`attempt` where known). python-json-logger renders it; the two services share no code of ours
+(the worker shares only the generated protos with the job-service), only this key schema.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
-from datetime import UTC, datetime
 
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+from pythonjsonlogger.json import JsonFormatter
+
+SERVICE = "job-service"
+#: python-json-logger's record fields renamed to the pipeline's keys.
+KEYS = {"levelname": "level", "name": "logger", "message": "msg", "exc_info": "exc"}
+# Libraries that log credential lookups and retries at INFO/DEBUG: kept out of job logs.
+_NOISY = ("botocore", "aiobotocore", "aioboto3", "urllib3")
+_STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
 
 
-class JsonFormatter(logging.Formatter):
-    def __init__(self, service: str) -> None:
-        super().__init__()
-        self._service = service
+class TextFormatter(logging.Formatter):
+    """Human-readable lines for a terminal, still showing the extras as key=value."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, object] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "service": self._service,
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        for key, value in vars(record).items():
-            if key not in _STANDARD and not key.startswith("_"):
-                out[key] = value
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
+        head, sep, tail = super().format(record).partition("\n")
+        extras = " ".join(f"{k}={v}" for k, v in record.__dict__.items() if k not in _STANDARD)
+        return f"{head} {extras}{sep}{tail}" if extras else f"{head}{sep}{tail}"
 
 
-def configure(service: str, level: str = "INFO", fmt: str = "json") -> None:
+def json_formatter(service: str = SERVICE) -> logging.Formatter:
+    return JsonFormatter(
+        "{levelname}{name}{message}",
+        style="{",
+        rename_fields=KEYS,
+        static_fields={"service": service},
+        timestamp="ts",
+    )
+
+
+def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
+    """One stderr handler on the root logger (called once, from main()); `fmt` "json" or
+    "text"."""
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter(service))
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.setFormatter(json_formatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
     root.setLevel(level.upper())
+    for noisy in _NOISY:
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -6,9 +6,9 @@ import asyncio
 import logging
 import signal
 
-from job_service import logs
 from job_service.app import JobServiceApp
 from job_service.config import Settings
+from job_service.logs import configure_logging
 
 log = logging.getLogger("job_service")
 
@@ -25,7 +25,7 @@ async def serve(settings: Settings) -> None:
 
 def main() -> None:
     settings = Settings.from_env()
-    logs.configure("job-service", settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format)
     asyncio.run(serve(settings))
 
 

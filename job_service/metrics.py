@@ -65,3 +65,9 @@ class Metrics:
         self.claim_waiters = Gauge(
             "job_service_claim_waiters", "ClaimJob calls waiting for work", registry=r
         )
+        # Lease path (perf-core): claims whose caller never got the answer, handed back.
+        self.leases_handed_back_total = Counter(
+            "job_service_leases_handed_back_total",
+            "Leases released because the ClaimJob caller was gone or the outcome unknown",
+            registry=r,
+        )

@@ -287,6 +287,47 @@ class S3Gateway:
             raise StorageUnavailable(f"S3 unreachable: {type(exc).__name__}: {exc}") from exc
         return True
 
+    # --- retention (edge helper): results of purged jobs -------------------------------------
+
+    async def delete_prefix(self, bucket: str, prefix: str, *, dry_run: bool = False) -> int:
+        """Delete every object under `prefix` (with dry_run: only count them); returns how
+        many. Raises StorageUnavailable / StorageAccessDenied; what was deleted stays deleted
+        (a later call finishes the rest)."""
+        if not prefix.endswith("/"):
+            raise ValueError(f"refusing to delete under {prefix!r}: not a folder prefix")
+        count = 0
+        try:
+            paginator = self._client.get_paginator("list_objects_v2")
+            async for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+                keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+                if keys and not dry_run:
+                    resp = await self._client.delete_objects(
+                        Bucket=bucket, Delete={"Objects": keys, "Quiet": True}
+                    )
+                    if resp.get("Errors"):
+                        first = resp["Errors"][0]
+                        raise StorageUnavailable(
+                            f"S3 did not delete {first.get('Key')} under s3://{bucket}/{prefix} "
+                            f"({first.get('Code')}); retry later",
+                            bucket=bucket,
+                        )
+                count += len(keys)
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            cls = StorageAccessDenied if code in _DENIED or status == 403 else StorageUnavailable
+            raise cls(
+                f"S3 answered {code or status} while deleting s3://{bucket}/{prefix}; retry later",
+                bucket=bucket,
+            ) from exc
+        except (BotoCoreError, OSError, TimeoutError) as exc:
+            raise StorageUnavailable(
+                f"S3 could not be reached to delete s3://{bucket}/{prefix} "
+                f"({type(exc).__name__}); retry later",
+                bucket=bucket,
+            ) from exc
+        return count
+
 
 def _checksum_headers(sha256: bytes) -> dict[str, str]:
     # Both are signed: x-amz-sdk-checksum-algorithm makes S3 (and moto) store the checksum.

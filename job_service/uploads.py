@@ -20,7 +20,7 @@ from sqlalchemy import func
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from job_service.config import Settings
-from job_service.domain import errors
+from job_service.domain import codes, errors
 from job_service.domain import multipart as mp
 from job_service.domain.model import (
     Job,
@@ -44,15 +44,15 @@ log = logging.getLogger(__name__)
 WATCH_REFRESH_SECONDS = 5.0
 
 _PREFLIGHT_OUTCOME = {
-    errors.UPLOAD_OBJECT_NOT_FOUND: "not_found",
-    errors.UPLOAD_EMPTY: "empty",
-    errors.UPLOAD_SIZE_MISMATCH: "size_mismatch",
-    errors.UPLOAD_CONTENT_TYPE_MISMATCH: "content_type_mismatch",
-    errors.UPLOAD_CHECKSUM_MISMATCH: "checksum_mismatch",
+    codes.UPLOAD_OBJECT_NOT_FOUND: "not_found",
+    codes.UPLOAD_EMPTY: "empty",
+    codes.UPLOAD_SIZE_MISMATCH: "size_mismatch",
+    codes.UPLOAD_CONTENT_TYPE_MISMATCH: "content_type_mismatch",
+    codes.UPLOAD_CHECKSUM_MISMATCH: "checksum_mismatch",
 }
 #: Failed jobs CompleteUpload verifies again: upload failures, and a worker's UPLOAD_CHANGED
 #: (the object was overwritten after verification; issue 7 section 8).
-REVERIFIABLE = errors.UPLOAD_ERROR_CODES | {errors.UPLOAD_CHANGED}
+REVERIFIABLE = codes.UPLOAD_ERROR_CODES | {codes.UPLOAD_CHANGED}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -446,7 +446,7 @@ class Uploads:
 
     async def _expire(self, job: Job) -> None:
         error = JobError(
-            errors.UPLOAD_EXPIRED,
+            codes.UPLOAD_EXPIRED,
             "the upload URL expired and no object arrived; call InitiateUpload with the same "
             "request_id for a new URL, upload, then CompleteUpload",
         )
@@ -500,23 +500,3 @@ class Uploads:
         if job is None:
             raise errors.JobNotFound(job_id)
         return job
-
-
-async def abort_upload(engine: AsyncEngine, store: ObjectStore, job: Job) -> None:
-    """Abort a cancelled job's open multipart upload so no parts are left behind (the bucket's
-    AbortIncompleteMultipartUpload lifecycle rule is the second line). S3 trouble is logged,
-    not raised: the cancel itself already happened."""
-    if job.upload_id is None:
-        return
-    try:
-        await store.abort_multipart(job.bucket, job.key, job.upload_id)
-    except errors.StorageUnavailable as exc:
-        log.warning(
-            "could not abort the multipart upload of a cancelled job: %s (the lifecycle rule "
-            "removes its parts)",
-            exc.message,
-            extra={"job_id": str(job.id)},
-        )
-        return
-    async with transaction(engine) as conn:
-        await repo.set_upload_id(conn, job.id, None)

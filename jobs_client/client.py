@@ -116,13 +116,34 @@ class JobsClient:
         retry: RetryPolicy | None = None,
         owns_channel: bool = False,
     ) -> None:
-        self.channel = channel
+        self.channel: grpc.aio.Channel | None = channel
         self.upload = pb_grpc.UploadServiceStub(channel)
         self.admin = pb_grpc.AdminServiceStub(channel)
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self._metadata = call_metadata(token)
         self._owns_channel = owns_channel
+
+    @classmethod
+    def from_stubs(
+        cls,
+        upload: pb_grpc.UploadServiceAsyncStub,
+        admin: pb_grpc.AdminServiceAsyncStub,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        token: str | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> JobsClient:
+        """Around stubs the caller already has (its own channel, interceptors); closing the
+        client leaves their channel open."""
+        client = cls.__new__(cls)
+        client.channel = None
+        client.upload, client.admin = upload, admin
+        client.timeout = timeout
+        client.retry = retry or RetryPolicy()
+        client._metadata = call_metadata(token)
+        client._owns_channel = False
+        return client
 
     @classmethod
     def connect(
@@ -138,7 +159,7 @@ class JobsClient:
         return cls(channel, timeout=timeout, token=token, retry=retry, owns_channel=True)
 
     async def close(self) -> None:
-        if self._owns_channel:
+        if self._owns_channel and self.channel is not None:
             await self.channel.close()
 
     async def __aenter__(self) -> Self:

@@ -50,11 +50,10 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import NamedTuple, Self
+from typing import NamedTuple
 
-from localinfra.ports import LOCALHOST, free_port
-from localinfra.process import Lifeline, pid_alive, tail, wait_until
+from localinfra.netports import LOCALHOST, free_port
+from localinfra.process import Lifeline, StartStop, pid_alive, tail, wait_until
 
 SUPERUSER = "postgres"
 """Name of the database superuser of every cluster (``initdb -U``)."""
@@ -129,7 +128,7 @@ def _client_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
 
 
-class PostgresCluster:
+class PostgresCluster(StartStop):
     """A PostgreSQL cluster in ``data_dir``, listening on ``127.0.0.1:port``.
 
     ``port`` defaults to a free port chosen at construction time (so :meth:`dsn` is usable before
@@ -219,6 +218,10 @@ class PostgresCluster:
         """libpq-style URL for ``database``: ``postgresql://postgres@127.0.0.1:PORT/DATABASE``."""
         return f"postgresql://{SUPERUSER}@{LOCALHOST}:{self._port}/{database}"
 
+    def sqlalchemy_url(self, database: str = "postgres") -> str:
+        """:meth:`dsn` for SQLAlchemy with the asyncpg driver (what the job-service takes)."""
+        return self.dsn(database).replace("postgresql://", "postgresql+asyncpg://", 1)
+
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
@@ -281,18 +284,6 @@ class PostgresCluster:
                 self._lifeline.disarm()
                 self._lifeline = None
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     # ------------------------------------------------------------------ databases
 
     def create_database(self, name: str) -> None:
@@ -311,18 +302,13 @@ class PostgresCluster:
 
     # ------------------------------------------------------------------ internals
 
+    def _connection_args(self) -> list[str]:
+        """Where a client binary connects: TCP on 127.0.0.1, as the superuser."""
+        return ["-h", LOCALHOST, "-p", str(self._port), "-U", SUPERUSER]
+
     def _client(self, binary: str, args: Sequence[str]) -> str:
         """Run a client binary against the server over TCP as the current user."""
-        argv = [
-            str(self.bindir / binary),
-            "-h",
-            LOCALHOST,
-            "-p",
-            str(self._port),
-            "-U",
-            SUPERUSER,
-            *args,
-        ]
+        argv = [str(self.bindir / binary), *self._connection_args(), *args]
         result = subprocess.run(
             argv, capture_output=True, text=True, env=_client_env(), timeout=_COMMAND_TIMEOUT
         )
@@ -573,12 +559,7 @@ class PostgresCluster:
         result = subprocess.run(
             [
                 str(self.bindir / "pg_isready"),
-                "-h",
-                LOCALHOST,
-                "-p",
-                str(self._port),
-                "-U",
-                SUPERUSER,
+                *self._connection_args(),
                 "-d",
                 "postgres",
                 "-t",

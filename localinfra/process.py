@@ -9,6 +9,8 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 
 def pid_alive(pid: int) -> bool:
@@ -134,3 +136,25 @@ class Lifeline:
         proc.wait()
         if proc.stdin is not None:
             proc.stdin.close()
+
+
+class StartStop:
+    """Base of the servers here: ``with Server() as s:`` is ``start()``, then ``stop()``."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -26,14 +26,13 @@ import tempfile
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
 import botocore.session
 from botocore.config import Config
 
-from localinfra.ports import LOCALHOST, free_ports
-from localinfra.process import Lifeline, pid_alive, tail, wait_until
+from localinfra.netports import LOCALHOST, free_ports
+from localinfra.process import Lifeline, StartStop, pid_alive, tail, wait_until
 
 if TYPE_CHECKING:
     from moto.server import ThreadedMotoServer
@@ -45,7 +44,7 @@ class S3ServerError(RuntimeError):
     """An S3 server did not start or stop as expected."""
 
 
-class _S3Server:
+class _S3Server(StartStop):
     """Shared client helpers; subclasses set the endpoint and credentials."""
 
     region: str = REGION
@@ -172,18 +171,6 @@ class MotoS3(_S3Server):
         wsgi_server = getattr(server, "_server", None)
         if wsgi_server is not None:
             wsgi_server.server_close()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 # ------------------------------------------------------------------------------------ SeaweedFS
@@ -464,18 +451,6 @@ class SeaweedS3(_S3Server):
             if self._lifeline is not None:
                 self._lifeline.disarm()
                 self._lifeline = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def _kill_leftover(pid_file: Path, data_dir: Path) -> None:

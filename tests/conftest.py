@@ -1,10 +1,12 @@
 """Shared fixtures: a throwaway PostgreSQL cluster (a fresh migrated database per test, copied
 from a template built by `alembic upgrade head`), moto's S3 server, the job-service in-process
-on a real grpc.aio server and channel, and factories for the real service processes."""
+on a real grpc.aio server and channel, and factories for the real service processes.
+
+Helpers that are not fixtures (settings_for, stubs_for, Stubs, sa_url, BUCKET) are in
+tests/support/service.py; test modules import them from there, never from a conftest."""
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -12,23 +14,17 @@ from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2_grpc
-from jobs.v1 import jobs_pb2_grpc
 
 from job_service.app import JobServiceApp
 from job_service.config import Settings
 from job_service.storage import migrate
-from localinfra.ports import free_port
+from localinfra.netports import free_port
 from localinfra.postgres import PostgresCluster
 from localinfra.s3 import MotoS3
 from tests.support.procs import ServiceProcess, spawn, wait_serving
+from tests.support.service import BUCKET, Stubs, sa_url, settings_for, stubs_for
 
-BUCKET = "videos"
 TEMPLATE_DB = "jobs_template"
-
-
-def sa_url(pg: PostgresCluster, database: str) -> str:
-    return pg.dsn(database).replace("postgresql://", "postgresql+asyncpg://", 1)
 
 
 @pytest.fixture(scope="session")
@@ -86,46 +82,9 @@ def moto_s3() -> Iterator[MotoS3]:
         server.stop()
 
 
-def settings_for(database_url: str, s3: Any, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "database_url": database_url,
-        "grpc_address": "127.0.0.1:0",
-        "metrics_address": "",
-        "s3_endpoint_url": s3.endpoint_url,
-        "s3_access_key_id": s3.access_key,
-        "s3_secret_access_key": s3.secret_key,
-        "s3_bucket": BUCKET,
-        "s3_timeout_seconds": 2.0,
-        "log_format": "text",
-        # Background reconciling would race tests that backdate rows; its own test enables it.
-        "reconcile_after_seconds": 0.0,
-    }
-    values.update(overrides)
-    return Settings(**values)
-
-
 @pytest.fixture
 def settings(database_url: str, moto_s3: MotoS3) -> Settings:
     return settings_for(database_url, moto_s3)
-
-
-@dataclasses.dataclass
-class Stubs:
-    channel: grpc.aio.Channel
-    upload: jobs_pb2_grpc.UploadServiceStub
-    worker: jobs_pb2_grpc.WorkerServiceStub
-    admin: jobs_pb2_grpc.AdminServiceStub
-    health: health_pb2_grpc.HealthStub
-
-
-def stubs_for(channel: grpc.aio.Channel) -> Stubs:
-    return Stubs(
-        channel,
-        jobs_pb2_grpc.UploadServiceStub(channel),
-        jobs_pb2_grpc.WorkerServiceStub(channel),
-        jobs_pb2_grpc.AdminServiceStub(channel),
-        health_pb2_grpc.HealthStub(channel),
-    )
 
 
 @pytest.fixture

@@ -2,17 +2,16 @@
 
 Each class says what kind of failure it is (`kind`, which the RPC layer maps to a status code)
 and carries a stable `reason` (UPPER_SNAKE_CASE, sent as google.rpc.ErrorInfo) and `metadata`.
-Expected outcomes (an empty queue, an upload already completed) are not errors.
+Expected outcomes (an empty queue, an upload already completed) are not errors. The codes
+stored on failed jobs are data and live in `job_service.domain.codes`.
+
+A leaf module: it imports nothing of the domain, so every other module may import it.
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from job_service.domain.status import JobStatus
 
 
 class ErrorKind(enum.Enum):
@@ -74,9 +73,11 @@ class InvalidTransition(JobServiceError):
     kind = ErrorKind.FAILED_PRECONDITION
     reason = "INVALID_TRANSITION"
 
-    def __init__(self, src: JobStatus, dst: JobStatus, hint: str = "") -> None:
-        msg = f"a job in status {src.value} cannot move to {dst.value}"
-        super().__init__(msg + (f": {hint}" if hint else ""), current=src.value, target=dst.value)
+    # Statuses as their values (JobStatus is a StrEnum), so this module needs no status import.
+    def __init__(self, src: str, dst: str, hint: str = "") -> None:
+        src, dst = str(src), str(dst)
+        msg = f"a job in status {src} cannot move to {dst}"
+        super().__init__(msg + (f": {hint}" if hint else ""), current=src, target=dst)
         self.src, self.dst = src, dst
 
 
@@ -128,28 +129,20 @@ class DatabaseUnavailable(JobServiceError):
     reason = "DATABASE_UNAVAILABLE"
 
 
-# Error codes stored on jobs (JobError.code). Upload verification failures can be retried by
-# calling CompleteUpload again; the others need an operator's RequeueJob.
-UPLOAD_OBJECT_NOT_FOUND = "UPLOAD_OBJECT_NOT_FOUND"
-UPLOAD_EMPTY = "UPLOAD_EMPTY"
-UPLOAD_SIZE_MISMATCH = "UPLOAD_SIZE_MISMATCH"
-UPLOAD_CONTENT_TYPE_MISMATCH = "UPLOAD_CONTENT_TYPE_MISMATCH"
-#: The upload URL expired and no object arrived (found by the upload reconciler).
-UPLOAD_EXPIRED = "UPLOAD_EXPIRED"
-#: S3's stored checksum is not the SHA-256 declared at InitiateUpload (revision 0007).
-UPLOAD_CHECKSUM_MISMATCH = "UPLOAD_CHECKSUM_MISMATCH"
-UPLOAD_ERROR_CODES = frozenset(
-    {
-        UPLOAD_OBJECT_NOT_FOUND,
-        UPLOAD_EMPTY,
-        UPLOAD_SIZE_MISMATCH,
-        UPLOAD_CONTENT_TYPE_MISMATCH,
-        UPLOAD_EXPIRED,
-        UPLOAD_CHECKSUM_MISMATCH,
-    }
-)
-#: Reported by a worker whose download is not the verified object (ETag or SHA-256 changed):
-#: CompleteUpload and RequeueJob verify the object again (issue 7 section 8).
-UPLOAD_CHANGED = "UPLOAD_CHANGED"
-LEASE_EXPIRED = "LEASE_EXPIRED"
-CANCELLED = "CANCELLED"
+# Database faults a retry can cure (the lease path classifies them in storage/db.py).
+
+
+class DatabaseConflict(JobServiceError):
+    """The database aborted the statement as a conflict (serialization failure, deadlock);
+    nothing was changed, retry."""
+
+    kind = ErrorKind.ABORTED
+    reason = "DATABASE_CONFLICT"
+
+
+class DatabaseOutcomeUnknown(DatabaseUnavailable):
+    """The connection broke while the change was in flight: it may or may not have been made.
+    Retrying is safe (a fenced call repeated after it took effect answers OK)."""
+
+    def __init__(self, message: str | None = None, **metadata: object) -> None:
+        super().__init__(message, outcome="unknown", **metadata)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any, NewType
 
-from job_service.domain import errors
+from job_service.domain import codes, errors
 from job_service.domain.status import JobStatus
 
 JobId = NewType("JobId", uuid.UUID)
@@ -44,6 +44,8 @@ class JobError:
     retryable: bool = False
     attempt: int = 0
     occurred_at: datetime | None = None
+    #: Infrastructure trouble (FailJob kind=INFRASTRUCTURE), which spends no attempt.
+    infrastructure: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -75,6 +77,8 @@ class Job:
     error: JobError | None = None
     result: Mapping[str, Any] | None = None
     results_uri: str | None = None
+    #: Set while the job's failures in a row are infrastructure trouble (revision 0006).
+    infrastructure_failing_since: datetime | None = None
     # Multipart and checksums (revision 0007).
     sha256: bytes | None = None
     upload_id: str | None = None
@@ -96,7 +100,7 @@ class Job:
         return (
             self.status is JobStatus.failed
             and self.error is not None
-            and self.error.code in errors.UPLOAD_ERROR_CODES
+            and self.error.code in codes.UPLOAD_ERROR_CODES
         )
 
 
@@ -175,8 +179,8 @@ def validate_new_upload(
         raise errors.InvalidArgument(
             "filename", f"is {len(name)} characters; at most {MAX_FILENAME_CHARS} are allowed"
         )
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        raise errors.InvalidArgument("filename", "must not contain control characters")
+    if _has_control(name):
+        raise errors.InvalidArgument("filename", "must not contain NUL or control characters")
     ctype = content_type.strip().lower()
     if not ctype:
         raise errors.InvalidArgument("content_type", "is required, e.g. video/mp4")
@@ -218,24 +222,24 @@ def verify_upload(job: Job, obj: ObjectInfo | None) -> JobError | None:
     """The preflight's verdict: None when the object is the one promised, else why not."""
     if obj is None:
         return JobError(
-            errors.UPLOAD_OBJECT_NOT_FOUND,
+            codes.UPLOAD_OBJECT_NOT_FOUND,
             f"no object at s3://{job.bucket}/{job.key}: upload the file with the URL from "
             "InitiateUpload, then call CompleteUpload again",
         )
     if obj.size == 0:
         return JobError(
-            errors.UPLOAD_EMPTY,
+            codes.UPLOAD_EMPTY,
             f"the object at s3://{job.bucket}/{job.key} is empty; upload the file again",
         )
     if obj.size != job.size_bytes:
         return JobError(
-            errors.UPLOAD_SIZE_MISMATCH,
+            codes.UPLOAD_SIZE_MISMATCH,
             f"the uploaded object has {obj.size} bytes but InitiateUpload promised "
             f"{job.size_bytes}; upload the whole file again",
         )
     if obj.content_type is not None and obj.content_type.lower() != job.content_type:
         return JobError(
-            errors.UPLOAD_CONTENT_TYPE_MISMATCH,
+            codes.UPLOAD_CONTENT_TYPE_MISMATCH,
             f"the uploaded object has Content-Type {obj.content_type!r}, "
             f"expected {job.content_type!r}",
         )
@@ -293,8 +297,27 @@ def validate_worker_id(worker_id: str) -> str:
     if not wid:
         raise errors.InvalidArgument("worker_id", "is required (e.g. hostname-pid)")
     if len(wid) > MAX_WORKER_ID_CHARS:
-        raise errors.InvalidArgument("worker_id", f"at most {MAX_WORKER_ID_CHARS} characters")
+        raise errors.InvalidArgument(
+            "worker_id", f"is {len(wid)} characters; at most {MAX_WORKER_ID_CHARS} are allowed"
+        )
+    if _has_control(wid):
+        raise errors.InvalidArgument(
+            "worker_id", "must not contain NUL or other control characters (e.g. hostname-pid)"
+        )
     return wid
+
+
+def _has_control(value: str) -> bool:
+    return any(ord(c) < 32 or ord(c) == 127 for c in value)
+
+
+def validate_failure_kind(kind: int, known: frozenset[int]) -> int:
+    """A FailJob `kind` must be one of the FailureKind values (0 = old callers)."""
+    if kind not in known:
+        raise errors.InvalidArgument(
+            "kind", f"{kind} is not a FailureKind (use FAILURE_KIND_JOB or _INFRASTRUCTURE)"
+        )
+    return kind
 
 
 def validate_progress(pct: int) -> int:

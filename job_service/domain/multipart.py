@@ -17,7 +17,7 @@ import hashlib
 import math
 from collections.abc import Sequence
 
-from job_service.domain import errors
+from job_service.domain import codes, errors
 from job_service.domain.model import Job, JobError, ObjectInfo
 
 MiB = 1024**2
@@ -136,7 +136,7 @@ def verify_checksum(job: Job, obj: ObjectInfo, expected: str | None) -> JobError
         count = obj.etag.rpartition("-")[2] if "-" in obj.etag else "1"
         if count != str(job.part_count):
             return JobError(
-                errors.UPLOAD_SIZE_MISMATCH,
+                codes.UPLOAD_SIZE_MISMATCH,
                 f"the object has {count} part(s) but the upload plan has {job.part_count}; "
                 "upload the parts again and call CompleteUpload",
             )
@@ -144,13 +144,13 @@ def verify_checksum(job: Job, obj: ObjectInfo, expected: str | None) -> JobError
         return None
     if obj.checksum_sha256 is None:
         return JobError(
-            errors.UPLOAD_CHECKSUM_MISMATCH,
+            codes.UPLOAD_CHECKSUM_MISMATCH,
             f"the object at s3://{job.bucket}/{job.key} carries no SHA-256 checksum, so it was "
             "not uploaded with the signed URL; upload it again with exactly the returned headers",
         )
     if not same_checksum(obj.checksum_sha256, expected):
         return JobError(
-            errors.UPLOAD_CHECKSUM_MISMATCH,
+            codes.UPLOAD_CHECKSUM_MISMATCH,
             f"the object's SHA-256 ({obj.checksum_sha256}) is not the one declared "
             f"({expected}); upload the right file again, then call CompleteUpload",
         )

@@ -14,6 +14,9 @@ operator requeue) takes it back to `queued`.
 from __future__ import annotations
 
 import enum
+from typing import assert_never
+
+from job_service.domain.errors import InvalidTransition
 
 
 class JobStatus(enum.StrEnum):
@@ -72,25 +75,41 @@ def can_transition(src: JobStatus, dst: JobStatus) -> bool:
 
 def check_transition(src: JobStatus, dst: JobStatus) -> None:
     """Raise InvalidTransition unless src -> dst is an edge of the state machine."""
-    from job_service.domain.errors import InvalidTransition
-
     if not can_transition(src, dst):
         raise InvalidTransition(src, dst)
 
 
 def requeue_status(current: JobStatus) -> JobStatus:
     """Where a job goes when its lease ends without finishing: resume at the stage reached."""
-    if current in (JobStatus.quick_done, JobStatus.deep_running):
-        return JobStatus.quick_done
-    return JobStatus.queued
+    match current:
+        case JobStatus.quick_done | JobStatus.deep_running:
+            return JobStatus.quick_done
+        case (
+            JobStatus.awaiting_upload
+            | JobStatus.queued
+            | JobStatus.quick_running
+            | JobStatus.done
+            | JobStatus.failed
+        ):
+            return JobStatus.queued
+        case _:
+            assert_never(current)
 
 
 def running_status_for_claim(current: JobStatus) -> JobStatus:
     """The status a claim puts a job in: the quick pass, or straight to the deep pass."""
-    if current is JobStatus.quick_done:
-        return JobStatus.deep_running
-    if current is JobStatus.queued:
-        return JobStatus.quick_running
-    from job_service.domain.errors import InvalidTransition
-
-    raise InvalidTransition(current, JobStatus.quick_running)
+    match current:
+        case JobStatus.quick_done:
+            return JobStatus.deep_running
+        case JobStatus.queued:
+            return JobStatus.quick_running
+        case (
+            JobStatus.awaiting_upload
+            | JobStatus.quick_running
+            | JobStatus.deep_running
+            | JobStatus.done
+            | JobStatus.failed
+        ):
+            raise InvalidTransition(current, JobStatus.quick_running)
+        case _:
+            assert_never(current)

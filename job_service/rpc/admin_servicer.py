@@ -15,6 +15,7 @@ from job_service.domain import errors
 from job_service.domain.model import parse_job_id, validate_text
 from job_service.domain.status import JobStatus
 from job_service.metrics import Metrics
+from job_service.retention import DEFAULT_MAX_JOBS, MAX_MAX_JOBS, Retention
 from job_service.rpc import convert
 from job_service.rpc.errors import unary
 
@@ -24,17 +25,22 @@ if TYPE_CHECKING:
 MAX_REASON_CHARS = 1000
 
 
-def _duration(msg: pb.ListJobsRequest | pb.GetStatsRequest, field: str) -> timedelta | None:
+def _duration(
+    msg: pb.ListJobsRequest | pb.GetStatsRequest | pb.PurgeJobsRequest, field: str
+) -> timedelta | None:
     if not msg.HasField(field):  # type: ignore[arg-type]
         return None
     return convert.duration_from_pb(getattr(msg, field), field)
 
 
 class AdminServicer(pb_grpc.AdminServiceServicer):
-    def __init__(self, admin: Admin, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self, admin: Admin, settings: Settings, metrics: Metrics, retention: Retention
+    ) -> None:
         self._admin = admin
         self._settings = settings
         self.metrics = metrics
+        self._retention = retention
 
     @unary
     async def ListJobs(self, request: pb.ListJobsRequest, context: Ctx) -> pb.ListJobsResponse:
@@ -78,3 +84,34 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             parse_job_id(request.job_id), validate_text("reason", request.reason, MAX_REASON_CHARS)
         )
         return pb.CancelJobResponse(job=convert.job_to_pb(job))
+
+    @unary
+    async def PurgeJobs(self, request: pb.PurgeJobsRequest, context: Ctx) -> pb.PurgeJobsResponse:
+        age = _duration(request, "older_than")
+        if age is None:
+            if self._settings.retention_seconds <= 0:
+                raise errors.InvalidArgument(
+                    "older_than",
+                    "is required: retention is off on this service (JOB_SERVICE_RETENTION_SECONDS"
+                    "=0), say how old a finished job must be, e.g. 2592000s for 30 days",
+                )
+            age = timedelta(seconds=self._settings.retention_seconds)
+        if not 0 <= request.max_jobs <= MAX_MAX_JOBS:
+            raise errors.InvalidArgument(
+                "max_jobs", f"must be within 0..{MAX_MAX_JOBS} (0 means {DEFAULT_MAX_JOBS})"
+            )
+        report = await self._retention.purge(
+            age,
+            dry_run=request.dry_run,
+            delete_results=request.delete_results,
+            max_jobs=request.max_jobs or DEFAULT_MAX_JOBS,
+        )
+        resp = pb.PurgeJobsResponse(
+            jobs=report.jobs,
+            error_rows=report.error_rows,
+            result_objects=report.result_objects,
+            more=report.more,
+            batches=len(report.batches),
+        )
+        resp.older_than.CopyFrom(convert.duration(report.older_than))
+        return resp

@@ -56,7 +56,52 @@ def struct(value: Mapping[str, Any] | None) -> struct_pb2.Struct | None:
     return out
 
 
+#: Limits on a Struct a request may carry (ReportProgress/CompleteJob `result`, and any future
+#: Struct field). Depth counts nested objects and lists, the top-level Struct being 1. It is
+#: bound by protobuf's parse limit of 100 message levels: an object costs 3 (Struct, map entry,
+#: Value), so a 32-deep result still parses inside the deepest message that carries it
+#: (ClaimJobResponse > Lease > Job, when a job resumes at the deep pass) and whatever is stored
+#: can always be served back; 33 would not. test_validation checks both ends.
+MAX_STRUCT_DEPTH = 32
+MAX_STRUCT_BYTES = 256 * 1024
+
+
+def struct_depth(value: struct_pb2.Struct) -> int:
+    """Nesting depth of objects/lists (iterative: a hostile message cannot exhaust the stack)."""
+    deepest = 0
+    stack: list[tuple[struct_pb2.Struct | struct_pb2.ListValue, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > MAX_STRUCT_DEPTH:
+            return deepest
+        children = node.fields.values() if isinstance(node, struct_pb2.Struct) else node.values
+        for child in children:
+            kind = child.WhichOneof("kind")
+            if kind == "struct_value":
+                stack.append((child.struct_value, depth + 1))
+            elif kind == "list_value":
+                stack.append((child.list_value, depth + 1))
+    return deepest
+
+
 def struct_to_dict(value: struct_pb2.Struct, field: str = "result") -> dict[str, Any]:
+    """A request's Struct as a JSON object, checked against the documented limits.
+
+    InvalidArgument when it is larger than MAX_STRUCT_BYTES, nested deeper than
+    MAX_STRUCT_DEPTH, holds NaN/Infinity (no JSON form) or NUL (PostgreSQL cannot store it).
+    """
+    size = value.ByteSize()
+    if size > MAX_STRUCT_BYTES:
+        raise errors.InvalidArgument(
+            field,
+            f"is {size} bytes; at most {MAX_STRUCT_BYTES} ({MAX_STRUCT_BYTES // 1024} KiB) are "
+            "stored: keep large results in S3 and send their URI",
+        )
+    if struct_depth(value) > MAX_STRUCT_DEPTH:
+        raise errors.InvalidArgument(
+            field, f"is nested deeper than {MAX_STRUCT_DEPTH} levels of objects and lists"
+        )
     try:
         out: dict[str, Any] = json_format.MessageToDict(value)
     except ValueError as exc:  # NaN / Infinity have no JSON form
@@ -103,6 +148,7 @@ def job_to_pb(job: Job) -> pb.Job:
         ("updated_at", job.updated_at),
         ("upload_expires_at", job.upload_expires_at),
         ("available_at", job.available_at),
+        ("infrastructure_failing_since", job.infrastructure_failing_since),
     ):
         stamp = ts(value)
         if stamp is not None:
@@ -113,6 +159,7 @@ def job_to_pb(job: Job) -> pb.Job:
             message=job.error.message,
             retryable=job.error.retryable,
             attempt=job.error.attempt,
+            infrastructure=job.error.infrastructure,
         )
         stamp = ts(job.error.occurred_at)
         if stamp is not None:
@@ -124,7 +171,13 @@ def job_to_pb(job: Job) -> pb.Job:
     return msg
 
 
-def lease_to_pb(lease: Lease, *, heartbeat_interval: timedelta, results_prefix: str) -> pb.Lease:
+def lease_to_pb(
+    lease: Lease,
+    *,
+    heartbeat_interval: timedelta,
+    results_prefix: str,
+    lease_ttl: timedelta | None = None,
+) -> pb.Lease:
     job = lease.job
     msg = pb.Lease(
         job=job_to_pb(job),
@@ -145,6 +198,8 @@ def lease_to_pb(lease: Lease, *, heartbeat_interval: timedelta, results_prefix: 
     assert stamp is not None
     msg.lease_expires_at.CopyFrom(stamp)
     msg.heartbeat_interval.CopyFrom(duration(heartbeat_interval))
+    if lease_ttl is not None:
+        msg.lease_ttl.CopyFrom(duration(lease_ttl))
     return msg
 
 

@@ -6,10 +6,11 @@ means is in the use cases (job_service.uploads, .leases, .admin).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 from jobs.v1 import jobs_pb2 as pb
@@ -21,13 +22,15 @@ from job_service.domain import multipart as mp
 from job_service.domain.model import (
     parse_job_id,
     parse_lease_token,
+    parse_uuid,
     validate_error_code,
+    validate_failure_kind,
     validate_new_upload,
     validate_progress,
     validate_text,
     validate_worker_id,
 )
-from job_service.leases import Leases
+from job_service.leases import FailureKind, Leases
 from job_service.metrics import Metrics
 from job_service.rpc import convert
 from job_service.rpc.errors import stream, unary
@@ -37,13 +40,36 @@ if TYPE_CHECKING:
     Ctx = grpc.aio.ServicerContext[Any, Any]
 #: Kept between a long-poll's answer and the caller's deadline, so the answer arrives in time.
 DEADLINE_MARGIN_SECONDS = 1.0
+#: No claim starts later than this before the caller's deadline (see leases.MIN_CLAIM_SECONDS).
+ANSWER_MARGIN_SECONDS = 0.1
+_FAILURE_KIND = {
+    pb.FAILURE_KIND_UNSPECIFIED: FailureKind.JOB,
+    pb.FAILURE_KIND_JOB: FailureKind.JOB,
+    pb.FAILURE_KIND_INFRASTRUCTURE: FailureKind.INFRASTRUCTURE,
+}
 MAX_HEARTBEAT_LEASES = 1000
 MAX_MESSAGE_CHARS = 4000
 
 
+#: Trailing metadata on a WatchJob stream that ended at the service's maximum lifetime (the job
+#: had not finished): call WatchJob again.
+WATCH_END_KEY = "jobs-watch-end"
+WATCH_END_MAX_LIFETIME = "max-lifetime"
+#: FailureKind values a FailJob may carry.
+FAILURE_KINDS = frozenset(int(v) for v in pb.FailureKind.values())
+
+
 class UploadServicer(pb_grpc.UploadServiceServicer):
-    def __init__(self, uploads: Uploads, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        uploads: Uploads,
+        settings: Settings,
+        metrics: Metrics,
+        watch_uploads: Uploads | None = None,
+    ) -> None:
         self._uploads = uploads
+        # WatchJob reads through its own (small) pool: see app.py.
+        self._watch = watch_uploads or uploads
         self._settings = settings
         self.metrics = metrics
 
@@ -93,8 +119,27 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
     async def WatchJob(
         self, request: pb.WatchJobRequest, context: Ctx
     ) -> AsyncIterator[pb.WatchJobResponse]:
-        async for job in self._uploads.watch(parse_job_id(request.job_id)):
-            yield pb.WatchJobResponse(job=convert.job_to_pb(job))
+        """Ends with OK when the job finishes, or after JOB_SERVICE_WATCH_MAX_SECONDS with OK and
+        trailing metadata jobs-watch-end=max-lifetime (the client calls WatchJob again)."""
+        job_id = parse_job_id(request.job_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.watch_max_seconds
+        updates = cast(AsyncGenerator[Any, None], self._watch.watch(job_id))
+        try:
+            while True:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    job = await asyncio.wait_for(anext(updates), remaining)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    break
+                yield pb.WatchJobResponse(job=convert.job_to_pb(job))
+            context.set_trailing_metadata(((WATCH_END_KEY, WATCH_END_MAX_LIFETIME),))
+        finally:
+            await updates.aclose()
 
     # Multipart uploads (upload helper, issue 9).
     @unary
@@ -138,6 +183,19 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
         )
 
 
+def validate_worker_request(request: Any) -> None:
+    """Checks every WorkerService request shares, before its handler reads it: the ids it
+    carries are UUIDs and no string holds NUL (PostgreSQL text cannot)."""
+    for name in ("job_id", "lease_token"):
+        value = getattr(request, name, None)
+        if isinstance(value, str):
+            parse_uuid(name, value)
+    for name in ("worker_id", "error_code", "error_message", "reason", "results_uri"):
+        value = getattr(request, name, None)
+        if isinstance(value, str) and "\x00" in value:
+            raise errors.InvalidArgument(name, "must not contain NUL characters")
+
+
 class WorkerServicer(pb_grpc.WorkerServiceServicer):
     def __init__(self, leases: Leases, settings: Settings, metrics: Metrics) -> None:
         self._leases = leases
@@ -146,6 +204,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
 
     @unary
     async def ClaimJob(self, request: pb.ClaimJobRequest, context: Ctx) -> pb.ClaimJobResponse:
+        validate_worker_request(request)
         worker_id = validate_worker_id(request.worker_id)
         if request.max_jobs < 1:
             raise errors.InvalidArgument(
@@ -158,9 +217,20 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             else 0.0
         )
         remaining = context.time_remaining()
+        budget = None
         if remaining is not None:
             wait = min(wait, max(remaining - DEADLINE_MARGIN_SECONDS, 0.0))
-        leases = await self._leases.claim(worker_id, request.max_jobs, wait)
+            budget = remaining - ANSWER_MARGIN_SECONDS
+        leases = await self._leases.claim(worker_id, request.max_jobs, wait, budget=budget)
+        if leases:
+            # The answer may still not reach the caller (it cancels, its deadline passes while
+            # the response is on its way): then its leases go back at once, no attempt counted.
+            def gone(ctx: Ctx) -> None:
+                if ctx.cancelled():
+                    self._leases.give_back(leases, "ClaimJob caller gone")
+
+            # The stubs type the callback as a stub-only class; any callable works.
+            context.add_done_callback(gone)  # type: ignore[arg-type]
         interval = timedelta(seconds=self._settings.heartbeat_interval_seconds)
         return pb.ClaimJobResponse(
             leases=[
@@ -168,6 +238,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                     lease,
                     heartbeat_interval=interval,
                     results_prefix=self._settings.s3_results_prefix,
+                    lease_ttl=self._leases.lease_ttl,
                 )
                 for lease in leases
             ]
@@ -175,6 +246,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
 
     @unary
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: Ctx) -> pb.HeartbeatResponse:
+        validate_worker_request(request)
         validate_worker_id(request.worker_id)
         if not request.leases:
             raise errors.InvalidArgument("leases", "name at least one (job_id, lease_token)")
@@ -184,6 +256,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             )
         refs = [(parse_job_id(r.job_id), parse_lease_token(r.lease_token)) for r in request.leases]
         results = await self._leases.heartbeat(request.worker_id, refs)
+        ttl = convert.duration(self._leases.lease_ttl)
         out = pb.HeartbeatResponse()
         for r in results:
             status = out.leases.add(
@@ -194,12 +267,14 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             stamp = convert.ts(r.expires_at)
             if stamp is not None:
                 status.lease_expires_at.CopyFrom(stamp)
+                status.lease_ttl.CopyFrom(ttl)
         return out
 
     @unary
     async def ReportProgress(
         self, request: pb.ReportProgressRequest, context: Ctx
     ) -> pb.ReportProgressResponse:
+        validate_worker_request(request)
         job = await self._leases.report_progress(
             parse_job_id(request.job_id),
             parse_lease_token(request.lease_token),
@@ -213,6 +288,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     async def CompleteJob(
         self, request: pb.CompleteJobRequest, context: Ctx
     ) -> pb.CompleteJobResponse:
+        validate_worker_request(request)
         job = await self._leases.complete(
             parse_job_id(request.job_id),
             parse_lease_token(request.lease_token),
@@ -223,17 +299,23 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
 
     @unary
     async def FailJob(self, request: pb.FailJobRequest, context: Ctx) -> pb.FailJobResponse:
+        validate_worker_request(request)
+        validate_failure_kind(request.kind, FAILURE_KINDS)
         job_id = parse_job_id(request.job_id)
         token = parse_lease_token(request.lease_token)
         code = validate_error_code(request.error_code)
         message = validate_text("error_message", request.error_message, MAX_MESSAGE_CHARS) or code
-        job = await self._leases.fail(job_id, token, code, message, request.retryable)
+        kind = _FAILURE_KIND.get(request.kind)
+        if kind is None:
+            raise errors.InvalidArgument("kind", f"{request.kind} is not a FailureKind")
+        job = await self._leases.fail(job_id, token, code, message, request.retryable, kind)
         return pb.FailJobResponse(job=convert.job_to_pb(job))
 
     @unary
     async def ReleaseJob(
         self, request: pb.ReleaseJobRequest, context: Ctx
     ) -> pb.ReleaseJobResponse:
+        validate_worker_request(request)
         job = await self._leases.release(
             parse_job_id(request.job_id),
             parse_lease_token(request.lease_token),

@@ -1,27 +1,142 @@
-"""Engine creation and the unit of work: one transaction per use case, and the one place where
-database connectivity failures become the domain's DatabaseUnavailable."""
+"""Engine creation, the lease path's own asyncpg pool, the unit of work, and the one place where
+database failures are classified: which ones a retry can cure (UNAVAILABLE), which ones are a
+conflict (ABORTED), and which ones leave the outcome of the statement unknown.
+
+`classify()` is the function every path uses; `transaction()` (SQLAlchemy) and `LeasePool.run`
+(asyncpg) both turn what it says into the domain's errors.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import enum
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from job_service.domain.errors import DatabaseUnavailable
+from job_service.domain.errors import (
+    DatabaseConflict,
+    DatabaseOutcomeUnknown,
+    DatabaseUnavailable,
+    JobServiceError,
+)
 
-_UNAVAILABLE = (
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+#: What the lease path's operations are handed: a pooled connection.
+Connection = asyncpg.Connection | PoolConnectionProxy
+
+
+class DbFault(enum.Enum):
+    """What a database failure means for the caller."""
+
+    #: Nothing was changed and a retry later can succeed (connect refused, read-only during a
+    #: failover, lock or statement timeout, too many connections, shutting down).
+    UNAVAILABLE = "unavailable"
+    #: Nothing was changed; the statement lost a race (serialization failure, deadlock).
+    CONFLICT = "conflict"
+    #: The connection broke while the statement (or its implicit COMMIT) was in flight: it may
+    #: or may not have taken effect.
+    UNKNOWN_OUTCOME = "unknown_outcome"
+
+
+# SQLSTATE -> fault. Classes (two characters) first, then exact codes override.
+_SQLSTATE_CLASSES = {
+    "08": DbFault.UNKNOWN_OUTCOME,  # connection exception
+    "53": DbFault.UNAVAILABLE,  # insufficient resources (too many connections, disk full)
+    "57": DbFault.UNAVAILABLE,  # operator intervention (shutdown, cancel, cannot connect now)
+    "58": DbFault.UNAVAILABLE,  # system error (I/O)
+    "40": DbFault.CONFLICT,  # transaction rollback
+}
+_SQLSTATES = {
+    "25006": DbFault.UNAVAILABLE,  # read_only_sql_transaction: a standby, or failover under way
+    "55P03": DbFault.UNAVAILABLE,  # lock_not_available: lock_timeout
+    "57014": DbFault.UNAVAILABLE,  # query_canceled: statement_timeout
+    "57P01": DbFault.UNKNOWN_OUTCOME,  # admin_shutdown (pg_terminate_backend, fast shutdown)
+    "57P02": DbFault.UNKNOWN_OUTCOME,  # crash_shutdown
+    "57P03": DbFault.UNAVAILABLE,  # cannot_connect_now: starting up / in recovery
+    "40003": DbFault.UNKNOWN_OUTCOME,  # statement_completion_unknown
+}
+# Raised by drivers without a SQLSTATE when the connection is unusable.
+_CONNECTION_ERRORS = (
     OSError,  # connection refused / reset, DNS
     TimeoutError,
-    asyncpg.exceptions.PostgresConnectionError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
 )
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in seen and len(seen) < 8:
+        seen.append(cur)
+        cur = cur.__cause__ or (cur.__context__ if not cur.__suppress_context__ else None)
+    return seen
+
+
+def classify(exc: BaseException) -> DbFault | None:
+    """What a failure raised by a database call means; None when a retry cannot cure it
+    (a bug, a constraint violation): the caller answers INTERNAL or maps it itself.
+
+    Takes asyncpg errors, SQLAlchemy's wrappers of them, and plain socket errors."""
+    if isinstance(exc, sa_exc.TimeoutError):  # pool checkout timed out: nothing ran
+        return DbFault.UNAVAILABLE
+    for cause in _causes(exc):
+        state = getattr(cause, "sqlstate", None)
+        if isinstance(state, str) and state:
+            fault = _SQLSTATES.get(state) or _SQLSTATE_CLASSES.get(state[:2])
+            if fault is not None:
+                return fault
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return DbFault.UNKNOWN_OUTCOME
+    if any(isinstance(c, _CONNECTION_ERRORS) for c in _causes(exc)):
+        return DbFault.UNKNOWN_OUTCOME
+    return None
+
+
+def domain_error(exc: BaseException, fault: DbFault) -> JobServiceError:
+    """The domain error the caller is told for a classified database failure."""
+    name = type(exc).__name__
+    if fault is DbFault.CONFLICT:
+        return DatabaseConflict(
+            f"the job database aborted the statement as a conflict ({name}); nothing was "
+            "changed, retry"
+        )
+    if fault is DbFault.UNKNOWN_OUTCOME:
+        return DatabaseOutcomeUnknown(
+            f"the connection to the job database broke during the call ({name}); the change "
+            "may or may not have been made. Retrying is safe: a repeated call that already "
+            "took effect answers OK"
+        )
+    return DatabaseUnavailable(
+        f"the job database is unavailable ({name}); nothing was changed, retry later"
+    )
+
+
+def _means_unreachable(exc: BaseException, fault: DbFault) -> bool:
+    """Whether workers could not have renewed their leases through us: a broken connection,
+    a database that refuses writes (failover) or connections. A lock timeout is not."""
+    if fault is DbFault.UNKNOWN_OUTCOME:
+        return True
+    states = {getattr(c, "sqlstate", None) for c in _causes(exc)}
+    return bool(states & {"25006", "57P03"}) or any(
+        isinstance(s, str) and s.startswith(("53", "08")) for s in states
+    )
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    return classify(exc) is not None
 
 
 def create_engine(url: str, *, pool_size: int = 10, connect_timeout: float = 5.0) -> AsyncEngine:
@@ -43,29 +158,126 @@ def asyncpg_dsn(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-def is_unavailable(exc: BaseException) -> bool:
-    if isinstance(exc, sa_exc.TimeoutError):  # pool checkout timed out
-        return True
-    if isinstance(exc, sa_exc.DBAPIError):
-        if exc.connection_invalidated:
-            return True
-        orig = getattr(exc.orig, "__cause__", None) or exc.orig
-        return isinstance(orig, _UNAVAILABLE) or isinstance(exc.orig, _UNAVAILABLE)
-    return isinstance(exc, _UNAVAILABLE)
-
-
 @contextlib.asynccontextmanager
 async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """A transaction that commits when the block ends without an exception."""
     try:
         async with engine.begin() as conn:
             yield conn
-    except DatabaseUnavailable:
+    except JobServiceError:
         raise
     except Exception as exc:
-        if is_unavailable(exc):
-            raise DatabaseUnavailable(
-                f"the job database is unreachable ({type(exc).__name__}); nothing was changed, "
-                "retry later"
-            ) from exc
+        fault = classify(exc)
+        if fault is not None:
+            raise domain_error(exc, fault) from exc
         raise
+
+
+class Reachability:
+    """Whether this instance can reach the database, and since when.
+
+    The start of the process counts as "just became reachable": nobody knows how long the
+    service (or its database) was away before it. The reaper waits one grace after this moment
+    before it takes leases, so workers that could not renew during an outage get to renew first.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.reachable = True
+        self.reachable_since = clock()
+        self.outages = 0
+
+    def ok(self) -> None:
+        if not self.reachable:
+            self.reachable = True
+            self.reachable_since = self._clock()
+            log.warning("job database reachable again")
+
+    def lost(self) -> None:
+        if self.reachable:
+            self.reachable = False
+            self.outages += 1
+            log.warning("job database unreachable")
+
+    def stable_for(self) -> float:
+        """Seconds since the database became reachable; 0 while it is not."""
+        return self._clock() - self.reachable_since if self.reachable else 0.0
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec(
+        "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog", format="text"
+    )
+
+
+class LeasePool:
+    """The lease path's own asyncpg pool: single statements in autocommit, prepared once per
+    connection (asyncpg's statement cache). Its own pool so that floods of WatchJob or admin
+    calls on the SQLAlchemy engine cannot starve heartbeats of connections."""
+
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        size: int,
+        connect_timeout: float,
+        lock_timeout: float,
+        statement_timeout: float,
+        reachability: Reachability | None = None,
+    ) -> None:
+        self._dsn = asyncpg_dsn(database_url)
+        self._size = size
+        self._connect_timeout = connect_timeout
+        self._settings = {
+            "lock_timeout": f"{int(lock_timeout * 1000)}ms",
+            "statement_timeout": f"{int(statement_timeout * 1000)}ms",
+            "application_name": "job-service-leases",
+        }
+        self.reachability = reachability or Reachability()
+        self._pool: asyncpg.Pool | None = None
+
+    async def start(self) -> None:
+        # min_size=0: the service starts (and answers UNAVAILABLE) while the database is down.
+        self._pool = await asyncpg.create_pool(
+            self._dsn,
+            min_size=0,
+            max_size=self._size,
+            timeout=self._connect_timeout,
+            init=_init_connection,
+            server_settings=self._settings,
+            max_inactive_connection_lifetime=300,
+        )
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._pool.close(), 5)
+            self._pool.terminate()
+
+    async def run(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
+        """Run `fn` on a pooled connection; database failures become domain errors.
+
+        Failing to get a connection means nothing ran (UNAVAILABLE); a failure while `fn` runs is
+        classified by classify(). Reachability is tracked on the way."""
+        assert self._pool is not None, "LeasePool.start() was not awaited"
+        try:
+            conn = await self._pool.acquire(timeout=self._connect_timeout)
+        except Exception as exc:
+            if classify(exc) is None:
+                raise
+            self.reachability.lost()
+            raise domain_error(exc, DbFault.UNAVAILABLE) from exc
+        try:
+            result = await fn(conn)
+        except Exception as exc:
+            fault = classify(exc)
+            if fault is None:
+                raise
+            if _means_unreachable(exc, fault):
+                self.reachability.lost()
+            raise domain_error(exc, fault) from exc
+        finally:
+            with contextlib.suppress(Exception):
+                await self._pool.release(conn)
+        self.reachability.ok()
+        return result

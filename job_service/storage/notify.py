@@ -1,7 +1,9 @@
 """One LISTEN connection per service instance: each claimable-job notification wakes one
-waiting ClaimJob call. A slow tick (one EXISTS query per instance, only while calls wait)
-covers what NOTIFY cannot: retry backoffs running out and notifications missed while the
-connection was down."""
+waiting ClaimJob call, and a notification about a job requeued with a backoff (payload
+`at:<epoch>`) sets a timer for when it becomes claimable. A slow tick (one query per instance,
+only while calls wait) covers what NOTIFY cannot: backoffs set before the connection was up,
+notifications missed while it was down, and rows a claim skipped because something else held
+their lock."""
 
 from __future__ import annotations
 
@@ -9,33 +11,38 @@ import asyncio
 import logging
 
 import asyncpg
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from job_service.storage import repository
-from job_service.storage.db import asyncpg_dsn, transaction
+from job_service.storage.db import Reachability, asyncpg_dsn
+from job_service.storage.repository import LeaseStore
 from job_service.storage.tables import CHANGED_CHANNEL, CLAIMABLE_CHANNEL
 from job_service.wakeup import ClaimWaiters, JobChanges
 
 log = logging.getLogger(__name__)
+
+#: The safety net's period. Parked calls cost this instance one query per tick, however many.
+TICK_SECONDS = 5.0
 
 
 class ClaimableListener:
     def __init__(
         self,
         database_url: str,
-        engine: AsyncEngine,
+        store: LeaseStore,
         waiters: ClaimWaiters,
         changes: JobChanges,
         *,
-        tick_seconds: float = 1.0,
+        tick_seconds: float = TICK_SECONDS,
+        reachability: Reachability | None = None,
     ) -> None:
         self._dsn = asyncpg_dsn(database_url)
-        self._engine = engine
+        self._store = store
         self._waiters = waiters
         self._changes = changes
         self._tick = tick_seconds
+        self._reachability = reachability
         self._tasks: list[asyncio.Task[None]] = []
         self.connected = asyncio.Event()
+        self.ticks = 0
 
     async def start(self) -> None:
         self._tasks = [
@@ -49,8 +56,15 @@ class ClaimableListener:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
 
-    def _on_notify(self, _conn: object, _pid: int, _channel: str, _payload: object) -> None:
-        self._waiters.wake(1)
+    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        text = str(payload)
+        if text.startswith("at:"):
+            try:
+                self._waiters.claimable_at(float(text[3:]))
+            except ValueError:
+                self._waiters.claimable(1)
+        else:
+            self._waiters.claimable(1)
 
     def _on_changed(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         self._changes.changed(str(payload))
@@ -63,12 +77,15 @@ class ClaimableListener:
                 conn = await asyncpg.connect(self._dsn, timeout=5)
                 await conn.add_listener(CLAIMABLE_CHANNEL, self._on_notify)
                 await conn.add_listener(CHANGED_CHANNEL, self._on_changed)
+                closed = asyncio.Event()
+                conn.add_termination_listener(lambda _c, ev=closed: ev.set())
                 self.connected.set()
+                self._waiters.listening(True)
+                if self._reachability is not None:
+                    self._reachability.ok()
                 backoff = 0.2
                 # Anything that became claimable while we were not listening.
                 self._waiters.wake_all()
-                closed = asyncio.Event()
-                conn.add_termination_listener(lambda _c, ev=closed: ev.set())
                 await closed.wait()
                 log.warning("LISTEN connection closed; reconnecting")
             except asyncio.CancelledError:
@@ -77,8 +94,11 @@ class ClaimableListener:
                 log.warning("LISTEN connection failed: %s; retrying in %.1fs", exc, backoff)
             finally:
                 self.connected.clear()
+                self._waiters.listening(False)
+                if self._reachability is not None:
+                    self._reachability.lost()
                 if conn is not None and not conn.is_closed():
-                    await conn.close(timeout=2)
+                    conn.terminate()
             await asyncio.sleep(backoff)  # reconnect backoff, not a stand-in for work
             backoff = min(backoff * 2, 5.0)
 
@@ -88,9 +108,12 @@ class ClaimableListener:
             if not self._waiters.waiting:
                 continue
             try:
-                async with transaction(self._engine) as conn:
-                    if await repository.any_claimable(conn):
-                        self._waiters.wake_all()
+                self.ticks += 1
+                at, now_claimable = await self._store.next_available()
+                if now_claimable:
+                    self._waiters.claimable(1)
+                elif at is not None:
+                    self._waiters.claimable_at(at.timestamp())
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the next tick tries again

@@ -1,20 +1,23 @@
-"""Every SQL statement of the job-service. Functions take a connection inside the caller's
-transaction and never commit. State changes that race (claim, heartbeat, rescue) are single
-conditional statements so the database, not Python, decides who wins."""
+"""Every SQL statement of the job-service.
+
+The module functions (SQLAlchemy) take a connection inside the caller's transaction and never
+commit. The lease path's operations (`LeaseStore`) are single conditional statements in
+autocommit on the lease pool, so the database, not Python, decides who wins a race, in one
+round trip."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
+import asyncpg
 from sqlalchemy import (
     Interval,
     Row,
     and_,
-    bindparam,
-    case,
     delete,
     func,
     insert,
@@ -23,7 +26,6 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -35,12 +37,19 @@ from job_service.domain.model import (
     LeaseOutcome,
     SessionId,
 )
-from job_service.domain.status import CLAIMABLE, LEASED, JobStatus, running_status_for_claim
+from job_service.domain.status import (
+    CLAIMABLE,
+    LEASED,
+    JobStatus,
+    requeue_status,
+    running_status_for_claim,
+)
+from job_service.storage.db import Connection, LeasePool
 from job_service.storage.tables import job_errors, jobs, sessions, upload_parts
 
 
-def to_job(row: Row[Any] | Mapping[str, Any]) -> Job:
-    m: Mapping[Any, Any] = row._mapping if isinstance(row, Row) else row
+def to_job(row: Row[Any] | Mapping[str, Any] | asyncpg.Record) -> Job:
+    m: Any = row._mapping if isinstance(row, Row) else row
     error = None
     if m["error_code"]:
         error = JobError(
@@ -49,6 +58,7 @@ def to_job(row: Row[Any] | Mapping[str, Any]) -> Job:
             retryable=m["error_retryable"],
             attempt=m["error_attempt"],
             occurred_at=m["error_at"],
+            infrastructure=m["error_infrastructure"],
         )
     outcome = m["last_lease_outcome"]
     return Job(
@@ -79,6 +89,7 @@ def to_job(row: Row[Any] | Mapping[str, Any]) -> Job:
         error=error,
         result=m["result"],
         results_uri=m["results_uri"],
+        infrastructure_failing_since=m["infrastructure_failing_since"],
         # Multipart and checksums (revision 0007).
         sha256=m.get("sha256"),
         upload_id=m.get("upload_id"),
@@ -97,6 +108,7 @@ def error_values(error: JobError | None) -> dict[str, Any]:
             "error_retryable": False,
             "error_attempt": 0,
             "error_at": None,
+            "error_infrastructure": False,
         }
     return {
         "error_code": error.code,
@@ -104,6 +116,7 @@ def error_values(error: JobError | None) -> dict[str, Any]:
         "error_retryable": error.retryable,
         "error_attempt": error.attempt,
         "error_at": func.now(),
+        "error_infrastructure": error.infrastructure,
     }
 
 
@@ -174,119 +187,462 @@ async def record_error(
             message=error.message,
             retryable=error.retryable,
             worker_id=worker_id,
+            infrastructure=error.infrastructure,
         )
     )
 
 
-_CLAIMABLE_WHERE = and_(
-    jobs.c.status.in_(sorted(CLAIMABLE)),
-    jobs.c.lease_token.is_(None),
-    jobs.c.available_at <= func.now(),
+# -- the lease path: named operations on the lease pool (asyncpg, autocommit) -----------------
+#
+# Each operation is one statement: a whole state change, including the lease columns it clears,
+# conditional on the caller's (job_id, lease_token) and the statuses the change is allowed
+# from. asyncpg prepares each statement once per connection. An operation returns None when its
+# condition matched nothing; the use case then reads the row (`diagnose`) to tell a lost lease
+# from a replay, a missing job or an invalid transition.
+
+_T = jobs.name
+_E = job_errors.name
+_STATUS_TYPE = "video_analysis_job_status"
+
+
+def _case(column: str, mapping: Mapping[JobStatus, JobStatus], *, upper: bool = False) -> str:
+    """CASE over a status column from a mapping the state machine provides."""
+    arms = " ".join(
+        f"WHEN '{src.value}' THEN '{dst.stage if upper else dst.value}'"
+        for src, dst in sorted(mapping.items())
+    )
+    return f"CASE {column}::text {arms} END" + ("" if upper else f"::{_STATUS_TYPE}")
+
+
+def _in(statuses: frozenset[JobStatus]) -> str:
+    return "(" + ", ".join(f"'{s.value}'" for s in sorted(statuses)) + ")"
+
+
+_CLAIM_TO = {s: running_status_for_claim(s) for s in CLAIMABLE}
+_REQUEUE_TO = {s: requeue_status(s) for s in LEASED}
+_CLEAR_LEASE = "lease_token = NULL, leased_by = NULL, lease_expires_at = NULL"
+
+# The claimable predicate is the claimable index's predicate, word for word (the planner
+# matches it), plus the backoff.
+_CLAIMABLE = f"status IN {_in(CLAIMABLE)} AND lease_token IS NULL"
+
+SQL_CLAIM = f"""
+WITH picked AS (
+    SELECT id FROM {_T}
+    WHERE {_CLAIMABLE} AND available_at <= now()
+    ORDER BY available_at, created_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), numbered AS (
+    SELECT id, row_number() OVER () AS n FROM picked
 )
+UPDATE {_T} j SET
+    status = {_case("j.status", _CLAIM_TO)},
+    stage = {_case("j.status", _CLAIM_TO, upper=True)},
+    lease_token = ($3::uuid[])[numbered.n],
+    last_lease_token = ($3::uuid[])[numbered.n],
+    last_lease_outcome = NULL,
+    leased_by = $1,
+    leased_at = now(),
+    stage_started_at = now(),
+    lease_expires_at = now() + make_interval(secs => $4),
+    attempts = j.attempts + 1,
+    cancel_requested = false,
+    updated_at = now()
+FROM numbered
+WHERE j.id = numbered.id
+RETURNING j.*
+"""
+
+#: When the next job in a backoff becomes claimable (the claimable index answers it).
+SQL_NEXT_AVAILABLE = f"""
+SELECT min(available_at) AS at, bool_or(available_at <= now()) AS now_claimable FROM {_T}
+WHERE {_CLAIMABLE}
+"""
+
+# Renewal writes lease_expires_at only, which no index contains: a HOT update.
+SQL_RENEW = f"""
+UPDATE {_T} j SET lease_expires_at = now() + make_interval(secs => $3)
+FROM unnest($1::uuid[], $2::uuid[]) AS r(id, token)
+WHERE j.id = r.id AND j.lease_token = r.token
+  AND j.status IN {_in(LEASED)}
+  AND j.stage_started_at + make_interval(secs => $4) > now()
+RETURNING j.id, j.lease_token, j.lease_expires_at, j.cancel_requested
+"""
+
+# $3: target status or NULL (keep); $6: statuses the change may start from.
+SQL_ADVANCE = f"""
+WITH old AS (
+    SELECT id, status FROM {_T}
+    WHERE id = $1 AND lease_token = $2 AND status::text = ANY($6::text[])
+    FOR UPDATE
+)
+UPDATE {_T} j SET
+    status = coalesce($3::text::{_STATUS_TYPE}, j.status),
+    stage = coalesce(upper($3::text), j.stage),
+    progress_pct = $4,
+    result = coalesce($5::jsonb, j.result),
+    stage_started_at = CASE WHEN $3::text = 'deep_running' AND j.status <> 'deep_running'
+                            THEN now() ELSE j.stage_started_at END,
+    infrastructure_failing_since = CASE WHEN $3::text IS NOT NULL AND $3::text <> j.status::text
+                                        THEN NULL ELSE j.infrastructure_failing_since END,
+    updated_at = now()
+FROM old
+WHERE j.id = old.id
+RETURNING j.*, old.status::text AS prev_status
+"""
+
+SQL_COMPLETE = f"""
+WITH old AS (
+    SELECT id, leased_by FROM {_T}
+    WHERE id = $1 AND lease_token = $2 AND status = 'deep_running'
+    FOR UPDATE
+)
+UPDATE {_T} j SET
+    status = 'done', stage = 'DONE', progress_pct = 100,
+    result = coalesce($3::jsonb, j.result),
+    results_uri = nullif($4::text, ''),
+    {_CLEAR_LEASE},
+    last_lease_outcome = 'completed',
+    infrastructure_failing_since = NULL,
+    updated_at = now()
+FROM old
+WHERE j.id = old.id
+RETURNING j.*, old.leased_by AS prev_worker
+"""
+
+# A lease handed back: no attempt counted, claimable at once; an operator's cancel wins.
+_RELEASE_SET = f"""
+    status = CASE WHEN j.cancel_requested THEN 'failed'::{_STATUS_TYPE}
+                  ELSE {_case("j.status", _REQUEUE_TO)} END,
+    stage = CASE WHEN j.cancel_requested THEN 'FAILED'
+                 ELSE {_case("j.status", _REQUEUE_TO, upper=True)} END,
+    attempts = CASE WHEN j.cancel_requested THEN j.attempts ELSE greatest(j.attempts - 1, 0) END,
+    available_at = CASE WHEN j.cancel_requested THEN j.available_at ELSE now() END,
+    error_code = CASE WHEN j.cancel_requested THEN 'CANCELLED' ELSE j.error_code END,
+    error_message = CASE WHEN j.cancel_requested THEN 'cancelled by an operator'
+                         ELSE j.error_message END,
+    error_retryable = CASE WHEN j.cancel_requested THEN false ELSE j.error_retryable END,
+    error_attempt = CASE WHEN j.cancel_requested THEN j.attempts ELSE j.error_attempt END,
+    error_at = CASE WHEN j.cancel_requested THEN now() ELSE j.error_at END,
+    error_infrastructure = CASE WHEN j.cancel_requested THEN false
+                                ELSE j.error_infrastructure END,
+    {_CLEAR_LEASE},
+    last_lease_outcome = 'released',
+    updated_at = now()
+"""
+
+SQL_RELEASE = f"""
+WITH old AS (
+    SELECT id, leased_by FROM {_T} WHERE id = $1 AND lease_token = $2 FOR UPDATE
+)
+UPDATE {_T} j SET {_RELEASE_SET}
+FROM old
+WHERE j.id = old.id
+RETURNING j.*, old.leased_by AS prev_worker
+"""
+
+#: Hand back leases whose claim answer never reached its caller (by the tokens it was given).
+SQL_HAND_BACK = f"""
+UPDATE {_T} j SET {_RELEASE_SET}
+WHERE j.lease_token = ANY($1::uuid[])
+RETURNING j.id
+"""
+
+#: The diagnostic read after a conditional statement matched nothing. FOR UPDATE waits for a
+#: change in flight to commit, so the row read is the one that decided.
+SQL_DIAGNOSE = f"SELECT *, now() AS db_now FROM {_T} WHERE id = $1 FOR UPDATE"
+SQL_READ = f"SELECT *, now() AS db_now FROM {_T} WHERE id = $1"
+
+# End a lease as the use case decided (fail, retry, infrastructure requeue, rescue), guarded
+# by what the decision was based on: the token, the attempt and the cancel flag. Records the
+# error in the history in the same statement.
+#   $1 id  $2 token  $3 attempts read  $4 cancel_requested read
+#   $5 status  $6 attempts  $7 delay seconds (NULL: keep available_at)
+#   $8..$12 stored error (code, message, retryable, attempt, infrastructure)
+#   $13 infrastructure_failing_since: 'set' | 'clear' | 'keep'  $14 lease outcome
+#   $15..$19 history row (code, message, retryable, attempt, infrastructure)
+SQL_END_LEASE = f"""
+WITH old AS (
+    SELECT id, leased_by FROM {_T}
+    WHERE id = $1 AND lease_token = $2 AND attempts = $3 AND cancel_requested = $4
+    FOR UPDATE
+), history AS (
+    INSERT INTO {_E} (job_id, attempt, code, message, retryable, worker_id, infrastructure)
+    SELECT id, $18, $15, $16, $17, leased_by, $19 FROM old
+)
+UPDATE {_T} j SET
+    status = $5::text::{_STATUS_TYPE},
+    stage = upper($5::text),
+    attempts = $6,
+    available_at = CASE WHEN $7::float8 IS NULL THEN j.available_at
+                        ELSE now() + make_interval(secs => $7::float8) END,
+    error_code = $8, error_message = $9, error_retryable = $10, error_attempt = $11,
+    error_infrastructure = $12, error_at = now(),
+    infrastructure_failing_since = CASE $13::text
+        WHEN 'set' THEN coalesce(j.infrastructure_failing_since, now())
+        WHEN 'clear' THEN NULL
+        ELSE j.infrastructure_failing_since END,
+    {_CLEAR_LEASE},
+    last_lease_outcome = $14,
+    updated_at = now()
+FROM old
+WHERE j.id = old.id
+RETURNING j.*, old.leased_by AS prev_worker
+"""
+
+SQL_EXPIRED = f"""
+SELECT *, now() AS db_now FROM {_T}
+WHERE lease_token IS NOT NULL AND lease_expires_at < now()
+ORDER BY lease_expires_at
+LIMIT $1
+FOR UPDATE SKIP LOCKED
+"""
+
+SQL_GET = f"SELECT * FROM {_T} WHERE id = $1"
 
 
-async def claim(
-    conn: AsyncConnection,
-    *,
-    worker_id: str,
-    limit: int,
-    lease: timedelta,
-) -> list[Job]:
-    """Lease up to `limit` claimable jobs, oldest first, skipping rows other claims have locked.
+@dataclasses.dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A job as a diagnostic read saw it, with the database's clock at that moment."""
 
-    queued -> quick_running; quick_done -> deep_running (resume: the quick pass is not redone).
-    """
-    picked = (
-        select(jobs.c.id, func.gen_random_uuid().label("token"))
-        .where(_CLAIMABLE_WHERE)
-        .order_by(jobs.c.available_at, jobs.c.created_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-        .cte("picked")
+    job: Job
+    db_now: datetime
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LeaseEnd:
+    """How a lease ends when it does not complete: the use case decides, end_lease applies."""
+
+    status: JobStatus
+    attempts: int
+    #: Seconds from now until the job may be claimed again; None keeps available_at.
+    delay: float | None
+    error: JobError
+    #: The error kept in the history (the worker's own report).
+    history: JobError
+    infrastructure_since: Literal["set", "clear", "keep"]
+    outcome: LeaseOutcome
+
+
+def _end_args(job: Job, token: uuid.UUID, end: LeaseEnd) -> tuple[Any, ...]:
+    e, h = end.error, end.history
+    return (
+        job.id,
+        token,
+        job.attempts,
+        job.cancel_requested,
+        end.status.value,
+        end.attempts,
+        end.delay,
+        e.code,
+        e.message,
+        e.retryable,
+        e.attempt,
+        e.infrastructure,
+        end.infrastructure_since,
+        end.outcome.value,
+        h.code,
+        h.message,
+        h.retryable,
+        h.attempt,
+        h.infrastructure,
     )
-    # The state machine decides where a claim puts each claimable status.
-    running = case(
-        *(
-            (jobs.c.status == src, literal(running_status_for_claim(src).value))
-            for src in sorted(CLAIMABLE)
-        ),
-    )
-    stmt = (
-        update(jobs)
-        .where(jobs.c.id == picked.c.id)
-        .values(
-            status=running.cast(jobs.c.status.type),
-            stage=func.upper(running),
-            lease_token=picked.c.token,
-            last_lease_token=picked.c.token,
-            last_lease_outcome=None,
-            leased_by=worker_id,
-            leased_at=func.now(),
-            stage_started_at=func.now(),
-            lease_expires_at=func.now() + lease,
-            attempts=jobs.c.attempts + 1,
-            cancel_requested=False,
-            updated_at=func.now(),
-        )
-        .returning(jobs)
-    )
-    rows = (await conn.execute(stmt)).all()
-    return sorted((to_job(r) for r in rows), key=lambda j: (j.available_at, j.created_at))
 
 
-async def any_claimable(conn: AsyncConnection) -> bool:
-    return bool(
-        (await conn.execute(select(literal(True)).where(_CLAIMABLE_WHERE).limit(1))).first()
-    )
+class LeaseStore:
+    """The lease path's named repository operations, each one round trip on the lease pool."""
 
+    def __init__(self, pool: LeasePool) -> None:
+        self.pool = pool
 
-async def renew_leases(
-    conn: AsyncConnection,
-    refs: Sequence[tuple[uuid.UUID, uuid.UUID]],
-    *,
-    lease: timedelta,
-    stage_timeout: timedelta,
-) -> dict[tuple[uuid.UUID, uuid.UUID], tuple[datetime, bool]]:
-    """Renew many leases in one statement. Returns {(job_id, token): (new expiry,
-    cancel_requested)} for the leases still held; a lease past its stage's hard cap is not
-    renewed (it then expires)."""
-    if not refs:
-        return {}
-    req = (
-        select(
-            func.unnest(bindparam("ids", type_=ARRAY(PG_UUID(as_uuid=True)))).label("id"),
-            func.unnest(bindparam("tokens", type_=ARRAY(PG_UUID(as_uuid=True)))).label("token"),
-        )
-    ).subquery("req")
-    stmt = (
-        update(jobs)
-        .where(
-            jobs.c.id == req.c.id,
-            jobs.c.lease_token == req.c.token,
-            jobs.c.status.in_(sorted(LEASED)),
-            jobs.c.stage_started_at + stage_timeout > func.now(),
-        )
-        .values(lease_expires_at=func.now() + lease)
-        .returning(jobs.c.id, jobs.c.lease_token, jobs.c.lease_expires_at, jobs.c.cancel_requested)
-    )
-    rows = await conn.execute(stmt, {"ids": [r[0] for r in refs], "tokens": [r[1] for r in refs]})
-    return {(r.id, r.lease_token): (r.lease_expires_at, r.cancel_requested) for r in rows}
+    async def claim(
+        self, *, worker_id: str, tokens: Sequence[uuid.UUID], lease: timedelta
+    ) -> list[Job]:
+        """Lease up to len(tokens) claimable jobs, oldest first, skipping rows other claims have
+        locked; the n-th job gets the n-th token. queued -> quick_running; quick_done ->
+        deep_running (the quick pass is not redone). Counts an attempt."""
 
+        async def run(conn: Connection) -> list[asyncpg.Record]:
+            return await conn.fetch(
+                SQL_CLAIM, worker_id, len(tokens), list(tokens), lease.total_seconds()
+            )
 
-async def lock_expired_leases(conn: AsyncConnection, *, limit: int = 500) -> list[Job]:
-    """Lock jobs whose lease expired, skipping rows another transaction holds.
+        rows = await self.pool.run(run)
+        return sorted((to_job(r) for r in rows), key=lambda j: (j.available_at, j.created_at))
 
-    A worker completing or renewing right now holds the row lock, so its job is skipped, and
-    the expiry is re-checked under our lock: a rescue never overwrites a completion.
-    """
-    rows = await conn.execute(
-        select(jobs)
-        .where(jobs.c.lease_token.is_not(None), jobs.c.lease_expires_at < func.now())
-        .order_by(jobs.c.lease_expires_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
-    return [to_job(r) for r in rows]
+    async def next_available(self) -> tuple[datetime | None, bool]:
+        """(earliest available_at of an unleased claimable job, whether one is claimable now)."""
+
+        async def run(conn: Connection) -> asyncpg.Record | None:
+            return await conn.fetchrow(SQL_NEXT_AVAILABLE)
+
+        row = await self.pool.run(run)
+        if row is None:
+            return None, False
+        return row["at"], bool(row["now_claimable"])
+
+    async def renew(
+        self,
+        refs: Sequence[tuple[uuid.UUID, uuid.UUID]],
+        *,
+        lease: timedelta,
+        stage_timeout: timedelta,
+    ) -> dict[tuple[uuid.UUID, uuid.UUID], tuple[datetime, bool]]:
+        """Renew many leases in one statement. Returns {(job_id, token): (new expiry,
+        cancel_requested)} for the leases still held; a lease past its stage's hard cap is not
+        renewed (it then expires). Rows are locked in job id order, so two overlapping
+        heartbeats cannot deadlock."""
+        if not refs:
+            return {}
+        ordered = sorted(refs)
+
+        async def run(conn: Connection) -> list[asyncpg.Record]:
+            return await conn.fetch(
+                SQL_RENEW,
+                [r[0] for r in ordered],
+                [r[1] for r in ordered],
+                lease.total_seconds(),
+                stage_timeout.total_seconds(),
+            )
+
+        rows = await self.pool.run(run)
+        return {
+            (uuid.UUID(str(r["id"])), uuid.UUID(str(r["lease_token"]))): (
+                r["lease_expires_at"],
+                r["cancel_requested"],
+            )
+            for r in rows
+        }
+
+    async def advance(
+        self,
+        job_id: uuid.UUID,
+        token: uuid.UUID,
+        *,
+        status: JobStatus | None,
+        allowed_from: frozenset[JobStatus],
+        progress_pct: int,
+        result: Mapping[str, Any] | None,
+    ) -> tuple[Job, JobStatus] | None:
+        """Record progress (and a stage change to `status`, from one of `allowed_from`) under
+        the lease; a stage change clears infrastructure_failing_since. Returns the job and the
+        status it had, or None when the condition matched nothing."""
+
+        async def run(conn: Connection) -> asyncpg.Record | None:
+            return await conn.fetchrow(
+                SQL_ADVANCE,
+                job_id,
+                token,
+                status.value if status is not None else None,
+                progress_pct,
+                dict(result) if result is not None else None,
+                [s.value for s in sorted(allowed_from)],
+            )
+
+        row = await self.pool.run(run)
+        return (to_job(row), JobStatus(row["prev_status"])) if row else None
+
+    async def complete(
+        self,
+        job_id: uuid.UUID,
+        token: uuid.UUID,
+        *,
+        result: Mapping[str, Any] | None,
+        results_uri: str,
+    ) -> tuple[Job, str | None] | None:
+        """deep_running -> done under the lease, the lease cleared (outcome completed). Returns
+        the job and the worker that held the lease, or None when nothing matched."""
+
+        async def run(conn: Connection) -> asyncpg.Record | None:
+            return await conn.fetchrow(
+                SQL_COMPLETE,
+                job_id,
+                token,
+                dict(result) if result is not None else None,
+                results_uri,
+            )
+
+        row = await self.pool.run(run)
+        return (to_job(row), row["prev_worker"]) if row else None
+
+    async def release(self, job_id: uuid.UUID, token: uuid.UUID) -> tuple[Job, str | None] | None:
+        """Hand the lease back without counting an attempt (requeued at the stage reached,
+        claimable at once), or fail the job CANCELLED when an operator asked to cancel."""
+
+        async def run(conn: Connection) -> asyncpg.Record | None:
+            return await conn.fetchrow(SQL_RELEASE, job_id, token)
+
+        row = await self.pool.run(run)
+        return (to_job(row), row["prev_worker"]) if row else None
+
+    async def hand_back(self, tokens: Sequence[uuid.UUID]) -> int:
+        """Release whichever of these leases exist (a claim whose caller never got the answer,
+        or whose outcome is unknown); no attempt is counted. Returns how many were released."""
+
+        async def run(conn: Connection) -> list[asyncpg.Record]:
+            return await conn.fetch(SQL_HAND_BACK, list(tokens))
+
+        return len(await self.pool.run(run))
+
+    async def diagnose(self, job_id: uuid.UUID, *, lock: bool = True) -> Snapshot | None:
+        """Read a job (locked: waits for a change in flight) with the database's clock."""
+
+        async def run(conn: Connection) -> asyncpg.Record | None:
+            return await conn.fetchrow(SQL_DIAGNOSE if lock else SQL_READ, job_id)
+
+        row = await self.pool.run(run)
+        return Snapshot(to_job(row), row["db_now"]) if row else None
+
+    async def end_lease(
+        self, job: Job, token: uuid.UUID, end: LeaseEnd
+    ) -> tuple[Job, str | None] | None:
+        """Apply a decided lease end (and its history row), guarded by the token, attempt and
+        cancel flag the decision was based on. None when the job changed meanwhile."""
+
+        async def run(conn: Connection) -> asyncpg.Record | None:
+            return await conn.fetchrow(SQL_END_LEASE, *_end_args(job, token, end))
+
+        row = await self.pool.run(run)
+        return (to_job(row), row["prev_worker"]) if row else None
+
+    async def rescue_expired(
+        self, decide: Callable[[Snapshot], LeaseEnd], *, limit: int = 500
+    ) -> list[tuple[Job, LeaseEnd]]:
+        """Take back expired leases in one transaction: lock them (skipping rows another
+        transaction holds, e.g. a completion in flight; the expiry is re-checked under the
+        lock), end each as `decide` says. A rescue never overwrites a completion."""
+
+        async def run(conn: Connection) -> list[tuple[Job, LeaseEnd]]:
+            done: list[tuple[Job, LeaseEnd]] = []
+            async with conn.transaction():
+                for row in await conn.fetch(SQL_EXPIRED, limit):
+                    snap = Snapshot(to_job(row), row["db_now"])
+                    token = snap.job.lease_token
+                    assert token is not None
+                    end = decide(snap)
+                    if await conn.fetchrow(SQL_END_LEASE, *_end_args(snap.job, token, end)):
+                        done.append((snap.job, end))
+            return done
+
+        return await self.pool.run(run)
+
+    async def probe(self) -> None:
+        """One trivial statement: tells the pool's reachability tracking whether we get through."""
+
+        async def run(conn: Connection) -> object:
+            return await conn.fetchval("SELECT 1")
+
+        await self.pool.run(run)
+
+    async def get(self, job_id: uuid.UUID) -> Job | None:
+        """GetJob's read: one statement on the lease pool."""
+
+        async def run(conn: Connection) -> asyncpg.Record | None:
+            return await conn.fetchrow(SQL_GET, job_id)
+
+        row = await self.pool.run(run)
+        return to_job(row) if row else None
 
 
 async def stale_uploads(

@@ -96,6 +96,10 @@ jobs = Table(
     Column("results_uri", Text),
     # When the upload reconciler last looked for this job's object (revision 0005).
     Column("upload_checked_at", DateTime(timezone=True)),
+    # Revision 0006 (lease path): the infrastructure retry window counts from here; the stored
+    # error was infrastructure trouble (spent no attempt).
+    Column("infrastructure_failing_since", DateTime(timezone=True)),
+    Column("error_infrastructure", Boolean, nullable=False, server_default="false"),
     # Multipart uploads and checksums (revision 0007): the declared whole-file SHA-256, the S3
     # multipart upload, and the checksum S3 reported when the upload was verified.
     Column("sha256", LargeBinary),
@@ -110,10 +114,11 @@ jobs = Table(
         "created_at",
         postgresql_where=text("status IN ('queued', 'quick_done') AND lease_token IS NULL"),
     ),
-    # The reaper's scan over live leases.
+    # The reaper's scan over live leases. Not on lease_expires_at, the one column a heartbeat
+    # writes, so heartbeats are HOT updates (revision 0006; the table has fillfactor 80).
     Index(
-        "ix_video_analysis_jobs_lease_expires_at",
-        "lease_expires_at",
+        "ix_video_analysis_jobs_leased",
+        "leased_at",
         postgresql_where=text("lease_token IS NOT NULL"),
     ),
     Index("ix_video_analysis_jobs_status_updated_at", "status", "updated_at"),
@@ -121,6 +126,12 @@ jobs = Table(
         "ix_video_analysis_jobs_awaiting_upload",
         "created_at",
         postgresql_where=text("status = 'awaiting_upload'"),
+    ),
+    # The retention purge's scan over finished jobs, oldest change first (revision 0008).
+    Index(
+        "ix_video_analysis_jobs_finished",
+        "updated_at",
+        postgresql_where=text("status IN ('done', 'failed')"),
     ),
 )
 
@@ -141,6 +152,8 @@ job_errors = Table(
     Column("retryable", Boolean, nullable=False),
     Column("worker_id", Text),
     Column("occurred_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # Revision 0006: infrastructure trouble, not the job's own failure.
+    Column("infrastructure", Boolean, nullable=False, server_default="false"),
 )
 
 # The SHA-256 each multipart part's URL was signed with (revision 0007).
@@ -159,7 +172,8 @@ upload_parts = Table(
     PrimaryKeyConstraint("job_id", "part_number"),
 )
 
-#: NOTIFY channel: a row became claimable (payload: job id). See revision 0003's trigger.
+#: NOTIFY channel: a row became claimable (payload: job id), or will at a time (payload
+#: `at:<epoch seconds>`, a backoff). See revisions 0003 and 0006.
 CLAIMABLE_CHANNEL = "video_analysis_jobs_claimable"
 #: NOTIFY channel: a job's status or progress changed (payload: job id). See revision 0004.
 CHANGED_CHANNEL = "video_analysis_jobs_changed"

@@ -4,34 +4,20 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import json
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
-from jobs.v1 import jobs_pb2 as pb
 from jobs.v1 import jobs_pb2_grpc
 
 from localinfra.s3 import MotoS3
 from tests.support.analyzers import GATE_DIR_ENV, MAX_GATE_SECONDS_ENV
+from tests.support.e2e import Api, json_lines, wait_logged, watch  # noqa: F401 (see below)
 from tests.support.procs import ServiceProcess, spawn
 
-TERMINAL = (pb.JOB_STATUS_DONE, pb.JOB_STATUS_FAILED)
-
-
-@dataclasses.dataclass
-class Api:
-    """Stubs for a test acting as the uploading backend and the operator."""
-
-    upload: jobs_pb2_grpc.UploadServiceAsyncStub
-    worker: jobs_pb2_grpc.WorkerServiceAsyncStub
-    admin: jobs_pb2_grpc.AdminServiceAsyncStub
-    # For the client library (tests.support.flows.upload).
-    channel: grpc.aio.Channel | None = None
+# json_lines and watch are imported above only for test modules that still import them from
+# here; they belong to tests.support.e2e (tests/unit/test_test_imports.py says so).
 
 
 @pytest.fixture
@@ -46,7 +32,6 @@ async def connect() -> AsyncIterator[Callable[[str], Api]]:
             jobs_pb2_grpc.UploadServiceStub(channel),
             jobs_pb2_grpc.WorkerServiceStub(channel),
             jobs_pb2_grpc.AdminServiceStub(channel),
-            channel,
         )
 
     yield make
@@ -98,47 +83,3 @@ async def start_worker(
     yield start
     for worker in started:
         await asyncio.to_thread(worker.stop)
-
-
-async def wait_logged(proc: ServiceProcess, event: str, within: float = 30.0) -> None:
-    """Waits for a JSON log line with this `event`; fails with the log if the process exits."""
-    deadline = time.monotonic() + within
-    while True:
-        if any(line.get("event") == event for line in json_lines(proc)):
-            return
-        if proc.proc.poll() is not None:
-            raise AssertionError(f"process exited with {proc.proc.returncode}:\n{proc.log()}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no {event!r} after {within}s:\n{proc.log()}")
-        await asyncio.sleep(0.05)  # log poll interval
-
-
-def json_lines(proc: ServiceProcess) -> list[dict[str, Any]]:
-    lines = []
-    for line in proc.log().splitlines():
-        if line.startswith("{"):
-            try:
-                lines.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line still being written
-    return lines
-
-
-async def watch(
-    api: Api,
-    job_id: str,
-    until: Callable[[pb.Job], bool] = lambda job: job.status in TERMINAL,
-    within: float = 60.0,
-    seen: list[pb.Job] | None = None,
-) -> pb.Job:
-    """Follows WatchJob until `until(job)` holds; returns that job. `seen` collects updates."""
-    call = api.upload.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=within)
-    try:
-        async for response in call:
-            if seen is not None:
-                seen.append(response.job)
-            if until(response.job):
-                return response.job
-    finally:
-        call.cancel()
-    raise AssertionError(f"WatchJob ended before the condition held for {job_id}")

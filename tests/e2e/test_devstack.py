@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from localinfra.ports import LOCALHOST, free_ports
+from localinfra.netports import LOCALHOST, free_ports
 from localinfra.postgres import PostgresCluster
 from localinfra.process import pid_alive
 

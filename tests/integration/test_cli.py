@@ -23,7 +23,7 @@ from jobs.v1 import jobs_pb2 as pb
 from sqlalchemy import text
 
 from jobs_client import cli
-from localinfra.ports import free_port
+from localinfra.netports import free_port
 from tests.support.flows import VIDEO, claim, get_job, initiate, queued_job
 from tests.support.procs import ROOT
 

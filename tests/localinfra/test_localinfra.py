@@ -29,7 +29,7 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from localinfra.ports import free_port, free_ports, is_listening
+from localinfra.netports import free_port, free_ports, is_listening
 from localinfra.postgres import PostgresCluster, PostgresError
 from localinfra.process import pid_alive, wait_until
 from localinfra.s3 import MotoS3, SeaweedS3

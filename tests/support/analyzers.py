@@ -9,12 +9,15 @@ mechanism works for code outside the worker package.
 * `BusyGatedAnalyzer` spins the CPU in Python while gated: a stand-in for a CPU-bound pass.
 * `SyntheticAnalyzer` returns made-up results without decoding (fast, no media needed).
 * `AlwaysRetryableFailure` fails every pass with a retryable FLAKY_ANALYSIS.
+* `PacedAnalyzer` (the chaos suite's) takes a set time per pass and records each pass's start
+  and end, with job, worker, pid and clocks, so overlapping analyses can be measured.
 
 Configured through the environment because `load_analyzer` calls the class with no arguments.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -197,3 +200,100 @@ class AlwaysRetryableFailure:
         self, path: Path, out_dir: Path, progress: ProgressFn, should_stop: StopFn
     ) -> DeepResult:
         raise AnalysisError("flaky deep pass", code="FLAKY_ANALYSIS", retryable=True)
+
+
+# -- chaos: a paced analyzer that records every pass ------------------------------------------
+
+RECORD_FILE_ENV = "TEST_ANALYZER_RECORD_FILE"
+QUICK_SECONDS_ENV = "TEST_ANALYZER_QUICK_SECONDS"
+DEEP_SECONDS_ENV = "TEST_ANALYZER_DEEP_SECONDS"
+WORKER_ID_ENV = "ANALYSIS_WORKER_WORKER_ID"
+
+
+class PacedAnalyzer(SyntheticAnalyzer):
+    """SyntheticAnalyzer whose passes take a set time, recording each pass's start and end.
+
+    The chaos suite needs analyses that outlast leases and faults, on a 2-core machine that
+    cannot afford to decode video for minutes: the pace is the thing under test, so it is set
+    (`TEST_ANALYZER_QUICK_SECONDS`, `TEST_ANALYZER_DEEP_SECONDS`) rather than burned. The deep
+    pass reports progress and polls `should_stop` as a real one does, and raises
+    AnalysisAborted when told to stop.
+
+    Every pass appends two JSON lines to `TEST_ANALYZER_RECORD_FILE` (one small O_APPEND write
+    each, atomic across processes): {"event": "start"|"stop", "pass", "job", "worker", "pid",
+    "mono", "wall"} plus "outcome" (done / aborted) on stops. CLOCK_MONOTONIC is system-wide,
+    so intervals from different worker processes can be compared for overlap. A SIGKILLed
+    worker leaves a start without a stop; the test knows when it killed it.
+    """
+
+    def __init__(self) -> None:
+        self.record_file = Path(os.environ[RECORD_FILE_ENV])
+        self.quick_seconds = float(os.environ.get(QUICK_SECONDS_ENV, "0.2"))
+        self.deep_seconds = float(os.environ.get(DEEP_SECONDS_ENV, "2"))
+        self.worker = os.environ.get(WORKER_ID_ENV, "")
+
+    def quick(self, path: Path, out_dir: Path) -> QuickResult:
+        job = job_id_of(path)
+        self._record("start", "quick", job)
+        self._pace(self.quick_seconds, lambda: False)
+        result = super().quick(path, out_dir)
+        self._record("stop", "quick", job, outcome="done")
+        return result
+
+    def deep(
+        self, path: Path, out_dir: Path, progress: ProgressFn, should_stop: StopFn
+    ) -> DeepResult:
+        job = job_id_of(path)
+        self._record("start", "deep", job)
+        if not self._pace(self.deep_seconds, should_stop, progress):
+            self._record("stop", "deep", job, outcome="aborted")
+            raise AnalysisAborted("stopped")
+        result = super().deep(path, out_dir, progress, lambda: False)
+        self._record("stop", "deep", job, outcome="done")
+        return result
+
+    @staticmethod
+    def _pace(seconds: float, should_stop: StopFn, progress: ProgressFn | None = None) -> bool:
+        """Runs for `seconds`; False as soon as `should_stop()` says so."""
+        start = time.monotonic()
+        while (elapsed := time.monotonic() - start) < seconds:
+            if should_stop():
+                return False
+            if progress is not None:
+                progress(min(elapsed / seconds, 1.0))
+            time.sleep(min(POLL_SECONDS * 2.5, seconds - elapsed))  # the pass's pace
+        return True
+
+    def _record(self, event: str, kind: str, job: str, **extra: str) -> None:
+        line = {
+            "event": event,
+            "pass": kind,
+            "job": job,
+            "worker": self.worker,
+            "pid": os.getpid(),
+            "mono": time.monotonic(),
+            "wall": time.time(),
+            **extra,
+        }
+        fd = os.open(self.record_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, (json.dumps(line) + "\n").encode())
+        finally:
+            os.close(fd)
+
+
+def job_id_of(path: Path) -> str:
+    """The job id from the worker's per-job temp dir, `job-<job id>-<random>/input.ext`."""
+    name = path.parent.name
+    return name.removeprefix("job-").rpartition("-")[0] or name
+
+
+def analysis_records(record_file: Path) -> list[dict[str, object]]:
+    """Every record PacedAnalyzer wrote so far, in order; a line still being written is skipped."""
+    if not record_file.exists():
+        return []
+    records = []
+    for line in record_file.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            records.append(json.loads(line))
+    return records

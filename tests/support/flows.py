@@ -55,8 +55,8 @@ async def get_job(api: Any, job_id: str) -> pb.Job:
 
 async def upload(api: Any, body: bytes = VIDEO, **fields: Any) -> pb.Job:
     """The client library's upload_file (checksummed PUT or multipart, then CompleteUpload) of
-    `body` as a file named `filename`, over the test's channel."""
-    client = JobsClient(api.channel)
+    `body` as a file named `filename`, over the test's stubs."""
+    client = JobsClient.from_stubs(api.upload, api.admin)
     with tempfile.TemporaryDirectory(prefix="flows-") as tmp:
         path = Path(tmp) / fields.pop("filename", "clip.mp4")
         path.write_bytes(body)
@@ -92,7 +92,7 @@ def error_reason(err: grpc.aio.AioRpcError) -> str:
     for detail in status.details:
         info = error_details_pb2.ErrorInfo()
         if detail.Unpack(info):
-            return info.reason
+            return str(info.reason)  # google.rpc stubs are not followed: Any
     raise AssertionError("no ErrorInfo detail")
 
 

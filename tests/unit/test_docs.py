@@ -42,3 +42,28 @@ def test_make_targets_in_the_readme_exist():
     targets = set(re.findall(r"^([a-z-]+):", makefile, re.M))
     for target in set(re.findall(r"`?make ([a-z-]+)", README)):
         assert target in targets, target
+
+
+# S3 key prefixes the docs name, not files of the repository.
+_NOT_PATHS = {"uploads/", "results/"}
+# Where a path in the docs may be relative to (docs name `storage/tables.py` inside job_service).
+_BASES = ("", "docs/", "job_service/", "analysis_worker/", "protos/gen/python/jobs/v1/")
+
+
+def test_every_file_the_docs_name_exists():
+    """Paths, links and markdown file names in README.md and docs/*.md point at real files."""
+    # `path`, [text](path), and bare names of markdown files ("see lifecycle.md").
+    reference = re.compile(r"`([^`\s]+)`|\]\(([^)\s#]+)|(?<![\w/.`\[(-])([\w/-]+\.md)\b")
+    dangling = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for match in reference.finditer(doc.read_text()):
+            token = match.group(1) or match.group(2) or match.group(3)
+            if token in _NOT_PATHS or any(c in token for c in "<>*{}=$:,()"):
+                continue  # placeholders, globs, URLs, commands
+            if token.startswith(("-", ".", "/")):
+                continue
+            if "/" not in token and not re.search(r"\.(py|md|proto|yml|toml|sh|ini)$", token):
+                continue  # not a path
+            if not any((ROOT / (base + token.rstrip("/"))).exists() for base in _BASES):
+                dangling.append(f"{doc.relative_to(ROOT)}: {token}")
+    assert not dangling, "the docs name files that do not exist:\n" + "\n".join(dangling)

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from job_service.domain import errors
+from job_service.domain import codes, errors
 from job_service.domain.model import (
     Fence,
     Job,
@@ -137,12 +137,12 @@ def test_fence_replays_a_call_that_already_succeeded():
 def test_verify_upload_verdicts():
     job = make_job(status=S.awaiting_upload, size_bytes=100)
     assert verify_upload(job, ObjectInfo(100, "e", "video/mp4")) is None
-    assert verify_upload(job, None).code == errors.UPLOAD_OBJECT_NOT_FOUND
-    assert verify_upload(job, ObjectInfo(0, "e", "video/mp4")).code == errors.UPLOAD_EMPTY
-    assert verify_upload(job, ObjectInfo(99, "e", "video/mp4")).code == errors.UPLOAD_SIZE_MISMATCH
+    assert verify_upload(job, None).code == codes.UPLOAD_OBJECT_NOT_FOUND
+    assert verify_upload(job, ObjectInfo(0, "e", "video/mp4")).code == codes.UPLOAD_EMPTY
+    assert verify_upload(job, ObjectInfo(99, "e", "video/mp4")).code == codes.UPLOAD_SIZE_MISMATCH
     assert (
         verify_upload(job, ObjectInfo(100, "e", "text/plain")).code
-        == errors.UPLOAD_CONTENT_TYPE_MISMATCH
+        == codes.UPLOAD_CONTENT_TYPE_MISMATCH
     )
 
 

@@ -23,16 +23,17 @@ from google.protobuf import duration_pb2, struct_pb2
 from jobs.v1 import jobs_pb2, jobs_pb2_grpc
 
 from analysis_worker.analysis import Analyzer
-from analysis_worker.job_client import JobClient, RetryPolicy
+from analysis_worker.job_client import Backoff, JobClient
 from analysis_worker.metrics import WorkerMetrics
 from analysis_worker.runner import JobRunner
 from analysis_worker.storage import Storage
 from analysis_worker.worker import Worker, WorkerOptions
 from localinfra.s3 import MotoS3
 from tests.support.analyzers import open_gate
+from tests.support.faults import FaultyProxy
 
 BUCKET = "videos"
-FAST_RETRY = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.05)
+FAST_RETRY = Backoff(max_attempts=3, initial_backoff=0.01, max_backoff=0.05)
 
 
 @dataclasses.dataclass
@@ -50,6 +51,13 @@ class FakeWorkerService(jobs_pb2_grpc.WorkerServiceServicer):
     `lost` job ids answer LOST in Heartbeat and ABORTED elsewhere; `cancelled` ones come back
     with cancel_requested; `errors[method]` is a list of status codes the next calls abort with;
     `hang[method]` calls never answer (the client's deadline ends them).
+
+    Like the real service it keeps each job's status and moves it forward only
+    (`one_call_deep`: whether ReportProgress(DEEP_RUNNING, result) from QUICK_RUNNING is taken,
+    as on a service with the one-call report; False answers FAILED_PRECONDITION as an older
+    one does). With `lease_seconds` set, leases expire as on the real service: each claim or
+    renewal lasts that long from when the service handled it (sent as lease_expires_at, and as
+    lease_ttl if `send_ttl`); a lease not renewed in time is LOST (`expired` records which).
     """
 
     def __init__(self) -> None:
@@ -61,6 +69,13 @@ class FakeWorkerService(jobs_pb2_grpc.WorkerServiceServicer):
         self.hang: dict[str, int] = defaultdict(int)
         # ClaimJob handlers cancelled by the client (it gave up on the long poll).
         self.cancelled_claims = 0
+        self.status: dict[str, int] = {}
+        self.one_call_deep = True
+        self.lease_seconds: float | None = None
+        self.send_ttl = True
+        # job id -> monotonic time its current lease ends (with lease_seconds set).
+        self.expires: dict[str, float] = {}
+        self.expired: set[str] = set()
         self._changed = asyncio.Event()
 
     # -- test side ---------------------------------------------------------------------------
@@ -112,8 +127,24 @@ class FakeWorkerService(jobs_pb2_grpc.WorkerServiceServicer):
             code = self.errors[method].pop(0)
             await context.abort(code, f"scripted {code.name}")
 
+    def _check_expiry(self, job_id: str) -> None:
+        ends = self.expires.get(job_id)
+        if ends is not None and time.monotonic() > ends and job_id not in self.lost:
+            self.lost.add(job_id)
+            self.expired.add(job_id)
+
+    def _grant(self, job_id: str, lease_expires_at: Any, lease_ttl: Any) -> None:
+        """Starts or renews job_id's lease (with lease_seconds set)."""
+        if self.lease_seconds is None:
+            return
+        self.expires[job_id] = time.monotonic() + self.lease_seconds
+        lease_expires_at.FromNanoseconds(int((time.time() + self.lease_seconds) * 1e9))
+        if self.send_ttl:
+            lease_ttl.FromNanoseconds(int(self.lease_seconds * 1e9))
+
     async def _fenced(self, method: str, request: Any, context: Any) -> jobs_pb2.Job:
         await self._record(method, request, context)
+        self._check_expiry(request.job_id)
         if request.job_id in self.lost:
             await context.abort(grpc.StatusCode.ABORTED, "lease lost")
         return jobs_pb2.Job(job_id=request.job_id)
@@ -133,28 +164,55 @@ class FakeWorkerService(jobs_pb2_grpc.WorkerServiceServicer):
             self._bump()
             raise
         taken, self.queue = self.queue[: request.max_jobs], self.queue[request.max_jobs :]
+        for lease in taken:
+            status = lease.job.status
+            if status == jobs_pb2.JOB_STATUS_QUEUED:
+                status = jobs_pb2.JOB_STATUS_QUICK_RUNNING
+            elif status == jobs_pb2.JOB_STATUS_QUICK_DONE:
+                status = jobs_pb2.JOB_STATUS_DEEP_RUNNING
+            self.status[lease.job.job_id] = status
+            self.lost.discard(lease.job.job_id)
+            self._grant(lease.job.job_id, lease.lease_expires_at, lease.lease_ttl)
         return jobs_pb2.ClaimJobResponse(leases=taken)
 
     async def Heartbeat(self, request: Any, context: Any) -> jobs_pb2.HeartbeatResponse:
         await self._record("Heartbeat", request, context)
-        statuses = [
-            jobs_pb2.LeaseStatus(
+        statuses = []
+        for ref in request.leases:
+            self._check_expiry(ref.job_id)
+            status = jobs_pb2.LeaseStatus(
                 job_id=ref.job_id,
                 state=jobs_pb2.LEASE_STATE_LOST
                 if ref.job_id in self.lost
                 else jobs_pb2.LEASE_STATE_HELD,
                 cancel_requested=ref.job_id in self.cancelled,
             )
-            for ref in request.leases
-        ]
+            if status.state == jobs_pb2.LEASE_STATE_HELD:
+                self._grant(ref.job_id, status.lease_expires_at, status.lease_ttl)
+            statuses.append(status)
         if statuses and all(s.state == jobs_pb2.LEASE_STATE_LOST for s in statuses):
             await context.abort(grpc.StatusCode.ABORTED, "every lease is lost")
         return jobs_pb2.HeartbeatResponse(leases=statuses)
 
     async def ReportProgress(self, request: Any, context: Any) -> Any:
-        return jobs_pb2.ReportProgressResponse(
-            job=await self._fenced("ReportProgress", request, context)
-        )
+        job = await self._fenced("ReportProgress", request, context)
+        current = self.status.get(request.job_id, jobs_pb2.JOB_STATUS_QUICK_RUNNING)
+        target = request.status
+        if target not in (jobs_pb2.JOB_STATUS_UNSPECIFIED, current):
+            forward = {
+                (jobs_pb2.JOB_STATUS_QUICK_RUNNING, jobs_pb2.JOB_STATUS_QUICK_DONE),
+                (jobs_pb2.JOB_STATUS_QUICK_DONE, jobs_pb2.JOB_STATUS_DEEP_RUNNING),
+            }
+            if self.one_call_deep and request.HasField("result"):
+                forward.add((jobs_pb2.JOB_STATUS_QUICK_RUNNING, jobs_pb2.JOB_STATUS_DEEP_RUNNING))
+            if (current, target) not in forward:
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"INVALID_TRANSITION {jobs_pb2.JobStatus.Name(current)} -> "
+                    f"{jobs_pb2.JobStatus.Name(target)}",
+                )
+            self.status[request.job_id] = target
+        return jobs_pb2.ReportProgressResponse(job=job)
 
     async def CompleteJob(self, request: Any, context: Any) -> Any:
         return jobs_pb2.CompleteJobResponse(job=await self._fenced("CompleteJob", request, context))
@@ -229,10 +287,16 @@ class Harness:
             results_prefix=f"results/{job_id}/",
         )
 
-    def client(self, retry: RetryPolicy = FAST_RETRY, rpc_timeout: float = 5.0) -> JobClient:
-        channel = grpc.aio.insecure_channel(self.address)
+    def client(
+        self,
+        retry: Backoff = FAST_RETRY,
+        rpc_timeout: float = 5.0,
+        address: str | None = None,
+        worker_id: str = "test-worker",
+    ) -> JobClient:
+        channel = grpc.aio.insecure_channel(address or self.address)
         self.channels.append(channel)
-        return JobClient(channel, worker_id="test-worker", rpc_timeout=rpc_timeout, retry=retry)
+        return JobClient(channel, worker_id=worker_id, rpc_timeout=rpc_timeout, retry=retry)
 
     def start(
         self,
@@ -242,27 +306,38 @@ class Harness:
         shutdown_grace: float = 10.0,
         claim_wait: float = 0.2,
         abort_timeout: float = 5.0,
+        address: str | None = None,
+        s3: Any = None,
+        s3_retry_budget: float = 30.0,
+        rpc_timeout: float = 5.0,
+        worker_id: str = "test-worker",
+        client: JobClient | None = None,
     ) -> RunningWorker:
+        """A real Worker; `address` (e.g. a FaultyProxy) and `s3` (a client through one)
+        replace the direct routes to the fake service and to moto."""
         metrics = WorkerMetrics()
         executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="analysis")
-        client = self.client()
+        if client is None:
+            client = self.client(address=address, rpc_timeout=rpc_timeout, worker_id=worker_id)
         runner = JobRunner(
             client=client,
-            storage=Storage(self.s3),
+            storage=Storage(self.s3 if s3 is None else s3),
             analyzer=analyzer,
             executor=executor,
             metrics=metrics,
             work_dir=self.work_dir,
-            delivery_retry=RetryPolicy(max_attempts=1, initial_backoff=0.02, max_backoff=0.1),
+            delivery_retry=Backoff(max_attempts=1, initial_backoff=0.02, max_backoff=0.1),
+            s3_retry=Backoff(max_attempts=1, initial_backoff=0.02, max_backoff=0.2),
+            s3_retry_budget=s3_retry_budget,
             progress_interval=0.0,
         )
         options = WorkerOptions(
-            worker_id="test-worker",
+            worker_id=worker_id,
             concurrency=concurrency,
             claim_wait=claim_wait,
             shutdown_grace=shutdown_grace,
             abort_timeout=abort_timeout,
-            claim_retry=RetryPolicy(max_attempts=1, initial_backoff=0.02, max_backoff=0.1),
+            claim_retry=Backoff(max_attempts=1, initial_backoff=0.02, max_backoff=0.1),
             min_empty_claim_interval=0.02,
         )
         worker = Worker(options, client=client, runner=runner, metrics=metrics)
@@ -296,6 +371,53 @@ async def s3_client(moto_s3: MotoS3) -> AsyncIterator[Any]:
         config=BotoConfig(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
     ) as client:
         yield client
+
+
+def s3_client_for(endpoint_url: str, moto: MotoS3) -> Any:
+    """An aioboto3 S3 client context (botocore retries off: the worker's own retries are under
+    test) with short timeouts, so a hanging S3 fails a call in about a second."""
+    return aioboto3.Session().client(
+        "s3",
+        endpoint_url=endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id=moto.access_key,
+        aws_secret_access_key=moto.secret_key,
+        config=BotoConfig(
+            s3={"addressing_style": "path"},
+            retries={"max_attempts": 1},
+            connect_timeout=1,
+            read_timeout=1,
+        ),
+    )
+
+
+@pytest.fixture
+async def s3_proxy(moto_s3: MotoS3) -> AsyncIterator[FaultyProxy]:
+    """The TCP fault proxy in front of moto (the worker's route to S3 in fault tests)."""
+    proxy = await FaultyProxy("127.0.0.1", moto_s3.port).start()
+    try:
+        yield proxy
+    finally:
+        await proxy.stop()
+
+
+@pytest.fixture
+async def proxied_s3(s3_proxy: FaultyProxy, moto_s3: MotoS3) -> AsyncIterator[Any]:
+    async with s3_client_for(f"http://{s3_proxy.address}", moto_s3) as client:
+        yield client
+
+
+@pytest.fixture
+async def service_proxy(
+    fake_service: tuple[FakeWorkerService, str],
+) -> AsyncIterator[FaultyProxy]:
+    """The TCP fault proxy in front of the fake job-service (a partition when it hangs)."""
+    host, port = fake_service[1].rsplit(":", 1)
+    proxy = await FaultyProxy(host, int(port)).start()
+    try:
+        yield proxy
+    finally:
+        await proxy.stop()
 
 
 @pytest.fixture

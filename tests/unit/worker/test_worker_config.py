@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from analysis_worker.config import DEFAULT_ANALYZER, PREFIX, HostPort, Settings, env_table
+from analysis_worker.analysis import DEFAULT_ANALYZER_SPEC
+from analysis_worker.config import PREFIX, HostPort, Settings, env_table
 
 
 def env(**values: str) -> dict[str, str]:
@@ -25,11 +26,12 @@ def test_defaults() -> None:
     assert s.s3_endpoint_url == "http://127.0.0.1:8333"
     assert s.s3_region == "us-east-1"
     assert (s.s3_access_key_id, s.s3_secret_access_key) == ("devaccess", "devsecret")
-    assert s.analyzer == DEFAULT_ANALYZER
+    assert s.analyzer == DEFAULT_ANALYZER_SPEC
     assert s.work_dir is None
     assert s.shutdown_grace_seconds == 30
     assert s.metrics_address == HostPort("127.0.0.1", 9465)
     assert (s.log_level, s.log_format) == ("INFO", "json")
+    assert s.s3_retry_budget_seconds == 60
 
 
 def test_overrides() -> None:
@@ -48,6 +50,7 @@ def test_overrides() -> None:
             METRICS_ADDRESS="",
             LOG_LEVEL="debug",
             LOG_FORMAT="text",
+            S3_RETRY_BUDGET_SECONDS="0",
         )
     )
     assert s.job_service_address == "jobs:6000"
@@ -62,6 +65,7 @@ def test_overrides() -> None:
     assert s.shutdown_grace_seconds == 0
     assert s.metrics_address is None  # empty: no endpoint
     assert (s.log_level, s.log_format) == ("DEBUG", "text")
+    assert s.s3_retry_budget_seconds == 0  # give the job back at the first S3 failure
 
 
 @pytest.mark.parametrize(
@@ -82,6 +86,8 @@ def test_overrides() -> None:
         ("LOG_LEVEL", "LOUD"),
         ("LOG_FORMAT", "xml"),
         ("S3_REGION", ""),
+        ("S3_RETRY_BUDGET_SECONDS", "-5"),
+        ("S3_RETRY_BUDGET_SECONDS", "inf"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str) -> None:
@@ -97,7 +103,7 @@ def test_secret_is_not_in_repr() -> None:
 def test_env_table_lists_every_variable_with_a_default_that_parses() -> None:
     table = env_table()
     names = [name for name, _ in table]
-    assert len(names) == len(set(names)) == 15
+    assert len(names) == len(set(names)) == 16
     assert all(name.startswith(PREFIX) for name in names)
     # The documented defaults are the real ones: feeding them back changes nothing.
     assert Settings.from_env(dict(table)) == Settings.from_env({})
@@ -118,6 +124,7 @@ def test_env_table_lists_every_variable_with_a_default_that_parses() -> None:
         "METRICS_ADDRESS": "",
         "LOG_LEVEL": "DEBUG",
         "LOG_FORMAT": "text",
+        "S3_RETRY_BUDGET_SECONDS": "5",
     }
     assert sorted(PREFIX + k for k in alternatives) == sorted(names)
     defaults = Settings.from_env({})

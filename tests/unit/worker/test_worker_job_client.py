@@ -10,10 +10,10 @@ import pytest
 from jobs.v1 import jobs_pb2
 
 from analysis_worker.job_client import (
-    JobServiceError,
-    JobServiceUnavailable,
+    Backoff,
+    JobCallError,
+    JobCallUnavailable,
     LeaseLostError,
-    RetryPolicy,
     channel_options,
 )
 
@@ -42,8 +42,8 @@ async def test_unavailable_is_retried_until_the_call_succeeds(harness: Harness) 
 async def test_persistent_unavailability_gives_up_after_bounded_attempts(harness: Harness) -> None:
     fake = harness.fake
     fake.errors["ReportProgress"] = [UNAVAILABLE] * 10
-    client = harness.client(retry=RetryPolicy(max_attempts=4, initial_backoff=0.01))
-    with pytest.raises(JobServiceUnavailable) as caught:
+    client = harness.client(retry=Backoff(max_attempts=4, initial_backoff=0.01))
+    with pytest.raises(JobCallUnavailable) as caught:
         await client.report_progress(lease(), progress_pct=50)
     assert caught.value.code == UNAVAILABLE
     assert len(fake.requests("ReportProgress")) == 4
@@ -75,14 +75,14 @@ async def test_aborted_is_a_lost_lease_and_never_retried(harness: Harness) -> No
         grpc.StatusCode.INTERNAL,
     ],
 )
-async def test_other_codes_raise_job_service_error_without_retry(
+async def test_other_codes_raise_job_call_error_without_retry(
     harness: Harness, code: grpc.StatusCode
 ) -> None:
     fake = harness.fake
     fake.errors["ReleaseJob"] = [code]
-    with pytest.raises(JobServiceError) as caught:
+    with pytest.raises(JobCallError) as caught:
         await harness.client().release(lease(), reason="test")
-    assert type(caught.value) is JobServiceError
+    assert type(caught.value) is JobCallError
     assert caught.value.code == code
     assert "scripted" in caught.value.details
     assert len(fake.requests("ReleaseJob")) == 1
@@ -138,7 +138,7 @@ async def test_claim_refuses_zero_slots_without_calling(harness: Harness) -> Non
 
 
 def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
-    policy = RetryPolicy(initial_backoff=0.2, max_backoff=1.0, multiplier=2.0)
+    policy = Backoff(initial_backoff=0.2, max_backoff=1.0, multiplier=2.0)
     rng = random.Random(7)
     for retry, cap in enumerate([0.2, 0.4, 0.8, 1.0, 1.0]):
         delays = {policy.delay(retry, rng) for _ in range(50)}

@@ -7,6 +7,7 @@ job is deterministically mid-analysis while the test acts.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import threading
@@ -26,6 +27,8 @@ from analysis_worker.analysis import (
     QuickResult,
     StopFn,
 )
+from analysis_worker.job_client import JobClient
+from analysis_worker.worker import Worker
 from tests.support.analyzers import (
     AlwaysRetryableFailure,
     BusyGatedAnalyzer,
@@ -35,7 +38,7 @@ from tests.support.analyzers import (
     recorded_calls,
 )
 
-from .conftest import BUCKET, Harness, RunningWorker
+from .conftest import BUCKET, FAST_RETRY, Harness, RunningWorker
 
 QUICK_DONE = jobs_pb2.JOB_STATUS_QUICK_DONE
 DEEP_RUNNING = jobs_pb2.JOB_STATUS_DEEP_RUNNING
@@ -74,15 +77,16 @@ async def test_fresh_lease_runs_both_passes_and_completes(harness: Harness) -> N
     await wait_idle(harness, running)
 
     reports = fake.requests("ReportProgress", job_id)
-    assert (reports[0].status, reports[0].progress_pct) == (QUICK_DONE, 10)
+    # One call records the quick pass and enters the deep pass.
+    assert (reports[0].status, reports[0].progress_pct) == (DEEP_RUNNING, 10)
     quick = json_format.MessageToDict(reports[0].result)
     assert quick["probe"]["width"] == 160
     assert quick["thumbnails"] == [
         f"s3://{BUCKET}/results/{job_id}/thumbnails/thumb_{i}.jpg" for i in range(2)
     ]
-    assert reports[1].status == DEEP_RUNNING
     # (Deep-pass percentages may or may not have gone out for an instant pass; see below.)
-    assert all(r.status == jobs_pb2.JOB_STATUS_UNSPECIFIED for r in reports[2:])
+    assert all(r.status == jobs_pb2.JOB_STATUS_UNSPECIFIED for r in reports[1:])
+    assert fake.status[job_id] == DEEP_RUNNING
 
     (complete,) = fake.requests("CompleteJob")
     assert complete.lease_token == lease.lease_token
@@ -133,17 +137,38 @@ async def test_deep_pass_progress_is_reported_while_it_runs(harness: Harness) ->
         lambda: any(r.progress_pct == 54 for r in fake.requests("ReportProgress")), "54 %"
     )
     reports = fake.requests("ReportProgress", lease.job.job_id)
-    assert [(r.status, r.progress_pct) for r in reports[:2]] == [
-        (QUICK_DONE, 10),
-        (DEEP_RUNNING, 10),
-    ]
-    deep = [r.progress_pct for r in reports[2:]]
+    assert [(r.status, r.progress_pct) for r in reports[:1]] == [(DEEP_RUNNING, 10)]
+    deep = [r.progress_pct for r in reports[1:]]
     assert deep == sorted(deep) and set(deep) <= {32, 54}
     assert fake.requests("CompleteJob") == []
     open_gate(harness.gate_dir)
     await fake.wait_for(lambda: fake.requests("CompleteJob"), "CompleteJob")
     pcts = [r.progress_pct for r in fake.requests("ReportProgress")]
     assert pcts == sorted(pcts) and max(pcts) <= 99
+
+
+async def test_a_service_without_the_one_call_report_gets_two_calls(harness: Harness) -> None:
+    """An older service refuses DEEP_RUNNING from QUICK_RUNNING (FAILED_PRECONDITION): the
+    worker falls back to QUICK_DONE(result) + DEEP_RUNNING, and keeps doing so."""
+    fake = harness.fake
+    fake.one_call_deep = False
+    first, second = await harness.lease(), await harness.lease()
+    fake.offer(first)
+    running = harness.start(SyntheticAnalyzer())
+    await fake.wait_for(lambda: fake.requests("CompleteJob"), "the first CompleteJob")
+    fake.offer(second)
+    await fake.wait_for(lambda: len(fake.requests("CompleteJob")) == 2, "the second CompleteJob")
+    await wait_idle(harness, running)
+
+    refused, quick_done, deep_running = fake.requests("ReportProgress", first.job.job_id)[:3]
+    assert (refused.status, refused.HasField("result")) == (DEEP_RUNNING, True)
+    assert (quick_done.status, quick_done.result) == (QUICK_DONE, refused.result)
+    assert (deep_running.status, deep_running.HasField("result")) == (DEEP_RUNNING, False)
+    # Learnt once: the next job goes straight to the two calls.
+    statuses = [r.status for r in fake.requests("ReportProgress", second.job.job_id)][:2]
+    assert statuses == [QUICK_DONE, DEEP_RUNNING]
+    assert fake.requests("FailJob") == []
+    assert fake.status[first.job.job_id] == fake.status[second.job.job_id] == DEEP_RUNNING
 
 
 async def test_claims_only_free_slots_and_never_with_none_free(harness: Harness) -> None:
@@ -486,6 +511,46 @@ async def test_idle_worker_stops_at_once_even_mid_long_poll(harness: Harness) ->
     asked = time.monotonic()
     await running.stop(within=5)
     assert time.monotonic() - asked < 2
+    # The long poll was cancelled, not waited out: the service saw its caller go.
+    await fake.wait_for(lambda: fake.cancelled_claims == 1, "the cancelled claim", within=2)
+
+
+class SigtermAsTheAnswerArrives(JobClient):
+    """Delivers SIGTERM (shutdown()) the instant a ClaimJob answer with leases comes back —
+    the race a signal handler can land in, made deterministic."""
+
+    worker: Worker | None = None
+
+    async def claim(
+        self, max_jobs: int, wait: float, *, stop: asyncio.Event | None = None
+    ) -> list[jobs_pb2.Lease]:
+        leases = await super().claim(max_jobs, wait, stop=stop)
+        if leases and self.worker is not None:
+            self.worker.shutdown()
+        return leases
+
+
+async def test_leases_that_arrive_as_shutdown_begins_are_handed_back_unstarted(
+    harness: Harness,
+) -> None:
+    fake = harness.fake
+    channel = grpc.aio.insecure_channel(harness.address)
+    harness.channels.append(channel)
+    client = SigtermAsTheAnswerArrives(
+        channel, worker_id="test-worker", rpc_timeout=5.0, retry=FAST_RETRY
+    )
+    running = harness.start(gated(harness), concurrency=2, client=client)
+    client.worker = running.worker
+    first, second = await harness.lease(), await harness.lease()
+    fake.offer(first, second)
+    # No shutdown() from the test: the client delivers it, and run() then returns by itself.
+    await asyncio.wait_for(asyncio.shield(running.task), 10)
+    released = fake.requests("ReleaseJob")
+    assert sorted(r.job_id for r in released) == sorted([first.job.job_id, second.job.job_id])
+    assert {r.lease_token for r in released} == {first.lease_token, second.lease_token}
+    assert passes(harness) == []  # nothing was started
+    assert fake.requests("ReportProgress") == [] and fake.requests("FailJob") == []
+    assert metric(running, "analysis_worker_jobs_released_total") == 2
 
 
 class IgnoresStop(SyntheticAnalyzer):

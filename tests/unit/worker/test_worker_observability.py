@@ -9,7 +9,7 @@ import logging
 import urllib.request
 
 from analysis_worker.config import HostPort
-from analysis_worker.logs import JobLog, JsonFormatter, TextFormatter
+from analysis_worker.logs import JobLog, TextFormatter, json_formatter
 from analysis_worker.metrics import WorkerMetrics, serve_metrics
 
 
@@ -25,7 +25,7 @@ def capture(formatter: logging.Formatter) -> tuple[logging.Logger, io.StringIO]:
 
 
 def test_job_lines_are_one_json_object_with_job_and_worker_ids() -> None:
-    logger, stream = capture(JsonFormatter())
+    logger, stream = capture(json_formatter())
     log = JobLog(logger, job_id="job-1", worker_id="w-1")
     log.info("deep pass done", extra={"seconds": 1.5})
     try:
@@ -33,7 +33,7 @@ def test_job_lines_are_one_json_object_with_job_and_worker_ids() -> None:
     except RuntimeError:
         log.exception("crashed")
     first, second = (json.loads(line) for line in stream.getvalue().splitlines())
-    assert first["event"] == "deep pass done"
+    assert first["msg"] == "deep pass done"
     assert (first["job_id"], first["worker_id"], first["seconds"]) == ("job-1", "w-1", 1.5)
     assert first["level"] == "INFO" and "ts" in first
     assert second["job_id"] == "job-1" and "RuntimeError: boom" in second["exc"]

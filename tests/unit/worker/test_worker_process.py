@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -92,9 +93,9 @@ async def test_runs_a_real_video_to_completion_and_exits_0_on_sigterm(
     assert await exit_code(proc) == 0
     lines = json_lines(proc)
     job_lines = [line for line in lines if line.get("job_id") == lease.job.job_id]
-    assert {"lease started", "job completed"} <= {str(line["event"]) for line in job_lines}
+    assert {"lease started", "job completed"} <= {str(line["msg"]) for line in job_lines}
     assert all(line["worker_id"] == "proc-worker" for line in job_lines)
-    assert any(line["event"] == "worker stopped" for line in lines)
+    assert any(line["msg"] == "worker stopped" for line in lines)
 
 
 async def test_sigterm_mid_analysis_releases_the_lease_and_exits_0(
@@ -110,15 +111,34 @@ async def test_sigterm_mid_analysis_releases_the_lease_and_exits_0(
         "the deep pass",
         within=60,
     )
-    (quick_done, deep_running) = fake.requests("ReportProgress")[:2]
-    assert quick_done.status == jobs_pb2.JOB_STATUS_QUICK_DONE
-    assert deep_running.status == jobs_pb2.JOB_STATUS_DEEP_RUNNING
+    entered_deep = fake.requests("ReportProgress")[0]
+    assert entered_deep.status == jobs_pb2.JOB_STATUS_DEEP_RUNNING
+    assert entered_deep.HasField("result")  # the quick pass, recorded in the same call
 
     proc.proc.send_signal(signal.SIGTERM)
     assert await exit_code(proc) == 0
     assert [r.job_id for r in fake.requests("ReleaseJob")] == [lease.job.job_id]
     assert fake.requests("CompleteJob") == [] and fake.requests("FailJob") == []
     assert list(harness.work_dir.iterdir()) == []
+
+
+async def test_sigterm_during_a_long_poll_cancels_the_claim_and_exits_promptly(
+    harness: Harness, moto_s3: MotoS3, tmp_path: Path, processes: list[ServiceProcess]
+) -> None:
+    fake = harness.fake
+    env = worker_env(harness, moto_s3, CLAIM_WAIT_SECONDS="30", SHUTDOWN_GRACE_SECONDS="30")
+    proc = spawn("analysis_worker", env, tmp_path / "worker.log")
+    processes.append(proc)
+    await fake.wait_for(lambda: fake.requests("ClaimJob"), "a long poll", within=60)
+
+    asked = time.monotonic()
+    proc.proc.send_signal(signal.SIGTERM)
+    assert await exit_code(proc, within=15) == 0
+    # Well inside the 30 s long poll (and the 30 s grace): the claim was cancelled, not
+    # waited out, and the service saw its caller go.
+    assert time.monotonic() - asked < 10
+    await fake.wait_for(lambda: fake.cancelled_claims == 1, "the cancelled claim", within=5)
+    assert len(fake.requests("ClaimJob")) == 1
 
 
 def test_bad_configuration_exits_2_naming_the_variable() -> None:

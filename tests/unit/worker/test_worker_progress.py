@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from analysis_worker.progress import ProgressReporter, ProgressThrottle
+from analysis_worker.progress import ProgressSender, ProgressThrottle
 
 
 class Clock:
@@ -42,7 +42,7 @@ async def test_throttle_maps_fractions_and_sends_only_meaningful_steps() -> None
     assert sent == [15, 17, 99]
 
 
-async def test_reporter_sends_the_latest_value_one_call_at_a_time() -> None:
+async def test_sender_sends_the_latest_value_one_call_at_a_time() -> None:
     sent: list[int] = []
     in_flight = 0
     first_call_may_finish = asyncio.Event()
@@ -61,13 +61,13 @@ async def test_reporter_sends_the_latest_value_one_call_at_a_time() -> None:
         if len(sent) == 2:
             second_call_done.set()
 
-    reporter = ProgressReporter(send)
-    reporter.start()
-    reporter.offer(20)
+    sender = ProgressSender(send)
+    sender.start()
+    sender.offer(20)
     await first_call_started.wait()
     for pct in (30, 40, 50):  # arrive while the first call is still in flight
-        reporter.offer(pct)
+        sender.offer(pct)
     first_call_may_finish.set()
     await asyncio.wait_for(second_call_done.wait(), 5)
-    await reporter.close()
+    await sender.close()
     assert sent == [20, 50]

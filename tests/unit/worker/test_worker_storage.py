@@ -13,7 +13,7 @@ from botocore.config import Config as BotoConfig
 from jobs.v1 import jobs_pb2
 
 from analysis_worker.storage import Storage, StorageError
-from localinfra.ports import free_port
+from localinfra.netports import free_port
 
 from .conftest import BUCKET, Harness
 

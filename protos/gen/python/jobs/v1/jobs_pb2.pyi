@@ -1479,3 +1479,80 @@ class CancelJobResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelJobResponse: _TypeAlias = CancelJobResponse  # noqa: Y015
+
+@_typing.final
+class PurgeJobsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OLDER_THAN_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    DELETE_RESULTS_FIELD_NUMBER: _builtins.int
+    MAX_JOBS_FIELD_NUMBER: _builtins.int
+    dry_run: _builtins.bool
+    """Count what would be deleted; change nothing."""
+    delete_results: _builtins.bool
+    """Also delete each job's objects under s3://<bucket>/<results prefix><job_id>/."""
+    max_jobs: _builtins.int
+    """Jobs this call deletes at most: 1..100000; 0 means 10000. Call again while `more`."""
+    @_builtins.property
+    def older_than(self) -> _duration_pb2.Duration:
+        """At least 1 hour. Unset: the service's JOB_SERVICE_RETENTION_SECONDS (refused when that is
+        0, i.e. retention is off).
+        """
+
+    def __init__(
+        self,
+        *,
+        older_than: _duration_pb2.Duration | None = ...,
+        dry_run: _builtins.bool = ...,
+        delete_results: _builtins.bool = ...,
+        max_jobs: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["older_than", b"older_than"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delete_results", b"delete_results", "dry_run", b"dry_run", "max_jobs", b"max_jobs", "older_than", b"older_than"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PurgeJobsRequest: _TypeAlias = PurgeJobsRequest  # noqa: Y015
+
+@_typing.final
+class PurgeJobsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOBS_FIELD_NUMBER: _builtins.int
+    ERROR_ROWS_FIELD_NUMBER: _builtins.int
+    RESULT_OBJECTS_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
+    BATCHES_FIELD_NUMBER: _builtins.int
+    OLDER_THAN_FIELD_NUMBER: _builtins.int
+    jobs: _builtins.int
+    """Jobs deleted (with dry_run: that would be)."""
+    error_rows: _builtins.int
+    result_objects: _builtins.int
+    """S3 objects deleted (with dry_run: that would be); 0 without delete_results."""
+    more: _builtins.bool
+    """The call stopped at max_jobs and more jobs may be left: call again."""
+    batches: _builtins.int
+    """Delete transactions used, each at most JOB_SERVICE_RETENTION_BATCH jobs (0 for a dry run)."""
+    @_builtins.property
+    def older_than(self) -> _duration_pb2.Duration:
+        """The age applied."""
+
+    def __init__(
+        self,
+        *,
+        jobs: _builtins.int = ...,
+        error_rows: _builtins.int = ...,
+        result_objects: _builtins.int = ...,
+        more: _builtins.bool = ...,
+        batches: _builtins.int = ...,
+        older_than: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["older_than", b"older_than"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "error_rows", b"error_rows", "jobs", b"jobs", "more", b"more", "older_than", b"older_than", "result_objects", b"result_objects"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PurgeJobsResponse: _TypeAlias = PurgeJobsResponse  # noqa: Y015

@@ -668,6 +668,11 @@ class AdminServiceStub:
                 request_serializer=jobs_dot_v1_dot_jobs__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=jobs_dot_v1_dot_jobs__pb2.CancelJobResponse.FromString,
                 _registered_method=True)
+        self.PurgeJobs = channel.unary_unary(
+                '/jobs.v1.AdminService/PurgeJobs',
+                request_serializer=jobs_dot_v1_dot_jobs__pb2.PurgeJobsRequest.SerializeToString,
+                response_deserializer=jobs_dot_v1_dot_jobs__pb2.PurgeJobsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -705,6 +710,15 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PurgeJobs(self, request, context):
+        """Retention on demand: deletes finished jobs (DONE, FAILED) whose last change is older than
+        `older_than`, with their error history, in small batches that never block the lease path;
+        with delete_results also their results in S3. Active jobs are never deleted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -727,6 +741,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=jobs_dot_v1_dot_jobs__pb2.CancelJobRequest.FromString,
                     response_serializer=jobs_dot_v1_dot_jobs__pb2.CancelJobResponse.SerializeToString,
+            ),
+            'PurgeJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.PurgeJobs,
+                    request_deserializer=jobs_dot_v1_dot_jobs__pb2.PurgeJobsRequest.FromString,
+                    response_serializer=jobs_dot_v1_dot_jobs__pb2.PurgeJobsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -840,6 +859,33 @@ class AdminService:
             '/jobs.v1.AdminService/CancelJob',
             jobs_dot_v1_dot_jobs__pb2.CancelJobRequest.SerializeToString,
             jobs_dot_v1_dot_jobs__pb2.CancelJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PurgeJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobs.v1.AdminService/PurgeJobs',
+            jobs_dot_v1_dot_jobs__pb2.PurgeJobsRequest.SerializeToString,
+            jobs_dot_v1_dot_jobs__pb2.PurgeJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -257,6 +257,11 @@ class AdminServiceStub:
     """
     CancelJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.CancelJobRequest, _jobs_pb2.CancelJobResponse]
     """Fails a job that has not finished with code CANCELLED; a running one is told to stop."""
+    PurgeJobs: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.PurgeJobsRequest, _jobs_pb2.PurgeJobsResponse]
+    """Retention on demand: deletes finished jobs (DONE, FAILED) whose last change is older than
+    `older_than`, with their error history, in small batches that never block the lease path;
+    with delete_results also their results in S3. Active jobs are never deleted.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -275,6 +280,11 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """
     CancelJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.CancelJobRequest, _jobs_pb2.CancelJobResponse]  # type: ignore[assignment]
     """Fails a job that has not finished with code CANCELLED; a running one is told to stop."""
+    PurgeJobs: _aio.UnaryUnaryMultiCallable[_jobs_pb2.PurgeJobsRequest, _jobs_pb2.PurgeJobsResponse]  # type: ignore[assignment]
+    """Retention on demand: deletes finished jobs (DONE, FAILED) whose last change is older than
+    `older_than`, with their error history, in small batches that never block the lease path;
+    with delete_results also their results in S3. Active jobs are never deleted.
+    """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------------------------------------
@@ -314,5 +324,16 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_jobs_pb2.CancelJobResponse, _abc.Awaitable[_jobs_pb2.CancelJobResponse]]:
         """Fails a job that has not finished with code CANCELLED; a running one is told to stop."""
+
+    @_abc_1.abstractmethod
+    def PurgeJobs(
+        self,
+        request: _jobs_pb2.PurgeJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.PurgeJobsResponse, _abc.Awaitable[_jobs_pb2.PurgeJobsResponse]]:
+        """Retention on demand: deletes finished jobs (DONE, FAILED) whose last change is older than
+        `older_than`, with their error history, in small batches that never block the lease path;
+        with delete_results also their results in S3. Active jobs are never deleted.
+        """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

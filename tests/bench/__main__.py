@@ -1,0 +1,585 @@
+"""`make bench` (`python -m tests.bench`): the lease path's figures beside same-run baselines.
+
+One bounded run on a durable Postgres cluster of its own (fsync and synchronous_commit on), with
+moto for S3 and real `python -m job_service` processes driven only through the gRPC API. Every
+line stands beside its baselines measured in the same run, and beside the target from issue 11,
+so machine noise cancels in the ratios. `--quick` runs every line at toy sizes (and the fleet on
+a compressed time scale) so `make test` proves the bench still works; its figures mean nothing.
+
+Writes the table to stdout and to .bench/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.bench import pgq, service, sql
+from tests.bench.infra import BenchInfra, machine
+from tests.bench.report import KEYS, Line, p50, pct, rate, render
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    seconds: float  # per throughput measurement
+    echo_seconds: float
+    raw_seed: int
+    svc_seed: int
+    pgq_jobs_1: int
+    pgq_jobs_n: int
+    pgq_processes: int
+    wake_rounds: int
+    parked: tuple[int, int]
+    parked_wait: float
+    history: tuple[int, int]
+    history_rounds: int
+    fleet_steps: tuple[int, ...]
+    fleet_heartbeat: float
+    fleet_job: float
+    fleet_ramp: float
+    fleet_window: float
+    uploads: int
+
+
+FULL = Sizes(
+    seconds=6.0,
+    echo_seconds=4.0,
+    raw_seed=40_000,
+    svc_seed=20_000,
+    pgq_jobs_1=15_000,
+    pgq_jobs_n=25_000,
+    pgq_processes=4,
+    wake_rounds=100,
+    parked=(100, 1000),
+    parked_wait=10.0,
+    history=(10_000, 1_000_000),
+    history_rounds=200,
+    fleet_steps=(500, 1000, 2000, 5000, 10_000),
+    fleet_heartbeat=10.0,
+    fleet_job=30.0,
+    fleet_ramp=10.0,
+    fleet_window=30.0,
+    uploads=400,
+)
+QUICK = Sizes(
+    seconds=0.5,
+    echo_seconds=0.5,
+    raw_seed=2000,
+    svc_seed=500,
+    pgq_jobs_1=300,
+    pgq_jobs_n=600,
+    pgq_processes=2,
+    wake_rounds=10,
+    parked=(20, 100),
+    parked_wait=1.0,
+    history=(1_000, 10_000),
+    history_rounds=20,
+    fleet_steps=(20,),
+    fleet_heartbeat=1.0,
+    fleet_job=3.0,
+    fleet_ramp=1.0,
+    fleet_window=3.0,
+    uploads=20,
+)
+CALLERS = 8
+CLAIM_CALLERS = 16
+LEASES_PER_HEARTBEAT = 32
+PARKED_CALLERS = 8
+HB_P99_MS = 100.0
+
+
+def note(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+async def load(kind: str, **args: Any) -> dict[str, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.bench.load",
+        kind,
+        json.dumps(args),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"load process {kind} exited with {proc.returncode}")
+    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return result
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.0%}" if b else "n/a"
+
+
+class Bench:
+    def __init__(self, infra: BenchInfra, sizes: Sizes, quick: bool) -> None:
+        self.infra = infra
+        self.s = sizes
+        self.quick = quick
+        self.lines: dict[str, Line] = {}
+
+    def add(self, line: Line) -> None:
+        self.lines[line.key] = line
+        note(f"{line.what}: {line.figure}  {line.beside}")
+
+    async def run(self) -> None:
+        await self.throughput()
+        await self.idle_and_wake()
+        await self.history()
+        await self.fleet()
+
+    # -- throughput: echo, raw floor, PgQueuer, worker cycle, claims, heartbeats -------------
+
+    async def throughput(self) -> None:
+        s, infra = self.s, self.infra
+        raw_db, svc_db = infra.new_database("raw"), infra.new_database("svc")
+        raw, svc = infra.dsn(raw_db), infra.dsn(svc_db)
+        proc = await infra.start_service(svc_db)
+        address = proc.address
+
+        echo = (
+            await load(
+                "echo", address=address, seconds=s.echo_seconds, concurrency=16, n_channels=4
+            )
+        )["calls_per_s"]
+        self.add(
+            Line(
+                "echo",
+                "gRPC echo ceiling: health Check, 2nd process, 16 in flight",
+                rate(echo, "calls/s"),
+                "transport ceiling",
+            )
+        )
+
+        # Each measurement starts from a settled table (seeded, vacuumed, checkpointed), and
+        # the subject is measured right after its floor, so drift between them stays small.
+        await sql.seed(raw, s.raw_seed, settle=True)
+        floor = await sql.floor(raw, s.seconds, CALLERS, 10, batched_ack=False)
+        self.add(
+            Line(
+                "floor",
+                "raw SQL floor: claim CTE batch 10 + fenced UPDATE per job, asyncpg, 8 conns",
+                rate(floor, "jobs/s"),
+                "database floor",
+            )
+        )
+        one_call_refusal = await service.one_call_refusal(address, svc)
+        cycles: dict[str, float] = {}
+        variants = [("cycle_10", 10, False), ("cycle_1", 1, False)]
+        if one_call_refusal is None:
+            variants += [("cycle_onecall_10", 10, True), ("cycle_onecall_1", 1, True)]
+
+        async def cycle(key: str, batch: int, one_call: bool) -> None:
+            await sql.seed(svc, s.svc_seed, settle=True)
+            cycles[key] = await service.worker_cycle(
+                address, s.seconds, CALLERS, batch, one_call=one_call
+            )
+            note(f"{key}: {cycles[key]:,.0f} jobs/s")
+
+        await cycle(*variants[0])
+
+        await sql.seed(raw, s.raw_seed, settle=True)
+        floor_b = await sql.floor(raw, s.seconds, CALLERS, 10, batched_ack=True)
+        self.add(
+            Line(
+                "floor_batched",
+                "raw SQL, claim batch 10 + one batched ack per claim",
+                rate(floor_b, "jobs/s"),
+                f"{floor_b / floor:.1f}x the floor",
+            )
+        )
+
+        pgq_dsn = infra.dsn("pgqueuer")
+        await pgq.install(pgq_dsn)
+        pgq1 = await pgq.throughput(pgq_dsn, s.pgq_jobs_1, 1)
+        self.add(
+            Line(
+                "pgq_1",
+                "PgQueuer 1.6 claim + ack (its consumer loop), 1 process",
+                rate(pgq1, "jobs/s"),
+                f"{ratio(pgq1, floor)} of the raw floor",
+            )
+        )
+        n = s.pgq_processes
+        pgqn = await pgq.throughput(pgq_dsn, s.pgq_jobs_n, n)
+        self.add(
+            Line(
+                "pgq_n",
+                f"PgQueuer 1.6 claim + ack, {n} processes",
+                rate(pgqn, "jobs/s"),
+                f"{ratio(pgqn, floor)} of the raw floor",
+            )
+        )
+        for variant in variants[1:]:
+            await cycle(*variant)
+
+        for key, batch, oc in (
+            ("cycle_10", 10, False),
+            ("cycle_1", 1, False),
+            ("cycle_onecall_10", 10, True),
+            ("cycle_onecall_1", 1, True),
+        ):
+            label = (
+                "worker cycle: ClaimJob max_jobs={b}, ReportProgress(DEEP_RUNNING, result), "
+                "CompleteJob"
+                if oc
+                else "worker cycle: ClaimJob max_jobs={b}, 2 x ReportProgress, CompleteJob"
+            )
+            what = label.format(b=batch) + f", {CALLERS} callers"
+            target = "≥ 30% of raw floor" if batch == 10 else ""
+            if key not in cycles:
+                self.add(
+                    Line(
+                        key,
+                        what,
+                        "n/a",
+                        f"this service refuses the one-call report ({one_call_refusal})",
+                        target,
+                        None,
+                    )
+                )
+                continue
+            jobs = cycles[key]
+            beside = (
+                f"{ratio(jobs, floor)} of raw floor; {jobs / pgq1:.2f}x PgQueuer 1p, "
+                f"{jobs / pgqn:.2f}x PgQueuer {n}p"
+            )
+            met = jobs / floor >= 0.30 if batch == 10 else None
+            self.add(Line(key, what, rate(jobs, "jobs/s"), beside, target, met))
+
+        await sql.seed(raw, s.raw_seed, settle=True)
+        raw_claims = await sql.claim_one(raw, s.seconds, CLAIM_CALLERS)
+        self.add(
+            Line(
+                "raw_claim_one",
+                "raw claim-one (claim CTE LIMIT 1), 16 conns",
+                rate(raw_claims, "claims/s"),
+                "database floor",
+            )
+        )
+        await sql.seed(svc, s.svc_seed, settle=True)
+        claims = await service.claim_one(address, s.seconds, CLAIM_CALLERS)
+        self.add(
+            Line(
+                "claim_one",
+                "ClaimJob max_jobs=1, 16 callers",
+                rate(claims, "claims/s"),
+                f"{ratio(claims, raw_claims)} of raw claim-one",
+                "≥ 50% of raw claim-one",
+                claims / raw_claims >= 0.5,
+            )
+        )
+
+        await sql.seed(raw, CALLERS * LEASES_PER_HEARTBEAT, settle=True)
+        raw_renew = await sql.renew(raw, s.seconds, CALLERS, LEASES_PER_HEARTBEAT)
+        self.add(
+            Line(
+                "raw_renew",
+                "raw batched renew, 32 leases per UPDATE, 8 conns",
+                rate(raw_renew, "renewals/s"),
+                "database floor",
+            )
+        )
+        await sql.seed(svc, CALLERS * LEASES_PER_HEARTBEAT, settle=True)
+        renew = await service.heartbeat(address, s.seconds, CALLERS, LEASES_PER_HEARTBEAT)
+        self.add(
+            Line(
+                "heartbeat",
+                "Heartbeat, 32 leases per call, 8 callers",
+                rate(renew, "renewals/s"),
+                f"{ratio(renew, raw_renew)} of raw renew",
+            )
+        )
+        infra.retire(proc, svc_db)
+        infra.drop_database(raw_db)
+
+    # -- an idle queue: parked calls' database load, wake-up latency, uploads ----------------
+
+    async def idle_and_wake(self) -> None:
+        s, infra = self.s, self.infra
+        db = infra.new_database("idle")
+        proc = await infra.start_service(db)
+        address = proc.address
+
+        async def statements() -> tuple[int, int]:
+            return await infra.statements(db)
+
+        for key, parked in zip(("parked_small", "parked_large"), s.parked, strict=True):
+            qps, non_tx, failed = await service.parked_queries(
+                statements, address, parked, s.parked_wait
+            )
+            large = key == "parked_large"
+            beside = f"{non_tx:.1f}/s without BEGIN/COMMIT; {s.parked_wait:.0f} s long-poll wait"
+            if failed:
+                beside += f"; calls failed: {failed}"
+            self.add(
+                Line(
+                    key,
+                    f"database queries/s, {parked:,} parked ClaimJob calls, idle queue",
+                    f"{qps:.1f} queries/s",
+                    beside,
+                    "≤ 2 queries/s" if large else "",
+                    (qps <= 2.0 and not failed) if large else None,
+                )
+            )
+
+        pgq_lat = await pgq.commit_to_start(infra.dsn("pgqueuer"), s.wake_rounds)
+        self.add(
+            Line(
+                "pgq_wake",
+                "PgQueuer commit -> entrypoint start (1 process)",
+                f"p50 {p50(pgq_lat):.1f} / p99 {pct(pgq_lat, 0.99):.1f} ms",
+                "baseline",
+            )
+        )
+        wake = await service.wake_up(address, infra.dsn(db), PARKED_CALLERS, s.wake_rounds)
+        w50, q50 = p50(wake), p50(pgq_lat)
+        self.add(
+            Line(
+                "wake",
+                f"wake-up: commit (enqueue) -> lease received, {PARKED_CALLERS} parked callers",
+                f"p50 {w50:.1f} / p99 {pct(wake, 0.99):.1f} ms",
+                f"{w50 / q50:.1f}x PgQueuer commit->start p50",
+                "p50 ≤ 3 ms and ≤ 2x PgQueuer",
+                w50 <= 3.0 and w50 <= 2 * q50,
+            )
+        )
+
+        uploads = await service.prepare_uploads(address, s.uploads, CALLERS)
+        heads = await service.head_objects(
+            infra.s3.endpoint_url,
+            infra.s3.access_key,
+            infra.s3.secret_key,
+            "videos",
+            [key for _, key in uploads],
+            CALLERS,
+        )
+        self.add(
+            Line(
+                "head_object",
+                "raw HeadObject on moto (aioboto3), 8 in flight",
+                rate(heads, "calls/s"),
+                "S3 floor",
+            )
+        )
+        completes = await service.complete_uploads(address, uploads, CALLERS)
+        self.add(
+            Line(
+                "complete_upload",
+                "CompleteUpload (preflight + queue), 8 callers",
+                rate(completes, "calls/s"),
+                f"{ratio(completes, heads)} of raw HeadObject",
+            )
+        )
+        infra.retire(proc, db)
+
+    # -- history ------------------------------------------------------------------------------
+
+    async def history(self) -> None:
+        s, infra = self.s, self.infra
+        db = infra.new_database("history")
+        dsn = infra.dsn(db)
+        proc = await infra.start_service(db)
+        small, large = s.history
+        results = {}
+        have = 0
+        for key, size in (("history_small", small), ("history_large", large)):
+            note(f"inserting {size - have:,} finished jobs")
+            await sql.seed(dsn, size - have, status="done")
+            have = size
+            await sql.vacuum_analyze(dsn)
+            ours = await service.claim_latency(proc.address, dsn, s.history_rounds)
+            await sql.finish_leased(dsn)
+            raw = await sql.claim_latency(dsn, s.history_rounds)
+            await sql.finish_leased(dsn)
+            results[key] = p50(ours)
+            beside = f"raw claim statement p50 {p50(raw):.2f} ms"
+            if key == "history_large":
+                grow = results["history_large"] / results["history_small"]
+                beside += f"; {grow:.2f}x the latency at {small:,}"
+                self.add(
+                    Line(
+                        key,
+                        f"ClaimJob latency, {size:,} finished rows",
+                        f"p50 {p50(ours):.2f} / p99 {pct(ours, 0.99):.2f} ms",
+                        beside,
+                        f"≤ 1.2x at {small:,}",
+                        grow <= 1.2,
+                    )
+                )
+            else:
+                self.add(
+                    Line(
+                        key,
+                        f"ClaimJob latency, {size:,} finished rows",
+                        f"p50 {p50(ours):.2f} / p99 {pct(ours, 0.99):.2f} ms",
+                        beside,
+                    )
+                )
+        infra.retire(proc, db)
+
+    # -- fleet capacity -------------------------------------------------------------------------
+
+    async def fleet(self) -> None:
+        s, infra = self.s, self.infra
+        best = 0
+        scale = (
+            f"Heartbeat every {s.fleet_heartbeat:.0f} s, {s.fleet_job:.0f} s jobs with 4 lease "
+            f"RPCs each, {s.fleet_window:.0f} s window per step"
+        )
+        scale = ("time compressed 10x (quick): " if self.quick else "real time: ") + scale
+        for size in s.fleet_steps:
+            await infra.finish_retiring()  # nothing else runs while a fleet step is measured
+            db = infra.new_database("fleet")
+            await sql.seed(infra.dsn(db), 2 * size + 100)
+            proc = await infra.start_service(db)
+            n_proc = 1 if size <= 1000 else 2
+            share = [size // n_proc + (1 if i < size % n_proc else 0) for i in range(n_proc)]
+            outs = await asyncio.gather(
+                *(
+                    load(
+                        "fleet",
+                        address=proc.address,
+                        workers=k,
+                        n_channels=max(1, k // 25),
+                        heartbeat_s=s.fleet_heartbeat,
+                        job_s=s.fleet_job,
+                        ramp_s=s.fleet_ramp,
+                        window_s=s.fleet_window,
+                        offset=i * size,
+                    )
+                    for i, k in enumerate(share)
+                )
+            )
+            infra.retire(proc, db)
+            lat: dict[str, list[float]] = {}
+            for out in outs:
+                for name, values in out["latencies"].items():
+                    lat.setdefault(name, []).extend(values)
+            lost = sum(o["lost"] + o["abandoned"] for o in outs)
+            errors: dict[str, int] = {}
+            for o in outs:
+                for k, v in o["errors"].items():
+                    errors[k] = errors.get(k, 0) + v
+            hb = lat["Heartbeat"]
+            fenced = lat["ReportProgress"] + lat["CompleteJob"]
+            served = sum(len(v) for v in lat.values()) / s.fleet_window
+            ok = bool(hb) and pct(hb, 0.99) < HB_P99_MS and lost == 0
+            self.add(
+                Line(
+                    f"fleet_step_{size}",
+                    f"fleet step: {size:,} simulated workers, {n_proc} load process(es)",
+                    f"Heartbeat p50 {p50(hb):.0f} / p99 {pct(hb, 0.99):.0f} ms",
+                    f"p99 ClaimJob {pct(lat['ClaimJob'], 0.99):.0f} ms, ReportProgress/CompleteJob"
+                    f" {pct(fenced, 0.99):.0f} ms; {served:,.0f} RPC/s served; {lost} leases lost"
+                    + (f"; failed attempts {errors}" if errors else ""),
+                    "HB p99 < 100 ms, none lost",
+                    ok,
+                )
+            )
+            if not ok:
+                break
+            best = size
+        top = s.fleet_steps[-1]
+        figure = f"{best:,} workers" + (" (largest step tried)" if best == top else "")
+        self.add(
+            Line(
+                "fleet",
+                "fleet capacity: Heartbeat p99 < 100 ms, no lease lost",
+                figure,
+                f"one service instance; {scale}",
+                "≥ 5,000 workers",
+                best >= 5000,
+            )
+        )
+
+
+def git_rev() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+async def amain(args: argparse.Namespace) -> int:
+    sizes = QUICK if args.quick else FULL
+    if args.fleet_steps:
+        sizes = dataclasses.replace(
+            sizes, fleet_steps=tuple(int(x) for x in args.fleet_steps.split(","))
+        )
+    env = dict(kv.split("=", 1) for kv in args.service_env)
+    infra = BenchInfra(args.processes, env)
+    started = time.perf_counter()
+    try:
+        await infra.start()
+        bench = Bench(infra, sizes, args.quick)
+        await bench.run()
+    finally:
+        await infra.finish_retiring()
+        infra.close()
+    took = time.perf_counter() - started
+    header = [
+        f"# make bench{' --quick (toy sizes: figures mean nothing)' if args.quick else ''}",
+        "",
+        f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, commit {git_rev()}, "
+        f"{machine()}, Postgres fsync=on synchronous_commit=on, "
+        f"service processes: {args.processes or 'service default'}, took {took:.0f} s",
+    ]
+    missing = [k for k in KEYS if k not in bench.lines]
+    ordered = []
+    for key in KEYS:
+        if key == "fleet":
+            ordered += [x for k, x in bench.lines.items() if k.startswith("fleet_step_")]
+        if key in bench.lines:
+            ordered.append(bench.lines[key])
+    table = render(ordered, header)
+    print(table)
+    out_dir = Path(args.out) if args.out else ROOT / ".bench"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = "results-quick" if args.quick else "results"
+    (out_dir / f"{name}.md").write_text(table + "\n")
+    (out_dir / f"{name}.json").write_text(
+        json.dumps([dataclasses.asdict(x) for x in ordered], indent=1) + "\n"
+    )
+    if missing:
+        print(f"missing lines: {missing}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="toy sizes, for make test")
+    parser.add_argument("--processes", type=int, help="JOB_SERVICE_PROCESSES for the service")
+    parser.add_argument("--out", help="directory for results.md/.json (default .bench/)")
+    parser.add_argument("--fleet-steps", help="comma-separated fleet sizes to try, in order")
+    parser.add_argument(
+        "--service-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra JOB_SERVICE_* variable for every service process",
+    )
+    return asyncio.run(amain(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

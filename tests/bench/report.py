@@ -1,0 +1,78 @@
+"""The bench's table: every line beside its same-run baselines and the issue's target."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from collections.abc import Sequence
+
+
+@dataclasses.dataclass
+class Line:
+    key: str  # stable id: the quick test checks that every key is printed
+    what: str
+    figure: str
+    beside: str = ""
+    target: str = ""
+    met: bool | None = None  # None: no target on this line
+
+    @property
+    def verdict(self) -> str:
+        if self.met is None:
+            return ""
+        return "met" if self.met else "NOT MET"
+
+
+def pct(samples: Sequence[float], q: float) -> float:
+    if not samples:
+        return float("nan")
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def p50(samples: Sequence[float]) -> float:
+    return statistics.median(samples) if samples else float("nan")
+
+
+def rate(value: float, unit: str) -> str:
+    return f"{value:,.0f} {unit}"
+
+
+def render(lines: Sequence[Line], header: Sequence[str]) -> str:
+    cols = ("what", "figure", "beside it (same run)", "target", "")
+    rows = [(x.what, x.figure, x.beside, x.target, x.verdict) for x in lines]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+
+    def fmt(r: Sequence[str]) -> str:
+        return "| " + " | ".join(v.ljust(widths[i]) for i, v in enumerate(r)) + " |"
+
+    out = [*header, "", fmt(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [fmt(r) for r in rows]
+    return "\n".join(out)
+
+
+#: Every line the full bench prints (and the quick one too), in order.
+KEYS = (
+    "echo",
+    "floor",
+    "floor_batched",
+    "pgq_1",
+    "pgq_n",
+    "cycle_10",
+    "cycle_1",
+    "cycle_onecall_10",
+    "cycle_onecall_1",
+    "raw_claim_one",
+    "claim_one",
+    "raw_renew",
+    "heartbeat",
+    "pgq_wake",
+    "wake",
+    "parked_small",
+    "parked_large",
+    "history_small",
+    "history_large",
+    "fleet",
+    "head_object",
+    "complete_upload",
+)

@@ -1,0 +1,51 @@
+"""The domain's stored error codes and terminal statuses against the wire contract, both ways."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from jobs.v1 import jobs_pb2 as pb
+
+from job_service.domain import codes
+from job_service.domain.status import TERMINAL, TRANSITIONS, JobStatus
+from job_service.rpc.convert import status_to_pb
+from tests.support import wire
+
+
+def test_every_proto_error_code_is_a_domain_code_and_back() -> None:
+    missing_here = wire.ERROR_CODES - codes.ALL
+    missing_in_proto = codes.ALL - wire.ERROR_CODES
+    assert not missing_here, f"add to job_service/domain/codes.py: {sorted(missing_here)}"
+    assert not missing_in_proto, f"add ERROR_CODE_<name> to jobs.proto: {sorted(missing_in_proto)}"
+
+
+def test_each_constant_is_named_after_its_value() -> None:
+    constants = {name: value for name, value in vars(codes).items() if isinstance(value, str)}
+    constants = {k: v for k, v in constants.items() if k.isupper()}
+    assert constants and all(name == value for name, value in constants.items())
+    assert codes.UPLOAD_ERROR_CODES <= codes.ALL
+
+
+def test_error_code_names_a_proto_value() -> None:
+    assert wire.error_code(pb.ERROR_CODE_CANCELLED) == codes.CANCELLED
+    assert wire.error_code(pb.ERROR_CODE_UPLOAD_EXPIRED) == codes.UPLOAD_EXPIRED
+    with pytest.raises(ValueError):
+        wire.error_code(pb.ERROR_CODE_UNSPECIFIED)
+    with pytest.raises(ValueError):
+        wire.error_code(9999)  # type: ignore[arg-type]
+
+
+def test_the_terminal_statuses_are_one_set_on_both_sides() -> None:
+    assert {status_to_pb(s) for s in TERMINAL} == wire.TERMINAL_STATUSES
+    # Terminal means: no edge out but the operator's redrive (failed -> queued).
+    assert {s for s in JobStatus if TRANSITIONS[s] <= {JobStatus.queued}} == TERMINAL
+
+
+def test_durations_from_seconds_or_a_timedelta() -> None:
+    assert wire.duration(1.5).ToTimedelta() == timedelta(seconds=1.5)
+    assert wire.duration(0).ToNanoseconds() == 0
+    assert wire.duration(timedelta(days=2, microseconds=7)).ToTimedelta() == timedelta(
+        days=2, microseconds=7
+    )
+    assert (wire.duration(2.25).seconds, wire.duration(2.25).nanos) == (2, 250_000_000)
