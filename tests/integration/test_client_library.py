@@ -23,10 +23,10 @@ from jobs_client import (
     SyncJobsClient,
     error_code_name,
 )
-from localinfra.ports import free_port
-from tests.conftest import settings_for, stubs_for
+from localinfra.netports import free_port
 from tests.support.flows import VIDEO, claim, initiate, queued_job
 from tests.support.procs import ROOT
+from tests.support.service import settings_for, stubs_for
 
 README = (ROOT / "README.md").read_text()
 

@@ -15,8 +15,8 @@ from sqlalchemy import text
 
 from job_service.app import JobServiceApp
 from jobs_client import JobsClient, _transfer
-from tests.conftest import settings_for, stubs_for
 from tests.support.flows import VIDEO, claim, complete, get_job, initiate, put_object
+from tests.support.service import settings_for, stubs_for
 
 
 async def backdate(

@@ -14,7 +14,6 @@ from jobs.v1 import jobs_pb2 as pb
 from sqlalchemy import text
 
 from job_service.app import JobServiceApp
-from tests.conftest import settings_for, stubs_for
 from tests.support.flows import (
     VIDEO,
     claim,
@@ -25,6 +24,7 @@ from tests.support.flows import (
     put_object,
     queued_job,
 )
+from tests.support.service import settings_for, stubs_for
 
 
 async def test_initiate_creates_job_awaiting_upload(api, settings):

@@ -19,9 +19,9 @@ from jobs.v1 import jobs_pb2 as pb
 
 from job_service.app import JobServiceApp
 from jobs_client import FailedPrecondition, InvalidArgument, JobsClient, _transfer
-from tests.conftest import BUCKET, settings_for, stubs_for
 from tests.support.flows import claim, queued_job
 from tests.support.procs import ROOT
+from tests.support.service import BUCKET, settings_for, stubs_for
 
 MiB = 1024**2
 TiB = 1024**4

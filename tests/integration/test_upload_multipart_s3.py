@@ -22,9 +22,9 @@ from sqlalchemy import text
 from job_service.app import JobServiceApp
 from jobs_client import FailedPrecondition, JobsClient, UploadProgress, _transfer
 from localinfra.s3 import SeaweedS3
-from tests.conftest import BUCKET, settings_for, stubs_for
 from tests.support.flows import claim, complete, error_reason, get_job, initiate
 from tests.support.procs import ROOT
+from tests.support.service import BUCKET, settings_for, stubs_for
 
 MiB = 1024**2
 PART = 5 * MiB
