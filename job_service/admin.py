@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from job_service.config import Settings
 from job_service.domain import codes, errors
+from job_service.domain import multipart as mp
 from job_service.domain.model import Job, JobError, JobId, LeaseOutcome, verify_upload
 from job_service.domain.status import TERMINAL, JobStatus, check_transition
 from job_service.metrics import Metrics
@@ -178,6 +179,11 @@ class Admin:
         ):
             obj = await self._store.head(job.bucket, job.key)
             verdict = verify_upload(job, obj)
+            if verdict is None and obj is not None:  # and the declared SHA-256 (upload helper)
+                async with transaction(self._engine) as conn:
+                    sums = await repo.part_checksums(conn, job_id)
+                signed = [mp.PartInfo(n, 0, "", sums.get(n)) for n in sorted(sums)]
+                verdict = mp.verify_checksum(job, obj, mp.expected_checksum(job, signed))
             if verdict is not None:
                 raise errors.UploadVerificationFailed(
                     "REQUEUE_UPLOAD_NOT_VERIFIED",
@@ -195,7 +201,9 @@ class Admin:
             check_transition(job.status, JobStatus.queued)
             values: dict[str, object] = {}
             if obj is not None:
-                values.update(etag=obj.etag, observed_size=obj.size)
+                values.update(
+                    etag=obj.etag, observed_size=obj.size, checksum_sha256=obj.checksum_sha256
+                )
             # A job that finished its quick pass before failing resumes at the deep pass only
             # through a lease; a requeue starts it over, with the quick results kept visible.
             job = await repo.update_job(

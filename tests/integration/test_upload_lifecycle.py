@@ -297,3 +297,16 @@ async def test_requeue_of_an_upload_changed_job_records_the_new_etag(api, moto_s
     await overwrite_and_report_changed(api, moto_s3, lease, bytes(reversed(VIDEO)))
     resp = await api.admin.RequeueJob(pb.RequeueJobRequest(job_id=job.job_id), timeout=10)
     assert resp.job.status == pb.JOB_STATUS_QUEUED and resp.job.etag != job.etag
+
+
+async def test_requeue_refuses_an_overwritten_checksummed_upload(api, moto_s3):
+    digest = hashlib.sha256(VIDEO).digest()
+    init = await initiate(api, sha256=digest)
+    job = await queued_via_url(api, init)
+    [lease] = await claim(api)
+    await overwrite_and_report_changed(api, moto_s3, lease, bytes(reversed(VIDEO)))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await api.admin.RequeueJob(pb.RequeueJobRequest(job_id=job.job_id), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "SHA-256" in err.value.details()
+    assert (await get_job(api, job.job_id)).error.code == "UPLOAD_CHANGED"  # unchanged
