@@ -234,15 +234,16 @@ async def test_complete_job_is_retried_through_a_partition_until_the_lease_runs_
     """A finished deep pass whose CompleteJob cannot reach the service is retried while the
     lease lives, then dropped by the fence — never turned into a FailJob or a release."""
     fake = harness.fake
-    fake.lease_seconds = 2.0
-    lease = await harness.lease(heartbeat_interval=0.5)
+    # Long enough that a loaded machine still fits several 0.3 s tries after the results upload.
+    fake.lease_seconds = 4.0
+    lease = await harness.lease(heartbeat_interval=1.0)
     fake.offer(lease)
     running = harness.start(gated(harness), address=service_proxy.address, rpc_timeout=0.3)
     await fake.wait_for(lambda: "deep" in passes(harness), "the deep pass")
     service_proxy.set_mode("hang")
     open_gate(harness.gate_dir)  # the pass finishes while the service is unreachable
     with caplog.at_level(logging.WARNING, logger="analysis_worker"):
-        await fake.wait_for(lambda: not running.worker.active_job_ids, "the fence", within=10)
+        await fake.wait_for(lambda: not running.worker.active_job_ids, "the fence", within=15)
     tries = [
         r
         for r in caplog.records
