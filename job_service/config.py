@@ -114,6 +114,10 @@ class Settings(BaseSettings):
     #: UNAVAILABLE instead.
     lease_lock_timeout_seconds: float = 2.0
     lease_statement_timeout_seconds: float = 10.0
+    #: Service processes sharing the gRPC port (SO_REUSEPORT), each a full instance (its own
+    #: pools, LISTEN connection, reaper). With more than one, process k serves metrics on the
+    #: metrics port + k.
+    processes: PositiveInt = 1
 
     @property
     def lease(self) -> timedelta:
