@@ -114,6 +114,17 @@ class Settings(BaseSettings):
     #: UNAVAILABLE instead.
     lease_lock_timeout_seconds: float = 2.0
     lease_statement_timeout_seconds: float = 10.0
+    # Multipart uploads and checksums (upload helper, issue 9). Files above the threshold (or
+    # above 5 GiB) go multipart; the part size is max(multipart_part_bytes, ceil(size/10000),
+    # s3_min_part_bytes). max_upload_bytes may be raised up to S3's 5 TiB object limit.
+    multipart_threshold_bytes: int = 64 * 1024**2
+    multipart_part_bytes: int = 16 * 1024**2
+    #: S3's minimum part size (5 MiB); only test backends (moto) may go lower.
+    s3_min_part_bytes: int = 5 * 1024**2
+    #: Most part numbers one SignUploadParts call signs.
+    max_sign_parts: int = 1000
+    #: Most upload-verification rows one job's error history keeps.
+    max_upload_error_rows: int = 20
     #: Service processes sharing the gRPC port (SO_REUSEPORT), each a full instance (its own
     #: pools, LISTEN connection, reaper). With more than one, process k serves metrics on the
     #: metrics port + k.
