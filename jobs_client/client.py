@@ -439,9 +439,16 @@ class JobsClient:
         (server restart, the service's stream lifetime) is reopened with backoff; it starts
         again with the job as it is now, so a change is never missed."""
         failures = 0
+        reopened = False
         last: tuple[int, int, str] | None = None
         while True:
-            call = self.upload.WatchJob(pb.WatchJobRequest(job_id=job_id), metadata=self._metadata)
+            # A reopened stream waits for the channel to be ready again (grpc reconnects with
+            # its own backoff) instead of failing fast while the service restarts.
+            call = self.upload.WatchJob(
+                pb.WatchJobRequest(job_id=job_id),
+                metadata=self._metadata,
+                wait_for_ready=reopened,
+            )
             try:
                 async for resp in call:
                     failures = 0
@@ -459,6 +466,7 @@ class JobsClient:
                 failures += 1
             finally:
                 call.cancel()
+            reopened = True
             await asyncio.sleep(self.retry.delay(failures + 1))  # backoff before reopening
 
     async def wait_done(self, job_id: str, timeout: float | None = None) -> pb.Job:  # noqa: ASYNC109
