@@ -295,6 +295,30 @@ class JobsClient:
         state.remove(states)
         return job
 
+    async def resume_upload(
+        self,
+        path: str | os.PathLike[str],
+        job_id: str,
+        progress: ProgressCallback | None = None,
+        *,
+        concurrency: int = 4,
+    ) -> pb.Job:
+        """Finish the multipart upload of `job_id` from any machine that has the file: the
+        plan and the parts S3 holds come from ListUploadedParts; parts whose SHA-256 matches
+        the local bytes are skipped. Raises FailedPrecondition (UPLOAD_NOT_MULTIPART for a
+        single-PUT job: use upload_file with the same request_id), InvalidArgument (the file
+        is not the job's size)."""
+        file = Path(path)
+        listed = await self.list_parts(job_id)
+        size = (await asyncio.to_thread(file.stat)).st_size
+        if size != listed.job.size_bytes:
+            raise InvalidArgument(
+                f"{file} has {size} bytes but job {job_id} expects {listed.job.size_bytes}"
+            )
+        if upload_pending(listed.job):
+            await self._send_parts(job_id, file, size, listed.plan, progress, concurrency)
+        return await self.complete(job_id)
+
     async def _transfer(self, what: str, fn: Callable[[], T]) -> T:
         """Run one blocking transfer in a thread, retrying network errors and S3 5xx."""
         for attempt in range(1, self.retry.attempts + 1):
