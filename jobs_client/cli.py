@@ -32,7 +32,7 @@ from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
 from jobs.v1 import jobs_pb2 as pb
 
-from jobs_client.client import RetryPolicy, UploadProgress, guess_content_type
+from jobs_client.client import TERMINAL, RetryPolicy, UploadProgress, guess_content_type
 from jobs_client.errors import InvalidArgument, JobsError
 from jobs_client.sync import SyncJobsClient
 
@@ -41,7 +41,6 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 #: Status codes that mean "the command line is wrong", like an argparse error.
 USAGE_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE})
-TERMINAL = frozenset({pb.JOB_STATUS_DONE, pb.JOB_STATUS_FAILED})
 MAX_PAGE_SIZE = 500
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -29,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from jobs.v1 import jobs_pb2
 
 from jobs_client import JobsError, SyncJobsClient
+from jobs_client.client import TERMINAL
 from localinfra.media import VideoInfo, make_video
 
 RPC_TIMEOUT = 10.0
@@ -39,7 +40,6 @@ BAR_WIDTH = 30
 # Cuts where the picture changes completely (2.0, 2.5, 3.5 s); motion in 1-2 s and 2.5-3.5 s.
 SCENES = [(1.0, "still"), (1.0, "moving"), (0.5, "red"), (1.0, "moving"), (0.5, "blue")]
 SPEED = 10  # pixels per frame: enough change for the analysis to call it activity
-TERMINAL = (jobs_pb2.JOB_STATUS_DONE, jobs_pb2.JOB_STATUS_FAILED)
 
 
 class DemoError(Exception):

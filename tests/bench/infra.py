@@ -81,7 +81,7 @@ class BenchInfra:
         return self.pg.dsn(database)
 
     def sa_url(self, database: str) -> str:
-        return self.pg.dsn(database).replace("postgresql://", "postgresql+asyncpg://", 1)
+        return self.pg.sqlalchemy_url(database)
 
     def new_database(self, label: str) -> str:
         name = f"b_{label}_{uuid.uuid4().hex[:6]}"

@@ -7,12 +7,12 @@ moves (tests/support/procs.py -> localinfra/) only this file changes.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from tests.support.e2e import json_lines
 from tests.support.procs import ServiceProcess, spawn, wait_serving
 
 __all__ = ["ServiceProcess", "json_lines", "message", "start", "wait_logged", "wait_serving"]
@@ -21,17 +21,6 @@ __all__ = ["ServiceProcess", "json_lines", "message", "start", "wait_logged", "w
 def start(module: str, env: Mapping[str, str], log_path: Path) -> ServiceProcess:
     """`python -m module` with `env` on top of ours; output to `log_path`."""
     return spawn(module, env, log_path)
-
-
-def json_lines(proc: ServiceProcess) -> list[dict[str, Any]]:
-    lines = []
-    for line in proc.log().splitlines():
-        if line.startswith("{"):
-            try:
-                lines.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line still being written
-    return lines
 
 
 def message(line: dict[str, Any]) -> str:

@@ -13,11 +13,8 @@ from jobs.v1 import jobs_pb2_grpc
 
 from localinfra.s3 import MotoS3
 from tests.support.analyzers import GATE_DIR_ENV, MAX_GATE_SECONDS_ENV
-from tests.support.e2e import Api, json_lines, wait_logged, watch  # noqa: F401 (see below)
+from tests.support.e2e import Api, wait_logged
 from tests.support.procs import ServiceProcess, spawn
-
-# json_lines and watch are imported above only for test modules that still import them from
-# here; they belong to tests.support.e2e (tests/unit/test_test_imports.py says so).
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ import pytest
 from jobs.v1 import jobs_pb2 as pb
 
 from job_service.app import JobServiceApp
-from tests.conftest import stubs_for
 from tests.support.flows import claim, complete, initiate, put_object, queued_job
+from tests.support.service import claim_count, stubs_for
 
 
 async def test_max_jobs_is_honoured_and_oldest_first(api, moto_s3):
@@ -70,17 +70,9 @@ async def test_long_poll_answers_empty_after_wait(api):
 
 async def test_waiting_calls_do_not_poll_the_database(api, app):
     """Ten parked calls for 2 s: each queries once when it arrives, then waits for a wake-up."""
-    before = app.metrics.claim_seconds._sum.get(), _claim_count(app)
+    before = app.metrics.claim_seconds._sum.get(), claim_count(app)
     await asyncio.gather(*(claim(api, worker_id=f"w-{i}", wait=2.0) for i in range(10)))
-    assert _claim_count(app) - before[1] <= 10 + 2  # one each, plus at most a tick's wake-up
-
-
-def _claim_count(app: JobServiceApp) -> float:
-    for metric in app.metrics.claim_seconds.collect():
-        for sample in metric.samples:
-            if sample.name.endswith("_count"):
-                return sample.value
-    return 0.0
+    assert claim_count(app) - before[1] <= 10 + 2  # one each, plus at most a tick's wake-up
 
 
 async def test_one_notification_wakes_one_waiter(api, moto_s3, app):
@@ -119,7 +111,7 @@ async def test_claim_validation(api, request_fields, field):
 async def test_max_jobs_is_capped_by_the_server(api, moto_s3, database_url):
     for _ in range(4):
         await queued_job(api, moto_s3)
-    from tests.conftest import settings_for
+    from tests.support.service import settings_for
 
     async with JobServiceApp(settings_for(database_url, moto_s3, claim_max_jobs=2)) as capped:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{capped.port}") as ch:

@@ -20,12 +20,12 @@ from pathlib import Path
 import grpc
 import pytest
 from jobs.v1 import jobs_pb2 as pb
-from sqlalchemy import text
 
 from jobs_client import cli
 from localinfra.netports import free_port
 from tests.support.flows import VIDEO, claim, get_job, initiate, queued_job
 from tests.support.procs import ROOT
+from tests.support.service import backdate
 
 # Bigger than one upload block (256 KiB), so the PUT is streamed in several reads.
 BODY = VIDEO + bytes(range(256)) * 1200
@@ -76,17 +76,6 @@ async def run_module(*argv: str, env: dict[str, str] | None = None) -> Result:
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode is not None
     return Result(proc.returncode, out.decode(), err.decode())
-
-
-async def backdate(app, job_id: str, seconds: float) -> None:
-    async with app.engine.begin() as conn:
-        await conn.execute(
-            text(
-                "UPDATE video_analysis_jobs SET created_at = now() - make_interval(secs => :s), "
-                "updated_at = now() - make_interval(secs => :s) WHERE id = :id"
-            ),
-            {"s": seconds, "id": job_id},
-        )
 
 
 def video_file(tmp_path: Path, name: str = "clip.mp4", body: bytes = BODY) -> Path:

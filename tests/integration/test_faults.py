@@ -13,9 +13,9 @@ from jobs.v1 import jobs_pb2 as pb
 from sqlalchemy import text
 
 from job_service.app import JobServiceApp
-from tests.conftest import settings_for, stubs_for
 from tests.support.faults import FaultyProxy
 from tests.support.flows import complete, error_reason, get_job, initiate, put_object
+from tests.support.service import settings_for, stubs_for
 
 
 @pytest.fixture

@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 from jobs.v1 import jobs_pb2 as pb
-from sqlalchemy import text
 
 from tests.support.flows import claim, initiate, new_id, put_object, queued_job
 from tests.support.procs import ROOT
+from tests.support.service import backdate
 
 COOKBOOK = ROOT / "docs" / "grpcurl.md"
 VENV_BIN = Path(sys.executable).parent  # holds the grpcurl the dev extras install
@@ -106,17 +106,6 @@ async def finished(proc: asyncio.subprocess.Process, started: float) -> Run:
 @pytest.fixture
 def grpcurl(app) -> Grpcurl:
     return Grpcurl(app.port)
-
-
-async def backdate(app, job_id: str, seconds: float) -> None:
-    async with app.engine.begin() as conn:
-        await conn.execute(
-            text(
-                "UPDATE video_analysis_jobs SET created_at = now() - make_interval(secs => :s), "
-                "updated_at = now() - make_interval(secs => :s) WHERE id = :id"
-            ),
-            {"s": seconds, "id": job_id},
-        )
 
 
 async def failed_job(api, moto_s3) -> pb.Job:

@@ -15,8 +15,8 @@ from jobs.v1 import jobs_pb2 as pb
 from sqlalchemy import text
 
 from job_service.app import JobServiceApp
-from tests.conftest import Stubs, settings_for, stubs_for
 from tests.support.flows import claim, error_reason, get_job, queued_job
+from tests.support.service import Stubs, settings_for, stubs_for
 
 FAST = dict(
     lease_seconds=1.0,

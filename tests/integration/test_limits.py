@@ -19,8 +19,8 @@ from jobs.v1 import jobs_pb2 as pb
 
 from job_service.app import JobServiceApp
 from job_service.rpc.servicers import WATCH_END_KEY, WATCH_END_MAX_LIFETIME
-from tests.conftest import Stubs, settings_for, stubs_for
 from tests.support.flows import claim, error_reason, get_job, queued_job
+from tests.support.service import Stubs, settings_for, stubs_for
 
 
 @contextlib.asynccontextmanager

@@ -12,8 +12,8 @@ from jobs.v1 import jobs_pb2 as pb
 
 from job_service.app import JobServiceApp
 from job_service.storage import migrate
-from tests.conftest import sa_url, settings_for, stubs_for
 from tests.support.flows import claim, initiate
+from tests.support.service import sa_url, settings_for, stubs_for
 
 
 async def test_jobs_queued_before_awaiting_upload_existed_stay_claimable(pg, fresh_db, moto_s3):

@@ -10,8 +10,8 @@ import grpc
 from jobs.v1 import jobs_pb2 as pb
 
 from job_service.app import JobServiceApp
-from tests.conftest import settings_for, stubs_for
 from tests.support.flows import claim, complete, initiate, put_object, queued_job
+from tests.support.service import settings_for, stubs_for
 
 
 def scrape(port: int) -> str:

@@ -19,8 +19,8 @@ from jobs.v1 import jobs_pb2 as pb
 
 from job_service.app import JobServiceApp
 from localinfra.s3 import SeaweedS3
-from tests.conftest import BUCKET, settings_for, stubs_for
 from tests.support.flows import VIDEO, claim, complete, initiate
+from tests.support.service import BUCKET, settings_for, stubs_for
 
 
 @pytest.fixture(scope="module")

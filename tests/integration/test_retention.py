@@ -17,8 +17,8 @@ from sqlalchemy import text
 
 from job_service.app import JobServiceApp
 from job_service.storage.db import asyncpg_dsn
-from tests.conftest import settings_for, stubs_for
 from tests.support.flows import claim, error_reason, initiate, put_object, queued_job
+from tests.support.service import settings_for, stubs_for
 
 DAY = 86400
 OLD = 10 * DAY
@@ -292,7 +292,7 @@ async def test_revision_0008_builds_a_valid_index_over_history_and_rolls_back(pg
     from alembic import command
 
     from job_service.storage import migrate
-    from tests.conftest import sa_url
+    from tests.support.service import sa_url
 
     name = fresh_db()
     url = sa_url(pg, name)

@@ -14,8 +14,8 @@ from typing import Any
 from jobs.v1 import jobs_pb2 as pb
 from jobs.v1 import jobs_pb2_grpc
 
+from jobs_client.client import TERMINAL
 from tests.support.procs import ServiceProcess
-from tests.support.wire import TERMINAL_STATUSES
 
 
 @dataclasses.dataclass
@@ -54,7 +54,7 @@ def json_lines(proc: ServiceProcess) -> list[dict[str, Any]]:
 async def watch(
     api: Api,
     job_id: str,
-    until: Callable[[pb.Job], bool] = lambda job: job.status in TERMINAL_STATUSES,
+    until: Callable[[pb.Job], bool] = lambda job: job.status in TERMINAL,
     within: float = 60.0,
     seen: list[pb.Job] | None = None,
 ) -> pb.Job:
