@@ -747,14 +747,6 @@ async def refresh_upload_url(conn: AsyncConnection, job_id: uuid.UUID, ttl: time
     )
 
 
-async def set_multipart(
-    conn: AsyncConnection, job_id: uuid.UUID, *, upload_id: str, part_size: int, part_count: int
-) -> Job:
-    return await update_job(
-        conn, job_id, upload_id=upload_id, part_size=part_size, part_count=part_count
-    )
-
-
 async def set_upload_id(conn: AsyncConnection, job_id: uuid.UUID, upload_id: str | None) -> Job:
     """A new multipart upload (after an abort), or None once S3 completed or aborted it."""
     return await update_job(conn, job_id, upload_id=upload_id)
