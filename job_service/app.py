@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from types import TracebackType
 
 import grpc
@@ -140,7 +141,13 @@ class JobServiceApp:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(listener.connected.wait(), 10)
 
-        server = grpc.aio.server(options=SERVER_OPTIONS)
+        options = list(SERVER_OPTIONS)
+        if s.processes > 1:
+            # Several processes share the port on purpose (main.py forks them); the kernel
+            # spreads connections over them.
+            options = [o for o in options if o[0] != "grpc.so_reuseport"]
+            options.append(("grpc.so_reuseport", 1))
+        server = grpc.aio.server(options=options)
         # Not the generated add_*_to_server: one registration for every method, whose
         # deserializer never fails (a malformed request is INVALID_ARGUMENT, not UNKNOWN) and
         # which enforces the concurrency caps.
@@ -203,6 +210,7 @@ class JobServiceApp:
             extra={
                 "grpc_address": f"{s.grpc_address.rpartition(':')[0]}:{self.port}",
                 "metrics_address": s.metrics_address,
+                "pid": os.getpid(),
             },
         )
 

@@ -125,6 +125,10 @@ class Settings(BaseSettings):
     max_sign_parts: int = 1000
     #: Most upload-verification rows one job's error history keeps.
     max_upload_error_rows: int = 20
+    #: Service processes sharing the gRPC port (SO_REUSEPORT), each a full instance (its own
+    #: pools, LISTEN connection, reaper). With more than one, process k serves metrics on the
+    #: metrics port + k.
+    processes: PositiveInt = 1
 
     @property
     def lease(self) -> timedelta:

@@ -172,6 +172,17 @@ upload_parts = Table(
     PrimaryKeyConstraint("job_id", "part_number"),
 )
 
+# Revision 0006 (lease path): jobs some WatchJob stream is watching, per service instance. The
+# change NOTIFY is sent only for these (a NOTIFY serialises commits); rows of an instance that
+# died expire.
+job_watches = Table(
+    "video_analysis_job_watches",
+    metadata,
+    Column("job_id", UUID(as_uuid=True), primary_key=True),
+    Column("instance_id", UUID(as_uuid=True), primary_key=True),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+)
+
 #: NOTIFY channel: a row became claimable (payload: job id), or will at a time (payload
 #: `at:<epoch seconds>`, a backoff). See revisions 0003 and 0006.
 CLAIMABLE_CHANNEL = "video_analysis_jobs_claimable"
