@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
 from jobs.v1 import jobs_pb2 as pb
 
 from job_service.app import JobServiceApp
@@ -24,7 +25,7 @@ from jobs_client import (
     error_code_name,
 )
 from localinfra.netports import free_port
-from tests.support.flows import VIDEO, claim, initiate, queued_job
+from tests.support.flows import VIDEO, initiate, queued_job
 from tests.support.procs import ROOT
 from tests.support.service import settings_for, stubs_for
 
@@ -45,7 +46,9 @@ def test_the_readme_example_is_ten_lines_or_so():
 
 async def finish(api, result: dict[str, object] | None = None, fail: bool = False) -> str:
     """Play the worker: claim the next job and complete (or fail) it."""
-    [lease] = await claim(api, wait=20, timeout=30)
+    # wait_for_ready: in the restart test the service has only just come back.
+    req = pb.ClaimJobRequest(worker_id="w-1", max_jobs=1, wait=duration_pb2.Duration(seconds=20))
+    [lease] = (await api.worker.ClaimJob(req, timeout=30, wait_for_ready=True)).leases
     ref = {"job_id": lease.job.job_id, "lease_token": lease.lease_token}
     if fail:
         req = pb.FailJobRequest(**ref, error_code="INVALID_MEDIA", error_message="not a video")
