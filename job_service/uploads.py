@@ -70,10 +70,12 @@ class Uploads:
         self._settings = settings
         self._metrics = metrics
 
-    async def initiate(self, upload: NewUpload) -> InitiatedUpload:
-        """Create a job in awaiting_upload (never claimable) and presign its PUT.
+    async def initiate(self, upload: NewUpload, owner: str = "") -> InitiatedUpload:
+        """Create a job in awaiting_upload (never claimable) and presign its PUT; the job
+        belongs to `owner` (the caller's subject).
 
-        The same request_id returns the same job. Raises IdempotencyKeyReused when the
+        The same request_id from the same owner returns the same job (request ids are scoped
+        per owner: two owners may use the same one). Raises IdempotencyKeyReused when the
         request_id was used for a different upload, DatabaseUnavailable.
         """
         s = self._settings
@@ -82,7 +84,7 @@ class Uploads:
         async with transaction(self._engine) as conn:
             job = None
             if upload.request_id is not None:
-                job = await repo.get_job_by_request_id(conn, upload.request_id)
+                job = await repo.get_job_by_request_id(conn, upload.request_id, owner)
             if job is None:
                 job_id = JobId(uuid.uuid4())
                 session_id = upload.session_id or SessionId(uuid.uuid4())
@@ -103,11 +105,12 @@ class Uploads:
                         "request_id": upload.request_id,
                         "max_attempts": s.max_attempts,
                         "upload_expires_at": func.now() + ttl,
+                        "owner_subject": owner,  # issue 10
                     },
                 )
                 if job is None:  # a concurrent retry with this request_id inserted first
                     assert upload.request_id is not None
-                    job = await repo.get_job_by_request_id(conn, upload.request_id)
+                    job = await repo.get_job_by_request_id(conn, upload.request_id, owner)
                     assert job is not None
                 else:
                     created = True
@@ -124,17 +127,18 @@ class Uploads:
         url, headers = await self._store.presign_put(job.bucket, job.key, job.content_type, ttl)
         return InitiatedUpload(job, url, headers, job.upload_expires_at)
 
-    async def complete(self, job_id: JobId) -> Job:
+    async def complete(self, job_id: JobId, owner: str | None = None) -> Job:
         """Verify the upload with HeadObject, then queue the job (the design note's table).
 
         awaiting_upload, or failed at verification: verify -> queued (or failed, raising
         UploadVerificationFailed). Already queued, running or done: returned unchanged.
-        Raises JobNotFound, JobNotRetryable (failed during analysis), StorageUnavailable /
+        `owner`: only that subject's job (None: any). Raises JobNotFound (also for another
+        owner's job), JobNotRetryable (failed during analysis), StorageUnavailable /
         StorageAccessDenied (nothing changed), DatabaseUnavailable.
         """
         async with transaction(self._engine) as conn:
             job = await repo.get_job(conn, job_id)
-        if job is None:
+        if job is None or not visible_to(job, owner):
             raise errors.JobNotFound(job_id)
         if job.status in UPLOAD_ACCEPTED:
             return job
@@ -249,7 +253,7 @@ class Uploads:
                 error_code=code,
             )
 
-    async def watch(self, job_id: JobId) -> AsyncIterator[Job]:
+    async def watch(self, job_id: JobId, owner: str | None = None) -> AsyncIterator[Job]:
         """The job now, then after each status or progress change, until it is done or failed.
 
         Woken by the change notification; re-reads at least every `WATCH_REFRESH_SECONDS` in
@@ -261,7 +265,7 @@ class Uploads:
             last: tuple[object, ...] | None = None
             while True:
                 event.clear()
-                job = await self.get(job_id)
+                job = await self.get(job_id, owner)
                 seen = (job.status, job.progress_pct, job.cancel_requested, job.error)
                 if seen != last:
                     last = seen
@@ -273,9 +277,16 @@ class Uploads:
         finally:
             self._changes.unsubscribe(key, event)
 
-    async def get(self, job_id: JobId) -> Job:
+    async def get(self, job_id: JobId, owner: str | None = None) -> Job:
+        """The job; JobNotFound when it does not exist or belongs to another owner."""
         async with transaction(self._engine) as conn:
             job = await repo.get_job(conn, job_id)
-        if job is None:
+        if job is None or not visible_to(job, owner):
             raise errors.JobNotFound(job_id)
         return job
+
+
+def visible_to(job: Job, owner: str | None) -> bool:
+    """Whether a caller scoped to `owner` (None: operators, every job) may see `job`. Another
+    owner's job answers JobNotFound, so its existence does not leak (issue 10)."""
+    return owner is None or job.owner_subject == owner

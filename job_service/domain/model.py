@@ -79,6 +79,9 @@ class Job:
     results_uri: str | None = None
     #: Set while the job's failures in a row are infrastructure trouble (revision 0006).
     infrastructure_failing_since: datetime | None = None
+    #: The subject (token `sub`) that created the job; "" for jobs from before revision 0009 or
+    #: made with authentication off. Only it and operators see the job (issue 10).
+    owner_subject: str = ""
 
     @property
     def stage(self) -> str:

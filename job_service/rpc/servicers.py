@@ -15,6 +15,8 @@ import grpc
 from jobs.v1 import jobs_pb2 as pb
 from jobs.v1 import jobs_pb2_grpc as pb_grpc
 
+from job_service.auth.caller import current as current_caller
+from job_service.auth.caller import owner_scope
 from job_service.config import Settings
 from job_service.domain import errors
 from job_service.domain.model import (
@@ -83,7 +85,8 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
             request_id=request.request_id,
             max_upload_bytes=self._settings.max_upload_bytes,
         )
-        out = await self._uploads.initiate(upload)
+        who = current_caller()
+        out = await self._uploads.initiate(upload, owner=who.subject if who else "")
         resp = pb.InitiateUploadResponse(
             job=convert.job_to_pb(out.job),
             upload_url=out.upload_url,
@@ -98,12 +101,12 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
     async def CompleteUpload(
         self, request: pb.CompleteUploadRequest, context: Ctx
     ) -> pb.CompleteUploadResponse:
-        job = await self._uploads.complete(parse_job_id(request.job_id))
+        job = await self._uploads.complete(parse_job_id(request.job_id), owner=owner_scope())
         return pb.CompleteUploadResponse(job=convert.job_to_pb(job))
 
     @unary
     async def GetJob(self, request: pb.GetJobRequest, context: Ctx) -> pb.GetJobResponse:
-        job = await self._uploads.get(parse_job_id(request.job_id))
+        job = await self._uploads.get(parse_job_id(request.job_id), owner=owner_scope())
         return pb.GetJobResponse(job=convert.job_to_pb(job))
 
     @stream
@@ -115,7 +118,7 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
         job_id = parse_job_id(request.job_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._settings.watch_max_seconds
-        updates = cast(AsyncGenerator[Any, None], self._watch.watch(job_id))
+        updates = cast(AsyncGenerator[Any, None], self._watch.watch(job_id, owner=owner_scope()))
         try:
             while True:
                 remaining = deadline - loop.time()

@@ -6,12 +6,12 @@ from __future__ import annotations
 import uuid
 from datetime import timedelta
 
-import grpc
 from jobs.v1 import jobs_pb2 as pb
 from sqlalchemy import text
 
 from job_service.app import JobServiceApp
 from tests.conftest import settings_for, stubs_for
+from tests.support import auth
 from tests.support.flows import VIDEO, claim, complete, get_job, initiate, put_object
 
 
@@ -35,7 +35,7 @@ async def test_reconciler_queues_verified_uploads_and_expires_abandoned_ones(dat
         database_url, moto_s3, reconcile_after_seconds=60.0, reconcile_interval_seconds=3600.0
     )
     async with JobServiceApp(settings) as app:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        async with auth.channel(f"127.0.0.1:{app.port}") as ch:
             api = stubs_for(ch)
             uploaded = await initiate(api)
             await put_object(moto_s3, uploaded.job.bucket, uploaded.job.key)
