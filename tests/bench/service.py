@@ -22,6 +22,7 @@ from jobs.v1 import jobs_pb2 as pb
 from jobs.v1 import jobs_pb2_grpc
 
 from tests.bench import sql
+from tests.support import auth
 
 TIMEOUT = 30.0
 QUICK_RESULT = {"duration_s": 12.5, "frames": 300}
@@ -36,7 +37,7 @@ def struct(values: dict[str, float]) -> struct_pb2.Struct:
 
 @contextlib.asynccontextmanager
 async def channels(address: str, n: int) -> AsyncIterator[list[grpc.aio.Channel]]:
-    chans = [grpc.aio.insecure_channel(address) for _ in range(n)]
+    chans = [auth.channel(address) for _ in range(n)]
     try:
         for ch in chans:
             await asyncio.wait_for(ch.channel_ready(), 10)
