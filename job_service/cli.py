@@ -37,6 +37,8 @@ from grpc_status import rpc_status
 from jobs.v1 import jobs_pb2 as pb
 from jobs.v1 import jobs_pb2_grpc as pb_grpc
 
+from job_service import client_auth
+
 ADDRESS_ENV = "JOB_SERVICE_ADDRESS"
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -137,6 +139,15 @@ def build_parser() -> Parser:
 
     def add(name: str, text: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=text, description=text, parents=[common])
+
+    token = add("token", "mint a bearer token with the configured signing key (README, Security)")
+    token_sub = token.add_subparsers(dest="token_command", required=True, parser_class=Parser)
+    create = token_sub.add_parser(
+        "create", help="print a token: JOB_SERVICE_AUTH_* name the key, issuer and audience"
+    )
+    create.add_argument("--role", required=True, choices=client_auth.ROLES)
+    create.add_argument("--subject", required=True, help="who it is for, e.g. fleet-a")
+    create.add_argument("--ttl", default="30d", help="lifetime: 30d, 12h, 15m or seconds")
 
     add_upload(add("upload", "upload a video and queue its job"))
     add("get", "show a job").add_argument("job_id")
@@ -319,7 +330,10 @@ class Client:
 
     def __init__(self, address: str, timeout: timedelta) -> None:
         options = [("grpc.service_config", SERVICE_CONFIG)]
-        self.channel = grpc.insecure_channel(address, options=options)
+        # Each call carries its audience's token (JOBS_TOKEN_<ROLE>); TLS per JOBS_TLS_*.
+        self.channel = client_auth.secure_channel(
+            address, tokens=client_auth.tokens_from_env(), options=options
+        )
         self.upload = pb_grpc.UploadServiceStub(self.channel)
         self.admin = pb_grpc.AdminServiceStub(self.channel)
         self.timeout = timeout.total_seconds()
@@ -588,6 +602,13 @@ def run(argv: Sequence[str] | None, out: IO[str], err: IO[str]) -> int:
     try:
         args = build_parser().parse_args(argv)
         o.json_mode = args.json
+        if args.command == "token":
+            try:
+                ttl = client_auth.parse_ttl(args.ttl)
+                o.result(client_auth.mint_from_env(args.role, args.subject, ttl))
+            except (ValueError, OSError) as exc:
+                raise UsageError(str(exc)) from None
+            return EXIT_OK
         client = Client(args.address, args.timeout)
         try:
             return COMMANDS[args.command](client, args, o)

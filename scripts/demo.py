@@ -30,6 +30,7 @@ from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from jobs.v1 import jobs_pb2, jobs_pb2_grpc
 
+from job_service import client_auth
 from localinfra.media import VideoInfo, make_video
 
 RPC_TIMEOUT = 10.0
@@ -237,7 +238,10 @@ def _size(n: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.address) as channel:
+    # The uploader's token: JOBS_TOKEN_UPLOADER(_FILE), else the one `make run` wrote.
+    run_dir = Path(os.environ.get("DEVSTACK_RUN_DIR", "") or Path(__file__).parents[1] / ".run")
+    tokens = client_auth.tokens_from_env(fallback_dir=run_dir / "auth")
+    with client_auth.secure_channel(args.address, tokens=tokens) as channel:
         check_reachable(channel, args.address)
         stub = jobs_pb2_grpc.UploadServiceStub(channel)
         with tempfile.TemporaryDirectory(prefix="demo-") as tmp:

@@ -193,3 +193,8 @@ def sync_channel(address: str, tok: str | None = None) -> grpc.Channel:
     return grpc.intercept_channel(
         grpc.insecure_channel(address), _SyncBearer(tok or token(Role.OPERATOR))
     )
+
+
+def jobctl_env() -> dict[str, str]:
+    """JOBS_TOKEN_<ROLE> for jobctl and the demo: one token per audience."""
+    return {f"JOBS_TOKEN_{role.value.upper()}": token(role) for role in Role}
