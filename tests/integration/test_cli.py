@@ -452,6 +452,7 @@ async def test_console_script_against_the_service_process(start_job_service, tmp
     script = Path(sys.executable).with_name("jobctl")
     proc = await asyncio.create_subprocess_exec(
         script, "--address", svc.address, "upload", str(video_file(tmp_path)),
+        env={**os.environ, **auth.jobctl_env()},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), 30)
