@@ -159,6 +159,8 @@ class Settings(BaseSettings):
     #: mTLS: a CA bundle; when set, every client must present a certificate that chains to it
     #: (the handshake fails otherwise). Bearer tokens still work on top of it.
     tls_client_ca_file: str = ""
+    #: The same as AUTH_HS256_SECRETS, read from a file (docker/Kubernetes secrets); one of the two.
+    auth_hs256_secrets_file: str = ""
     #: Client certificate identities (common name or SAN) mapped to roles, comma-separated
     #: `identity=role`, e.g. `fleet-a.workers.internal=worker`.
     tls_client_roles: str = ""

@@ -4,6 +4,7 @@ settings (JOB_SERVICE_AUTH_*, JOB_SERVICE_DATABASE_URL) are.
     mint   --role worker --subject fleet-a --ttl 30d    print a signed token
     revoke --jti <id> [--reason ...]                    deny a token (or --token <jwt>)
     jwks   key.pem=kid [key2.pem=kid2 ...]               print a JWKS of the public keys
+    dev-credentials --dir DIR                          throwaway secret + tokens (compose)
 
 `jobctl token create` is the same minting from the client side (README, Security).
 """
@@ -41,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--jti")
     g.add_argument("--token", help="the token itself (its jti, sub and exp are read)")
     r.add_argument("--reason", default="")
+    d = sub.add_parser(
+        "dev-credentials", help="write a throwaway HS256 secret and one token per audience"
+    )
+    d.add_argument("--dir", type=Path, required=True)
+    d.add_argument("--keep", action="store_true", help="reuse the secret already there")
     j = sub.add_parser("jwks", help="print a JWKS document of public keys")
     j.add_argument("keys", nargs="+", metavar="PEM=KID")
     return p
@@ -48,9 +54,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _mint(s: Settings, args: argparse.Namespace) -> int:
     if args.kid is not None and s.auth_algorithm == "HS256":
-        from job_service.auth.tokens import parse_hs256_secrets
+        from job_service.auth.tokens import hs256_secrets, parse_hs256_secrets
 
-        secrets = parse_hs256_secrets(s.auth_hs256_secrets.get_secret_value())
+        secrets = parse_hs256_secrets(hs256_secrets(s))
         if args.kid not in secrets:
             raise ConfigError(f"no HS256 secret with kid {args.kid!r}")
         token = mint(
@@ -126,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "jwks":
             return _jwks(args)
+        if args.command == "dev-credentials":
+            from job_service.auth.devkeys import write_dev_credentials
+
+            write_dev_credentials(args.dir, keep=args.keep)
+            print(f"wrote {args.dir}/hs256.secret and uploader/worker/operator.jwt")
+            return 0
         settings = Settings.from_env()
         if args.command == "mint":
             return _mint(settings, args)

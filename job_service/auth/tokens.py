@@ -61,6 +61,19 @@ class Claims:
     expires_at: float
 
 
+def hs256_secrets(settings: Settings) -> str:
+    """AUTH_HS256_SECRETS, or the content of AUTH_HS256_SECRETS_FILE."""
+    raw = settings.auth_hs256_secrets.get_secret_value()
+    if settings.auth_hs256_secrets_file:
+        if raw:
+            raise ConfigError(
+                "set JOB_SERVICE_AUTH_HS256_SECRETS or JOB_SERVICE_AUTH_HS256_SECRETS_FILE, "
+                "not both"
+            )
+        raw = Path(settings.auth_hs256_secrets_file).read_text().strip()
+    return raw
+
+
 def parse_hs256_secrets(raw: str) -> dict[str, bytes]:
     """`kid=secret,kid2=secret2` or one bare secret (kid "")."""
     out: dict[str, bytes] = {}
@@ -98,7 +111,7 @@ class KeyRing:
     def refresh(self, force: bool = False) -> bool:
         """Re-reads the JWKS file if it changed; True when the keys changed."""
         s = self._settings
-        secrets = s.auth_hs256_secrets.get_secret_value()
+        secrets = hs256_secrets(s)
         if s.auth_jwks_file and secrets:
             raise ConfigError(
                 "set JOB_SERVICE_AUTH_JWKS_FILE or JOB_SERVICE_AUTH_HS256_SECRETS, not both"
@@ -254,7 +267,7 @@ def parse_ttl(text: str) -> float:
 def signing_key(settings: Settings) -> tuple[Any, str]:
     """(key, kid) to sign with: the first HS256 secret, or the PEM in AUTH_SIGNING_KEY_FILE."""
     if settings.auth_algorithm == "HS256":
-        secrets = parse_hs256_secrets(settings.auth_hs256_secrets.get_secret_value())
+        secrets = parse_hs256_secrets(hs256_secrets(settings))
         if not secrets:
             raise ConfigError("minting HS256 tokens needs JOB_SERVICE_AUTH_HS256_SECRETS")
         kid, secret = next(iter(secrets.items()))
