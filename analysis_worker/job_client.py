@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import duration_pb2, struct_pb2
+from google.protobuf import duration_pb2, message, struct_pb2
+from google.rpc import error_details_pb2, status_pb2
 from jobs.v1 import jobs_pb2, jobs_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -45,14 +46,21 @@ SERVICE_TROUBLE_CODES = TRANSIENT_CODES | {
 }
 
 
-class JobCallError(Exception):
-    """A WorkerService call did not succeed; `code` is the gRPC status it ended with."""
+# google.rpc.ErrorInfo.reason of the job-service's "my database did not answer" (UNAVAILABLE).
+DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
-    def __init__(self, method: str, code: grpc.StatusCode, details: str) -> None:
+
+class JobCallError(Exception):
+    """A WorkerService call did not succeed; `code` is the gRPC status it ended with, `reason`
+    the google.rpc.ErrorInfo reason the service attached ("" if none)."""
+
+    def __init__(self, method: str, code: grpc.StatusCode, details: str, reason: str = "") -> None:
         super().__init__(f"{method}: {code.name}: {details}")
         self.method = method
         self.code = code
         self.details = details
+        self.reason = reason
 
     @property
     def service_trouble(self) -> bool:
@@ -293,12 +301,13 @@ class JobClient:
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 details = exc.details() or ""
+                reason = _error_reason(exc)
                 if code == grpc.StatusCode.ABORTED:
-                    raise LeaseLostError(method, code, details) from None
+                    raise LeaseLostError(method, code, details, reason) from None
                 if code not in TRANSIENT_CODES:
-                    raise JobCallError(method, code, details) from None
+                    raise JobCallError(method, code, details, reason) from None
                 if attempt >= attempts:
-                    raise JobCallUnavailable(method, code, details) from None
+                    raise JobCallUnavailable(method, code, details, reason) from None
                 delay = self._retry.delay(attempt - 1, self._rng)
                 log.warning(
                     "job-service call failed; retrying",
@@ -345,6 +354,22 @@ async def _unless_stopped(call: Any, stop: asyncio.Event) -> tuple[bool, Any]:
             await answering
         return False, None
     return True, await answering
+
+
+def _error_reason(exc: grpc.aio.AioRpcError) -> str:
+    """The ErrorInfo reason in the call's rich status, if the service sent one."""
+    for key, value in exc.trailing_metadata() or ():
+        if key != _STATUS_DETAILS_KEY or not isinstance(value, bytes):
+            continue
+        try:
+            status = status_pb2.Status.FromString(value)
+        except message.DecodeError:  # a malformed trailer says nothing; the code still does
+            return ""
+        for detail in status.details:
+            info = error_details_pb2.ErrorInfo()
+            if detail.Unpack(info):
+                return str(info.reason)
+    return ""
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:

@@ -52,7 +52,10 @@ def lease_lifetime(
         if seconds > 0:
             return seconds
     if expires_at is not None and (expires_at.seconds or expires_at.nanos):
-        return max(0.0, expires_at.ToNanoseconds() / 1e9 - sent_wall)
+        seconds = expires_at.ToNanoseconds() / 1e9 - sent_wall
+        # Already over by our clock: the clocks disagree by more than a lease. Fencing on that
+        # would stop every job at once; without lease_ttl there is no honest count to fence on.
+        return seconds if seconds > 0 else None
     return None
 
 
@@ -83,9 +86,7 @@ class ActiveJob:
         """`sent_at` (event-loop clock) and `sent_wall` (time.time()): when the ClaimJob that
         granted this lease was sent; the lease's lifetime counts from there."""
         self.lease = lease
-        self.log = JobLog(
-            log, job_id=lease.job.job_id, worker_id=worker_id, attempt=lease.attempt
-        )
+        self.log = JobLog(log, job_id=lease.job.job_id, worker_id=worker_id, attempt=lease.attempt)
         self.stop_reason: StopReason | None = None
         # Set once the job reached its outcome (completed, failed or released).
         self.done = False
@@ -103,6 +104,8 @@ class ActiveJob:
         # Event-loop time at which the worker stops the job unless renewed (None: unknown).
         self.fence_at: float | None = None
         self._fence_handle: asyncio.TimerHandle | None = None
+        # The last known length of this lease (seconds from a claim/renewal); None: unknown.
+        self.lifetime: float | None = None
         lifetime = lease_lifetime(
             lease.lease_ttl if lease.HasField("lease_ttl") else None,
             lease.lease_expires_at if lease.HasField("lease_expires_at") else None,
@@ -122,6 +125,21 @@ class ActiveJob:
     def renewed(self, sent_at: float, lifetime: float | None) -> None:
         """A claim/renewal sent at `sent_at` (loop clock) succeeded and lasts `lifetime` s."""
         self.renewed_at = max(self.renewed_at, sent_at)
+        if lifetime is not None:
+            self.lifetime = lifetime
+        self._extend_fence(sent_at, lifetime)
+
+    def held_through_outage(self, sent_at: float) -> None:
+        """A heartbeat sent at `sent_at` was answered "the service's database is unavailable".
+
+        Nobody can rescue the lease while the database is down, and the service rescues
+        nothing until one grace (at least a lease) after it is back; so the lease cannot be
+        taken before `sent_at` plus one lifetime, and the fence moves there. Not a renewal: the
+        heartbeat loop keeps retrying, and renews as soon as the database answers again.
+        """
+        self._extend_fence(sent_at, self.lifetime)
+
+    def _extend_fence(self, sent_at: float, lifetime: float | None) -> None:
         if lifetime is None or self.done or self.lost.is_set():
             return
         margin = min(MAX_FENCE_MARGIN, lifetime * FENCE_MARGIN_FRACTION)

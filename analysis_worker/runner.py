@@ -259,19 +259,10 @@ class JobRunner:
     async def _enter_deep(self, job: ActiveJob, quick_result: struct_pb2.Struct) -> None:
         """Records the quick pass and enters the deep pass: one ReportProgress(DEEP_RUNNING,
         result) where the service supports it, else QUICK_DONE(result) then DEEP_RUNNING."""
+        deep, quick_done = jobs_pb2.JOB_STATUS_DEEP_RUNNING, jobs_pb2.JOB_STATUS_QUICK_DONE
         if self._one_call_deep is not False:
             try:
-                await self._deliver(
-                    job,
-                    "ReportProgress(DEEP_RUNNING, quick result)",
-                    lambda: self._client.report_progress(
-                        job.lease,
-                        status=jobs_pb2.JOB_STATUS_DEEP_RUNNING,
-                        progress_pct=QUICK_DONE_PCT,
-                        result=quick_result,
-                    ),
-                    give_up=job.lost,
-                )
+                await self._report_stage(job, deep, quick_result, give_up=job.lost)
             except JobCallError as exc:
                 if exc.code is not grpc.StatusCode.FAILED_PRECONDITION:
                     raise
@@ -286,25 +277,26 @@ class JobRunner:
                 self._one_call_deep = True
                 job.raise_if_stopped()
                 return
-        await self._deliver(
-            job,
-            "ReportProgress(QUICK_DONE)",
-            lambda: self._client.report_progress(
-                job.lease,
-                status=jobs_pb2.JOB_STATUS_QUICK_DONE,
-                progress_pct=QUICK_DONE_PCT,
-                result=quick_result,
-            ),
-            give_up=job.lost,
-        )
+        await self._report_stage(job, quick_done, quick_result, give_up=job.lost)
         job.raise_if_stopped()
+        await self._report_stage(job, deep, None, give_up=job.stopped)
+
+    async def _report_stage(
+        self,
+        job: ActiveJob,
+        status: jobs_pb2.JobStatus.ValueType,
+        result: struct_pb2.Struct | None,
+        *,
+        give_up: asyncio.Event,
+    ) -> None:
+        name = jobs_pb2.JobStatus.Name(status).removeprefix("JOB_STATUS_")
         await self._deliver(
             job,
-            "ReportProgress(DEEP_RUNNING)",
+            f"ReportProgress({name}{', quick result' if result is not None else ''})",
             lambda: self._client.report_progress(
-                job.lease, status=jobs_pb2.JOB_STATUS_DEEP_RUNNING, progress_pct=QUICK_DONE_PCT
+                job.lease, status=status, progress_pct=QUICK_DONE_PCT, result=result
             ),
-            give_up=job.stopped,
+            give_up=give_up,
         )
 
     async def _deep(self, job: ActiveJob, video: Path, out_dir: Path) -> DeepResult:
@@ -355,24 +347,16 @@ class JobRunner:
         kind: jobs_pb2.FailureKind.ValueType = jobs_pb2.FAILURE_KIND_JOB,
     ) -> None:
         infrastructure = kind == jobs_pb2.FAILURE_KIND_INFRASTRUCTURE
-        try:
-            await self._deliver(
-                job,
-                "FailJob",
-                lambda: self._client.fail(
-                    job.lease, code=code, message=message, retryable=retryable, kind=kind
-                ),
-                give_up=job.lost,
-            )
-        except LeaseLostError:
-            job.stop(StopReason.LOST)
+        ended = await self._end_lease(
+            job,
+            "FailJob",
+            lambda: self._client.fail(
+                job.lease, code=code, message=message, retryable=retryable, kind=kind
+            ),
+            error_code=code,
+        )
+        if not ended:
             return
-        except JobStopped:
-            return
-        except JobCallError as exc:
-            job.log.error("FailJob was rejected", extra={"error": str(exc), "error_code": code})
-            return
-        job.done = True
         if infrastructure:
             self._metrics.infrastructure_failures.labels(code=code).inc()
         else:
@@ -388,24 +372,31 @@ class JobRunner:
         )
 
     async def _release(self, job: ActiveJob, reason: str) -> None:
-        try:
-            await self._deliver(
-                job,
-                "ReleaseJob",
-                lambda: self._client.release(job.lease, reason=reason),
-                give_up=job.lost,
-            )
-        except LeaseLostError:
-            job.stop(StopReason.LOST)
+        ended = await self._end_lease(
+            job, "ReleaseJob", lambda: self._client.release(job.lease, reason=reason)
+        )
+        if not ended:
             return
-        except JobStopped:
-            return
-        except JobCallError as exc:
-            job.log.error("ReleaseJob was rejected", extra={"error": str(exc)})
-            return
-        job.done = True
         self._metrics.jobs_released.inc()
         job.log.info("lease released", extra={"reason": reason})
+
+    async def _end_lease(
+        self, job: ActiveJob, what: str, call: Callable[[], Awaitable[Any]], **log_extra: str
+    ) -> bool:
+        """Delivers the call that ends the lease (FailJob, ReleaseJob); True once it landed
+        (the job is then done). False if the lease was lost meanwhile, or the call refused."""
+        try:
+            await self._deliver(job, what, call, give_up=job.lost)
+        except LeaseLostError:
+            job.stop(StopReason.LOST)
+            return False
+        except JobStopped:
+            return False
+        except JobCallError as exc:
+            job.log.error("%s was rejected", what, extra={"error": str(exc), **log_extra})
+            return False
+        job.done = True
+        return True
 
     async def _deliver(
         self,

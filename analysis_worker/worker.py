@@ -31,7 +31,13 @@ from typing import Any
 
 from jobs.v1 import jobs_pb2
 
-from analysis_worker.job_client import Backoff, JobCallError, JobCallUnavailable, JobClient
+from analysis_worker.job_client import (
+    DATABASE_UNAVAILABLE,
+    Backoff,
+    JobCallError,
+    JobCallUnavailable,
+    JobClient,
+)
 from analysis_worker.lease import ActiveJob, StopReason, lease_lifetime
 from analysis_worker.metrics import WorkerMetrics
 from analysis_worker.runner import JobRunner
@@ -282,6 +288,7 @@ class Worker:
         while True:
             held = self._held()
             if not held:
+                failures = 0  # the next lease starts a schedule of its own
                 self._job_added.clear()
                 await self._job_added.wait()
                 continue
@@ -330,6 +337,12 @@ class Worker:
             # Keep working: the retry comes soon, and if the lease really expired meanwhile
             # the next answer says LOST (or the lease fences itself first).
             self._metrics.heartbeats.labels("error").inc()
+            if exc.reason == DATABASE_UNAVAILABLE:
+                # The service is there and its database is not: no lease can be rescued
+                # until one grace after the database is back (the service's outage grace),
+                # so the fence moves with every such answer and the work goes on.
+                for job in held:
+                    job.held_through_outage(sent_at)
             log.warning(
                 "heartbeat failed; retrying soon",
                 extra={

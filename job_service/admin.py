@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from job_service.config import Settings
 from job_service.domain import codes, errors
+from job_service.domain import multipart as mp
 from job_service.domain.model import Job, JobError, JobId, LeaseOutcome, verify_upload
 from job_service.domain.status import TERMINAL, JobStatus, check_transition
 from job_service.metrics import Metrics
@@ -65,9 +66,7 @@ class PageTokens:
             : self._MAC_BYTES
         ]
 
-    def encode(
-        self, job: Job, statuses: Sequence[JobStatus], older_than: timedelta | None
-    ) -> str:
+    def encode(self, job: Job, statuses: Sequence[JobStatus], older_than: timedelta | None) -> str:
         micros = (job.updated_at - _EPOCH) // timedelta(microseconds=1)
         payload = self._PAYLOAD.pack(self._VERSION, micros, job.id.bytes)
         raw = payload + self._mac(self._filter_key(statuses, older_than), payload)
@@ -78,7 +77,8 @@ class PageTokens:
     ) -> tuple[datetime, uuid.UUID]:
         def refuse(why: str) -> errors.InvalidArgument:
             return errors.InvalidArgument(
-                "page_token", f"{why}; pass the next_page_token of the previous page with the same "
+                "page_token",
+                f"{why}; pass the next_page_token of the previous page with the same "
                 "statuses and older_than, or start again without one",
             )
 
@@ -122,8 +122,9 @@ class Admin:
         older_than: timedelta | None,
         page_size: int,
         page_token: str,
-    ) -> tuple[list[Job], str]:
-        """A page of jobs, newest change first, and the token of the next page ("" at the end)."""
+    ) -> tuple[list[Job], bool]:
+        """A page of jobs, newest change first, and whether more follow (page_token() of the
+        last job served is then the next page's token)."""
         if page_size < 0 or page_size > MAX_PAGE_SIZE:
             raise errors.InvalidArgument("page_size", f"must be within 0..{MAX_PAGE_SIZE}")
         size = page_size or DEFAULT_PAGE_SIZE
@@ -132,10 +133,13 @@ class Admin:
             rows = await repo.list_jobs(
                 conn, statuses=statuses, older_than=older_than, limit=size + 1, after=after
             )
-        page = rows[:size]
-        if len(rows) <= size:
-            return page, ""
-        return page, self._tokens.encode(page[-1], statuses, older_than)
+        return rows[:size], len(rows) > size
+
+    def page_token(
+        self, last: Job, statuses: Sequence[JobStatus], older_than: timedelta | None
+    ) -> str:
+        """The token of the page after `last`, bound to this filter."""
+        return self._tokens.encode(last, statuses, older_than)
 
     async def stats(self, stuck_after: timedelta | None = None) -> Stats:
         stuck = stuck_after or timedelta(seconds=self._settings.stuck_upload_seconds)
@@ -167,9 +171,22 @@ class Admin:
         verdict: JobError | None = None
         obj = None
         # Never queue a job whose object was not verified (e.g. cancelled while awaiting upload).
-        if job.status is JobStatus.awaiting_upload or job.upload_failed or job.etag is None:
+        # UPLOAD_CHANGED: the object was overwritten after verification; verify it again and
+        # record the new ETag, or refuse (upload helper, issue 7 section 8).
+        changed = job.error is not None and job.error.code == codes.UPLOAD_CHANGED
+        if (
+            job.status is JobStatus.awaiting_upload
+            or job.upload_failed
+            or job.etag is None
+            or changed
+        ):
             obj = await self._store.head(job.bucket, job.key)
             verdict = verify_upload(job, obj)
+            if verdict is None and obj is not None:  # and the declared SHA-256 (upload helper)
+                async with transaction(self._engine) as conn:
+                    sums = await repo.part_checksums(conn, job_id)
+                signed = [mp.PartInfo(n, 0, "", sums.get(n)) for n in sorted(sums)]
+                verdict = mp.verify_checksum(job, obj, mp.expected_checksum(job, signed))
             if verdict is not None:
                 raise errors.UploadVerificationFailed(
                     "REQUEUE_UPLOAD_NOT_VERIFIED",
@@ -187,7 +204,9 @@ class Admin:
             check_transition(job.status, JobStatus.queued)
             values: dict[str, object] = {}
             if obj is not None:
-                values.update(etag=obj.etag, observed_size=obj.size)
+                values.update(
+                    etag=obj.etag, observed_size=obj.size, checksum_sha256=obj.checksum_sha256
+                )
             # A job that finished its quick pass before failing resumes at the deep pass only
             # through a lease; a requeue starts it over, with the quick results kept visible.
             job = await repo.update_job(
@@ -234,5 +253,18 @@ class Admin:
                     **repo.error_values(error),
                 )
                 await repo.record_error(conn, job_id, error)
+        # Upload helper hook (issue 9): no multipart parts left behind by a cancelled upload
+        # (the bucket's AbortIncompleteMultipartUpload rule is the second line).
+        if job.upload_id is not None and job.status is JobStatus.failed:
+            try:
+                await self._store.abort_multipart(job.bucket, job.key, job.upload_id)
+            except errors.StorageUnavailable as exc:
+                log.warning(
+                    "could not abort the cancelled job's multipart upload: %s", exc.message,
+                    extra={"job_id": str(job_id)},
+                )  # fmt: skip
+            else:
+                async with transaction(self._engine) as conn:
+                    job = await repo.set_upload_id(conn, job_id, None)
         log.info("job cancel requested", extra={"job_id": str(job_id), "reason": reason})
         return job

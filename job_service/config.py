@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     retention_seconds: float = 0.0
     retention_interval_seconds: PositiveFloat = 600.0
     #: Jobs deleted per transaction (small: each batch holds its row locks only briefly).
+    retention_batch: PositiveInt = 500
+    #: The background task also deletes the purged jobs' results in S3 (PurgeJobs asks per call).
+    retention_delete_results: bool = False
     # -- lease path (perf-core) --
     #: Infrastructure failures (FailJob kind=INFRASTRUCTURE) spend no attempt: requeued after a
     #: jittered backoff between the base and the cap, growing with how long the trouble lasts...
@@ -120,9 +123,17 @@ class Settings(BaseSettings):
     #: UNAVAILABLE instead.
     lease_lock_timeout_seconds: float = 2.0
     lease_statement_timeout_seconds: float = 10.0
-    retention_batch: PositiveInt = 500
-    #: The background task also deletes the purged jobs' results in S3 (PurgeJobs asks per call).
-    retention_delete_results: bool = False
+    # Multipart uploads and checksums (upload helper, issue 9). Files above the threshold (or
+    # above 5 GiB) go multipart; the part size is max(multipart_part_bytes, ceil(size/10000),
+    # s3_min_part_bytes). max_upload_bytes may be raised up to S3's 5 TiB object limit.
+    multipart_threshold_bytes: int = 64 * 1024**2
+    multipart_part_bytes: int = 16 * 1024**2
+    #: S3's minimum part size (5 MiB); only test backends (moto) may go lower.
+    s3_min_part_bytes: int = 5 * 1024**2
+    #: Most part numbers one SignUploadParts call signs.
+    max_sign_parts: int = 1000
+    #: Most upload-verification rows one job's error history keeps.
+    max_upload_error_rows: int = 20
     # -- security (issue 10; README "Security", docs/decisions.md) --
     #: Every RPC but grpc.health.v1 needs a caller with the right role. "false" lets anyone who
     #: reaches the port call everything (logged as a warning at start-up).

@@ -18,20 +18,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import enum
 import logging
-import random
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from job_service.config import Settings
-from job_service.domain import codes, errors
+from job_service.domain import errors
+from job_service.domain.leasing import (
+    FailureKind,
+    InfraRetryPolicy,
+    LeaseEnd,
+    Snapshot,
+    decide_expired,
+    decide_failure,
+    progress_sources,
+)
 from job_service.domain.model import (
     Fence,
     Job,
-    JobError,
     JobId,
     Lease,
     LeaseOutcome,
@@ -39,10 +45,8 @@ from job_service.domain.model import (
     RetryPolicy,
     fence,
 )
-from job_service.domain.status import JobStatus, check_transition, requeue_status
+from job_service.domain.status import JobStatus, check_transition
 from job_service.metrics import Metrics
-from job_service.storage.db import Reachability
-from job_service.storage.repository import LeaseEnd, LeaseStore, Snapshot
 from job_service.wakeup import ClaimWaiters, wait_for
 
 log = logging.getLogger(__name__)
@@ -57,11 +61,60 @@ RETRIES = 3
 CLOSE_SECONDS = 2.0
 
 
-class FailureKind(enum.Enum):
-    """Whose fault a FailJob is; decides the budget it spends."""
+class LeaseRepository(Protocol):
+    """The lease path's storage (job_service.storage.repository.LeaseStore): named operations,
+    each one conditional statement; None when its condition matched nothing."""
 
-    JOB = "job"
-    INFRASTRUCTURE = "infrastructure"
+    async def claim(
+        self, *, worker_id: str, tokens: Sequence[uuid.UUID], lease: timedelta
+    ) -> list[Job]: ...
+    async def renew(
+        self,
+        refs: Sequence[tuple[uuid.UUID, uuid.UUID]],
+        *,
+        lease: timedelta,
+        stage_timeout: timedelta,
+    ) -> dict[tuple[uuid.UUID, uuid.UUID], tuple[datetime, bool]]: ...
+    async def advance(
+        self,
+        job_id: uuid.UUID,
+        token: uuid.UUID,
+        *,
+        status: JobStatus | None,
+        allowed_from: frozenset[JobStatus],
+        progress_pct: int,
+        result: Mapping[str, Any] | None,
+    ) -> tuple[Job, JobStatus] | None: ...
+    async def complete(
+        self,
+        job_id: uuid.UUID,
+        token: uuid.UUID,
+        *,
+        result: Mapping[str, Any] | None,
+        results_uri: str,
+    ) -> tuple[Job, str | None] | None: ...
+    async def release(
+        self, job_id: uuid.UUID, token: uuid.UUID
+    ) -> tuple[Job, str | None] | None: ...
+    async def hand_back(self, tokens: Sequence[uuid.UUID]) -> int: ...
+    async def end_backend(self, pid: int) -> bool: ...
+    async def diagnose(self, job_id: uuid.UUID, *, lock: bool = True) -> Snapshot | None: ...
+    async def end_lease(
+        self, job: Job, token: uuid.UUID, end: LeaseEnd
+    ) -> tuple[Job, str | None] | None: ...
+    async def rescue_expired(
+        self, decide: Callable[[Snapshot], LeaseEnd], *, limit: int = 500
+    ) -> list[tuple[Job, LeaseEnd]]: ...
+    async def probe(self) -> None: ...
+    async def get(self, job_id: uuid.UUID) -> Job | None: ...
+
+
+class Reachable(Protocol):
+    """Whether the database is reachable (job_service.storage.db.Reachability)."""
+
+    def stable_for(self) -> float:
+        """Seconds since the database became reachable; 0 while it is not."""
+        ...
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -72,142 +125,6 @@ class HeartbeatResult:
     cancel_requested: bool
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class InfraRetryPolicy:
-    """Infrastructure trouble: requeued with a short capped, jittered backoff that grows with
-    how long the trouble has lasted, until the window is spent."""
-
-    base: float
-    cap: float
-    window: float
-
-    def delay(self, elapsed: float, rng: random.Random | None = None) -> float:
-        ceiling = min(self.cap, max(self.base, elapsed))
-        factor: float = (rng or random).uniform(0.5, 1.0)
-        return ceiling * factor
-
-
-def progress_sources(status: JobStatus | None, with_result: bool) -> frozenset[JobStatus]:
-    """The statuses ReportProgress may move a job to `status` from (None: keep the status).
-
-    Forward only: quick_running -> quick_done -> deep_running, and quick_running ->
-    deep_running in one call when it carries the quick results."""
-    S = JobStatus
-    if status is None:
-        return frozenset({S.quick_running, S.quick_done, S.deep_running})
-    if status is S.quick_running:
-        return frozenset({S.quick_running})
-    if status is S.quick_done:
-        return frozenset({S.quick_running, S.quick_done})
-    if status is S.deep_running:
-        base = {S.quick_done, S.deep_running}
-        return frozenset(base | {S.quick_running} if with_result else base)
-    raise errors.InvalidArgument(
-        "status",
-        f"ReportProgress moves a job to quick_running, quick_done or deep_running, not "
-        f"{status.value}; use CompleteJob or FailJob",
-    )
-
-
-def decide_failure(
-    snap: Snapshot,
-    *,
-    code: str,
-    message: str,
-    retryable: bool,
-    kind: FailureKind,
-    retry: RetryPolicy,
-    infra: InfraRetryPolicy,
-) -> LeaseEnd:
-    """How a FailJob ends the lease. Pure: the job as read, the database's clock, the policies."""
-    job = snap.job
-    infrastructure = kind is FailureKind.INFRASTRUCTURE and code != codes.CANCELLED
-    reported = JobError(
-        code, message, retryable or infrastructure, job.attempts, infrastructure=infrastructure
-    )
-    # The claim counted an attempt; infrastructure trouble gives it back.
-    attempts = max(job.attempts - 1, 0) if infrastructure else job.attempts
-    if job.cancel_requested and code != codes.CANCELLED:
-        # An operator asked to cancel: a retry would run the job again.
-        cancelled = JobError(codes.CANCELLED, "cancelled by an operator", False, job.attempts)
-        return LeaseEnd(
-            JobStatus.failed, attempts, None, cancelled, reported, "keep", LeaseOutcome.failed
-        )
-    if infrastructure:
-        since = job.infrastructure_failing_since or snap.db_now
-        elapsed = max((snap.db_now - since).total_seconds(), 0.0)
-        if elapsed >= infra.window:
-            gave_up = JobError(
-                codes.INFRASTRUCTURE_UNAVAILABLE,
-                f"infrastructure trouble for {elapsed:.0f} s, past the retry window of "
-                f"{infra.window:.0f} s; last: {code}: {message}",
-                retryable=False,
-                attempt=job.attempts,
-                infrastructure=True,
-            )
-            check_transition(job.status, JobStatus.failed)
-            return LeaseEnd(
-                JobStatus.failed, attempts, None, gave_up, reported, "keep", LeaseOutcome.failed
-            )
-        target = requeue_status(job.status)
-        if target is not job.status:
-            check_transition(job.status, target)
-        return LeaseEnd(
-            target,
-            attempts,
-            infra.delay(elapsed),
-            reported,
-            reported,
-            "set",
-            LeaseOutcome.retried,
-        )
-    exhausted = retry.exhausted(job.attempts, job.max_attempts)
-    if retryable and not exhausted and code != codes.CANCELLED:
-        target = requeue_status(job.status)
-        if target is not job.status:
-            check_transition(job.status, target)
-        delay = retry.delay(job.attempts).total_seconds()
-        return LeaseEnd(target, attempts, delay, reported, reported, "clear", LeaseOutcome.retried)
-    final = reported
-    if retryable and exhausted:
-        final = dataclasses.replace(
-            reported, message=f"{message} (gave up after {job.attempts} attempts)"
-        )
-    check_transition(job.status, JobStatus.failed)
-    return LeaseEnd(JobStatus.failed, attempts, None, final, reported, "clear", LeaseOutcome.failed)
-
-
-def decide_expired(snap: Snapshot, *, retry: RetryPolicy) -> LeaseEnd:
-    """How the reaper ends an expired lease: the worker crashed, hung or lost its connection,
-    which counts the attempt."""
-    job = snap.job
-    error = JobError(
-        codes.LEASE_EXPIRED,
-        f"lease held by {job.leased_by} expired on attempt {job.attempts} "
-        "(worker crashed, hung or lost its connection)",
-        retryable=True,
-        attempt=job.attempts,
-    )
-    if job.cancel_requested:
-        cancelled = JobError(codes.CANCELLED, "cancelled by an operator", False, job.attempts)
-        return LeaseEnd(
-            JobStatus.failed, job.attempts, None, cancelled, error, "keep", LeaseOutcome.expired
-        )
-    if retry.exhausted(job.attempts, job.max_attempts):
-        final = dataclasses.replace(
-            error,
-            retryable=False,
-            message=error.message + f"; gave up after {job.attempts} attempts",
-        )
-        return LeaseEnd(
-            JobStatus.failed, job.attempts, None, final, error, "keep", LeaseOutcome.expired
-        )
-    delay = retry.delay(job.attempts).total_seconds()
-    return LeaseEnd(
-        requeue_status(job.status), job.attempts, delay, error, error, "keep", LeaseOutcome.expired
-    )
-
-
 class HandBack:
     """Leases granted to a caller that never got the answer (cancelled, timed out, or the
     connection broke so the outcome is unknown) go back at once, without counting an attempt.
@@ -215,17 +132,19 @@ class HandBack:
     outage, so the hand-back normally wins; if this process dies first, the leases expire and
     the reaper counts the attempt (see docs/lifecycle.md)."""
 
-    def __init__(self, store: LeaseStore, *, give_up_after: float, metrics: Metrics) -> None:
+    def __init__(self, store: LeaseRepository, *, give_up_after: float, metrics: Metrics) -> None:
         self._store = store
         self._give_up_after = give_up_after
         self._metrics = metrics
         self._tasks: set[asyncio.Task[None]] = set()
         self.handed_back = 0
 
-    def submit(self, tokens: Sequence[uuid.UUID], reason: str) -> None:
+    def submit(
+        self, tokens: Sequence[uuid.UUID], reason: str, *, backend_pid: int | None = None
+    ) -> None:
         if not tokens:
             return
-        task = asyncio.get_running_loop().create_task(self._run(list(tokens), reason))
+        task = asyncio.get_running_loop().create_task(self._run(list(tokens), reason, backend_pid))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -238,17 +157,22 @@ class HandBack:
             elif fut.exception() is None:
                 granted = [j.lease_token for j in fut.result() if j.lease_token is not None]
                 self.submit(granted, "caller gone")
-            elif isinstance(fut.exception(), errors.DatabaseOutcomeUnknown):
-                self.submit(tokens, "claim outcome unknown")
+            elif isinstance(exc := fut.exception(), errors.DatabaseOutcomeUnknown):
+                self.submit(tokens, "claim outcome unknown", backend_pid=exc.backend_pid)
 
         claim.add_done_callback(done)
 
-    async def _run(self, tokens: list[uuid.UUID], reason: str) -> None:
+    async def _run(self, tokens: list[uuid.UUID], reason: str, backend_pid: int | None) -> None:
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self._give_up_after
         backoff = 0.05
         while True:
             try:
+                if backend_pid is not None:
+                    # The claim may still be running on a backend that lost its client: end it
+                    # first, or it could grant its leases after we handed back nothing.
+                    await self._store.end_backend(backend_pid)
+                    backend_pid = None
                 n = await self._store.hand_back(tokens)
             except errors.DatabaseUnavailable as exc:
                 if loop.time() + backoff > give_up:
@@ -275,17 +199,17 @@ class HandBack:
 class Leases:
     def __init__(
         self,
-        store: LeaseStore,
+        store: LeaseRepository,
         settings: Settings,
         waiters: ClaimWaiters,
         metrics: Metrics,
-        reachability: Reachability | None = None,
+        reachability: Reachable,
     ) -> None:
         self._store = store
         self._settings = settings
         self._waiters = waiters
         self._metrics = metrics
-        self.reachability = reachability or store.pool.reachability
+        self.reachability = reachability
         self.retry = RetryPolicy(
             max_attempts=settings.max_attempts,
             base_delay=timedelta(seconds=settings.retry_base_seconds),
@@ -369,8 +293,8 @@ class Leases:
         except asyncio.CancelledError:
             self.hand_back.after(task, tokens)
             raise
-        except errors.DatabaseOutcomeUnknown:
-            self.hand_back.submit(tokens, "claim outcome unknown")
+        except errors.DatabaseOutcomeUnknown as exc:
+            self.hand_back.submit(tokens, "claim outcome unknown", backend_pid=exc.backend_pid)
             raise
         self._metrics.claim_seconds.observe(loop.time() - start)
         leases = []

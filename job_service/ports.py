@@ -6,6 +6,7 @@ from datetime import timedelta
 from typing import Protocol
 
 from job_service.domain.model import ObjectInfo
+from job_service.domain.multipart import PartInfo
 
 
 class ObjectStore(Protocol):
@@ -18,7 +19,38 @@ class ObjectStore(Protocol):
         ...
 
     async def presign_put(
-        self, bucket: str, key: str, content_type: str, expires_in: timedelta
+        self,
+        bucket: str,
+        key: str,
+        content_type: str,
+        expires_in: timedelta,
+        sha256: bytes | None = None,
     ) -> tuple[str, dict[str, str]]:
-        """A PUT URL bound to bucket, key and content type, and the headers the PUT must send."""
+        """A PUT URL bound to bucket, key, content type (and the body's SHA-256, given one),
+        and the headers the PUT must send."""
         ...
+
+    # Multipart (revision 0007). Each raises StorageUnavailable / StorageAccessDenied.
+    async def create_multipart(self, bucket: str, key: str, content_type: str) -> str: ...
+
+    async def presign_part(
+        self,
+        bucket: str,
+        key: str,
+        upload_id: str,
+        part_number: int,
+        sha256: bytes,
+        expires_in: timedelta,
+    ) -> tuple[str, dict[str, str]]: ...
+
+    async def list_parts(self, bucket: str, key: str, upload_id: str) -> list[PartInfo] | None:
+        """Every part (all pages); None when the upload was completed or aborted."""
+        ...
+
+    async def complete_multipart(
+        self, bucket: str, key: str, upload_id: str, parts: list[PartInfo]
+    ) -> bool:
+        """False when the upload is already gone."""
+        ...
+
+    async def abort_multipart(self, bucket: str, key: str, upload_id: str) -> None: ...

@@ -32,6 +32,9 @@ DEFAULT_MAX_JOBS = 10_000
 MAX_MAX_JOBS = 100_000
 #: Batches one background pass runs at most; the next pass continues.
 BATCHES_PER_PASS = 20
+#: Batch size when results are deleted too: the batch's rows stay locked while S3 answers
+#: (one list and one delete per job), so keep that short.
+RESULTS_BATCH = 50
 
 
 class ResultStore(Protocol):
@@ -83,6 +86,8 @@ class Retention:
                 "older_than", f"must be at least {int(MIN_AGE.total_seconds())} s (1 hour)"
             )
         size = batch or self._settings.retention_batch
+        if delete_results:
+            size = min(size, RESULTS_BATCH)
         if dry_run:
             return await self._preview(older_than, delete_results, max_jobs)
         batches: list[int] = []

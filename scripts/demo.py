@@ -1,9 +1,10 @@
 """`make demo`: one video through the running stack, the way a client does it.
 
-Generates a 4 s test video with known hard cuts and motion, then: InitiateUpload (with a
-request_id, so a retry could never create a second job) -> HTTP PUT to the presigned URL with
-exactly the returned headers -> CompleteUpload -> WatchJob with a progress bar -> the analysis
-summary. Exits 1 when the job fails, the stack is not reachable, or time runs out.
+Generates a 4 s test video with known hard cuts and motion, then uploads it with the client
+library backend services use (jobs_client: InitiateUpload with a request_id and the file's
+SHA-256 -> PUT to the presigned URL (or parts, for big files) -> CompleteUpload), follows it
+with WatchJob and a progress bar, and prints the analysis summary. Exits 1 when the job fails,
+the stack is not reachable, or time runs out.
 
 It talks to a stack started with `make run` and never starts one itself: the stack is a
 foreground process whose logs are worth watching next to the demo, and a hidden one would either
@@ -19,18 +20,15 @@ import os
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-import uuid
 from pathlib import Path
 from typing import Any
 
 import grpc
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from jobs.v1 import jobs_pb2, jobs_pb2_grpc
+from jobs.v1 import jobs_pb2
 
-from job_service import client_auth
+from jobs_client import JobsError, SyncJobsClient, auth
 from localinfra.media import VideoInfo, make_video
 
 RPC_TIMEOUT = 10.0
@@ -96,62 +94,27 @@ def sample_video(directory: Path) -> tuple[Path, VideoInfo | None]:
     return info.path, info
 
 
-def put_file(url: str, headers: dict[str, str], path: Path, timeout: float) -> int:
-    """PUT the file, streamed, with exactly the signed headers (and its length)."""
+def upload(jobs: SyncJobsClient, path: Path) -> jobs_pb2.Job:
     size = path.stat().st_size
-    with path.open("rb") as body:
-        request = urllib.request.Request(
-            url, data=body, method="PUT", headers={**headers, "Content-Length": str(size)}
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                status: int = response.status
-        except urllib.error.HTTPError as exc:
-            detail = exc.read(2000).decode("utf-8", "replace")
-            raise DemoError(f"the upload PUT was refused: HTTP {exc.code}\n{detail}") from None
-        except urllib.error.URLError as exc:
-            raise DemoError(f"the upload URL is not reachable: {exc.reason}") from None
-    return status
-
-
-def upload(stub: jobs_pb2_grpc.UploadServiceStub, path: Path) -> jobs_pb2.Job:
-    content_type = mimetypes.guess_type(path.name)[0] or "video/mp4"
-    size = path.stat().st_size
-    init = stub.InitiateUpload(
-        jobs_pb2.InitiateUploadRequest(
-            filename=path.name,
-            content_type=content_type,
-            size_bytes=size,
-            request_id=str(uuid.uuid4()),
-        ),
-        timeout=RPC_TIMEOUT,
-    )
-    say(f"InitiateUpload -> job {init.job.job_id} ({init.job.stage})")
     started = time.monotonic()
-    status = put_file(init.upload_url, dict(init.upload_headers), path, timeout=60)
+    job = jobs.upload_file(path, mimetypes.guess_type(path.name)[0] or "video/mp4")
     say(
-        f"PUT {_size(size)} to {init.upload_url.split('?')[0]} -> HTTP {status} "
-        f"({time.monotonic() - started:.2f} s; headers {dict(init.upload_headers)})"
+        f"uploaded {_size(size)} with jobs_client in {time.monotonic() - started:.2f} s "
+        f"(InitiateUpload with its SHA-256 -> PUT -> CompleteUpload) -> job {job.job_id}"
     )
-    done = stub.CompleteUpload(
-        jobs_pb2.CompleteUploadRequest(job_id=init.job.job_id), timeout=RPC_TIMEOUT
-    )
-    say(f"CompleteUpload -> {done.job.stage} (the service verified the object in S3)")
-    job: jobs_pb2.Job = done.job
+    say(f"CompleteUpload -> {job.stage} (the service verified the object and its SHA-256 in S3)")
     return job
 
 
-def follow(
-    stub: jobs_pb2_grpc.UploadServiceStub, job: jobs_pb2.Job, timeout: float
-) -> jobs_pb2.Job:
+def follow(jobs: SyncJobsClient, job: jobs_pb2.Job, timeout: float) -> jobs_pb2.Job:
     """WatchJob until DONE or FAILED, drawing a progress bar; DemoError when time runs out."""
     say("WatchJob:")
     tty = sys.stdout.isatty()
     last_drawn = ""
-    call = stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job.job_id), timeout=timeout)
+    deadline = time.monotonic() + timeout
     try:
-        for reply in call:
-            job = reply.job
+        for update in jobs.watch(job.job_id):
+            job = update
             line = _bar(job)
             if tty:
                 print(f"\r  {line:<{len(last_drawn)}}", end="", flush=True)
@@ -160,15 +123,12 @@ def follow(
             last_drawn = line
             if job.status in TERMINAL:
                 break
-    except grpc.RpcError as exc:
-        if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
-            raise
-        raise DemoError(
-            f"job {job.job_id} not finished after {timeout:.0f} s (last: {job.stage}); "
-            "are the workers running? See the `make run` terminal."
-        ) from None
+            if time.monotonic() > deadline:
+                raise DemoError(
+                    f"job {job.job_id} not finished after {timeout:.0f} s (last: {job.stage}); "
+                    "are the workers running? See the `make run` terminal."
+                )
     finally:
-        call.cancel()
         if tty:
             print(flush=True)
     if job.status not in TERMINAL:
@@ -240,17 +200,30 @@ def _size(n: int) -> str:
 def run(args: argparse.Namespace) -> int:
     # The uploader's token: JOBS_TOKEN_UPLOADER(_FILE), else the one `make run` wrote.
     run_dir = Path(os.environ.get("DEVSTACK_RUN_DIR", "") or Path(__file__).parents[1] / ".run")
-    tokens = client_auth.tokens_from_env(fallback_dir=run_dir / "auth")
-    with client_auth.secure_channel(args.address, tokens=tokens) as channel:
+    tokens = auth.tokens_from_env(fallback_dir=run_dir / "auth")
+    if "uploader" not in tokens:
+        raise DemoError(
+            "no uploader token: set JOBS_TOKEN_UPLOADER (make run prints it) or run the demo "
+            f"against the stack `make run` started (it reads {run_dir / 'auth'}/uploader.jwt)"
+        )
+    credentials = auth.channel_credentials(args.address)  # TLS per JOBS_TLS_*
+    health = (
+        grpc.secure_channel(args.address, credentials)
+        if credentials is not None
+        else grpc.insecure_channel(args.address)
+    )
+    with health as channel:
         check_reachable(channel, args.address)
-        stub = jobs_pb2_grpc.UploadServiceStub(channel)
-        with tempfile.TemporaryDirectory(prefix="demo-") as tmp:
-            if args.file is not None:
-                path, expected = args.file, None
-            else:
-                path, expected = sample_video(Path(tmp))
-            job = upload(stub, path)
-        job = follow(stub, job, args.timeout)
+    with (
+        SyncJobsClient(args.address, credentials=credentials, tokens=tokens) as jobs,
+        tempfile.TemporaryDirectory(prefix="demo-") as tmp,
+    ):
+        if args.file is not None:
+            path, expected = args.file, None
+        else:
+            path, expected = sample_video(Path(tmp))
+        job = upload(jobs, path)
+        job = follow(jobs, job, args.timeout)
     if job.status == jobs_pb2.JOB_STATUS_FAILED:
         err = job.error
         say(
@@ -271,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     except DemoError as exc:
         say(str(exc))
-    except grpc.RpcError as exc:
-        say(f"{exc.code().name}: {exc.details()}")
+    except JobsError as exc:
+        say(str(exc))
     except KeyboardInterrupt:
         say("interrupted")
     return 1

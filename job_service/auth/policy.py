@@ -33,6 +33,8 @@ POLICY: Mapping[str, frozenset[Role]] = {
     "/jobs.v1.UploadService/CompleteUpload": frozenset({U}),
     "/jobs.v1.UploadService/GetJob": frozenset({U, OP}),
     "/jobs.v1.UploadService/WatchJob": frozenset({U, OP}),
+    "/jobs.v1.UploadService/SignUploadParts": frozenset({U}),
+    "/jobs.v1.UploadService/ListUploadedParts": frozenset({U, OP}),
     # WorkerService: the fleet only (every call claims or changes a lease).
     "/jobs.v1.WorkerService/ClaimJob": frozenset({W}),
     "/jobs.v1.WorkerService/Heartbeat": frozenset({W}),

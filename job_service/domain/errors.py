@@ -147,6 +147,9 @@ class DatabaseOutcomeUnknown(DatabaseUnavailable):
     """The connection broke while the change was in flight: it may or may not have been made.
     Retrying is safe (a fenced call repeated after it took effect answers OK)."""
 
+    #: The database backend that ran the statement, when known (it may still be running it).
+    backend_pid: int | None = None
+
     def __init__(self, message: str | None = None, **metadata: object) -> None:
         super().__init__(message, outcome="unknown", **metadata)
 

@@ -79,6 +79,17 @@ class Job:
     results_uri: str | None = None
     #: Set while the job's failures in a row are infrastructure trouble (revision 0006).
     infrastructure_failing_since: datetime | None = None
+    # Multipart and checksums (revision 0007).
+    sha256: bytes | None = None
+    upload_id: str | None = None
+    part_size: int | None = None
+    part_count: int | None = None
+    checksum_sha256: str | None = None
+
+    @property
+    def multipart(self) -> bool:
+        return self.part_count is not None
+
     #: The subject (token `sub`) that created the job; "" for jobs from before revision 0009 or
     #: made with authentication off. Only it and operators see the job (issue 10).
     owner_subject: str = ""
@@ -114,6 +125,10 @@ class NewUpload:
     size_bytes: int
     session_id: SessionId | None
     request_id: uuid.UUID | None
+    # Multipart and checksums (revision 0007): the declared whole-file SHA-256 and whether the
+    # client asked for a multipart upload.
+    sha256: bytes | None = None
+    multipart: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -123,6 +138,8 @@ class ObjectInfo:
     size: int
     etag: str
     content_type: str | None
+    #: S3's stored SHA-256 (base64, `<b64>-N` for multipart), when it reports one.
+    checksum_sha256: str | None = None
 
 
 def parse_uuid(field: str, value: str, *, required: bool = True) -> uuid.UUID | None:
@@ -296,15 +313,6 @@ def validate_worker_id(worker_id: str) -> str:
 
 def _has_control(value: str) -> bool:
     return any(ord(c) < 32 or ord(c) == 127 for c in value)
-
-
-def validate_failure_kind(kind: int, known: frozenset[int]) -> int:
-    """A FailJob `kind` must be one of the FailureKind values (0 = old callers)."""
-    if kind not in known:
-        raise errors.InvalidArgument(
-            "kind", f"{kind} is not a FailureKind (use FAILURE_KIND_JOB or _INFRASTRUCTURE)"
-        )
-    return kind
 
 
 def validate_progress(pct: int) -> int:

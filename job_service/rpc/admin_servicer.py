@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     Ctx = grpc.aio.ServicerContext[Any, Any]
 
 MAX_REASON_CHARS = 1000
+#: A ListJobs page ends early rather than grow past this (jobs carry results of up to 256 KiB):
+#: clients, grpcurl included, refuse responses above 4 MiB by default.
+MAX_LIST_RESPONSE_BYTES = 3 * 1024 * 1024
 
 
 def _duration(
@@ -50,10 +53,25 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             if status is None:
                 raise errors.InvalidArgument("statuses", "JOB_STATUS_UNSPECIFIED is not a status")
             statuses.append(status)
-        jobs, token = await self._admin.list_jobs(
-            statuses, _duration(request, "older_than"), request.page_size, request.page_token
+        older_than = _duration(request, "older_than")
+        jobs, more = await self._admin.list_jobs(
+            statuses, older_than, request.page_size, request.page_token
         )
-        return pb.ListJobsResponse(jobs=[convert.job_to_pb(j) for j in jobs], next_page_token=token)
+        resp = pb.ListJobsResponse()
+        budget = MAX_LIST_RESPONSE_BYTES
+        served = 0
+        for job in jobs:
+            msg = convert.job_to_pb(job)
+            size = msg.ByteSize() + 8  # field tag and length
+            if served and size > budget:
+                more = True  # the rest comes with the next page
+                break
+            budget -= size
+            resp.jobs.append(msg)
+            served += 1
+        if more:
+            resp.next_page_token = self._admin.page_token(jobs[served - 1], statuses, older_than)
+        return resp
 
     @unary
     async def GetStats(self, request: pb.GetStatsRequest, context: Ctx) -> pb.GetStatsResponse:

@@ -191,6 +191,8 @@ def lease_to_pb(
         # One prefix per lease: a worker that lost its lease can never overwrite the results
         # of the lease that replaced it.
         results_prefix=f"{results_prefix}{job.id}/{lease.attempt:02d}-{lease.token.hex[:8]}/",
+        # The declared SHA-256: the worker re-hashes its download (upload helper, issue 9).
+        sha256=job.sha256 or b"",
     )
     stamp = ts(lease.expires_at)
     assert stamp is not None
@@ -199,3 +201,12 @@ def lease_to_pb(
     if lease_ttl is not None:
         msg.lease_ttl.CopyFrom(duration(lease_ttl))
     return msg
+
+
+def plan_to_pb(plan: Any, max_parts_per_call: int) -> pb.MultipartPlan:
+    """A multipart plan (job_service.domain.multipart.Plan) for InitiateUpload/ListUploadedParts."""
+    return pb.MultipartPlan(
+        part_size=plan.part_size,
+        part_count=plan.part_count,
+        max_parts_per_call=max_parts_per_call,
+    )

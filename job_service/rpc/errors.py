@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import grpc
@@ -19,9 +20,14 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from job_service.domain.errors import ErrorKind, JobServiceError
+from job_service.domain.errors import (
+    DatabaseConflict,
+    DatabaseUnavailable,
+    ErrorKind,
+    JobServiceError,
+)
 from job_service.metrics import Metrics
-from job_service.storage.db import is_unavailable
+from job_service.storage.db import classify, domain_error
 
 log = logging.getLogger(__name__)
 
@@ -39,82 +45,59 @@ STATUS_OF: dict[ErrorKind, grpc.StatusCode] = {
 }
 
 
-def to_status(code: grpc.StatusCode, message: str, reason: str, metadata: dict[str, str]) -> Any:
+def to_status(
+    code: grpc.StatusCode,
+    message: str,
+    reason: str,
+    metadata: dict[str, str],
+    retry_after: float | None = None,
+) -> Any:
+    """A google.rpc.Status with an ErrorInfo, and a RetryInfo when the caller should wait."""
     info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
-    proto = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=[detail])
+    details = [detail]
+    if retry_after is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromTimedelta(timedelta(seconds=retry_after))
+        details.append(any_pb2.Any())
+        details[-1].Pack(retry)
+    proto = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)
     return rpc_status.to_status(proto)
 
 
-#: SQLSTATEs a retry can cure. Conflicts (serialization failure, deadlock) are ABORTED: retry
-#: the whole call. The rest are UNAVAILABLE: the database cannot serve the call right now.
-_ABORTED_SQLSTATES = frozenset({"40001", "40P01"})
-_UNAVAILABLE_SQLSTATES = frozenset(
-    {
-        "25006",  # read_only_sql_transaction: a replica, or a primary during failover
-        "55P03",  # lock_not_available: lock_timeout
-        "57014",  # query_canceled: statement_timeout, pg_cancel_backend
-        "40003",  # statement_completion_unknown
-        "25P03",  # idle_in_transaction_session_timeout
-    }
-)
-#: Whole classes: 08 connection exception, 53 insufficient resources (too many connections,
-#: disk full, out of memory), 57P operator intervention (admin/crash shutdown, cannot connect
-#: now), 58 system error (I/O).
-_UNAVAILABLE_CLASSES = ("08", "53", "57P", "58")
-
-
 def sqlstate_of(exc: BaseException) -> str | None:
-    """The SQLSTATE of a database error, whether raised by asyncpg or wrapped by SQLAlchemy."""
-    for candidate in (exc, getattr(exc, "orig", None), exc.__cause__):
-        state = getattr(candidate, "sqlstate", None)
-        if isinstance(state, str) and state:
-            return state
-    return None
-
-
-def transient_db_status(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
-    """(status, sqlstate or "") for a database failure that a retry can cure, else None.
-
-    TODO(merge): perf-core adds one classification function to storage/db.py; this should
-    call it instead of keeping its own SQLSTATE lists.
-    """
-    state = sqlstate_of(exc)
-    if state in _ABORTED_SQLSTATES:
-        return grpc.StatusCode.ABORTED, state
-    if state is not None and (
-        state in _UNAVAILABLE_SQLSTATES or state.startswith(_UNAVAILABLE_CLASSES)
-    ):
-        return grpc.StatusCode.UNAVAILABLE, state
-    if is_unavailable(exc):
-        return grpc.StatusCode.UNAVAILABLE, state or ""
+    """The SQLSTATE behind an error (asyncpg's, SQLAlchemy's wrapper, or a domain error raised
+    from one), for the ErrorInfo metadata: operators see which fault it was."""
+    cur: BaseException | None = exc
+    for _ in range(8):
+        if cur is None:
+            return None
+        for candidate in (cur, getattr(cur, "orig", None)):
+            state = getattr(candidate, "sqlstate", None)
+            if isinstance(state, str) and state:
+                return state
+        cur = cur.__cause__ or (None if cur.__suppress_context__ else cur.__context__)
     return None
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, str, dict[str, str]]:
+    if not isinstance(exc, JobServiceError):
+        # A database failure that reached us without passing through transaction() or the
+        # lease pool: the same classification (storage/db.py) decides.
+        fault = classify(exc)
+        if fault is not None:
+            log.warning("transient database error (%s): %s", fault.value, exc)
+            mapped = domain_error(exc, fault)
+            mapped.__cause__ = exc  # sqlstate_of below reads the original
+            exc = mapped
     if isinstance(exc, JobServiceError):
-        return STATUS_OF[exc.kind], exc.message, exc.reason, dict(exc.metadata)
-    transient = transient_db_status(exc)
-    if transient is not None:
-        code, state = transient
-        log.warning("transient database error (%s): %s", state or type(exc).__name__, exc)
-        meta = {"sqlstate": state} if state else {}
-        if code is grpc.StatusCode.ABORTED:
-            return (
-                code,
-                f"the database aborted the call because of a concurrent change (SQLSTATE "
-                f"{state}); nothing was changed, retry the call",
-                "DATABASE_CONFLICT",
-                meta,
-            )
-        return (
-            code,
-            f"the job database cannot serve this call right now "
-            f"({state or type(exc).__name__}); retry later",
-            "DATABASE_UNAVAILABLE",
-            meta,
-        )
+        meta = dict(exc.metadata)
+        if isinstance(exc, DatabaseUnavailable | DatabaseConflict):
+            state = sqlstate_of(exc)
+            if state:
+                meta.setdefault("sqlstate", state)
+        return STATUS_OF[exc.kind], exc.message, exc.reason, meta
     incident = uuid.uuid4().hex[:12]
     log.exception("internal error (incident %s)", incident, exc_info=exc)
     return (

@@ -29,6 +29,8 @@ from job_service.rpc.errors import to_status
 if TYPE_CHECKING:
     Ctx = grpc.aio.ServicerContext[Any, Any]
 
+#: Told to callers refused for capacity (google.rpc.RetryInfo): wait about this long.
+OVER_CAP_RETRY_SECONDS = 1.0
 #: Never refused for capacity (see the module docstring).
 LEASE_KEEPING = frozenset({"Heartbeat", "ReportProgress", "CompleteJob", "FailJob", "ReleaseJob"})
 
@@ -71,9 +73,10 @@ async def _reject(
     message_: str,
     reason: str,
     meta: dict[str, str],
+    retry_after: float | None = None,
 ) -> None:
     metrics.rpc_total.labels(method, code.name).inc()
-    await context.abort_with_status(to_status(code, message_, reason, meta))
+    await context.abort_with_status(to_status(code, message_, reason, meta, retry_after))
 
 
 async def _malformed(context: Ctx, metrics: Metrics, method: str, req: Undecodable) -> None:
@@ -109,6 +112,7 @@ def _unary(
                 "(JOB_SERVICE_MAX_CONCURRENT_RPCS); retry with backoff",
                 "TOO_MANY_RPCS",
                 {"limit": str(gate.max_rpcs)},
+                retry_after=OVER_CAP_RETRY_SECONDS,
             )
         gate.rpcs += 1
         try:
@@ -135,6 +139,7 @@ def _stream(
                 "(JOB_SERVICE_MAX_WATCH_STREAMS); retry with backoff or poll GetJob",
                 "TOO_MANY_STREAMS",
                 {"limit": str(gate.max_streams)},
+                retry_after=OVER_CAP_RETRY_SECONDS,
             )
         gate.streams += 1
         try:

@@ -7,8 +7,9 @@ means is in the use cases (job_service.uploads, .leases, .admin).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncGenerator, AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
@@ -19,18 +20,19 @@ from job_service.auth.caller import current as current_caller
 from job_service.auth.caller import owner_scope
 from job_service.config import Settings
 from job_service.domain import errors
+from job_service.domain import multipart as mp
+from job_service.domain.leasing import FailureKind
 from job_service.domain.model import (
     parse_job_id,
     parse_lease_token,
     parse_uuid,
     validate_error_code,
-    validate_failure_kind,
     validate_new_upload,
     validate_progress,
     validate_text,
     validate_worker_id,
 )
-from job_service.leases import FailureKind, Leases
+from job_service.leases import Leases
 from job_service.metrics import Metrics
 from job_service.rpc import convert
 from job_service.rpc.errors import stream, unary
@@ -55,8 +57,6 @@ MAX_MESSAGE_CHARS = 4000
 #: had not finished): call WatchJob again.
 WATCH_END_KEY = "jobs-watch-end"
 WATCH_END_MAX_LIFETIME = "max-lifetime"
-#: FailureKind values a FailJob may carry.
-FAILURE_KINDS = frozenset(int(v) for v in pb.FailureKind.values())
 
 
 class UploadServicer(pb_grpc.UploadServiceServicer):
@@ -85,6 +85,11 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
             request_id=request.request_id,
             max_upload_bytes=self._settings.max_upload_bytes,
         )
+        upload = dataclasses.replace(
+            upload,
+            sha256=mp.validate_sha256("sha256", request.sha256),
+            multipart=request.multipart,
+        )
         who = current_caller()
         out = await self._uploads.initiate(upload, owner=who.subject if who else "")
         resp = pb.InitiateUploadResponse(
@@ -92,7 +97,9 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
             upload_url=out.upload_url,
             upload_headers=out.upload_headers,
         )
-        stamp = convert.ts(out.upload_expires_at) if out.upload_url else None
+        if out.plan is not None:
+            resp.multipart.CopyFrom(convert.plan_to_pb(out.plan, self._settings.max_sign_parts))
+        stamp = convert.ts(out.upload_expires_at) if out.upload_url or out.plan else None
         if stamp is not None:
             resp.upload_expires_at.CopyFrom(stamp)
         return resp
@@ -134,6 +141,49 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
             context.set_trailing_metadata(((WATCH_END_KEY, WATCH_END_MAX_LIFETIME),))
         finally:
             await updates.aclose()
+
+    # Multipart uploads (upload helper, issue 9).
+    @unary
+    async def SignUploadParts(
+        self, request: pb.SignUploadPartsRequest, context: Ctx
+    ) -> pb.SignUploadPartsResponse:
+        job_id = parse_job_id(request.job_id)
+        parts: list[tuple[int, bytes]] = []
+        for i, part in enumerate(request.parts):
+            sha = mp.validate_sha256(f"parts[{i}].sha256", part.sha256, required=True)
+            assert sha is not None
+            parts.append((part.part_number, sha))
+        signed = await self._uploads.sign_parts(job_id, parts, owner=owner_scope())
+        resp = pb.SignUploadPartsResponse(
+            parts=[
+                pb.SignedPart(part_number=p.part_number, url=p.url, headers=p.headers, size=p.size)
+                for p in signed
+            ]
+        )
+        stamp = convert.ts(
+            datetime.now(UTC) + timedelta(seconds=self._settings.upload_url_ttl_seconds)
+        )
+        assert stamp is not None
+        resp.expires_at.CopyFrom(stamp)
+        return resp
+
+    @unary
+    async def ListUploadedParts(
+        self, request: pb.ListUploadedPartsRequest, context: Ctx
+    ) -> pb.ListUploadedPartsResponse:
+        job, parts = await self._uploads.list_parts(
+            parse_job_id(request.job_id), owner=owner_scope()
+        )
+        return pb.ListUploadedPartsResponse(
+            job=convert.job_to_pb(job),
+            plan=convert.plan_to_pb(mp.plan_of(job), self._settings.max_sign_parts),
+            parts=[
+                pb.UploadedPart(
+                    part_number=p.part_number, size=p.size, etag=p.etag, sha256=p.sha256 or b""
+                )
+                for p in parts
+            ],
+        )
 
 
 def validate_worker_request(request: Any) -> None:
@@ -253,7 +303,6 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     @unary
     async def FailJob(self, request: pb.FailJobRequest, context: Ctx) -> pb.FailJobResponse:
         validate_worker_request(request)
-        validate_failure_kind(request.kind, FAILURE_KINDS)
         job_id = parse_job_id(request.job_id)
         token = parse_lease_token(request.lease_token)
         code = validate_error_code(request.error_code)

@@ -33,6 +33,8 @@ from job_service.domain.errors import (
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+#: application_name of the lease pool's connections (pg_stat_activity shows the lease path).
+LEASE_APPLICATION_NAME = "job-service-leases"
 #: What the lease path's operations are handed: a pooled connection.
 Connection = asyncpg.Connection | PoolConnectionProxy
 
@@ -210,6 +212,13 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
+async def _keep_session(_conn: asyncpg.Connection) -> None:
+    """Instead of asyncpg's reset on release (advisory unlock, CLOSE ALL, UNLISTEN, RESET ALL:
+    one more round trip per call). The lease path's connections carry no session state: only
+    single statements in autocommit and transactions that always end (asyncpg still rolls back
+    one that did not)."""
+
+
 class LeasePool:
     """The lease path's own asyncpg pool: single statements in autocommit, prepared once per
     connection (asyncpg's statement cache). Its own pool so that floods of WatchJob or admin
@@ -231,7 +240,7 @@ class LeasePool:
         self._settings = {
             "lock_timeout": f"{int(lock_timeout * 1000)}ms",
             "statement_timeout": f"{int(statement_timeout * 1000)}ms",
-            "application_name": "job-service-leases",
+            "application_name": LEASE_APPLICATION_NAME,
         }
         self.reachability = reachability or Reachability()
         self._pool: asyncpg.Pool | None = None
@@ -244,6 +253,7 @@ class LeasePool:
             max_size=self._size,
             timeout=self._connect_timeout,
             init=_init_connection,
+            reset=_keep_session,
             server_settings=self._settings,
             max_inactive_connection_lifetime=300,
         )
@@ -258,7 +268,14 @@ class LeasePool:
         """Run `fn` on a pooled connection; database failures become domain errors.
 
         Failing to get a connection means nothing ran (UNAVAILABLE); a failure while `fn` runs is
-        classified by classify(). Reachability is tracked on the way."""
+        classified by classify(). Reachability is tracked on the way.
+
+        A caller that is cancelled (its RPC's deadline passed, the client went away) does not
+        cancel the statement: it runs to its end (bounded by statement_timeout) and the
+        connection goes back to the pool intact, instead of being broken mid-protocol."""
+        return await asyncio.shield(self._run(fn))
+
+    async def _run(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
         assert self._pool is not None, "LeasePool.start() was not awaited"
         try:
             conn = await self._pool.acquire(timeout=self._connect_timeout)
@@ -267,6 +284,7 @@ class LeasePool:
                 raise
             self.reachability.lost()
             raise domain_error(exc, DbFault.UNAVAILABLE) from exc
+        pid = conn.get_server_pid()
         try:
             result = await fn(conn)
         except Exception as exc:
@@ -275,7 +293,13 @@ class LeasePool:
                 raise
             if _means_unreachable(exc, fault):
                 self.reachability.lost()
-            raise domain_error(exc, fault) from exc
+            log.warning("lease path: %s (%s: %s)", fault.value, type(exc).__name__, exc)
+            error = domain_error(exc, fault)
+            if isinstance(error, DatabaseOutcomeUnknown):
+                # The server may still be running the statement (it has not noticed the client
+                # is gone): whoever must make the outcome definitive can end that backend.
+                error.backend_pid = pid
+            raise error from exc
         finally:
             with contextlib.suppress(Exception):
                 await self._pool.release(conn)

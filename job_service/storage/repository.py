@@ -7,26 +7,29 @@ round trip."""
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 
 import asyncpg
 from sqlalchemy import (
     Interval,
     Row,
     and_,
+    delete,
     func,
     insert,
+    literal,
     or_,
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from job_service.domain.leasing import LeaseEnd, Snapshot
 from job_service.domain.model import (
     Job,
     JobError,
@@ -41,8 +44,8 @@ from job_service.domain.status import (
     requeue_status,
     running_status_for_claim,
 )
-from job_service.storage.db import Connection, LeasePool
-from job_service.storage.tables import job_errors, jobs, sessions
+from job_service.storage.db import LEASE_APPLICATION_NAME, Connection, LeasePool
+from job_service.storage.tables import job_errors, jobs, sessions, upload_parts
 
 
 def to_job(row: Row[Any] | Mapping[str, Any] | asyncpg.Record) -> Job:
@@ -87,6 +90,12 @@ def to_job(row: Row[Any] | Mapping[str, Any] | asyncpg.Record) -> Job:
         result=m["result"],
         results_uri=m["results_uri"],
         infrastructure_failing_since=m["infrastructure_failing_since"],
+        # Multipart and checksums (revision 0007).
+        sha256=m.get("sha256"),
+        upload_id=m.get("upload_id"),
+        part_size=m.get("part_size"),
+        part_count=m.get("part_count"),
+        checksum_sha256=m.get("checksum_sha256"),
         owner_subject=m.get("owner_subject") or "",  # revision 0009
     )
 
@@ -259,13 +268,21 @@ SELECT min(available_at) AS at, bool_or(available_at <= now()) AS now_claimable 
 WHERE {_CLAIMABLE}
 """
 
-# Renewal writes lease_expires_at only, which no index contains: a HOT update.
+# Renewal writes lease_expires_at only, which no index contains: a HOT update. The rows are
+# locked in job id order (LockRows above the Sort), so overlapping heartbeats cannot deadlock.
 SQL_RENEW = f"""
+WITH held AS (
+    SELECT j.id FROM {_T} j
+    JOIN unnest($1::uuid[], $2::uuid[]) AS r(id, token)
+      ON j.id = r.id AND j.lease_token = r.token
+    WHERE j.status IN {_in(LEASED)}
+      AND j.stage_started_at + make_interval(secs => $4) > now()
+    ORDER BY j.id
+    FOR UPDATE OF j
+)
 UPDATE {_T} j SET lease_expires_at = now() + make_interval(secs => $3)
-FROM unnest($1::uuid[], $2::uuid[]) AS r(id, token)
-WHERE j.id = r.id AND j.lease_token = r.token
-  AND j.status IN {_in(LEASED)}
-  AND j.stage_started_at + make_interval(secs => $4) > now()
+FROM held
+WHERE j.id = held.id
 RETURNING j.id, j.lease_token, j.lease_expires_at, j.cancel_requested
 """
 
@@ -400,28 +417,11 @@ FOR UPDATE SKIP LOCKED
 
 SQL_GET = f"SELECT * FROM {_T} WHERE id = $1"
 
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Snapshot:
-    """A job as a diagnostic read saw it, with the database's clock at that moment."""
-
-    job: Job
-    db_now: datetime
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class LeaseEnd:
-    """How a lease ends when it does not complete: the use case decides, end_lease applies."""
-
-    status: JobStatus
-    attempts: int
-    #: Seconds from now until the job may be claimed again; None keeps available_at.
-    delay: float | None
-    error: JobError
-    #: The error kept in the history (the worker's own report).
-    history: JobError
-    infrastructure_since: Literal["set", "clear", "keep"]
-    outcome: LeaseOutcome
+#: Only ever one of our own lease-path backends (the pool's application_name).
+SQL_END_BACKEND = f"""
+SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity
+WHERE pid = $1 AND application_name = '{LEASE_APPLICATION_NAME}'
+"""
 
 
 def _end_args(job: Job, token: uuid.UUID, end: LeaseEnd) -> tuple[Any, ...]:
@@ -626,6 +626,15 @@ class LeaseStore:
 
         return await self.pool.run(run)
 
+    async def end_backend(self, pid: int) -> bool:
+        """End a lease-path backend that may still be running a statement whose client is gone
+        (waits up to 5 s for it to exit), so that statement's outcome is settled."""
+
+        async def run(conn: Connection) -> object:
+            return await conn.fetchval(SQL_END_BACKEND, pid)
+
+        return bool(await self.pool.run(run))
+
     async def probe(self) -> None:
         """One trivial statement: tells the pool's reachability tracking whether we get through."""
 
@@ -732,3 +741,171 @@ async def count_stuck_uploads(conn: AsyncConnection, older_than: timedelta) -> i
         )
     ).scalar_one()
     return value
+
+
+# ----------------------------------------------------------------------------------------------
+# Upload lifecycle: named state changes (revision 0007, issue 9 / issue 7 sections 7-8). Each is
+# one statement on a row the caller has locked (or a conditional one that decides a race).
+
+
+async def refresh_upload_url(conn: AsyncConnection, job_id: uuid.UUID, ttl: timedelta) -> Job:
+    """A retried InitiateUpload got a fresh URL: the reconciler counts from its expiry."""
+    return await update_job(
+        conn, job_id, upload_expires_at=func.now() + ttl, upload_checked_at=None
+    )
+
+
+async def set_multipart(
+    conn: AsyncConnection, job_id: uuid.UUID, *, upload_id: str, part_size: int, part_count: int
+) -> Job:
+    return await update_job(
+        conn, job_id, upload_id=upload_id, part_size=part_size, part_count=part_count
+    )
+
+
+async def set_upload_id(conn: AsyncConnection, job_id: uuid.UUID, upload_id: str | None) -> Job:
+    """A new multipart upload (after an abort), or None once S3 completed or aborted it."""
+    return await update_job(conn, job_id, upload_id=upload_id)
+
+
+async def record_part_checksums(
+    conn: AsyncConnection, job_id: uuid.UUID, parts: Sequence[tuple[int, bytes]]
+) -> None:
+    """The SHA-256 each part's URL is signed with; a re-signed part keeps the newest."""
+    if not parts:
+        return
+    stmt = pg_insert(upload_parts).values(
+        [{"job_id": job_id, "part_number": n, "sha256": sha} for n, sha in parts]
+    )
+    await conn.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["job_id", "part_number"],
+            set_={"sha256": stmt.excluded.sha256, "signed_at": func.now()},
+        )
+    )
+
+
+async def part_checksums(conn: AsyncConnection, job_id: uuid.UUID) -> dict[int, bytes]:
+    rows = await conn.execute(
+        select(upload_parts.c.part_number, upload_parts.c.sha256).where(
+            upload_parts.c.job_id == job_id
+        )
+    )
+    return {int(r.part_number): bytes(r.sha256) for r in rows}
+
+
+async def forget_part_checksums(conn: AsyncConnection, job_id: uuid.UUID) -> None:
+    await conn.execute(delete(upload_parts).where(upload_parts.c.job_id == job_id))
+
+
+async def mark_upload_verified(
+    conn: AsyncConnection,
+    job_id: uuid.UUID,
+    *,
+    etag: str,
+    observed_size: int,
+    checksum_sha256: str | None,
+) -> Job:
+    """The preflight passed: queued, claimable now, with the verified object's facts (workers
+    read with If-Match on the ETag). A re-verification after UPLOAD_CHANGED lands here too."""
+    return await update_job(
+        conn,
+        job_id,
+        status=JobStatus.queued,
+        progress_pct=0,
+        etag=etag,
+        observed_size=observed_size,
+        checksum_sha256=checksum_sha256,
+        upload_id=None,
+        available_at=func.now(),
+        **error_values(None),
+    )
+
+
+async def mark_upload_failed(
+    conn: AsyncConnection,
+    job_id: uuid.UUID,
+    error: JobError,
+    *,
+    observed_size: int | None,
+    max_error_rows: int,
+) -> Job:
+    """Failed at upload verification (recoverable: upload again, CompleteUpload again).
+
+    The history gets a row only when the code differs from the job's last one, and never more
+    than `max_error_rows` upload rows per job: a client retrying CompleteUpload in a loop cannot
+    grow the table (issue 7 section 7).
+    """
+    current = jobs.alias("current")
+    upload_rows = (
+        select(func.count())
+        .select_from(job_errors)
+        .where(job_errors.c.job_id == job_id, job_errors.c.attempt == 0)
+        .scalar_subquery()
+    )
+    await conn.execute(
+        insert(job_errors).from_select(
+            ["job_id", "attempt", "code", "message", "retryable"],
+            select(
+                literal(job_id, PG_UUID(as_uuid=True)),
+                literal(0),
+                literal(error.code),
+                literal(error.message),
+                literal(False),
+            ).where(
+                select(current.c.id)
+                .where(
+                    current.c.id == job_id,
+                    or_(
+                        current.c.error_code.is_(None),
+                        current.c.error_code != error.code,
+                        current.c.status != JobStatus.failed,
+                    ),
+                )
+                .exists(),
+                upload_rows < max_error_rows,
+            ),
+        )
+    )
+    return await update_job(
+        conn, job_id, status=JobStatus.failed, observed_size=observed_size, **error_values(error)
+    )
+
+
+async def mark_upload_expired(conn: AsyncConnection, job_id: uuid.UUID, error: JobError) -> Job:
+    """The upload URL expired without an acceptable object (the reconciler)."""
+    job = await update_job(
+        conn, job_id, status=JobStatus.failed, upload_id=None, **error_values(error)
+    )
+    await record_error(conn, job_id, error)
+    return job
+
+
+async def pick_stale_uploads(
+    conn: AsyncConnection, *, older_than: timedelta, default_ttl: timedelta, limit: int
+) -> list[tuple[Job, bool]]:
+    """As `stale_uploads`, but a row without upload_expires_at (written before the column was
+    filled, or by hand) expires `default_ttl` after its creation instead of never."""
+    picked = (
+        select(jobs.c.id)
+        .where(
+            jobs.c.status == JobStatus.awaiting_upload,
+            jobs.c.created_at < func.now() - older_than,
+            or_(
+                jobs.c.upload_checked_at.is_(None),
+                jobs.c.upload_checked_at < func.now() - older_than,
+            ),
+        )
+        .order_by(jobs.c.upload_checked_at.asc().nulls_first(), jobs.c.created_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .cte("picked")
+    )
+    expires = func.coalesce(jobs.c.upload_expires_at, jobs.c.created_at + default_ttl)
+    rows = await conn.execute(
+        update(jobs)
+        .where(jobs.c.id == picked.c.id)
+        .values(upload_checked_at=func.now())
+        .returning(jobs, (expires + older_than < func.now()).label("url_expired"))
+    )
+    return [(to_job(r), bool(r.url_expired)) for r in rows]

@@ -9,7 +9,9 @@ import uuid
 from collections.abc import Sequence
 from datetime import timedelta
 
-from sqlalchemy import ColumnElement, delete, func, select
+from sqlalchemy import ColumnElement, any_, bindparam, delete, func, select
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from job_service.domain.status import TERMINAL
@@ -50,24 +52,38 @@ async def preview_finished(
         .limit(limit + 1)
     )
     rows = [(r.id, r.s3_bucket) for r in await conn.execute(picked)]
-    ids = [job_id for job_id, _ in rows[:limit]]
-    n_errors = 0
-    if ids:
-        n_errors = (
-            await conn.execute(
-                select(func.count()).select_from(job_errors).where(job_errors.c.job_id.in_(ids))
-            )
-        ).scalar_one()
+    first = (
+        select(jobs.c.id)
+        .where(*_finished_before(older_than))
+        .order_by(jobs.c.updated_at)
+        .limit(limit)
+        .subquery()
+    )
+    n_errors = (
+        await conn.execute(
+            select(func.count())
+            .select_from(job_errors)
+            .where(job_errors.c.job_id.in_(select(first.c.id)))
+        )
+    ).scalar_one()
     return rows, int(n_errors)
+
+
+def _ids(ids: Sequence[uuid.UUID]) -> ColumnElement[bool]:
+    # One array parameter, not one parameter per id (asyncpg allows at most 32767).
+    return jobs.c.id == any_(bindparam("ids", list(ids), type_=ARRAY(PG_UUID(as_uuid=True))))
 
 
 async def delete_jobs(conn: AsyncConnection, ids: Sequence[uuid.UUID]) -> tuple[int, int]:
     """Delete the locked jobs and their error rows: (jobs, error rows) deleted."""
     if not ids:
         return 0, 0
-    errors_deleted = await conn.execute(delete(job_errors).where(job_errors.c.job_id.in_(ids)))
+    array = bindparam("ids", list(ids), type_=ARRAY(PG_UUID(as_uuid=True)))
+    errors_deleted = await conn.execute(
+        delete(job_errors).where(job_errors.c.job_id == any_(array))
+    )
     # Re-checked: only finished jobs go, whatever the caller passes.
     jobs_deleted = await conn.execute(
-        delete(jobs).where(jobs.c.id.in_(ids), jobs.c.status.in_(_FINISHED))
+        delete(jobs).where(_ids(ids), jobs.c.status.in_(_FINISHED))
     )
     return int(jobs_deleted.rowcount), int(errors_deleted.rowcount)

@@ -12,7 +12,9 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
+    PrimaryKeyConstraint,
     Table,
     Text,
     UniqueConstraint,
@@ -100,6 +102,13 @@ jobs = Table(
     # error was infrastructure trouble (spent no attempt).
     Column("infrastructure_failing_since", DateTime(timezone=True)),
     Column("error_infrastructure", Boolean, nullable=False, server_default="false"),
+    # Multipart uploads and checksums (revision 0007): the declared whole-file SHA-256, the S3
+    # multipart upload, and the checksum S3 reported when the upload was verified.
+    Column("sha256", LargeBinary),
+    Column("upload_id", Text),
+    Column("part_size", BigInteger),
+    Column("part_count", Integer),
+    Column("checksum_sha256", Text),
     # Revision 0009 (security): who created the job; request_id is an idempotency key per owner.
     Column("owner_subject", Text, nullable=False, server_default=""),
     UniqueConstraint("owner_subject", "request_id", name="uq_video_analysis_jobs_owner_request"),
@@ -150,6 +159,22 @@ job_errors = Table(
     Column("occurred_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     # Revision 0006: infrastructure trouble, not the job's own failure.
     Column("infrastructure", Boolean, nullable=False, server_default="false"),
+)
+
+# The SHA-256 each multipart part's URL was signed with (revision 0007).
+upload_parts = Table(
+    "video_upload_parts",
+    metadata,
+    Column(
+        "job_id",
+        UUID(as_uuid=True),
+        ForeignKey("video_analysis_jobs.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("part_number", Integer, nullable=False),
+    Column("sha256", LargeBinary, nullable=False),
+    Column("signed_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("job_id", "part_number"),
 )
 
 # Revision 0009 (security): revoked bearer tokens by `jti`; rows past the token's expiry can go.

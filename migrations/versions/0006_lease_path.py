@@ -85,9 +85,7 @@ def upgrade() -> None:
     op.execute(f"ALTER TABLE {T} SET (fillfactor = 80)")
     op.execute(_NOTIFY_V2)
     op.execute(f"DROP TRIGGER video_analysis_jobs_claimable ON {T}")
-    op.execute(
-        _trigger("NEW.status IN ('queued', 'quick_done') AND NEW.lease_token IS NULL")
-    )
+    op.execute(_trigger("NEW.status IN ('queued', 'quick_done') AND NEW.lease_token IS NULL"))
 
 
 def downgrade() -> None:

@@ -19,11 +19,12 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tests.bench import pgq, service, sql
-from tests.bench.infra import BenchInfra, machine
+from tests.bench.infra import PGQ_DATABASE, BenchInfra, machine
 from tests.bench.report import KEYS, Line, p50, pct, rate, render
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,6 +92,13 @@ QUICK = Sizes(
     fleet_window=3.0,
     uploads=20,
 )
+#: --sections NAME -> method; all of them by default, in this order.
+SECTIONS = {
+    "throughput": "throughput",
+    "idle": "idle_and_wake",
+    "history": "history",
+    "fleet": "fleet",
+}
 CALLERS = 8
 CLAIM_CALLERS = 16
 LEASES_PER_HEARTBEAT = 32
@@ -119,6 +127,10 @@ async def load(kind: str, **args: Any) -> dict[str, Any]:
     return result
 
 
+def div(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
 def ratio(a: float, b: float) -> str:
     return f"{a / b:.0%}" if b else "n/a"
 
@@ -134,11 +146,9 @@ class Bench:
         self.lines[line.key] = line
         note(f"{line.what}: {line.figure}  {line.beside}")
 
-    async def run(self) -> None:
-        await self.throughput()
-        await self.idle_and_wake()
-        await self.history()
-        await self.fleet()
+    async def run(self, sections: Sequence[str]) -> None:
+        for name in sections:
+            await getattr(self, SECTIONS[name])()
 
     # -- throughput: echo, raw floor, PgQueuer, worker cycle, claims, heartbeats -------------
 
@@ -197,12 +207,11 @@ class Bench:
                 "floor_batched",
                 "raw SQL, claim batch 10 + one batched ack per claim",
                 rate(floor_b, "jobs/s"),
-                f"{floor_b / floor:.1f}x the floor",
+                f"{div(floor_b, floor):.1f}x the floor",
             )
         )
 
         pgq_dsn = infra.dsn("pgqueuer")
-        await pgq.install(pgq_dsn)
         pgq1 = await pgq.throughput(pgq_dsn, s.pgq_jobs_1, 1)
         self.add(
             Line(
@@ -253,10 +262,10 @@ class Bench:
                 continue
             jobs = cycles[key]
             beside = (
-                f"{ratio(jobs, floor)} of raw floor; {jobs / pgq1:.2f}x PgQueuer 1p, "
-                f"{jobs / pgqn:.2f}x PgQueuer {n}p"
+                f"{ratio(jobs, floor)} of raw floor; {div(jobs, pgq1):.2f}x PgQueuer 1p, "
+                f"{div(jobs, pgqn):.2f}x PgQueuer {n}p"
             )
-            met = jobs / floor >= 0.30 if batch == 10 else None
+            met = div(jobs, floor) >= 0.30 if batch == 10 else None
             self.add(Line(key, what, rate(jobs, "jobs/s"), beside, target, met))
 
         await sql.seed(raw, s.raw_seed, settle=True)
@@ -278,7 +287,7 @@ class Bench:
                 rate(claims, "claims/s"),
                 f"{ratio(claims, raw_claims)} of raw claim-one",
                 "≥ 50% of raw claim-one",
-                claims / raw_claims >= 0.5,
+                div(claims, raw_claims) >= 0.5,
             )
         )
 
@@ -351,7 +360,7 @@ class Bench:
                 "wake",
                 f"wake-up: commit (enqueue) -> lease received, {PARKED_CALLERS} parked callers",
                 f"p50 {w50:.1f} / p99 {pct(wake, 0.99):.1f} ms",
-                f"{w50 / q50:.1f}x PgQueuer commit->start p50",
+                f"{div(w50, q50):.1f}x PgQueuer commit->start p50",
                 "p50 ≤ 3 ms and ≤ 2x PgQueuer",
                 w50 <= 3.0 and w50 <= 2 * q50,
             )
@@ -388,47 +397,36 @@ class Bench:
     # -- history ------------------------------------------------------------------------------
 
     async def history(self) -> None:
+        """Claim latency beside 10k and beside 1M finished rows: two databases, each with its own
+        service, sampled alternately round by round so machine noise hits both sizes alike."""
         s, infra = self.s, self.infra
-        db = infra.new_database("history")
-        dsn = infra.dsn(db)
-        proc = await infra.start_service(db)
-        small, large = s.history
-        results = {}
-        have = 0
-        for key, size in (("history_small", small), ("history_large", large)):
-            note(f"inserting {size - have:,} finished jobs")
-            await sql.seed(dsn, size - have, status="done")
-            have = size
-            await sql.vacuum_analyze(dsn)
-            ours = await service.claim_latency(proc.address, dsn, s.history_rounds)
-            await sql.finish_leased(dsn)
-            raw = await sql.claim_latency(dsn, s.history_rounds)
-            await sql.finish_leased(dsn)
-            results[key] = p50(ours)
-            beside = f"raw claim statement p50 {p50(raw):.2f} ms"
-            if key == "history_large":
-                grow = results["history_large"] / results["history_small"]
-                beside += f"; {grow:.2f}x the latency at {small:,}"
-                self.add(
-                    Line(
-                        key,
-                        f"ClaimJob latency, {size:,} finished rows",
-                        f"p50 {p50(ours):.2f} / p99 {pct(ours, 0.99):.2f} ms",
-                        beside,
-                        f"≤ 1.2x at {small:,}",
-                        grow <= 1.2,
-                    )
+        sizes = s.history
+        dbs = [infra.new_database(f"history{i}") for i in range(2)]
+        dsns = [infra.dsn(db) for db in dbs]
+        for dsn, size in zip(dsns, sizes, strict=True):
+            note(f"inserting {size:,} finished jobs (one generate_series INSERT)")
+            await sql.seed(dsn, size, status="done", settle=True)
+        procs = [await infra.start_service(db) for db in dbs]
+        ours = await service.claim_latency([p.address for p in procs], dsns, s.history_rounds)
+        raw = await sql.claim_latency(dsns, s.history_rounds)
+        for proc, db in zip(procs, dbs, strict=True):
+            infra.retire(proc, db)
+        grow = p50(ours[1]) / p50(ours[0])
+        raw_grow = p50(raw[1]) / p50(raw[0])
+        for i, key in enumerate(("history_small", "history_large")):
+            beside = f"raw claim statement p50 {p50(raw[i]):.2f} ms"
+            if i:
+                beside += f" ({raw_grow:.2f}x); ClaimJob {grow:.2f}x its latency at {sizes[0]:,}"
+            self.add(
+                Line(
+                    key,
+                    f"ClaimJob latency, {sizes[i]:,} finished rows",
+                    f"p50 {p50(ours[i]):.2f} / p99 {pct(ours[i], 0.99):.2f} ms",
+                    beside,
+                    f"≤ 1.2x at {sizes[0]:,}" if i else "",
+                    grow <= 1.2 if i else None,
                 )
-            else:
-                self.add(
-                    Line(
-                        key,
-                        f"ClaimJob latency, {size:,} finished rows",
-                        f"p50 {p50(ours):.2f} / p99 {pct(ours, 0.99):.2f} ms",
-                        beside,
-                    )
-                )
-        infra.retire(proc, db)
+            )
 
     # -- fleet capacity -------------------------------------------------------------------------
 
@@ -445,7 +443,8 @@ class Bench:
             db = infra.new_database("fleet")
             await sql.seed(infra.dsn(db), 2 * size + 100)
             proc = await infra.start_service(db)
-            n_proc = 1 if size <= 1000 else 2
+            # Two load processes past 1,000 workers (and in --quick, so both paths stay run).
+            n_proc = 1 if size <= 1000 and not self.quick else 2
             share = [size // n_proc + (1 if i < size % n_proc else 0) for i in range(n_proc)]
             outs = await asyncio.gather(
                 *(
@@ -526,12 +525,17 @@ async def amain(args: argparse.Namespace) -> int:
             sizes, fleet_steps=tuple(int(x) for x in args.fleet_steps.split(","))
         )
     env = dict(kv.split("=", 1) for kv in args.service_env)
+    sections = args.sections.split(",") if args.sections else list(SECTIONS)
+    unknown = [x for x in sections if x not in SECTIONS]
+    if unknown:
+        raise SystemExit(f"unknown sections {unknown}; choose from {list(SECTIONS)}")
     infra = BenchInfra(args.processes, env)
     started = time.perf_counter()
     try:
         await infra.start()
+        await pgq.install(infra.dsn(PGQ_DATABASE))
         bench = Bench(infra, sizes, args.quick)
-        await bench.run()
+        await bench.run(sections)
     finally:
         await infra.finish_retiring()
         infra.close()
@@ -559,7 +563,7 @@ async def amain(args: argparse.Namespace) -> int:
     (out_dir / f"{name}.json").write_text(
         json.dumps([dataclasses.asdict(x) for x in ordered], indent=1) + "\n"
     )
-    if missing:
+    if missing and len(sections) == len(SECTIONS):
         print(f"missing lines: {missing}", file=sys.stderr)
         return 1
     return 0
@@ -569,6 +573,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="toy sizes, for make test")
     parser.add_argument("--processes", type=int, help="JOB_SERVICE_PROCESSES for the service")
+    parser.add_argument(
+        "--sections", help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)"
+    )
     parser.add_argument("--out", help="directory for results.md/.json (default .bench/)")
     parser.add_argument("--fleet-steps", help="comma-separated fleet sizes to try, in order")
     parser.add_argument(

@@ -17,9 +17,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import asyncpg
-from localinfra.ports import free_port
 
 from job_service.storage import migrate
+from localinfra.netports import free_port
 from localinfra.postgres import DEFAULT_SETTINGS, PostgresCluster
 from localinfra.s3 import MotoS3
 from tests.support import auth

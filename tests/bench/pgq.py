@@ -136,7 +136,8 @@ async def commit_to_start(dsn: str, rounds: int) -> list[float]:
             await asyncio.sleep(0.02)
     finally:
         await conn.close()
-        proc.terminate()
+        if proc.returncode is None:
+            proc.terminate()
         await proc.wait()
     return samples
 

@@ -48,7 +48,26 @@ def render(lines: Sequence[Line], header: Sequence[str]) -> str:
 
     out = [*header, "", fmt(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [fmt(r) for r in rows]
+    by_key = {x.key: x for x in lines}
+    out += ["", "Targets (issue 11, each a ratio within this run):"]
+    for key, sentence in TARGETS.items():
+        x = by_key.get(key)
+        if x is None:
+            continue
+        verdict = x.verdict or "n/a"
+        out.append(f"- {verdict}: {sentence} -- {x.figure}; {x.beside}")
     return "\n".join(out)
+
+
+#: The issue's Targets section, line by line, with the key of the line that measures each.
+TARGETS = {
+    "cycle_10": "worker cycle, max_jobs=10, at least 30% of the raw SQL floor (5x today)",
+    "claim_one": "ClaimJob max_jobs=1 at least 50% of the raw claim-one rate",
+    "wake": "wake-up p50 at most 3 ms, and at most 2x PgQueuer's commit-to-start",
+    "parked_large": "1,000 parked calls: at most 2 database queries/s per instance",
+    "fleet": "fleet capacity at least 5,000 simulated workers per instance",
+    "history_large": "claim latency at 1M finished rows at most 1.2x its latency at 10k",
+}
 
 
 #: Every line the full bench prints (and the quick one too), in order.

@@ -111,38 +111,17 @@ async def seed(
         await conn.close()
 
 
-async def vacuum_analyze(dsn: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute("VACUUM (ANALYZE) video_analysis_jobs")
-        await conn.execute("CHECKPOINT")
-    finally:
-        await conn.close()
-
-
-async def finish_leased(dsn: str) -> None:
-    """Mark every leased job done (cleanup between latency rounds)."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(
-            "UPDATE video_analysis_jobs SET status = 'done', stage = 'DONE', "
-            "lease_token = NULL, lease_expires_at = NULL, last_lease_outcome = 'completed' "
-            "WHERE lease_token IS NOT NULL"
-        )
-    finally:
-        await conn.close()
-
-
 async def floor(
     dsn: str, seconds: float, connections: int, batch: int, *, batched_ack: bool
 ) -> float:
     """Claim `batch` per statement, then ack each job (or the whole claim) fenced. Jobs/s."""
     pool = await asyncpg.create_pool(dsn, min_size=connections, max_size=connections)
     done = 0
+    last = 0.0
     deadline = time.perf_counter() + seconds
 
     async def worker(i: int) -> None:
-        nonlocal done
+        nonlocal done, last
         async with pool.acquire() as conn:
             while time.perf_counter() < deadline:
                 rows = await conn.fetch(CLAIM, batch, f"raw-{i}")
@@ -157,37 +136,38 @@ async def floor(
                     for r in rows:
                         assert await conn.fetchval(ACK, r["id"], r["lease_token"]) is not None
                 done += len(rows)
+                last = time.perf_counter()
 
     try:
         start = time.perf_counter()
         await asyncio.gather(*(worker(i) for i in range(connections)))
-        elapsed = time.perf_counter() - start
     finally:
         await pool.close()
-    return done / elapsed
+    return done / (last - start) if done else 0.0
 
 
 async def claim_one(dsn: str, seconds: float, connections: int) -> float:
     """The claim statement with LIMIT 1 on `connections` connections. Claims/s."""
     pool = await asyncpg.create_pool(dsn, min_size=connections, max_size=connections)
     done = 0
+    last = 0.0
     deadline = time.perf_counter() + seconds
 
     async def worker(i: int) -> None:
-        nonlocal done
+        nonlocal done, last
         async with pool.acquire() as conn:
             while time.perf_counter() < deadline:
                 if not await conn.fetch(CLAIM, 1, f"raw-{i}"):
                     return
                 done += 1
+                last = time.perf_counter()
 
     try:
         start = time.perf_counter()
         await asyncio.gather(*(worker(i) for i in range(connections)))
-        elapsed = time.perf_counter() - start
     finally:
         await pool.close()
-    return done / elapsed
+    return done / (last - start) if done else 0.0
 
 
 async def renew(dsn: str, seconds: float, connections: int, per_call: int) -> float:
@@ -226,19 +206,24 @@ async def renew(dsn: str, seconds: float, connections: int, per_call: int) -> fl
     return done / elapsed
 
 
-async def claim_latency(dsn: str, rounds: int) -> list[float]:
-    """Milliseconds of one claim statement that finds one freshly queued job."""
-    conn = await asyncpg.connect(dsn)
-    samples = []
+async def claim_latency(dsns: Sequence[str], rounds: int) -> list[list[float]]:
+    """ms of one claim statement that finds one freshly queued job, per database, taking turns
+    (in alternating order) so noise is shared."""
+    conns = [await asyncpg.connect(d) for d in dsns]
+    samples: list[list[float]] = [[] for _ in dsns]
     try:
-        for _ in range(rounds):
-            await conn.fetch(SEED, "queued", 1, await _session(conn))
-            start = time.perf_counter()
-            rows = await conn.fetch(CLAIM, 1, "raw-lat")
-            samples.append((time.perf_counter() - start) * 1000)
-            assert len(rows) == 1
+        sessions = [await _session(conn) for conn in conns]
+        for r in range(rounds):
+            order = range(len(conns)) if r % 2 == 0 else reversed(range(len(conns)))
+            for i in order:
+                await conns[i].fetch(SEED, "queued", 1, sessions[i])
+                start = time.perf_counter()
+                rows = await conns[i].fetch(CLAIM, 1, "raw-lat")
+                samples[i].append((time.perf_counter() - start) * 1000)
+                assert len(rows) == 1
     finally:
-        await conn.close()
+        for conn in conns:
+            await conn.close()
     return samples
 
 

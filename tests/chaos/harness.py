@@ -26,9 +26,9 @@ from typing import Any
 
 import grpc
 from jobs.v1 import jobs_pb2_grpc
-from localinfra.ports import free_port
 
 from job_service.auth.policy import Role
+from localinfra.netports import free_port
 from localinfra.postgres import PostgresCluster, PostgresError
 from localinfra.s3 import MotoS3
 from tests.chaos.processes import (

@@ -73,6 +73,7 @@ async def test_database_outage_of_three_leases_takes_no_lease_from_healthy_worke
         fig.notes["deep passes per job"] = deep_passes(spans)
         fig.notes["'lease expired' warnings"] = len(fleet.service_events("lease expired"))
         fig.notes["attempts before the outage"] = sorted(before.values())
+        fig.notes["workers' self-fence lines"] = len(fleet.worker_events("lease not renewed"))
 
     after = {j.id: j.attempts for j in await jobs_db.jobs()}
     assert after == before, fig.render()  # the outage spent no attempt
@@ -106,7 +107,7 @@ async def test_postgres_restart_under_load_loses_and_fails_nothing(
     figures: Callable[[str], Figures],
 ) -> None:
     fig = figures("Postgres restart (fast shutdown) under load")
-    jobs = chaos_scale.pick(8, 24)
+    jobs = chaos_scale.pick(6, 24)
     workers = 3
     restarts = chaos_scale.pick(1, 3)
     lease = 3.0

@@ -71,8 +71,15 @@ async def test_sigkill_storm_over_services_and_workers_loses_no_job(
         if n == service_killed_at:
             await asyncio.to_thread(fleet.kill, first)
             fig.notes["job-service killed after s"] = round(time.monotonic() - started, 1)
-        busy = {s.pid for s in fleet.spans() if s.outcome == "running"}
-        candidates = [w for w in live if w.proc.pid in busy] or live
+        running = [s for s in fleet.spans() if s.outcome == "running"]
+        busy = {s.pid for s in running}
+        in_deep = {s.pid for s in running if s.kind == "deep"}
+        # Mid-deep-pass first: that is the kill whose resume the scenario checks.
+        candidates = (
+            [w for w in live if w.proc.pid in in_deep]
+            or [w for w in live if w.proc.pid in busy]
+            or live
+        )
         victim = rng.choice(candidates)
         killed_workers += 1
         killed_mid_pass += victim.proc.pid in busy
@@ -92,6 +99,7 @@ async def test_sigkill_storm_over_services_and_workers_loses_no_job(
         fig.notes["jobs whose quick pass was redone after reaching deep"] = len(redone)
 
     assert fig.statuses == {"done": len(ids)}, fig.render()
+    assert resumed, "the storm never hit a deep pass: nothing to resume"
     assert redone == [], fig.render()
     assert not fig.overlapping_jobs, fig.render()
 
@@ -143,6 +151,7 @@ async def test_partition_longer_than_a_lease_never_runs_a_job_twice_at_once(
             (s.worker, s.kind, s.outcome, round(s.end - s.start, 1)) for s in spans
         ]
         fig.notes["completions accepted"] = len(completions)
+        fig.notes["workers' self-fence lines"] = len(fleet.worker_events("lease not renewed"))
 
     assert fig.statuses == {"done": 1}, fig.render()
     assert not fig.overlapping_jobs, fig.render()  # at most one analysis at any moment

@@ -13,9 +13,8 @@ from jobs.v1 import jobs_pb2 as pb
 from localinfra.media import make_video
 from localinfra.s3 import MotoS3
 from tests.support import flows
+from tests.support.e2e import Api, json_lines, watch
 from tests.support.procs import ServiceProcess
-
-from .conftest import Api, json_lines, watch
 
 pytestmark = pytest.mark.slow
 
@@ -68,3 +67,7 @@ async def test_uploaded_video_is_analysed_to_done(
 
     job_lines = [line for line in json_lines(worker) if line.get("job_id") == job.job_id]
     assert job_lines and all(line["worker_id"] == "e2e-worker-0" for line in job_lines)
+    # The service takes the quick results and the deep pass in one ReportProgress: the worker
+    # never had to fall back to two calls.
+    assert not any("using two calls" in str(line.get("msg")) for line in json_lines(worker))
+    assert any(str(line.get("msg")) == "job completed" for line in job_lines)

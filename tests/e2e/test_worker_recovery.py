@@ -17,9 +17,8 @@ from localinfra.media import make_video
 from localinfra.s3 import MotoS3
 from tests.support import flows
 from tests.support.analyzers import open_gate, recorded_calls
+from tests.support.e2e import Api, watch
 from tests.support.procs import ServiceProcess
-
-from .conftest import Api, watch
 
 pytestmark = pytest.mark.slow
 

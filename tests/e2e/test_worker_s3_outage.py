@@ -15,10 +15,9 @@ from jobs.v1 import jobs_pb2 as pb
 from localinfra.media import make_video
 from localinfra.s3 import MotoS3
 from tests.support import flows
+from tests.support.e2e import Api, json_lines, watch
 from tests.support.faults import FaultyProxy
 from tests.support.procs import ServiceProcess
-
-from .conftest import Api, json_lines, watch
 
 pytestmark = pytest.mark.slow
 
@@ -69,3 +68,37 @@ async def test_an_s3_slowdown_for_the_worker_spends_no_attempt(
     assert done.attempt == 1
     assert not done.HasField("error")
     assert done.result["deep"]["frames_decoded"] == video.frame_count
+
+
+async def test_an_s3_outage_past_the_workers_budget_requeues_without_spending_attempts(
+    start_job_service: Callable[..., Awaitable[ServiceProcess]],
+    start_worker: Callable[..., Awaitable[ServiceProcess]],
+    connect: Callable[[str], Api],
+    moto_s3: MotoS3,
+    s3_proxy: FaultyProxy,
+    tmp_path: Path,
+) -> None:
+    # One attempt only: a single failure counted against the job would fail it for good.
+    service = await start_job_service(
+        max_attempts=1, infra_retry_base_seconds=0.2, infra_retry_max_seconds=0.5
+    )
+    api = connect(service.address)
+    s3_proxy.set_mode("refuse")
+    worker = await start_worker(
+        service, S3_ENDPOINT_URL=f"http://{s3_proxy.address}", S3_RETRY_BUDGET_SECONDS="1"
+    )
+    video = make_video(tmp_path / "clip.mp4")
+    job = await flows.queued_job(api, moto_s3, body=video.path.read_bytes())
+
+    # The worker gives its lease back as infrastructure trouble, more than once...
+    await wait_for_lines(worker, "S3 retry budget of this lease spent; giving the job back", 2)
+    during = await flows.get_job(api, job.job_id)
+    assert during.status != pb.JOB_STATUS_FAILED
+    assert during.attempt <= 1
+    s3_proxy.set_mode("pass")
+
+    # ...and the job, never blamed, is done once S3 is back.
+    done = await watch(api, job.job_id)
+    assert done.status == pb.JOB_STATUS_DONE, done.error
+    assert done.attempt == 1
+    assert not done.HasField("infrastructure_failing_since")  # cleared by the progress made

@@ -186,7 +186,7 @@ async def test_the_service_does_not_start_without_keys_unless_auth_is_off(databa
             pass
     s = settings_for(database_url, moto_s3, auth_hs256_secrets=SecretStr(""), auth_required=False)
     async with JobServiceApp(s) as app:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        async with auth.channel(f"127.0.0.1:{app.port}") as ch:
             await stubs_for(ch).admin.GetStats(pb.GetStatsRequest(), timeout=5)
 
 

@@ -1,5 +1,5 @@
 """jobctl against a real job-service: the in-process one (its blocking gRPC calls run in a
-thread, never on the loop that serves them), the `python -m job_service.cli` module and the
+thread, never on the loop that serves them), the `python -m jobs_client.cli` module and the
 installed console script against the real service process."""
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ import dataclasses
 import io
 import json
 import os
+import re
+import signal
 import sys
 import time
 import uuid
@@ -20,7 +22,7 @@ import pytest
 from jobs.v1 import jobs_pb2 as pb
 from sqlalchemy import text
 
-from job_service import cli
+from jobs_client import cli
 from localinfra.netports import free_port
 from tests.support import auth
 from tests.support.flows import VIDEO, claim, get_job, initiate, queued_job
@@ -71,7 +73,7 @@ async def until(predicate: Callable[[], bool], within: float = 5.0) -> None:
 
 async def run_module(*argv: str, env: dict[str, str] | None = None) -> Result:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "job_service.cli", *argv,
+        sys.executable, "-m", "jobs_client.cli", *argv,
         cwd=ROOT, env={**os.environ, **auth.jobctl_env(), **(env or {})},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
@@ -119,12 +121,10 @@ def assert_one_line_error(res: Result, prefix: str) -> None:
 
 async def test_importing_the_cli_loads_no_database_or_storage_code():
     probe = (
-        "import sys, job_service.cli\n"
+        "import sys, jobs_client.cli\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
-        "{'sqlalchemy', 'asyncpg', 'alembic', 'aioboto3', 'botocore'} "
-        "or (m.startswith('job_service.') and m not in "
-        # client_auth (tokens, TLS) is jobctl's own and imports nothing of the job-service.
-        "('job_service.cli', 'job_service.client_auth')))\n"
+        "{'sqlalchemy', 'asyncpg', 'alembic', 'aioboto3', 'botocore', 'job_service', "
+        "'analysis_worker'})\n"
         "print(','.join(bad))\n"
     )
     proc = await asyncio.create_subprocess_exec(
@@ -153,8 +153,8 @@ async def test_upload_puts_the_file_and_queues_the_job(jobctl, api, moto_s3, tmp
     assert obj["Body"].read() == BODY
     # Progress on stderr (not a terminal here: a line per quarter), then the outcome.
     progress = [line for line in res.err.splitlines() if line.startswith("upload [")]
-    assert progress and progress[-1].endswith(f"{len(BODY)}/{len(BODY)} bytes (0.3/0.3 MiB)")
-    assert "100%" in progress[-1]
+    assert progress and f"{len(BODY)}/{len(BODY)} bytes (0.3/0.3 MiB)" in progress[-1]
+    assert "100%" in progress[-1] and " MiB/s ETA 0s" in progress[-1]
     assert f"job {job_id}: QUEUED" in res.err
     assert [lease.job.job_id for lease in await claim(api)] == [job_id]
 
@@ -461,3 +461,60 @@ async def test_console_script_against_the_service_process(start_job_service, tmp
 
     res = await run_module("--address", svc.address, "--json", "get", job_id)
     assert json.loads(res.out)["status"] == "JOB_STATUS_QUEUED"
+
+
+# ------------------------------------------------------------------------- large uploads
+
+
+async def test_upload_of_a_large_file_goes_multipart_with_progress(jobctl, api, tmp_path):
+    path = tmp_path / "match.mp4"
+    path.write_bytes(os.urandom(40 * 1024**2))  # below the 64 MiB threshold: --multipart
+    res = await jobctl("upload", str(path), "--multipart", "--state-dir", str(tmp_path / "s"))
+    assert res.code == 0, res.err
+    job_id = res.out.strip()
+    lines = res.err.splitlines()
+    size = 40 * 1024**2
+    assert lines[0] == f"job {job_id}: uploading match.mp4 (video/mp4, {size} bytes) (3 parts)"
+    bars = [ln for ln in lines if ln.startswith("upload [")]
+    assert any("part 1/3" in ln for ln in bars) and "part 3/3" in bars[-1]
+    assert "100%" in bars[-1] and "41943040/41943040 bytes (40.0/40.0 MiB)" in bars[-1]
+    assert re.search(r" \d+\.\d MiB/s ETA ", bars[1])  # rate and time left while it runs
+    assert lines[-1] == f"job {job_id}: QUEUED"
+    job = await get_job(api, job_id)
+    assert job.status == pb.JOB_STATUS_QUEUED and job.etag.endswith("-3")
+
+
+async def test_upload_survives_ctrl_c_and_resumes(app, api, tmp_path):
+    path = tmp_path / "match.mp4"
+    path.write_bytes(os.urandom(48 * 1024**2))
+    argv = [
+        "-m", "jobs_client.cli", "--address", f"127.0.0.1:{app.port}", "upload", str(path),
+        "--multipart", "--parallel", "1", "--state-dir", str(tmp_path / "s"),
+    ]  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, *argv, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    seen = []
+    while not any("part 1/3" in ln for ln in seen):
+        raw = await asyncio.wait_for(proc.stderr.readline(), 60)
+        assert raw, seen
+        seen.append(raw.decode())
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    _, rest = await asyncio.wait_for(proc.communicate(), 60)
+    err = "".join(seen) + rest.decode()
+    job_id = seen[0].split()[1].rstrip(":")
+    assert proc.returncode == 130, err
+    assert "--resume` to continue it" in err and "Traceback" not in err
+    assert (await get_job(api, job_id)).status == pb.JOB_STATUS_AWAITING_UPLOAD
+
+    again = await asyncio.create_subprocess_exec(
+        sys.executable, *argv, "--resume", cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err2 = await asyncio.wait_for(again.communicate(), 120)
+    assert again.returncode == 0, err2.decode()
+    assert out.decode().strip() == job_id  # the same job
+    assert re.search(r"resuming: [12] of 3 parts already uploaded", err2.decode())
+    assert (await get_job(api, job_id)).status == pb.JOB_STATUS_QUEUED

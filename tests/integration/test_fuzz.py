@@ -165,6 +165,9 @@ class Gen:
             return self.rng.random() < 0.5
         if t == fd.TYPE_ENUM:
             return self.enum(field.enum_type)
+        if t == fd.TYPE_BYTES:  # digests (sha256): empty, one short, exact, one long, random
+            size = self.rng.choice([0, 31, 32, 33, self.rng.randrange(0, 300)])
+            return self.rng.randbytes(size)
         raise AssertionError(f"no generator for {field.full_name} (type {t})")
 
     def _sub(self, field: descriptor.FieldDescriptor) -> Any:

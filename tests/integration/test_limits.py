@@ -13,8 +13,9 @@ from typing import Any
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from jobs.v1 import jobs_pb2 as pb
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from job_service.app import JobServiceApp
 from job_service.rpc.servicers import WATCH_END_KEY, WATCH_END_MAX_LIFETIME
@@ -37,6 +38,16 @@ async def until(predicate: Any, timeout: float = 10.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached"
         await asyncio.sleep(0.02)
+
+
+def retry_delay(err: grpc.aio.AioRpcError) -> float | None:
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    assert status is not None
+    for detail in status.details:
+        info = error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            return info.retry_delay.ToTimedelta().total_seconds()
+    return None
 
 
 def heartbeat(api: Stubs, lease: pb.Lease) -> Any:
@@ -64,6 +75,7 @@ async def test_calls_over_the_cap_are_refused_at_once_but_heartbeats_never(
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert error_reason(err.value) == "TOO_MANY_RPCS"
         assert "JOB_SERVICE_MAX_CONCURRENT_RPCS" in err.value.details()
+        assert retry_delay(err.value) == 1.0
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await claim(api, worker_id="p-4")
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -104,6 +116,7 @@ async def test_watch_streams_over_the_cap_are_refused(database_url, moto_s3):
                 pass
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert error_reason(err.value) == "TOO_MANY_STREAMS"
+        assert retry_delay(err.value) == 1.0
         # Unary calls are not counted against the stream cap.
         assert (await get_job(api, job.job_id)).job_id == job.job_id
 
@@ -154,32 +167,36 @@ async def test_watch_ends_cleanly_at_its_maximum_lifetime(database_url, moto_s3)
 
 async def test_exhausted_watch_pool_leaves_the_lease_path_alone(database_url, moto_s3):
     async with service(
-        database_url, moto_s3, aux_db_pool_size=1, db_connect_timeout_seconds=1.0
+        database_url, moto_s3, aux_db_pool_size=1, db_connect_timeout_seconds=5.0
     ) as (app, api):
         job = await queued_job(api, moto_s3)
         [lease] = await claim(api)
         # Take every connection of the WatchJob/admin pool (1 + 1 overflow).
         async with contextlib.AsyncExitStack() as held:
-            conns: list[AsyncConnection] = [
-                await held.enter_async_context(app.aux_engine.connect()) for _ in range(2)
-            ]
-            assert len(conns) == 2
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                async for _ in api.upload.WatchJob(
-                    pb.WatchJobRequest(job_id=job.job_id), timeout=10
-                ):
-                    pass
-            assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # a clear, retryable answer
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                await api.admin.GetStats(pb.GetStatsRequest(), timeout=10)
-            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-            # Meanwhile the lease path and the upload RPCs answer from their own pool.
+            for _ in range(2):
+                await held.enter_async_context(app.aux_engine.connect())
+
+            async def watch() -> grpc.aio.AioRpcError:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    async for _ in api.upload.WatchJob(
+                        pb.WatchJobRequest(job_id=job.job_id), timeout=20
+                    ):
+                        pass
+                return err.value
+
+            waiting = asyncio.create_task(watch())
+            await until(lambda: app.gate.streams == 1)
+            # While that stream waits for a connection of its pool, the lease path and the
+            # upload RPCs answer from their own.
             for _ in range(5):
-                started = time.monotonic()
                 beat = await heartbeat(api, lease)
                 assert beat.leases[0].state == pb.LEASE_STATE_HELD
-                # Not waiting for a pool connection (that would take the 1 s pool timeout).
-                assert time.monotonic() - started < 1.0
             assert (await get_job(api, job.job_id)).status == pb.JOB_STATUS_QUICK_RUNNING
+            assert not waiting.done()
+            err = await waiting
+            assert err.code() == grpc.StatusCode.UNAVAILABLE  # a clear, retryable answer
+            with pytest.raises(grpc.aio.AioRpcError) as admin_err:
+                await api.admin.GetStats(pb.GetStatsRequest(), timeout=20)
+            assert admin_err.value.code() == grpc.StatusCode.UNAVAILABLE
         resp = await api.admin.GetStats(pb.GetStatsRequest(), timeout=10)
         assert resp.counts

@@ -330,3 +330,51 @@ async def test_revision_0008_builds_a_valid_index_over_history_and_rolls_back(pg
     assert gone == "0"
     await migrate.upgrade_async(url, "head")
     await asyncio.to_thread(migrate.check, url)
+
+
+async def test_purge_over_a_long_history_stays_bounded(api, app, pg, database_url):
+    """33,000 old finished jobs (more ids than one statement may bind): a dry run counts them
+    all, a purge call takes exactly max_jobs in batches of JOB_SERVICE_RETENTION_BATCH."""
+    from sqlalchemy.engine import make_url
+
+    db = make_url(database_url).database
+    assert db is not None
+    pg.execute(
+        "INSERT INTO video_sessions (id) VALUES ('00000000-0000-0000-0000-000000000002');"
+        "INSERT INTO video_analysis_jobs (id, session_id, status, stage, filename, content_type,"
+        " size_bytes, s3_bucket, s3_key, updated_at) SELECT gen_random_uuid(),"
+        " '00000000-0000-0000-0000-000000000002', 'done', 'DONE', 'a.mp4', 'video/mp4', 1,"
+        " 'videos', 'k' || i, now() - interval '30 days' FROM generate_series(1, 33000) AS i;"
+        "INSERT INTO video_analysis_job_errors (job_id, attempt, code, message, retryable)"
+        " SELECT id, 1, 'DOWNLOAD_FAILED', 'x', true FROM video_analysis_jobs LIMIT 100;",
+        db,
+    )
+    dry = await api.admin.PurgeJobs(
+        pb.PurgeJobsRequest(older_than=dur(7 * DAY), dry_run=True, max_jobs=100_000), timeout=60
+    )
+    assert (dry.jobs, dry.error_rows, dry.more) == (33_000, 100, False)
+    part = await api.admin.PurgeJobs(
+        pb.PurgeJobsRequest(older_than=dur(7 * DAY), max_jobs=1200), timeout=60
+    )
+    assert (part.jobs, part.batches, part.more) == (1200, 3, True)  # 500 + 500 + 200
+    assert await scalar(app, "SELECT count(*) FROM video_analysis_jobs") == 33_000 - 1200
+
+
+async def test_results_are_deleted_in_small_batches(api, app, pg, database_url):
+    """With delete_results a batch's rows stay locked while S3 answers: batches shrink."""
+    from sqlalchemy.engine import make_url
+
+    from job_service.retention import RESULTS_BATCH
+
+    pg.execute(
+        "INSERT INTO video_sessions (id) VALUES ('00000000-0000-0000-0000-000000000003');"
+        "INSERT INTO video_analysis_jobs (id, session_id, status, stage, filename, content_type,"
+        " size_bytes, s3_bucket, s3_key, updated_at) SELECT gen_random_uuid(),"
+        " '00000000-0000-0000-0000-000000000003', 'done', 'DONE', 'a.mp4', 'video/mp4', 1,"
+        " 'videos', 'k' || i, now() - interval '30 days' FROM generate_series(1, 120) AS i",
+        make_url(database_url).database or "",
+    )
+    report = await app.retention.purge(timedelta(days=7), delete_results=True, batch=1000)
+    assert RESULTS_BATCH == 50 and report.batches == (50, 50, 20)
+    rows_only = await app.retention.purge(timedelta(days=7), batch=1000)
+    assert rows_only.jobs == 0

@@ -392,3 +392,28 @@ async def _any_job(api) -> Job:
         updated_at=listed.updated_at.ToDatetime(UTC),
         available_at=listed.created_at.ToDatetime(UTC),
     )
+
+
+async def test_list_pages_stay_below_what_clients_accept(api, app):
+    """Jobs carry results of up to 256 KiB: a page ends early instead of growing past the
+    4 MiB clients accept by default, and the next token continues where it stopped."""
+    made = {(await initiate(api)).job.job_id for _ in range(20)}
+    async with app.engine.begin() as conn:
+        await conn.execute(
+            text(
+                "UPDATE video_analysis_jobs SET result = jsonb_build_object('blob', "
+                "repeat('z', 250000))"
+            )
+        )
+    seen: list[str] = []
+    token = ""
+    pages = 0
+    while True:
+        resp = await list_page(api, page_size=500, page_token=token)
+        assert resp.ByteSize() < 4 * 1024 * 1024
+        seen += [j.job_id for j in resp.jobs]
+        pages += 1
+        token = resp.next_page_token
+        if not token:
+            break
+    assert pages >= 2 and sorted(seen) == sorted(made)

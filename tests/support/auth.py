@@ -198,3 +198,8 @@ def sync_channel(address: str, tok: str | None = None) -> grpc.Channel:
 def jobctl_env() -> dict[str, str]:
     """JOBS_TOKEN_<ROLE> for jobctl and the demo: one token per audience."""
     return {f"JOBS_TOKEN_{role.value.upper()}": token(role) for role in Role}
+
+
+def tokens_by_role() -> dict[str, str]:
+    """role name -> token, as jobs_client's `tokens=` takes them (the test audiences)."""
+    return {role.value: token(role) for role in Role}

@@ -1,9 +1,13 @@
-"""Client-side steps shared by tests: initiate, upload, complete, claim."""
+"""Client-side steps shared by tests. The whole upload flow is the client library's
+(`upload`, `queued_job`); the single steps (initiate, put_object, complete) are for tests that
+stop in between or put an object S3-side."""
 
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import uuid
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -11,6 +15,8 @@ from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from jobs.v1 import jobs_pb2 as pb
+
+from jobs_client import JobsClient
 
 VIDEO = b"\x00\x00\x00\x18ftypmp42" + b"x" * 1000
 
@@ -47,13 +53,26 @@ async def get_job(api: Any, job_id: str) -> pb.Job:
     return job
 
 
+async def upload(api: Any, body: bytes = VIDEO, **fields: Any) -> pb.Job:
+    """The client library's upload_file (checksummed PUT or multipart, then CompleteUpload) of
+    `body` as a file named `filename`, over the test's stubs."""
+    client = JobsClient.from_stubs(api.upload, api.admin)
+    with tempfile.TemporaryDirectory(prefix="flows-") as tmp:
+        path = Path(tmp) / fields.pop("filename", "clip.mp4")
+        path.write_bytes(body)
+        return await client.upload_file(
+            path,
+            content_type=fields.pop("content_type", "video/mp4"),
+            request_id=fields.pop("request_id", None),
+            state_dir=Path(tmp) / "state",
+            **fields,
+        )
+
+
 async def queued_job(api: Any, s3: Any, body: bytes = VIDEO, **fields: Any) -> pb.Job:
-    """initiate -> upload -> complete: a job that is claimable."""
-    init = await initiate(api, size=len(body), **fields)
-    await put_object(
-        s3, init.job.bucket, init.job.key, body, fields.get("content_type", "video/mp4")
-    )
-    return await complete(api, init.job.job_id)
+    """A job that is claimable, uploaded as a backend service does (`s3` is unused: kept for
+    the callers that name the store the job lives in)."""
+    return await upload(api, body, **fields)
 
 
 async def claim(

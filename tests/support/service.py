@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 from jobs.v1 import jobs_pb2, jobs_pb2_grpc
+from sqlalchemy import text
 
 from job_service.app import JobServiceApp
 from job_service.config import Settings
@@ -77,3 +78,15 @@ def claim_count(app: JobServiceApp) -> float:
 def lease_ref(lease: jobs_pb2.Lease) -> dict[str, str]:
     """The fields that name a lease in every fenced request: `**lease_ref(lease)`."""
     return {"job_id": lease.job.job_id, "lease_token": lease.lease_token}
+
+
+async def backdate(app: JobServiceApp, job_id: str, seconds: float) -> None:
+    """Moves a job's created_at and updated_at `seconds` into the past (database time)."""
+    async with app.engine.begin() as conn:
+        await conn.execute(
+            text(
+                "UPDATE video_analysis_jobs SET created_at = now() - make_interval(secs => :s), "
+                "updated_at = now() - make_interval(secs => :s) WHERE id = :id"
+            ),
+            {"s": seconds, "id": job_id},
+        )

@@ -21,8 +21,7 @@ from analysis_worker.analysis import InvalidMediaError, QuickResult
 from localinfra.s3 import MotoS3
 from tests.support.analyzers import GatedAnalyzer, SyntheticAnalyzer, open_gate, recorded_calls
 from tests.support.faults import FaultyProxy
-
-from .conftest import BUCKET, Harness, RunningWorker, s3_client_for
+from tests.support.worker_service import BUCKET, Harness, RunningWorker, s3_client_for
 
 INFRASTRUCTURE = jobs_pb2.FAILURE_KIND_INFRASTRUCTURE
 JOB = jobs_pb2.FAILURE_KIND_JOB

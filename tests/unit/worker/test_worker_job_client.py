@@ -16,8 +16,7 @@ from analysis_worker.job_client import (
     LeaseLostError,
     channel_options,
 )
-
-from .conftest import Harness
+from tests.support.worker_service import Harness
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 

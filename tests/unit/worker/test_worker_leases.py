@@ -16,13 +16,14 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2, timestamp_pb2
 from jobs.v1 import jobs_pb2
 
 from analysis_worker.analysis import AnalysisAborted, DeepResult, ProgressFn, StopFn
+from analysis_worker.lease import lease_lifetime
 from tests.support.analyzers import GatedAnalyzer, SyntheticAnalyzer, open_gate, recorded_calls
 from tests.support.faults import FaultyProxy
-
-from .conftest import BUCKET, Harness, RunningWorker
+from tests.support.worker_service import BUCKET, Harness, RunningWorker
 
 
 def metric(running: RunningWorker, name: str) -> float:
@@ -255,3 +256,64 @@ async def test_complete_job_is_retried_through_a_partition_until_the_lease_runs_
     claims = len(fake.requests("ClaimJob"))
     await fake.wait_for(lambda: len(fake.requests("ClaimJob")) > claims, "a new claim")
     assert fake.methods(lease.job.job_id) == ["ReportProgress"]  # entering deep, nothing after
+
+
+def test_lease_lifetime_prefers_the_relative_ttl_and_falls_back_to_the_expiry() -> None:
+    ttl = duration_pb2.Duration(seconds=30)
+    expires = timestamp_pb2.Timestamp(seconds=1_000_030)
+    # lease_ttl wins: it does not depend on the clocks agreeing.
+    assert lease_lifetime(ttl, expires, sent_wall=1_000_020.0) == 30
+    # Without it, the expiry against our wall clock at the moment we sent the call.
+    assert lease_lifetime(None, expires, sent_wall=1_000_010.0) == 20
+    assert lease_lifetime(duration_pb2.Duration(), expires, sent_wall=1_000_010.0) == 20
+    # Nothing to count on: no fence (rather than a fence that stops every job at once).
+    assert lease_lifetime(None, None, sent_wall=1_000_010.0) is None
+    assert lease_lifetime(None, timestamp_pb2.Timestamp(), sent_wall=1_000_010.0) is None
+    assert lease_lifetime(None, expires, sent_wall=1_000_031.0) is None
+
+
+async def test_a_database_outage_at_the_service_longer_than_a_lease_costs_no_lease(
+    harness: Harness,
+) -> None:
+    """UNAVAILABLE DATABASE_UNAVAILABLE: the service is there and nobody can take the lease
+    until one grace after its database is back, so the worker keeps working through it (and
+    renews as soon as it can) instead of fencing itself."""
+    fake = harness.fake
+    fake.lease_seconds = 1.5
+    lease = await harness.lease(heartbeat_interval=0.5)
+    fake.offer(lease)
+    running = harness.start(gated(harness))
+    await fake.wait_for(lambda: "deep" in passes(harness), "the deep pass")
+    await fake.wait_for(lambda: heartbeats(harness) >= 1, "a first renewal")
+
+    fake.set_database_down(True)
+    down_at = time.monotonic()
+    await fake.wait_for(lambda: time.monotonic() > down_at + 3 * 1.5, "three leases of outage")
+    assert running.worker.active_job_ids == [lease.job.job_id]
+    assert passes(harness) == ["quick", "deep"]  # not aborted
+    fake.set_database_down(False)
+    before = heartbeats(harness)
+    await fake.wait_for(lambda: heartbeats(harness) >= before + 2, "renewals after the outage")
+    assert fake.expired == set()
+
+    open_gate(harness.gate_dir)
+    await fake.wait_for(lambda: fake.requests("CompleteJob"), "CompleteJob")
+    assert metric(running, "analysis_worker_leases_fenced_total") == 0
+    assert fake.requests("FailJob") == [] and fake.requests("ReleaseJob") == []
+
+
+async def test_plain_unavailable_longer_than_a_lease_still_fences(harness: Harness) -> None:
+    """Without the service saying its database is down, an unrenewed lease may be rescued at
+    its expiry: the worker stops the job first."""
+    fake = harness.fake
+    fake.lease_seconds = 1.5
+    lease = await harness.lease(heartbeat_interval=0.5)
+    fake.offer(lease)
+    running = harness.start(gated(harness))
+    await fake.wait_for(lambda: "deep" in passes(harness), "the deep pass")
+    await fake.wait_for(lambda: heartbeats(harness) >= 1, "a first renewal")
+    fake.errors["Heartbeat"] = [grpc.StatusCode.UNAVAILABLE] * 1000
+    await fake.wait_for(lambda: "aborted" in passes(harness), "the fence", within=5)
+    await fake.wait_for(lambda: not running.worker.active_job_ids, "the job dropped")
+    assert metric(running, "analysis_worker_leases_fenced_total") == 1
+    assert fake.requests("ReleaseJob") == [] and fake.requests("FailJob") == []

@@ -37,8 +37,7 @@ from tests.support.analyzers import (
     open_gate,
     recorded_calls,
 )
-
-from .conftest import BUCKET, FAST_RETRY, Harness, RunningWorker
+from tests.support.worker_service import BUCKET, FAST_RETRY, Harness, RunningWorker
 
 QUICK_DONE = jobs_pb2.JOB_STATUS_QUICK_DONE
 DEEP_RUNNING = jobs_pb2.JOB_STATUS_DEEP_RUNNING

@@ -21,8 +21,7 @@ from localinfra.media import make_video
 from localinfra.s3 import MotoS3
 from tests.support.analyzers import GATE_DIR_ENV, open_gate, recorded_calls
 from tests.support.procs import ServiceProcess, spawn
-
-from .conftest import Harness
+from tests.support.worker_service import Harness
 
 
 @pytest.fixture

@@ -14,8 +14,7 @@ from jobs.v1 import jobs_pb2
 
 from analysis_worker.storage import Storage, StorageError
 from localinfra.netports import free_port
-
-from .conftest import BUCKET, Harness
+from tests.support.worker_service import BUCKET, Harness
 
 
 class SpyBody:

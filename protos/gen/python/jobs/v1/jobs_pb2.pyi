@@ -363,6 +363,8 @@ class InitiateUploadRequest(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    MULTIPART_FIELD_NUMBER: _builtins.int
     filename: _builtins.str
     """Shown to people only; never used to build the S3 key. At most 255 characters."""
     content_type: _builtins.str
@@ -373,6 +375,15 @@ class InitiateUploadRequest(_message.Message):
     """Groups uploads; a UUID. A new session is created when empty or unknown."""
     request_id: _builtins.str
     """Idempotency key (a UUID): the same request_id returns the same job, never a second one."""
+    sha256: _builtins.bytes
+    """Optional SHA-256 (32 bytes) of the whole file. A single PUT is signed with it (S3 rejects
+    another body) and CompleteUpload compares S3's stored checksum; workers re-hash what they
+    download. The client library always sends it.
+    """
+    multipart: _builtins.bool
+    """Ask for a multipart upload even below the service's multipart threshold. Files above the
+    threshold (or above 5 GiB, S3's single-PUT limit) are always multipart.
+    """
     def __init__(
         self,
         *,
@@ -381,10 +392,12 @@ class InitiateUploadRequest(_message.Message):
         size_bytes: _builtins.int = ...,
         session_id: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        sha256: _builtins.bytes = ...,
+        multipart: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "filename", b"filename", "request_id", b"request_id", "session_id", b"session_id", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "filename", b"filename", "multipart", b"multipart", "request_id", b"request_id", "session_id", b"session_id", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -418,6 +431,7 @@ class InitiateUploadResponse(_message.Message):
     UPLOAD_URL_FIELD_NUMBER: _builtins.int
     UPLOAD_HEADERS_FIELD_NUMBER: _builtins.int
     UPLOAD_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    MULTIPART_FIELD_NUMBER: _builtins.int
     upload_url: _builtins.str
     """PUT the file here. Empty once the job has left AWAITING_UPLOAD."""
     @_builtins.property
@@ -428,6 +442,10 @@ class InitiateUploadResponse(_message.Message):
 
     @_builtins.property
     def upload_expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def multipart(self) -> Global___MultipartPlan:
+        """Set for a multipart upload (then upload_url is empty): sign parts with SignUploadParts."""
+
     def __init__(
         self,
         *,
@@ -435,14 +453,247 @@ class InitiateUploadResponse(_message.Message):
         upload_url: _builtins.str = ...,
         upload_headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         upload_expires_at: _timestamp_pb2.Timestamp | None = ...,
+        multipart: Global___MultipartPlan | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "upload_expires_at", b"upload_expires_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "multipart", b"multipart", "upload_expires_at", b"upload_expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "upload_expires_at", b"upload_expires_at", "upload_headers", b"upload_headers", "upload_url", b"upload_url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "multipart", b"multipart", "upload_expires_at", b"upload_expires_at", "upload_headers", b"upload_headers", "upload_url", b"upload_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InitiateUploadResponse: _TypeAlias = InitiateUploadResponse  # noqa: Y015
+
+@_typing.final
+class MultipartPlan(_message.Message):
+    """Chosen by the service: part_size = max(16 MiB, ceil(size / 10000)) (at least S3's 5 MiB), so
+    part_count <= 10000. Parts 1..part_count-1 have exactly part_size bytes; the last one the rest.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PART_SIZE_FIELD_NUMBER: _builtins.int
+    PART_COUNT_FIELD_NUMBER: _builtins.int
+    MAX_PARTS_PER_CALL_FIELD_NUMBER: _builtins.int
+    part_size: _builtins.int
+    part_count: _builtins.int
+    max_parts_per_call: _builtins.int
+    """Most part numbers one SignUploadParts call accepts."""
+    def __init__(
+        self,
+        *,
+        part_size: _builtins.int = ...,
+        part_count: _builtins.int = ...,
+        max_parts_per_call: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_parts_per_call", b"max_parts_per_call", "part_count", b"part_count", "part_size", b"part_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MultipartPlan: _TypeAlias = MultipartPlan  # noqa: Y015
+
+@_typing.final
+class PartToSign(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PART_NUMBER_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    part_number: _builtins.int
+    """1..part_count."""
+    sha256: _builtins.bytes
+    """SHA-256 (32 bytes) of this part's bytes: signed into its URL, verified by S3."""
+    def __init__(
+        self,
+        *,
+        part_number: _builtins.int = ...,
+        sha256: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["part_number", b"part_number", "sha256", b"sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PartToSign: _TypeAlias = PartToSign  # noqa: Y015
+
+@_typing.final
+class SignUploadPartsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    PARTS_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    @_builtins.property
+    def parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___PartToSign]: ...
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        parts: _abc.Iterable[Global___PartToSign] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "parts", b"parts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignUploadPartsRequest: _TypeAlias = SignUploadPartsRequest  # noqa: Y015
+
+@_typing.final
+class SignedPart(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class HeadersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    PART_NUMBER_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    part_number: _builtins.int
+    url: _builtins.str
+    """PUT the part's bytes here with exactly `headers`."""
+    size: _builtins.int
+    """Bytes this part must have."""
+    @_builtins.property
+    def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        part_number: _builtins.int = ...,
+        url: _builtins.str = ...,
+        headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["headers", b"headers", "part_number", b"part_number", "size", b"size", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignedPart: _TypeAlias = SignedPart  # noqa: Y015
+
+@_typing.final
+class SignUploadPartsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTS_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___SignedPart]:
+        """In request order."""
+
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        parts: _abc.Iterable[Global___SignedPart] | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "parts", b"parts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignUploadPartsResponse: _TypeAlias = SignUploadPartsResponse  # noqa: Y015
+
+@_typing.final
+class ListUploadedPartsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListUploadedPartsRequest: _TypeAlias = ListUploadedPartsRequest  # noqa: Y015
+
+@_typing.final
+class UploadedPart(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PART_NUMBER_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    part_number: _builtins.int
+    size: _builtins.int
+    etag: _builtins.str
+    sha256: _builtins.bytes
+    """The SHA-256 the part's URL was signed with (what S3 checked the body against)."""
+    def __init__(
+        self,
+        *,
+        part_number: _builtins.int = ...,
+        size: _builtins.int = ...,
+        etag: _builtins.str = ...,
+        sha256: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "part_number", b"part_number", "sha256", b"sha256", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadedPart: _TypeAlias = UploadedPart  # noqa: Y015
+
+@_typing.final
+class ListUploadedPartsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    PLAN_FIELD_NUMBER: _builtins.int
+    PARTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> Global___Job: ...
+    @_builtins.property
+    def plan(self) -> Global___MultipartPlan: ...
+    @_builtins.property
+    def parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___UploadedPart]:
+        """Ascending part numbers; empty once the upload was completed or aborted."""
+
+    def __init__(
+        self,
+        *,
+        job: Global___Job | None = ...,
+        plan: Global___MultipartPlan | None = ...,
+        parts: _abc.Iterable[Global___UploadedPart] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "plan", b"plan"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "parts", b"parts", "plan", b"plan"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListUploadedPartsResponse: _TypeAlias = ListUploadedPartsResponse  # noqa: Y015
 
 @_typing.final
 class CompleteUploadRequest(_message.Message):
@@ -609,6 +860,7 @@ class Lease(_message.Message):
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
     RESULTS_PREFIX_FIELD_NUMBER: _builtins.int
     LEASE_TTL_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
     bucket: _builtins.str
     key: _builtins.str
     content_type: _builtins.str
@@ -621,6 +873,10 @@ class Lease(_message.Message):
     results_prefix: _builtins.str
     """Where to write results: s3://bucket/<results_prefix>... One prefix per lease, so a worker
     that lost its lease cannot overwrite the results of the lease that replaced it.
+    """
+    sha256: _builtins.bytes
+    """SHA-256 of the whole file declared at InitiateUpload (empty when none was): re-hash the
+    download and treat a mismatch like a changed object (UPLOAD_CHANGED).
     """
     @_builtins.property
     def job(self) -> Global___Job: ...
@@ -652,10 +908,11 @@ class Lease(_message.Message):
         heartbeat_interval: _duration_pb2.Duration | None = ...,
         results_prefix: _builtins.str = ...,
         lease_ttl: _duration_pb2.Duration | None = ...,
+        sha256: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "job", b"job", "lease_expires_at", b"lease_expires_at", "lease_ttl", b"lease_ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "bucket", b"bucket", "content_type", b"content_type", "etag", b"etag", "heartbeat_interval", b"heartbeat_interval", "job", b"job", "key", b"key", "lease_expires_at", b"lease_expires_at", "lease_token", b"lease_token", "lease_ttl", b"lease_ttl", "results_prefix", b"results_prefix", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "bucket", b"bucket", "content_type", b"content_type", "etag", b"etag", "heartbeat_interval", b"heartbeat_interval", "job", b"job", "key", b"key", "lease_expires_at", b"lease_expires_at", "lease_token", b"lease_token", "lease_ttl", b"lease_ttl", "results_prefix", b"results_prefix", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -57,6 +57,16 @@ class UploadServiceStub:
                 request_serializer=jobs_dot_v1_dot_jobs__pb2.WatchJobRequest.SerializeToString,
                 response_deserializer=jobs_dot_v1_dot_jobs__pb2.WatchJobResponse.FromString,
                 _registered_method=True)
+        self.SignUploadParts = channel.unary_unary(
+                '/jobs.v1.UploadService/SignUploadParts',
+                request_serializer=jobs_dot_v1_dot_jobs__pb2.SignUploadPartsRequest.SerializeToString,
+                response_deserializer=jobs_dot_v1_dot_jobs__pb2.SignUploadPartsResponse.FromString,
+                _registered_method=True)
+        self.ListUploadedParts = channel.unary_unary(
+                '/jobs.v1.UploadService/ListUploadedParts',
+                request_serializer=jobs_dot_v1_dot_jobs__pb2.ListUploadedPartsRequest.SerializeToString,
+                response_deserializer=jobs_dot_v1_dot_jobs__pb2.ListUploadedPartsResponse.FromString,
+                _registered_method=True)
 
 
 class UploadServiceServicer:
@@ -92,6 +102,24 @@ class UploadServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SignUploadParts(self, request, context):
+        """Multipart uploads (InitiateUploadResponse.multipart is set): presigned UploadPart URLs for a
+        batch of part numbers, each bound to the part's SHA-256 (S3 rejects a body that does not
+        match). Call again for fresh URLs (retries, resume). FAILED_PRECONDITION once the job has
+        left AWAITING_UPLOAD or when it is a single-PUT job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListUploadedParts(self, request, context):
+        """The parts S3 holds for a multipart job (every ListParts page), for resuming an upload from
+        any machine. CompleteUpload assembles the object from this list, never from the client's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UploadServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -114,6 +142,16 @@ def add_UploadServiceServicer_to_server(servicer, server):
                     servicer.WatchJob,
                     request_deserializer=jobs_dot_v1_dot_jobs__pb2.WatchJobRequest.FromString,
                     response_serializer=jobs_dot_v1_dot_jobs__pb2.WatchJobResponse.SerializeToString,
+            ),
+            'SignUploadParts': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignUploadParts,
+                    request_deserializer=jobs_dot_v1_dot_jobs__pb2.SignUploadPartsRequest.FromString,
+                    response_serializer=jobs_dot_v1_dot_jobs__pb2.SignUploadPartsResponse.SerializeToString,
+            ),
+            'ListUploadedParts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUploadedParts,
+                    request_deserializer=jobs_dot_v1_dot_jobs__pb2.ListUploadedPartsRequest.FromString,
+                    response_serializer=jobs_dot_v1_dot_jobs__pb2.ListUploadedPartsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -227,6 +265,60 @@ class UploadService:
             '/jobs.v1.UploadService/WatchJob',
             jobs_dot_v1_dot_jobs__pb2.WatchJobRequest.SerializeToString,
             jobs_dot_v1_dot_jobs__pb2.WatchJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignUploadParts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobs.v1.UploadService/SignUploadParts',
+            jobs_dot_v1_dot_jobs__pb2.SignUploadPartsRequest.SerializeToString,
+            jobs_dot_v1_dot_jobs__pb2.SignUploadPartsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUploadedParts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobs.v1.UploadService/ListUploadedParts',
+            jobs_dot_v1_dot_jobs__pb2.ListUploadedPartsRequest.SerializeToString,
+            jobs_dot_v1_dot_jobs__pb2.ListUploadedPartsResponse.FromString,
             options,
             channel_credentials,
             insecure,

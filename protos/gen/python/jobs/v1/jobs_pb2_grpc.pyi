@@ -45,6 +45,16 @@ class UploadServiceStub:
     GetJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.GetJobRequest, _jobs_pb2.GetJobResponse]
     WatchJob: _grpc.UnaryStreamMultiCallable[_jobs_pb2.WatchJobRequest, _jobs_pb2.WatchJobResponse]
     """Streams the job now and after every status or progress change, until it is DONE or FAILED."""
+    SignUploadParts: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.SignUploadPartsRequest, _jobs_pb2.SignUploadPartsResponse]
+    """Multipart uploads (InitiateUploadResponse.multipart is set): presigned UploadPart URLs for a
+    batch of part numbers, each bound to the part's SHA-256 (S3 rejects a body that does not
+    match). Call again for fresh URLs (retries, resume). FAILED_PRECONDITION once the job has
+    left AWAITING_UPLOAD or when it is a single-PUT job.
+    """
+    ListUploadedParts: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ListUploadedPartsRequest, _jobs_pb2.ListUploadedPartsResponse]
+    """The parts S3 holds for a multipart job (every ListParts page), for resuming an upload from
+    any machine. CompleteUpload assembles the object from this list, never from the client's.
+    """
 
 @_typing.type_check_only
 class UploadServiceAsyncStub(UploadServiceStub):
@@ -60,6 +70,16 @@ class UploadServiceAsyncStub(UploadServiceStub):
     GetJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.GetJobRequest, _jobs_pb2.GetJobResponse]  # type: ignore[assignment]
     WatchJob: _aio.UnaryStreamMultiCallable[_jobs_pb2.WatchJobRequest, _jobs_pb2.WatchJobResponse]  # type: ignore[assignment]
     """Streams the job now and after every status or progress change, until it is DONE or FAILED."""
+    SignUploadParts: _aio.UnaryUnaryMultiCallable[_jobs_pb2.SignUploadPartsRequest, _jobs_pb2.SignUploadPartsResponse]  # type: ignore[assignment]
+    """Multipart uploads (InitiateUploadResponse.multipart is set): presigned UploadPart URLs for a
+    batch of part numbers, each bound to the part's SHA-256 (S3 rejects a body that does not
+    match). Call again for fresh URLs (retries, resume). FAILED_PRECONDITION once the job has
+    left AWAITING_UPLOAD or when it is a single-PUT job.
+    """
+    ListUploadedParts: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ListUploadedPartsRequest, _jobs_pb2.ListUploadedPartsResponse]  # type: ignore[assignment]
+    """The parts S3 holds for a multipart job (every ListParts page), for resuming an upload from
+    any machine. CompleteUpload assembles the object from this list, never from the client's.
+    """
 
 class UploadServiceServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------------------------------------
@@ -96,6 +116,28 @@ class UploadServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_jobs_pb2.WatchJobResponse], _abc.AsyncIterator[_jobs_pb2.WatchJobResponse]]:
         """Streams the job now and after every status or progress change, until it is DONE or FAILED."""
+
+    @_abc_1.abstractmethod
+    def SignUploadParts(
+        self,
+        request: _jobs_pb2.SignUploadPartsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.SignUploadPartsResponse, _abc.Awaitable[_jobs_pb2.SignUploadPartsResponse]]:
+        """Multipart uploads (InitiateUploadResponse.multipart is set): presigned UploadPart URLs for a
+        batch of part numbers, each bound to the part's SHA-256 (S3 rejects a body that does not
+        match). Call again for fresh URLs (retries, resume). FAILED_PRECONDITION once the job has
+        left AWAITING_UPLOAD or when it is a single-PUT job.
+        """
+
+    @_abc_1.abstractmethod
+    def ListUploadedParts(
+        self,
+        request: _jobs_pb2.ListUploadedPartsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.ListUploadedPartsResponse, _abc.Awaitable[_jobs_pb2.ListUploadedPartsResponse]]:
+        """The parts S3 holds for a multipart job (every ListParts page), for resuming an upload from
+        any machine. CompleteUpload assembles the object from this list, never from the client's.
+        """
 
 def add_UploadServiceServicer_to_server(servicer: UploadServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

@@ -1,7 +1,7 @@
-"""Client-side credentials for jobctl and the demo: a bearer token per audience, TLS settings.
+"""Client credentials (issue 10): a bearer token per audience, TLS settings, token minting.
 
-Self-contained (grpc only, nothing of the job-service) so it moves with jobctl into the client
-library. Each call carries the token of its audience:
+`JobsClient.connect(address, credentials=channel_credentials(address), tokens=tokens_from_env())`
+is what jobctl and the demo do. With `tokens`, each call carries the token of its audience:
 
 - UploadService InitiateUpload / CompleteUpload: the uploader's token;
 - UploadService GetJob / WatchJob: the operator's if set (operators see every job), else the
@@ -19,7 +19,7 @@ roots, so a token is never sent in clear to a remote host by accident.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,20 +61,7 @@ def role_for(method: str, tokens: Mapping[str, str]) -> str | None:
     return None
 
 
-class _Details(grpc.ClientCallDetails):
-    def __init__(self, base: Any, metadata: list[tuple[str, str | bytes]]) -> None:
-        self.method = base.method
-        self.timeout = base.timeout
-        self.metadata = tuple(metadata)
-        self.credentials = base.credentials
-        self.wait_for_ready = getattr(base, "wait_for_ready", None)
-        self.compression = getattr(base, "compression", None)
-
-
-class BearerPerAudience(
-    grpc.UnaryUnaryClientInterceptor,
-    grpc.UnaryStreamClientInterceptor,
-):
+class _Bearer:
     def __init__(self, tokens: Mapping[str, str]) -> None:
         self._tokens = dict(tokens)
 
@@ -86,13 +73,22 @@ class BearerPerAudience(
             return details
         metadata = [(k, v) for k, v in (details.metadata or ()) if k != "authorization"]
         metadata.append(("authorization", f"Bearer {token}"))
-        return _Details(details, metadata)
+        return details._replace(metadata=grpc.aio.Metadata(*metadata))
 
-    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
 
-    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
+class _UnaryUnaryBearer(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+
+class _UnaryStreamBearer(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+
+def bearer_interceptors(tokens: Mapping[str, str]) -> list[Any]:
+    """aio client interceptors that add each call's audience token."""
+    return [_UnaryUnaryBearer(tokens), _UnaryStreamBearer(tokens)]
 
 
 def is_loopback(address: str) -> bool:
@@ -118,27 +114,10 @@ def channel_credentials(
     )
 
 
-def secure_channel(
-    address: str,
-    *,
-    tokens: Mapping[str, str],
-    options: Sequence[tuple[str, Any]] = (),
-    environ: Mapping[str, str] | None = None,
-) -> grpc.Channel:
-    """A synchronous channel with TLS per JOBS_TLS_* and the audience's token on each call."""
-    creds = channel_credentials(address, environ)
-    base = (
-        grpc.secure_channel(address, creds, options=list(options))
-        if creds is not None
-        else grpc.insecure_channel(address, options=list(options))
-    )
-    return grpc.intercept_channel(base, BearerPerAudience(tokens))
-
-
 # -- `jobctl token create`: minting with the configured signing key ----------------------------
 # The same few PyJWT lines as job_service.auth.tokens.mint, reading the same JOB_SERVICE_AUTH_*
-# variables, so jobctl needs nothing of the job-service; tests/unit/auth/test_tokens.py checks
-# that the job-service accepts what this mints.
+# variables: jobs_client imports nothing of the job-service. tests/unit/auth/test_tokens.py
+# checks that the job-service accepts what this mints.
 
 _TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 

@@ -1,10 +1,11 @@
 """jobctl: the job-service from a terminal, for people (on-call, support, local testing).
 
-A pure gRPC client: it talks to UploadService and AdminService and to S3 through the presigned
-URL the service hands out. It never imports the service's database or storage code, so it runs
-anywhere the address is reachable.
+A thin layer over the client library (jobs_client): it talks to UploadService and AdminService
+and to S3 through the presigned URLs the service hands out. It never imports the service's
+code, so it runs anywhere the address is reachable.
 
     jobctl upload clip.mp4 --wait
+    jobctl upload big.mp4 --resume        # after a Ctrl-C: only the missing parts are sent
     jobctl list --status awaiting_upload --older-than 5m
     jobctl requeue JOB_ID --reason "object re-uploaded"
 
@@ -15,29 +16,26 @@ INVALID_ARGUMENT; 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import http.client
+import itertools
 import json
-import mimetypes
 import os
 import re
 import sys
 import time
-import urllib.parse
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
 import grpc
-from google.protobuf import duration_pb2, json_format, timestamp_pb2
+from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from jobs.v1 import jobs_pb2 as pb
-from jobs.v1 import jobs_pb2_grpc as pb_grpc
 
-from job_service import client_auth
+from jobs_client import auth
+from jobs_client.client import RetryPolicy, UploadProgress, guess_content_type
+from jobs_client.errors import InvalidArgument, JobsError
+from jobs_client.sync import SyncJobsClient
 
 ADDRESS_ENV = "JOB_SERVICE_ADDRESS"
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -46,27 +44,6 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 USAGE_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE})
 TERMINAL = frozenset({pb.JOB_STATUS_DONE, pb.JOB_STATUS_FAILED})
 MAX_PAGE_SIZE = 500
-UPLOAD_BLOCK_BYTES = 256 * 1024
-#: Reconnects of a broken WatchJob stream (server restart); the stream starts with the job now.
-WATCH_RECONNECTS = 3
-# UNAVAILABLE is retried: the service answers it only when nothing changed, InitiateUpload
-# carries a request_id, and a repeated requeue/cancel is refused, never applied twice.
-SERVICE_CONFIG = json.dumps(
-    {
-        "methodConfig": [
-            {
-                "name": [{"service": "jobs.v1.UploadService"}, {"service": "jobs.v1.AdminService"}],
-                "retryPolicy": {
-                    "maxAttempts": 3,
-                    "initialBackoff": "0.2s",
-                    "maxBackoff": "2s",
-                    "backoffMultiplier": 3,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ]
-    }
-)
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 STATUS_NAMES = [n.removeprefix("JOB_STATUS_").lower() for n in pb.JobStatus.keys()][1:]
@@ -77,7 +54,7 @@ class UsageError(Exception):
 
 
 class CommandFailed(Exception):
-    """Something outside gRPC failed, e.g. the S3 PUT (exit 1)."""
+    """Something outside gRPC failed (exit 1)."""
 
 
 # ------------------------------------------------------------------------------------ parsing
@@ -145,7 +122,7 @@ def build_parser() -> Parser:
     create = token_sub.add_parser(
         "create", help="print a token: JOB_SERVICE_AUTH_* name the key, issuer and audience"
     )
-    create.add_argument("--role", required=True, choices=client_auth.ROLES)
+    create.add_argument("--role", required=True, choices=auth.ROLES)
     create.add_argument("--subject", required=True, help="who it is for, e.g. fleet-a")
     create.add_argument("--ttl", default="30d", help="lifetime: 30d, 12h, 15m or seconds")
 
@@ -174,6 +151,23 @@ def add_upload(up: argparse.ArgumentParser) -> None:
     up.add_argument("--content-type", help="video/* type (default: guessed from the extension)")
     up.add_argument("--session-id", default="", help="group the upload into this session (UUID)")
     up.add_argument("--wait", action="store_true", help="then watch the job until it finishes")
+    up.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted upload of this file (same job; only missing parts sent)",
+    )
+    up.add_argument(
+        "--multipart", action="store_true", help="ask for a multipart upload even if small"
+    )
+    up.add_argument(
+        "--parallel", type=positive_int, default=4, metavar="N", help="parts in flight (default 4)"
+    )
+    up.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="where interrupted uploads are remembered (default ~/.local/state/jobs-client)",
+    )
 
 
 def add_list(ls: argparse.ArgumentParser) -> None:
@@ -199,12 +193,6 @@ def add_list(ls: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------------------------- output
-
-
-def to_duration(value: timedelta) -> duration_pb2.Duration:
-    out = duration_pb2.Duration()
-    out.FromTimedelta(value)
-    return out
 
 
 def human_duration(seconds: float) -> str:
@@ -301,53 +289,41 @@ def table(jobs: Sequence[pb.Job]) -> list[str]:
 # ----------------------------------------------------------------------------------- errors
 
 
-def error_reason(err: grpc.RpcError) -> str:
-    """The google.rpc.ErrorInfo reason the service attaches to its errors, or ""."""
-    try:
-        status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    except ValueError:  # the rich status disagrees with the call's code: ignore it
-        return ""
-    for detail in status.details if status is not None else ():
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            return str(info.reason)
-    return ""
-
-
-def describe_rpc_error(err: grpc.RpcError) -> tuple[str, int]:
-    code: grpc.StatusCode = err.code()
-    details = " ".join(str(err.details() or "").split())
-    reason = error_reason(err)
-    text = f"error: {code.name}: {details}" + (f" (reason: {reason})" if reason else "")
-    return text, EXIT_USAGE if code in USAGE_CODES else EXIT_FAILED
+def describe_error(err: JobsError) -> tuple[str, int]:
+    details = " ".join(err.message.split())
+    head = f"error: {err.code.name}: " if err.code is not None else "error: "
+    text = head + details + (f" (reason: {err.reason})" if err.reason else "")
+    return text, EXIT_USAGE if err.code in USAGE_CODES else EXIT_FAILED
 
 
 # ---------------------------------------------------------------------------------- commands
 
 
 class Client:
-    """One channel, the stubs, and the per-call deadline."""
+    """The library's blocking client and the per-call deadline."""
 
     def __init__(self, address: str, timeout: timedelta) -> None:
-        options = [("grpc.service_config", SERVICE_CONFIG)]
+        # A person is waiting: give up on an unreachable service after a few quick tries.
+        retry = RetryPolicy(attempts=3, base_seconds=0.3, max_seconds=1.0)
         # Each call carries its audience's token (JOBS_TOKEN_<ROLE>); TLS per JOBS_TLS_*.
-        self.channel = client_auth.secure_channel(
-            address, tokens=client_auth.tokens_from_env(), options=options
+        self.jobs = SyncJobsClient(
+            address,
+            timeout=timeout.total_seconds(),
+            retry=retry,
+            credentials=auth.channel_credentials(address),
+            tokens=auth.tokens_from_env(),
         )
-        self.upload = pb_grpc.UploadServiceStub(self.channel)
-        self.admin = pb_grpc.AdminServiceStub(self.channel)
         self.timeout = timeout.total_seconds()
 
     def close(self) -> None:
-        self.channel.close()
+        self.jobs.close()
 
 
 Command = Callable[[Client, argparse.Namespace, Output], int]
 
 
 def cmd_get(c: Client, args: argparse.Namespace, o: Output) -> int:
-    job = c.upload.GetJob(pb.GetJobRequest(job_id=args.job_id), timeout=c.timeout).job
-    print_job(job, o)
+    print_job(c.jobs.get(args.job_id), o)
     return EXIT_OK
 
 
@@ -358,25 +334,9 @@ def print_job(job: pb.Job, o: Output) -> None:
         o.result("\n".join(job_lines(job)))
 
 
-def watch_events(c: Client, job_id: str) -> Iterator[pb.Job]:
-    """Each change of the job until it is DONE or FAILED. A stream broken by a server restart
-    is reopened: it starts again with the job as it is now."""
-    for attempt in range(WATCH_RECONNECTS + 1):
-        try:
-            for resp in c.upload.WatchJob(pb.WatchJobRequest(job_id=job_id)):
-                yield resp.job
-                if resp.job.status in TERMINAL:
-                    return
-        except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.UNAVAILABLE or attempt == WATCH_RECONNECTS:
-                raise
-        time.sleep(0.5 * (attempt + 1))  # back off before reopening the stream
-    raise CommandFailed(f"the watch stream of job {job_id} kept ending before the job finished")
-
-
 def follow(c: Client, job_id: str, o: Output) -> int:
     last: pb.Job | None = None
-    for job in watch_events(c, job_id):
+    for job in c.jobs.watch(job_id):
         last = job
         if o.json_mode:
             o.json(as_json(job))
@@ -394,26 +354,23 @@ def cmd_watch(c: Client, args: argparse.Namespace, o: Output) -> int:
     return follow(c, args.job_id, o)
 
 
-def list_pages(c: Client, req: pb.ListJobsRequest, limit: int | None) -> tuple[list[pb.Job], bool]:
-    """Follows next_page_token; returns the jobs and whether more were left unread."""
-    jobs: list[pb.Job] = []
-    while True:
-        want = MAX_PAGE_SIZE if limit is None else min(limit - len(jobs), MAX_PAGE_SIZE)
-        req.page_size = want
-        resp = c.admin.ListJobs(req, timeout=c.timeout)
-        jobs.extend(resp.jobs)
-        if not resp.next_page_token:
-            return jobs, False
-        if limit is not None and len(jobs) >= limit:
-            return jobs, True
-        req.page_token = resp.next_page_token
+def list_pages(
+    c: Client,
+    statuses: list[pb.JobStatus.ValueType],
+    older_than: timedelta | None,
+    limit: int | None,
+) -> tuple[list[pb.Job], bool]:
+    """Follows the pages; returns the jobs and whether more were left unread."""
+    page = MAX_PAGE_SIZE if limit is None else min(limit + 1, MAX_PAGE_SIZE)
+    items = c.jobs.iterate(c.jobs.aio.list_jobs(statuses, older_than, page_size=page))
+    jobs = list(itertools.islice(items, None if limit is None else limit + 1))
+    if limit is not None and len(jobs) > limit:
+        return jobs[:limit], True
+    return jobs, False
 
 
 def cmd_list(c: Client, args: argparse.Namespace, o: Output) -> int:
-    req = pb.ListJobsRequest(statuses=args.statuses)
-    if args.older_than is not None:
-        req.older_than.CopyFrom(to_duration(args.older_than))
-    jobs, more = list_pages(c, req, None if args.all else args.limit)
+    jobs, more = list_pages(c, args.statuses, args.older_than, None if args.all else args.limit)
     if o.json_mode:
         o.json({"jobs": [as_json(j) for j in jobs]})
     else:
@@ -426,10 +383,7 @@ def cmd_list(c: Client, args: argparse.Namespace, o: Output) -> int:
 
 
 def cmd_stats(c: Client, args: argparse.Namespace, o: Output) -> int:
-    req = pb.GetStatsRequest()
-    if args.stuck_after is not None:
-        req.stuck_after.CopyFrom(to_duration(args.stuck_after))
-    resp = c.admin.GetStats(req, timeout=c.timeout)
+    resp = c.jobs.stats(args.stuck_after)
     if o.json_mode:
         o.json(as_json(resp))
         return EXIT_OK
@@ -446,15 +400,11 @@ def cmd_stats(c: Client, args: argparse.Namespace, o: Output) -> int:
 
 
 def cmd_requeue(c: Client, args: argparse.Namespace, o: Output) -> int:
-    req = pb.RequeueJobRequest(job_id=args.job_id, reason=args.reason)
-    job = c.admin.RequeueJob(req, timeout=c.timeout).job
-    return report_change(job, o)
+    return report_change(c.jobs.requeue(args.job_id, args.reason), o)
 
 
 def cmd_cancel(c: Client, args: argparse.Namespace, o: Output) -> int:
-    req = pb.CancelJobRequest(job_id=args.job_id, reason=args.reason)
-    job = c.admin.CancelJob(req, timeout=c.timeout).job
-    return report_change(job, o)
+    return report_change(c.jobs.cancel(args.job_id, args.reason), o)
 
 
 def report_change(job: pb.Job, o: Output) -> int:
@@ -472,83 +422,66 @@ def report_change(job: pb.Job, o: Output) -> int:
 
 
 def content_type_for(path: Path, given: str | None) -> str:
-    ctype = given or mimetypes.guess_type(path.name)[0]
-    if ctype is None:
-        raise UsageError(f"cannot tell the content type of {path.name}; pass --content-type")
-    if not ctype.lower().startswith("video/"):
-        raise UsageError(f"{path.name} is {ctype}, not a video (video/*)")
-    return ctype
+    try:
+        return guess_content_type(path, given)
+    except InvalidArgument as exc:
+        raise UsageError(exc.message) from None
 
 
-class Progress:
-    """Upload progress on stderr: redrawn in place on a terminal, every 25 % otherwise."""
+class ProgressBar:
+    """Upload progress on stderr: bytes, rate and ETA, redrawn in place on a terminal, a line
+    per 25 % (and per finished part of a multipart upload) otherwise."""
 
-    def __init__(self, total: int, stream: IO[str]) -> None:
-        self.total, self.done, self.stream = total, 0, stream
+    def __init__(
+        self, stream: IO[str], name: str, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.stream, self.name = stream, name
         self.tty = stream.isatty()
+        self._clock = clock
+        self._start: float | None = None
+        self._base = 0  # bytes already in S3 when this run started (resume)
         self._drawn_at, self._drawn_pct = 0.0, -1
+        self._finished = False
 
-    def advance(self, n: int) -> None:
-        if n <= 0:
-            return
-        self.done += n
-        pct = 100 * self.done // self.total if self.total else 100
-        finished = self.done >= self.total
-        now = time.monotonic()
-        if self.tty and (finished or now - self._drawn_at >= 0.1):
-            self.stream.write("\r" + self.line(pct) + ("\n" if finished else ""))
-        elif not self.tty and pct // 25 > self._drawn_pct // 25:
-            self.stream.write(self.line(pct) + "\n")
+    def __call__(self, p: UploadProgress) -> None:
+        now = self._clock()
+        if self._start is None:
+            self._start, self._base = now, p.bytes_sent
+            how = f"{p.parts_total} parts" if p.parts_total > 1 else "one PUT"
+            self.stream.write(f"job {p.job_id}: uploading {self.name} ({how})\n")
+            if p.parts_skipped:
+                self.stream.write(
+                    f"resuming: {p.parts_skipped} of {p.parts_total} parts already uploaded\n"
+                )
+        pct = 100 * p.bytes_sent // p.bytes_total if p.bytes_total else 100
+        finished = p.bytes_sent >= p.bytes_total and (
+            p.parts_total == 0 or p.parts_done >= p.parts_total
+        )
+        if self.tty:
+            if not finished and now - self._drawn_at < 0.1:
+                return
+            self.stream.write("\r" + self.line(p, pct, now) + ("\n" if finished else ""))
+        elif pct // 25 > self._drawn_pct // 25 or p.part_number is not None or finished:
+            if self._finished:
+                return
+            self._finished = finished
+            self.stream.write(self.line(p, pct, now) + "\n")
         else:
             return
         self.stream.flush()
         self._drawn_at, self._drawn_pct = now, pct
 
-    def line(self, pct: int) -> str:
-        mib = f"{self.done / 2**20:.1f}/{self.total / 2**20:.1f} MiB"
-        return f"upload {bar(pct)} {self.done}/{self.total} bytes ({mib})"
-
-
-class ProgressReader:
-    """A file whose reads move the progress bar: http.client streams the body from it."""
-
-    def __init__(self, f: IO[bytes], progress: Progress) -> None:
-        self._f, self._progress = f, progress
-
-    def read(self, n: int = -1) -> bytes:
-        chunk = self._f.read(n)
-        self._progress.advance(len(chunk))
-        return chunk
-
-
-def put_file(
-    url: str, headers: dict[str, str], path: Path, size: int, o: Output, timeout: float
-) -> None:
-    """PUT the file to the presigned URL with exactly the signed headers, from disk."""
-    parts = urllib.parse.urlsplit(url)
-    conn_class = (
-        http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    )
-    conn = conn_class(parts.netloc, timeout=timeout, blocksize=UPLOAD_BLOCK_BYTES)
-    target = parts.path + (f"?{parts.query}" if parts.query else "")
-    try:
-        with path.open("rb") as f:
-            body = ProgressReader(f, Progress(size, o.err))
-            conn.request(
-                "PUT",
-                target,
-                body=body,
-                headers={**headers, "Content-Length": str(size)},
-            )
-            resp = conn.getresponse()
-            answer = resp.read(500).decode(errors="replace")
-    except OSError as exc:
-        raise CommandFailed(f"upload to S3 failed: {exc}") from exc
-    finally:
-        conn.close()
-    if not 200 <= resp.status < 300:
-        detail = " ".join(answer.split())
-        raise CommandFailed(f"upload to S3 failed: HTTP {resp.status} {resp.reason}: {detail}")
+    def line(self, p: UploadProgress, pct: int, now: float) -> str:
+        elapsed = max(now - (self._start or now), 1e-6)
+        rate = (p.bytes_sent - self._base) / elapsed
+        left = p.bytes_total - p.bytes_sent
+        eta = human_duration(left / rate) if rate > 0 and left else "0s" if not left else "?"
+        mib = f"{p.bytes_sent / 2**20:.1f}/{p.bytes_total / 2**20:.1f} MiB"
+        parts = f" part {p.parts_done}/{p.parts_total}" if p.parts_total > 1 else ""
+        return (
+            f"upload {bar(pct)} {p.bytes_sent}/{p.bytes_total} bytes ({mib}) "
+            f"{rate / 2**20:.1f} MiB/s ETA {eta}{parts}"
+        )
 
 
 def cmd_upload(c: Client, args: argparse.Namespace, o: Output) -> int:
@@ -558,28 +491,26 @@ def cmd_upload(c: Client, args: argparse.Namespace, o: Output) -> int:
         size = path.stat().st_size
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-    req = pb.InitiateUploadRequest(
-        filename=path.name,
-        content_type=ctype,
-        size_bytes=size,
-        session_id=args.session_id,
-        request_id=str(uuid.uuid4()),
-    )
-    init = c.upload.InitiateUpload(req, timeout=c.timeout)
-    job_id = init.job.job_id
-    o.note(f"job {job_id}: uploading {path.name} ({ctype}, {size} bytes)")
-    if init.upload_url:
-        try:
-            put_file(init.upload_url, dict(init.upload_headers), path, size, o, c.timeout)
-        except CommandFailed as exc:
-            raise CommandFailed(f"{exc} (job {job_id} stays in AWAITING_UPLOAD)") from None
-    job = c.upload.CompleteUpload(pb.CompleteUploadRequest(job_id=job_id), timeout=c.timeout).job
-    o.note(f"job {job_id}: {status_name(job.status)}")
+    try:
+        job = c.jobs.upload_file(
+            path,
+            ctype,
+            progress=ProgressBar(o.err, f"{path.name} ({ctype}, {size} bytes)"),
+            resume=args.resume,
+            state_dir=args.state_dir,
+            multipart=args.multipart,
+            session_id=args.session_id,
+            concurrency=args.parallel,
+        )
+    except KeyboardInterrupt:
+        o.note(f"\nupload interrupted: run `jobctl upload {path} --resume` to continue it")
+        raise
+    o.note(f"job {job.job_id}: {status_name(job.status)}")
     if o.json_mode:
         o.json(as_json(job))
     else:
-        o.result(job_id)
-    return follow(c, job_id, o) if args.wait else EXIT_OK
+        o.result(job.job_id)
+    return follow(c, job.job_id, o) if args.wait else EXIT_OK
 
 
 COMMANDS: dict[str, Command] = {
@@ -604,8 +535,8 @@ def run(argv: Sequence[str] | None, out: IO[str], err: IO[str]) -> int:
         o.json_mode = args.json
         if args.command == "token":
             try:
-                ttl = client_auth.parse_ttl(args.ttl)
-                o.result(client_auth.mint_from_env(args.role, args.subject, ttl))
+                ttl = auth.parse_ttl(args.ttl)
+                o.result(auth.mint_from_env(args.role, args.subject, ttl))
             except (ValueError, OSError) as exc:
                 raise UsageError(str(exc)) from None
             return EXIT_OK
@@ -617,8 +548,8 @@ def run(argv: Sequence[str] | None, out: IO[str], err: IO[str]) -> int:
     except UsageError as exc:
         o.note(f"error: {exc}")
         return EXIT_USAGE
-    except grpc.RpcError as exc:
-        text, code = describe_rpc_error(exc)
+    except JobsError as exc:
+        text, code = describe_error(exc)
         o.note(text)
         return code
     except CommandFailed as exc:
