@@ -58,7 +58,7 @@ class Jobctl:
 
 @pytest.fixture
 def jobctl(app, monkeypatch) -> Jobctl:
-    # jobctl reads each audience's token from JOBS_TOKEN_<ROLE> (job_service/client_auth.py).
+    # jobctl reads each audience's token from JOBS_TOKEN_<ROLE> (jobs_client/auth.py).
     for name, value in auth.jobctl_env().items():
         monkeypatch.setenv(name, value)
     return Jobctl(app.port)

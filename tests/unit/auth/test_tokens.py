@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from pydantic import SecretStr
 
-from job_service import client_auth
 from job_service.auth.policy import Role
 from job_service.auth.tokens import (
     ConfigError,
@@ -17,6 +16,7 @@ from job_service.auth.tokens import (
 )
 from job_service.config import Settings
 from job_service.domain.errors import Unauthenticated
+from jobs_client import auth as client_auth
 from tests.support import auth
 
 
