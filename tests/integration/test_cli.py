@@ -493,7 +493,7 @@ async def test_upload_survives_ctrl_c_and_resumes(app, api, tmp_path):
     ]  # fmt: skip
     proc = await asyncio.create_subprocess_exec(
         sys.executable, *argv, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, **auth.jobctl_env()},
     )  # fmt: skip
     assert proc.stderr is not None
     seen = []
@@ -511,7 +511,7 @@ async def test_upload_survives_ctrl_c_and_resumes(app, api, tmp_path):
 
     again = await asyncio.create_subprocess_exec(
         sys.executable, *argv, "--resume", cwd=ROOT, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, **auth.jobctl_env()},
     )  # fmt: skip
     out, err2 = await asyncio.wait_for(again.communicate(), 120)
     assert again.returncode == 0, err2.decode()

@@ -5,6 +5,7 @@ of the service."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import sys
 from pathlib import Path
@@ -68,6 +69,7 @@ async def test_the_readme_example_runs(api, app, tmp_path: Path):
     code = code.replace('"match.mp4"', repr(str(video)))
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", code, cwd=tmp_path,
+        env={**os.environ, **auth.jobctl_env()},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     job_id = await finish(api, {"cuts": 3})
