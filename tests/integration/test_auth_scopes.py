@@ -197,3 +197,31 @@ async def test_the_service_does_not_start_plaintext_unless_asked(database_url, m
     with pytest.raises(TlsConfigError, match="JOB_SERVICE_GRPC_PLAINTEXT"):
         async with JobServiceApp(s):
             pass
+
+
+async def test_multipart_calls_of_another_uploader_get_not_found(app, api):
+    import hashlib
+
+    init = await initiate(api, multipart=True, sha256=hashlib.sha256(b"x").digest())
+    job_id = init.job.job_id
+    assert init.HasField("multipart")
+    part = pb.PartToSign(part_number=1, sha256=hashlib.sha256(b"part").digest())
+    other = auth.tokens_per_service(uploader=auth.token(Role.UPLOADER, "other-backend"))
+    async with auth.channel(f"127.0.0.1:{app.port}", tokens=other) as ch:
+        them = stubs_for(ch)
+        for call in (
+            lambda: them.upload.SignUploadParts(
+                pb.SignUploadPartsRequest(job_id=job_id, parts=[part]), timeout=5
+            ),
+            lambda: them.upload.ListUploadedParts(
+                pb.ListUploadedPartsRequest(job_id=job_id), timeout=5
+            ),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call()
+            assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    # The owner can.
+    signed = await api.upload.SignUploadParts(
+        pb.SignUploadPartsRequest(job_id=job_id, parts=[part]), timeout=5
+    )
+    assert [p.part_number for p in signed.parts] == [1]
