@@ -309,7 +309,7 @@ async def claim_latency(
     """ms of a ClaimJob(max_jobs=1) that finds one freshly queued job, per service; the services
     take turns (in alternating order) so noise is shared."""
     samples: list[list[float]] = [[] for _ in addresses]
-    chans = [grpc.aio.insecure_channel(a) for a in addresses]
+    chans = [auth.channel(a) for a in addresses]
     conns = [await asyncpg.connect(d) for d in dsns]
     try:
         stubs = [jobs_pb2_grpc.WorkerServiceStub(ch) for ch in chans]
