@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from types import TracebackType
 
 import grpc
@@ -163,7 +164,13 @@ class JobServiceApp:
         if not s.grpc_plaintext:
             self.tls = ReloadingCertificates(s)
         interceptor = AuthInterceptor(authenticator, self.metrics, reflection=s.reflection)
-        server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[interceptor])
+        options = list(SERVER_OPTIONS)
+        if s.processes > 1:
+            # Several processes share the port on purpose (main.py forks them); the kernel
+            # spreads connections over them.
+            options = [o for o in options if o[0] != "grpc.so_reuseport"]
+            options.append(("grpc.so_reuseport", 1))
+        server = grpc.aio.server(options=options, interceptors=[interceptor])
         # Not the generated add_*_to_server: one registration for every method, whose
         # deserializer never fails (a malformed request is INVALID_ARGUMENT, not UNKNOWN) and
         # which enforces the concurrency caps.
@@ -241,6 +248,7 @@ class JobServiceApp:
             extra={
                 "grpc_address": f"{s.grpc_address.rpartition(':')[0]}:{self.port}",
                 "metrics_address": s.metrics_address,
+                "pid": os.getpid(),
                 "tls": self.tls is not None,
                 "mtls": bool(self.tls and self.tls.require_client_auth),
                 "auth_required": s.auth_required,

@@ -134,6 +134,10 @@ class Settings(BaseSettings):
     max_sign_parts: int = 1000
     #: Most upload-verification rows one job's error history keeps.
     max_upload_error_rows: int = 20
+    #: Service processes sharing the gRPC port (SO_REUSEPORT), each a full instance (its own
+    #: pools, LISTEN connection, reaper). With more than one, process k serves metrics on the
+    #: metrics port + k.
+    processes: PositiveInt = 1
     # -- security (issue 10; README "Security", docs/decisions.md) --
     #: Every RPC but grpc.health.v1 needs a caller with the right role. "false" lets anyone who
     #: reaches the port call everything (logged as a warning at start-up).

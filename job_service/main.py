@@ -1,10 +1,20 @@
-"""`python -m job_service`: the job-service from environment configuration (see config.py)."""
+"""`python -m job_service`: the job-service from environment configuration (see config.py).
+
+With JOB_SERVICE_PROCESSES > 1 the process forks that many service processes before anything
+creates a gRPC object or an event loop (grpc's examples/python/multiprocessing); each binds the
+same port with SO_REUSEPORT and is a full instance. The parent only supervises: SIGTERM/SIGINT
+go to every child, and if one child dies the others are stopped too (the supervisor that
+started us restarts the whole service).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import socket
+import sys
 
 from job_service.app import JobServiceApp
 from job_service.config import Settings
@@ -25,9 +35,78 @@ async def serve(settings: Settings) -> None:
         log.info("shutting down")
 
 
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def child_settings(settings: Settings, index: int) -> Settings:
+    """Process `index`'s settings: the shared gRPC port, its own metrics port."""
+    host, _, port = settings.metrics_address.rpartition(":")
+    if settings.metrics_address and int(port) != 0:
+        return settings.model_copy(update={"metrics_address": f"{host}:{int(port) + index}"})
+    return settings
+
+
+def run_processes(settings: Settings) -> int:
+    """Fork settings.processes service processes; returns the exit code for the parent."""
+    host, _, port = settings.grpc_address.rpartition(":")
+    if int(port) == 0:  # every child must bind the same port
+        settings = Settings(
+            **{**settings.model_dump(), "grpc_address": f"{host}:{_free_port(host)}"}
+        )
+    children: list[int] = []
+    for index in range(settings.processes):
+        pid = os.fork()
+        if pid == 0:  # the child: a whole service instance
+            code = 0
+            try:
+                asyncio.run(serve(child_settings(settings, index)))
+            except BaseException:
+                log.exception("job-service process %d failed", index)
+                code = 1
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        children.append(pid)
+    log.info(
+        "job-service processes started",
+        extra={"pids": children, "grpc_address": settings.grpc_address},
+    )
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            try:
+                os.kill(child, signum)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    # SIGHUP (re-read TLS files and keys, issue 10) goes to every process too.
+    signal.signal(signal.SIGHUP, forward)
+    code = 0
+    alive = set(children)
+    while alive:
+        pid, status = os.wait()
+        if pid not in alive:
+            continue
+        alive.discard(pid)
+        exit_code = os.waitstatus_to_exitcode(status)
+        if exit_code != 0:
+            code = code or 1
+            log.error("job-service process %d exited with %d; stopping the others", pid, exit_code)
+            forward(signal.SIGTERM, None)
+    return code
+
+
 def main() -> None:
     settings = Settings.from_env()
     configure_logging(settings.log_level, settings.log_format)
+    if settings.processes > 1:
+        sys.exit(run_processes(settings))
     asyncio.run(serve(settings))
 
 

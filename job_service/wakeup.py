@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import heapq
 import time
 
@@ -158,13 +159,27 @@ async def wait_for(fut: asyncio.Future[None], seconds: float) -> bool:
 
 
 class JobChanges:
-    """WatchJob streams, each woken when its job changes (one LISTEN per instance feeds it)."""
+    """WatchJob streams, each woken when its job changes (one LISTEN per instance feeds it).
+
+    The database notifies a change only for jobs someone watches (revision 0006: a NOTIFY
+    serialises commits, so the lease path's updates of unwatched jobs send none). This class
+    keeps the set of jobs watched here; the listener writes it to the watch table
+    (`take_pending`) and, once a job's registration is in, wakes its streams once
+    (`registered`), so a change made before the registration took effect is read too.
+    """
 
     def __init__(self) -> None:
         self._events: dict[str, set[asyncio.Event]] = collections.defaultdict(set)
+        self._adds: set[str] = set()
+        self._removes: set[str] = set()
+        self._dirty: asyncio.Event | None = None
 
     def subscribe(self, job_id: str) -> asyncio.Event:
         event = asyncio.Event()
+        if not self._events.get(job_id):
+            self._adds.add(job_id)
+            self._removes.discard(job_id)
+            self._signal()
         self._events[job_id].add(event)
         return event
 
@@ -174,7 +189,51 @@ class JobChanges:
             events.discard(event)
             if not events:
                 del self._events[job_id]
+                self._removes.add(job_id)
+                self._adds.discard(job_id)
+                self._signal()
 
     def changed(self, job_id: str) -> None:
         for event in self._events.get(job_id, ()):
             event.set()
+
+    def changed_all(self) -> None:
+        """Notifications may have been missed (the LISTEN connection was down): re-read all."""
+        for events in self._events.values():
+            for event in events:
+                event.set()
+
+    # -- the watch table's bookkeeping (storage/notify.py) ------------------------------------
+
+    @property
+    def watched(self) -> list[str]:
+        return list(self._events)
+
+    def take_pending(self) -> tuple[set[str], set[str]]:
+        """(jobs to register, jobs to unregister) since the last call."""
+        adds, removes = self._adds, self._removes
+        self._adds, self._removes = set(), set()
+        return adds, removes
+
+    def put_back(self, adds: set[str], removes: set[str]) -> None:
+        """Registration failed (database away): try these again later."""
+        self._adds |= {j for j in adds if j in self._events}
+        self._removes |= {j for j in removes if j not in self._events}
+
+    def registered(self, job_ids: set[str]) -> None:
+        for job_id in job_ids:
+            self.changed(job_id)
+
+    def _signal(self) -> None:
+        if self._dirty is not None:
+            self._dirty.set()
+
+    async def wait_pending(self, seconds: float) -> None:
+        """Until there is something to register or unregister, or `seconds` pass."""
+        if self._dirty is None:
+            self._dirty = asyncio.Event()
+        if self._adds or self._removes:
+            return
+        self._dirty.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._dirty.wait(), seconds)

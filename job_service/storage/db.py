@@ -107,23 +107,47 @@ def classify(exc: BaseException) -> DbFault | None:
     return None
 
 
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a database error (asyncpg's, or wrapped by SQLAlchemy), if it has one."""
+    for cause in _causes(exc):
+        state = getattr(cause, "sqlstate", None)
+        if isinstance(state, str) and state:
+            return state
+    return None
+
+
 def domain_error(exc: BaseException, fault: DbFault) -> JobServiceError:
-    """The domain error the caller is told for a classified database failure."""
-    name = type(exc).__name__
+    """The domain error the caller is told for a classified database failure (ErrorInfo
+    metadata `sqlstate` when the database gave one)."""
+    state = sqlstate(exc)
+    name = _error_name(exc)
+    meta = {"sqlstate": state} if state else {}
     if fault is DbFault.CONFLICT:
         return DatabaseConflict(
             f"the job database aborted the statement as a conflict ({name}); nothing was "
-            "changed, retry"
+            "changed, retry",
+            **meta,
         )
     if fault is DbFault.UNKNOWN_OUTCOME:
         return DatabaseOutcomeUnknown(
             f"the connection to the job database broke during the call ({name}); the change "
             "may or may not have been made. Retrying is safe: a repeated call that already "
-            "took effect answers OK"
+            "took effect answers OK",
+            **meta,
         )
     return DatabaseUnavailable(
-        f"the job database is unavailable ({name}); nothing was changed, retry later"
+        f"the job database is unavailable ({name}); nothing was changed, retry later", **meta
     )
+
+
+def _error_name(exc: BaseException) -> str:
+    """The most specific name: asyncpg's class under SQLAlchemy's DBAPIError wrapper."""
+    causes = _causes(exc)
+    for cause in causes:
+        if isinstance(cause, asyncpg.exceptions.PostgresError | asyncpg.exceptions.InterfaceError):
+            state = getattr(cause, "sqlstate", None)
+            return f"{type(cause).__name__}, SQLSTATE {state}" if state else type(cause).__name__
+    return type(causes[-1]).__name__
 
 
 def _means_unreachable(exc: BaseException, fault: DbFault) -> bool:

@@ -8,7 +8,9 @@ their lock."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import uuid
 
 import asyncpg
 
@@ -21,6 +23,10 @@ log = logging.getLogger(__name__)
 
 #: The safety net's period. Parked calls cost this instance one query per tick, however many.
 TICK_SECONDS = 5.0
+#: Watch registrations are refreshed this often and expire after WATCH_TTL_SECONDS (an
+#: instance that died stops costing notifications).
+WATCH_REFRESH_SECONDS = 60.0
+WATCH_TTL_SECONDS = 300.0
 
 
 class ClaimableListener:
@@ -43,11 +49,14 @@ class ClaimableListener:
         self._tasks: list[asyncio.Task[None]] = []
         self.connected = asyncio.Event()
         self.ticks = 0
+        #: This instance's name in the watch table.
+        self.instance = uuid.uuid4()
 
     async def start(self) -> None:
         self._tasks = [
             asyncio.create_task(self._listen_forever(), name="claimable-listen"),
             asyncio.create_task(self._tick_forever(), name="claimable-tick"),
+            asyncio.create_task(self._sync_watches_forever(), name="watch-sync"),
         ]
 
     async def stop(self) -> None:
@@ -55,6 +64,37 @@ class ClaimableListener:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._store.unwatch(self.instance, None), 2)
+
+    async def _sync_watches_forever(self) -> None:
+        """Keeps the watch table in step with the jobs WatchJob streams here watch."""
+        loop = asyncio.get_running_loop()
+        refresh_at = loop.time()
+        with contextlib.suppress(Exception):
+            await self._store.unwatch(self.instance, None)  # and everyone's expired ones
+        while True:
+            await self._changes.wait_pending(max(refresh_at - loop.time(), 0.0))
+            adds, removes = self._changes.take_pending()
+            refresh = loop.time() >= refresh_at
+            try:
+                ids = self._changes.watched if refresh else sorted(adds)
+                if ids:
+                    await self._store.watch(
+                        self.instance, [uuid.UUID(j) for j in ids], WATCH_TTL_SECONDS
+                    )
+                if removes:
+                    await self._store.unwatch(self.instance, [uuid.UUID(j) for j in removes])
+                if refresh:
+                    refresh_at = loop.time() + WATCH_REFRESH_SECONDS
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the streams still re-read on their own timer
+                log.warning("watch registration failed: %s", exc)
+                self._changes.put_back(adds, removes)
+                await asyncio.sleep(1.0)  # retry backoff while the database is away
+                continue
+            self._changes.registered(adds)
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         text = str(payload)
@@ -84,21 +124,25 @@ class ClaimableListener:
                 if self._reachability is not None:
                     self._reachability.ok()
                 backoff = 0.2
-                # Anything that became claimable while we were not listening.
+                # Anything that became claimable or changed while we were not listening.
                 self._waiters.wake_all()
+                self._changes.changed_all()
                 await closed.wait()
                 log.warning("LISTEN connection closed; reconnecting")
             except asyncio.CancelledError:
+                self.connected.clear()
+                self._waiters.listening(False)
+                if conn is not None and not conn.is_closed():
+                    conn.terminate()
                 raise
             except Exception as exc:  # reconnect on any connection fault
                 log.warning("LISTEN connection failed: %s; retrying in %.1fs", exc, backoff)
-            finally:
-                self.connected.clear()
-                self._waiters.listening(False)
-                if self._reachability is not None:
-                    self._reachability.lost()
-                if conn is not None and not conn.is_closed():
-                    conn.terminate()
+            self.connected.clear()
+            self._waiters.listening(False)
+            if self._reachability is not None:
+                self._reachability.lost()
+            if conn is not None and not conn.is_closed():
+                conn.terminate()
             await asyncio.sleep(backoff)  # reconnect backoff, not a stand-in for work
             backoff = min(backoff * 2, 5.0)
 

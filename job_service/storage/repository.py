@@ -45,7 +45,7 @@ from job_service.domain.status import (
     running_status_for_claim,
 )
 from job_service.storage.db import LEASE_APPLICATION_NAME, Connection, LeasePool
-from job_service.storage.tables import job_errors, jobs, sessions, upload_parts
+from job_service.storage.tables import job_errors, job_watches, jobs, sessions, upload_parts
 
 
 def to_job(row: Row[Any] | Mapping[str, Any] | asyncpg.Record) -> Job:
@@ -417,6 +417,15 @@ FOR UPDATE SKIP LOCKED
 
 SQL_GET = f"SELECT * FROM {_T} WHERE id = $1"
 
+_W = job_watches.name
+SQL_WATCH = f"""
+INSERT INTO {_W} (job_id, instance_id, expires_at)
+SELECT j, $2, now() + make_interval(secs => $3) FROM unnest($1::uuid[]) AS j
+ON CONFLICT (job_id, instance_id) DO UPDATE SET expires_at = EXCLUDED.expires_at
+"""
+SQL_UNWATCH = f"DELETE FROM {_W} WHERE instance_id = $1 AND job_id = ANY($2::uuid[])"
+SQL_UNWATCH_ALL = f"DELETE FROM {_W} WHERE instance_id = $1 OR expires_at < now()"
+
 #: Only ever one of our own lease-path backends (the pool's application_name).
 SQL_END_BACKEND = f"""
 SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity
@@ -634,6 +643,25 @@ class LeaseStore:
             return await conn.fetchval(SQL_END_BACKEND, pid)
 
         return bool(await self.pool.run(run))
+
+    async def watch(self, instance: uuid.UUID, job_ids: Sequence[uuid.UUID], ttl: float) -> None:
+        """Register (or refresh) this instance's watch on these jobs: their changes NOTIFY."""
+
+        async def run(conn: Connection) -> object:
+            return await conn.execute(SQL_WATCH, list(job_ids), instance, ttl)
+
+        await self.pool.run(run)
+
+    async def unwatch(self, instance: uuid.UUID, job_ids: Sequence[uuid.UUID] | None) -> None:
+        """Drop this instance's watches on these jobs (None: all of them, and every expired
+        watch of any instance)."""
+
+        async def run(conn: Connection) -> object:
+            if job_ids is None:
+                return await conn.execute(SQL_UNWATCH_ALL, instance)
+            return await conn.execute(SQL_UNWATCH, instance, list(job_ids))
+
+        await self.pool.run(run)
 
     async def probe(self) -> None:
         """One trivial statement: tells the pool's reachability tracking whether we get through."""

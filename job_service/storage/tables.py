@@ -177,6 +177,17 @@ upload_parts = Table(
     PrimaryKeyConstraint("job_id", "part_number"),
 )
 
+# Revision 0006 (lease path): jobs some WatchJob stream is watching, per service instance. The
+# change NOTIFY is sent only for these (a NOTIFY serialises commits); rows of an instance that
+# died expire.
+job_watches = Table(
+    "video_analysis_job_watches",
+    metadata,
+    Column("job_id", UUID(as_uuid=True), primary_key=True),
+    Column("instance_id", UUID(as_uuid=True), primary_key=True),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+)
+
 # Revision 0009 (security): revoked bearer tokens by `jti`; rows past the token's expiry can go.
 revoked_tokens = Table(
     "auth_revoked_tokens",

@@ -37,6 +37,4 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     with op.get_context().autocommit_block():
-        op.drop_index(
-            INDEX, "video_analysis_jobs", postgresql_concurrently=True, if_exists=True
-        )
+        op.drop_index(INDEX, "video_analysis_jobs", postgresql_concurrently=True, if_exists=True)

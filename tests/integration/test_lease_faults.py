@@ -494,8 +494,8 @@ async def test_read_only_database_answers_unavailable(api, moto_s3, database_url
             err = await expect(
                 lambda: heartbeat(api, lease), grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE"
             )
-            seen.add(err.details().split("(")[1].split(")")[0])
-        assert "ReadOnlySQLTransactionError" in seen
+            seen.add(err.details())
+        assert any("ReadOnlySQLTransactionError, SQLSTATE 25006" in d for d in seen), seen
     finally:
         pg.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
         await terminate_lease_backends(dsn)

@@ -19,6 +19,7 @@ from job_service.app import JobServiceApp
 from job_service.storage import migrate
 from job_service.storage.db import LEASE_APPLICATION_NAME
 from job_service.storage.repository import SQL_CLAIM
+from job_service.storage.tables import CHANGED_CHANNEL
 from localinfra.postgres import PostgresCluster
 from tests.support import auth
 from tests.support.flows import claim, error_reason, queued_job
@@ -287,3 +288,44 @@ async def test_quick_results_and_the_deep_pass_in_one_call(api, moto_s3):
     assert beat.leases[0].lease_ttl.ToTimedelta().total_seconds() == 30.0
     done = (await api.worker.CompleteJob(pb.CompleteJobRequest(**ref(lease)), timeout=5)).job
     assert done.status == pb.JOB_STATUS_DONE and done.result["quick"]["width"] == 160
+
+
+async def test_changes_notify_only_for_watched_jobs(api, app, moto_s3, database_url):
+    """Postgres serialises the commits of notifying transactions: the lease path's updates of
+    jobs nobody watches send no change notification; a watched job's still do, at once."""
+    dsn = database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.add_listener(CHANGED_CHANNEL, lambda *a: heard.put_nowait(a[3]))
+        await queued_job(api, moto_s3)
+        lease = (await claim(api))[0]
+        await api.worker.ReportProgress(
+            pb.ReportProgressRequest(
+                **ref(lease),
+                status=pb.JOB_STATUS_DEEP_RUNNING,
+                progress_pct=30,
+                result=quick_result(),
+            ),
+            timeout=5,
+        )
+        await conn.execute(f"NOTIFY {CHANGED_CHANNEL}, 'sentinel'")  # delivered in commit order
+        assert await asyncio.wait_for(heard.get(), 5) == "sentinel"
+        # Now somebody watches: its next change is notified (and pushed to the stream).
+        stream = api.upload.WatchJob(pb.WatchJobRequest(job_id=lease.job.job_id), timeout=20)
+        first = await stream.read()
+        assert first.job.progress_pct == 30
+        while not await conn.fetchval(
+            "SELECT count(*) FROM video_analysis_job_watches WHERE job_id = $1", lease.job.job_id
+        ):
+            await asyncio.sleep(0.01)  # the registration is written by the listener
+        await api.worker.ReportProgress(
+            pb.ReportProgressRequest(**ref(lease), progress_pct=60), timeout=5
+        )
+        assert await asyncio.wait_for(heard.get(), 5) == lease.job.job_id
+        while (update := await asyncio.wait_for(stream.read(), 3)).job.progress_pct != 60:
+            pass  # the registration itself may have woken the stream once
+        assert update.job.progress_pct == 60
+        stream.cancel()
+    finally:
+        await conn.close()

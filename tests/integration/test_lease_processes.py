@@ -1,0 +1,39 @@
+"""JOB_SERVICE_PROCESSES: several service processes share the gRPC port (SO_REUSEPORT), each a
+whole instance; the parent forwards SIGTERM and exits when they have stopped."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from jobs.v1 import jobs_pb2 as pb
+
+from tests.support.e2e import json_lines, wait_logged
+from tests.support.flows import queued_job
+from tests.support.service import stubs_for
+
+
+async def test_two_processes_share_the_port_and_stop_together(start_job_service, moto_s3):
+    svc = await start_job_service(processes=2, metrics_address="")
+    await wait_logged(svc, "job-service processes started")
+    while len([x for x in json_lines(svc) if x.get("msg") == "job-service listening"]) < 2:
+        await asyncio.sleep(0.05)  # the second process may still be starting
+    listening = [x for x in json_lines(svc) if x.get("msg") == "job-service listening"]
+    pids = {x["pid"] for x in listening}
+    assert len(pids) == 2 and {x["grpc_address"] for x in listening} == {svc.address}
+    # Many connections (the kernel spreads them per connection): every job is leased once.
+    channels = [grpc.aio.insecure_channel(svc.address) for _ in range(8)]
+    try:
+        apis = [stubs_for(ch) for ch in channels]
+        jobs = {(await queued_job(apis[i % 8], moto_s3)).job_id for i in range(16)}
+        got: list[str] = []
+        for i in range(40):
+            resp = await apis[i % 8].worker.ClaimJob(
+                pb.ClaimJobRequest(worker_id=f"w-{i}", max_jobs=1), timeout=10
+            )
+            got += [lease.job.job_id for lease in resp.leases]
+        assert sorted(got) == sorted(jobs)
+    finally:
+        for ch in channels:
+            await ch.close()
+    assert svc.stop() == 0
