@@ -14,7 +14,7 @@ import mimetypes
 import os
 import random
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
@@ -27,6 +27,7 @@ from jobs.v1 import jobs_pb2_grpc as pb_grpc
 
 from jobs_client import _transfer
 from jobs_client._channel import DEFAULT_TIMEOUT_SECONDS, call_metadata, open_channel
+from jobs_client.auth import bearer_interceptors
 from jobs_client.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -103,8 +104,10 @@ def upload_pending(job: pb.Job) -> bool:
 class JobsClient:
     """One channel to the job-service with UploadService and AdminService stubs.
 
-    `timeout` is the deadline of each unary call; `token`/`credentials` are the placeholder
-    for the security issue (a bearer token sent as metadata; channel credentials for TLS).
+    `timeout` is the deadline of each unary call; `token` is the bearer token sent with every
+    call, `credentials` TLS channel credentials (README, Security). `connect(tokens=...)` sends
+    each call with its audience's token instead (jobs_client.auth: uploads with the uploader's,
+    AdminService and reads with the operator's).
     """
 
     def __init__(
@@ -154,8 +157,13 @@ class JobsClient:
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
         retry: RetryPolicy | None = None,
+        tokens: Mapping[str, str] | None = None,
     ) -> JobsClient:
-        channel = open_channel(address, credentials=credentials)
+        channel = open_channel(
+            address,
+            credentials=credentials,
+            interceptors=bearer_interceptors(tokens) if tokens else (),
+        )
         return cls(channel, timeout=timeout, token=token, retry=retry, owns_channel=True)
 
     async def close(self) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
 from concurrent.futures import Future
 from datetime import timedelta
 from pathlib import Path
@@ -31,6 +31,7 @@ class SyncJobsClient:
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
         retry: RetryPolicy | None = None,
+        tokens: Mapping[str, str] | None = None,
     ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -38,7 +39,12 @@ class SyncJobsClient:
 
         async def make() -> JobsClient:
             return JobsClient.connect(
-                address, timeout=timeout, credentials=credentials, token=token, retry=retry
+                address,
+                timeout=timeout,
+                credentials=credentials,
+                token=token,
+                retry=retry,
+                tokens=tokens,
             )
 
         self.aio = self._run(make())

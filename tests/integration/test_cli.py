@@ -25,6 +25,7 @@ from sqlalchemy import text
 from job_service.app import JobServiceApp
 from jobs_client import cli
 from localinfra.netports import free_port
+from tests.support import auth
 from tests.support.flows import VIDEO, claim, get_job, initiate, queued_job
 from tests.support.procs import ROOT
 from tests.support.service import settings_for, stubs_for
@@ -58,7 +59,10 @@ class Jobctl:
 
 
 @pytest.fixture
-def jobctl(app) -> Jobctl:
+def jobctl(app, monkeypatch) -> Jobctl:
+    # jobctl reads each audience's token from JOBS_TOKEN_<ROLE> (jobs_client/auth.py).
+    for name, value in auth.jobctl_env().items():
+        monkeypatch.setenv(name, value)
     return Jobctl(app.port)
 
 
@@ -72,7 +76,7 @@ async def until(predicate: Callable[[], bool], within: float = 5.0) -> None:
 async def run_module(*argv: str, env: dict[str, str] | None = None) -> Result:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "jobs_client.cli", *argv,
-        cwd=ROOT, env={**os.environ, **(env or {})},
+        cwd=ROOT, env={**os.environ, **auth.jobctl_env(), **(env or {})},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), 30)
@@ -450,6 +454,7 @@ async def test_console_script_against_the_service_process(start_job_service, tmp
     script = Path(sys.executable).with_name("jobctl")
     proc = await asyncio.create_subprocess_exec(
         script, "--address", svc.address, "upload", str(video_file(tmp_path)),
+        env={**os.environ, **auth.jobctl_env()},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), 30)
@@ -500,7 +505,7 @@ async def ctrl_c_then_resume(app, api, tmp_path: Path) -> None:
     ]  # fmt: skip
     proc = await asyncio.create_subprocess_exec(
         sys.executable, *argv, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, **auth.jobctl_env()},
     )  # fmt: skip
     assert proc.stderr is not None
     seen = []
@@ -518,7 +523,7 @@ async def ctrl_c_then_resume(app, api, tmp_path: Path) -> None:
 
     again = await asyncio.create_subprocess_exec(
         sys.executable, *argv, "--resume", cwd=ROOT, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, **auth.jobctl_env()},
     )  # fmt: skip
     out, err2 = await asyncio.wait_for(again.communicate(), 120)
     assert again.returncode == 0, err2.decode()
