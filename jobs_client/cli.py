@@ -33,7 +33,7 @@ from google.protobuf.message import Message
 from jobs.v1 import jobs_pb2 as pb
 
 from jobs_client import auth
-from jobs_client.client import RetryPolicy, UploadProgress, guess_content_type
+from jobs_client.client import CallRetry, UploadProgress, guess_content_type
 from jobs_client.errors import InvalidArgument, JobsError
 from jobs_client.sync import SyncJobsClient
 
@@ -304,7 +304,7 @@ class Client:
 
     def __init__(self, address: str, timeout: timedelta) -> None:
         # A person is waiting: give up on an unreachable service after a few quick tries.
-        retry = RetryPolicy(attempts=3, base_seconds=0.3, max_seconds=1.0)
+        retry = CallRetry(attempts=3, base_seconds=0.3, max_seconds=1.0)
         # Each call carries its audience's token (JOBS_TOKEN_<ROLE>); TLS per JOBS_TLS_*.
         self.jobs = SyncJobsClient(
             address,

@@ -74,7 +74,7 @@ ProgressCallback = Callable[[UploadProgress], None]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class RetryPolicy:
+class CallRetry:
     """Backoff for the client's own retries (S3 transfers, CompleteUpload on UNAVAILABLE)."""
 
     attempts: int = 6
@@ -116,14 +116,14 @@ class JobsClient:
         *,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         token: str | None = None,
-        retry: RetryPolicy | None = None,
+        retry: CallRetry | None = None,
         owns_channel: bool = False,
     ) -> None:
         self.channel: grpc.aio.Channel | None = channel
         self.upload = pb_grpc.UploadServiceStub(channel)
         self.admin = pb_grpc.AdminServiceStub(channel)
         self.timeout = timeout
-        self.retry = retry or RetryPolicy()
+        self.retry = retry or CallRetry()
         self._metadata = call_metadata(token)
         self._owns_channel = owns_channel
 
@@ -135,7 +135,7 @@ class JobsClient:
         *,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         token: str | None = None,
-        retry: RetryPolicy | None = None,
+        retry: CallRetry | None = None,
     ) -> JobsClient:
         """Around stubs the caller already has (its own channel, interceptors); closing the
         client leaves their channel open."""
@@ -143,7 +143,7 @@ class JobsClient:
         client.channel = None
         client.upload, client.admin = upload, admin
         client.timeout = timeout
-        client.retry = retry or RetryPolicy()
+        client.retry = retry or CallRetry()
         client._metadata = call_metadata(token)
         client._owns_channel = False
         return client
@@ -156,7 +156,7 @@ class JobsClient:
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
-        retry: RetryPolicy | None = None,
+        retry: CallRetry | None = None,
         tokens: Mapping[str, str] | None = None,
     ) -> JobsClient:
         channel = open_channel(

@@ -17,7 +17,7 @@ import grpc
 from jobs.v1 import jobs_pb2 as pb
 
 from jobs_client._channel import DEFAULT_TIMEOUT_SECONDS
-from jobs_client.client import JobsClient, ProgressCallback, RetryPolicy
+from jobs_client.client import CallRetry, JobsClient, ProgressCallback
 
 T = TypeVar("T")
 
@@ -30,7 +30,7 @@ class SyncJobsClient:
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
-        retry: RetryPolicy | None = None,
+        retry: CallRetry | None = None,
         tokens: Mapping[str, str] | None = None,
     ) -> None:
         self._loop = asyncio.new_event_loop()
