@@ -316,12 +316,22 @@ class JobClient:
                         return None
 
 
+# When told to stop mid-call, how long an answer may still take to arrive before the call is
+# cancelled. An answer the service sent just before the stop (a long poll woken at that very
+# moment) is then received, and its leases handed back, instead of being dropped on the floor
+# by the cancellation while the service believes it delivered them.
+STOP_ANSWER_GRACE = 0.25
+
+
 async def _unless_stopped(call: Any, stop: asyncio.Event) -> tuple[bool, Any]:
-    """Awaits a grpc.aio call unless `stop` is set first; then cancels it.
+    """Awaits a grpc.aio call unless `stop` is set first; then, unless the answer arrives
+    within STOP_ANSWER_GRACE, cancels it.
 
     (True, response) if the call answered — even if `stop` came at the same moment: a
     completed call cannot be cancelled, and its answer (leases) must not be dropped.
-    (False, None) if the call was cancelled before it answered. Raises its AioRpcError.
+    (False, None) if the call was cancelled before it answered (the service hands back what
+    it granted to a cancelled call; only an answer already on the wire when the cancellation
+    reaches it is left to lease expiry). Raises its AioRpcError.
     """
 
     async def answer() -> Any:
@@ -337,6 +347,8 @@ async def _unless_stopped(call: Any, stop: asyncio.Event) -> tuple[bool, Any]:
         raise
     finally:
         stopping.cancel()
+    if not answering.done():
+        await asyncio.wait({answering}, timeout=STOP_ANSWER_GRACE)
     if not answering.done() and call.cancel():
         with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
             await answering

@@ -6,11 +6,13 @@ the stop decision lives in one object: the event loop sets a reason; the analysi
 events to wake early from a download or a retry backoff.
 
 Self-fencing: the worker counts each lease's lifetime on its own monotonic clock, from the moment
-it SENT the claim or the renewal that granted it (the service can only have started the lease
-later, so the worker's deadline is never after the service's). If no renewal lands by then, the
-job stops as if the lease were lost: the analysis is aborted, nothing more is uploaded and
-nothing more is sent for it. A worker cut off from the job-service therefore stops before the
-service can give the job to anyone else, so at most one worker runs a job at any moment.
+it SENT the renewal that extended it (the service can only have renewed it later, so the worker's
+deadline is never after the service's). A claim is a long poll whose lease may be granted at any
+moment of the wait, so a claimed lease counts from when the answer arrived; the fence margin
+covers the answer's transit. If no renewal lands in time, the job stops as if the lease were
+lost: the analysis is aborted, nothing more is uploaded and nothing more is sent for it. A
+worker cut off from the job-service therefore stops before the service can give the job to
+anyone else, so at most one worker runs a job at any moment.
 """
 
 from __future__ import annotations
@@ -83,8 +85,8 @@ class ActiveJob:
         sent_at: float | None = None,
         sent_wall: float | None = None,
     ) -> None:
-        """`sent_at` (event-loop clock) and `sent_wall` (time.time()): when the ClaimJob that
-        granted this lease was sent; the lease's lifetime counts from there."""
+        """`sent_at` (event-loop clock) and `sent_wall` (time.time()): where the lease's count
+        starts — for a claimed lease, when the ClaimJob answer arrived (see the module doc)."""
         self.lease = lease
         self.log = JobLog(log, job_id=lease.job.job_id, worker_id=worker_id, attempt=lease.attempt)
         self.stop_reason: StopReason | None = None

@@ -191,7 +191,6 @@ class Worker:
                 self._slot_freed.clear()
                 continue
             started = loop.time()
-            sent_wall = time.time()
             try:
                 leases = await self._client.claim(
                     free, self._options.claim_wait, stop=self._stopping
@@ -212,6 +211,10 @@ class Worker:
                     await asyncio.wait_for(self._stopping.wait(), timeout=delay)
                 continue
             failures = 0
+            # A long poll's lease may have been granted at any moment of the wait, so the send
+            # time says nothing about it: a claimed lease is counted from its answer's arrival
+            # (the fence margin covers the answer's transit). Renewals count from their send.
+            received_at, received_wall = loop.time(), time.time()
             self._metrics.claim_calls.labels("leased" if leases else "empty").inc()
             for index, lease in enumerate(leases):
                 if self._stopping.is_set():
@@ -219,7 +222,7 @@ class Worker:
                     # abandon, hand it back at once (no attempt counted).
                     self._background(self._hand_back(lease, "worker shutting down"))
                 elif index < free:
-                    self._start(lease, sent_at=started, sent_wall=sent_wall)
+                    self._start(lease, counted_from=received_at, counted_from_wall=received_wall)
                 else:
                     # The service gave more than asked: never hold what we cannot start.
                     self._background(self._hand_back(lease, "more leases than requested"))
@@ -228,8 +231,12 @@ class Worker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), timeout=idle)
 
-    def _start(self, lease: jobs_pb2.Lease, *, sent_at: float, sent_wall: float) -> None:
-        job = ActiveJob(lease, self._options.worker_id, sent_at=sent_at, sent_wall=sent_wall)
+    def _start(
+        self, lease: jobs_pb2.Lease, *, counted_from: float, counted_from_wall: float
+    ) -> None:
+        job = ActiveJob(
+            lease, self._options.worker_id, sent_at=counted_from, sent_wall=counted_from_wall
+        )
         if lease.job.cancel_requested:
             job.stop(StopReason.CANCELLED)  # fail it as CANCELLED without starting
         self._jobs[job.job_id] = job

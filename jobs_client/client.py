@@ -295,6 +295,30 @@ class JobsClient:
         state.remove(states)
         return job
 
+    async def resume_upload(
+        self,
+        path: str | os.PathLike[str],
+        job_id: str,
+        progress: ProgressCallback | None = None,
+        *,
+        concurrency: int = 4,
+    ) -> pb.Job:
+        """Finish the multipart upload of `job_id` from any machine that has the file: the
+        plan and the parts S3 holds come from ListUploadedParts; parts whose SHA-256 matches
+        the local bytes are skipped. Raises FailedPrecondition (UPLOAD_NOT_MULTIPART for a
+        single-PUT job: use upload_file with the same request_id), InvalidArgument (the file
+        is not the job's size)."""
+        file = Path(path)
+        listed = await self.list_parts(job_id)
+        size = (await asyncio.to_thread(file.stat)).st_size
+        if size != listed.job.size_bytes:
+            raise InvalidArgument(
+                f"{file} has {size} bytes but job {job_id} expects {listed.job.size_bytes}"
+            )
+        if upload_pending(listed.job):
+            await self._send_parts(job_id, file, size, listed.plan, progress, concurrency)
+        return await self.complete(job_id)
+
     async def _transfer(self, what: str, fn: Callable[[], T]) -> T:
         """Run one blocking transfer in a thread, retrying network errors and S3 5xx."""
         for attempt in range(1, self.retry.attempts + 1):
@@ -439,9 +463,16 @@ class JobsClient:
         (server restart, the service's stream lifetime) is reopened with backoff; it starts
         again with the job as it is now, so a change is never missed."""
         failures = 0
+        reopened = False
         last: tuple[int, int, str] | None = None
         while True:
-            call = self.upload.WatchJob(pb.WatchJobRequest(job_id=job_id), metadata=self._metadata)
+            # A reopened stream waits for the channel to be ready again (grpc reconnects with
+            # its own backoff) instead of failing fast while the service restarts.
+            call = self.upload.WatchJob(
+                pb.WatchJobRequest(job_id=job_id),
+                metadata=self._metadata,
+                wait_for_ready=reopened,
+            )
             try:
                 async for resp in call:
                     failures = 0
@@ -459,6 +490,7 @@ class JobsClient:
                 failures += 1
             finally:
                 call.cancel()
+            reopened = True
             await asyncio.sleep(self.retry.delay(failures + 1))  # backoff before reopening
 
     async def wait_done(self, job_id: str, timeout: float | None = None) -> pb.Job:  # noqa: ASYNC109

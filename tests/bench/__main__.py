@@ -493,6 +493,8 @@ class Bench:
             best = size
         top = s.fleet_steps[-1]
         figure = f"{best:,} workers" + (" (largest step tried)" if best == top else "")
+        if best == 0:
+            figure = f"< {s.fleet_steps[0]:,} workers (the first step failed)"
         self.add(
             Line(
                 "fleet",

@@ -397,10 +397,10 @@ class Fleet:
         for proxy in self.proxies:
             proxy.set_mode("pass")
         # Workers first (they may still talk to the service), then services; SIGTERM with a
-        # short grace, then SIGKILL (ServiceProcess.stop).
+        # 2 s grace (nothing is measured any more), then SIGKILL (ServiceProcess.stop).
         for group in (self.workers, self.services):
             await asyncio.gather(
-                *(asyncio.to_thread(proc.stop, 5.0) for proc in group), return_exceptions=True
+                *(asyncio.to_thread(proc.stop, 2.0) for proc in group), return_exceptions=True
             )
         for proxy in self.proxies:
             with contextlib.suppress(Exception):

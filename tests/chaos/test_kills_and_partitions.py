@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 
 from tests.chaos.harness import Figures, Fleet, Interval, JobsDb, Scale, until
+from tests.chaos.processes import ServiceProcess
 
 
 def quick_redone_after_deep(spans: list[Interval]) -> list[str]:
@@ -37,7 +38,8 @@ async def test_sigkill_storm_over_services_and_workers_loses_no_job(
     jobs = chaos_scale.pick(6, 24)
     workers = chaos_scale.pick(3, 4)
     kills = chaos_scale.pick(3, 12)
-    between_kills = chaos_scale.pick(2.0, 3.0)
+    between_kills = chaos_scale.pick(2.0, 1.5)
+    deep = chaos_scale.pick(2.5, 3.0)
     lease = 3.0
     fig.notes["seed (CHAOS_SEED)"] = seed
 
@@ -61,16 +63,26 @@ async def test_sigkill_storm_over_services_and_workers_loses_no_job(
     fig.submitted = len(ids)
 
     killed_workers = killed_mid_pass = 0
-    service_killed_at = kills // 2
+    # Replacements start in the background: the storm does not pause while one boots.
+    starting: list[asyncio.Task[ServiceProcess]] = []
+
+    def settle() -> None:
+        for task in [t for t in starting if t.done()]:
+            starting.remove(task)
+            live.append(task.result())
+
     started = time.monotonic()
     for n in range(kills):
         await asyncio.sleep(between_kills * rng.uniform(0.5, 1.5))  # time between kills
         rows = await jobs_db.jobs()
         if all(j.status in ("done", "failed") for j in rows):
             break
-        if n == service_killed_at:
+        if n == 1:  # early, so the storm always includes it
             await asyncio.to_thread(fleet.kill, first)
             fig.notes["job-service killed after s"] = round(time.monotonic() - started, 1)
+        settle()
+        if not live:
+            continue
         running = [s for s in fleet.spans() if s.outcome == "running"]
         busy = {s.pid for s in running}
         in_deep = {s.pid for s in running if s.kind == "deep"}
@@ -85,7 +97,13 @@ async def test_sigkill_storm_over_services_and_workers_loses_no_job(
         killed_mid_pass += victim.proc.pid in busy
         await asyncio.to_thread(fleet.kill, victim)
         live.remove(victim)
-        live.append(await fleet.worker(balancer.address, quick_seconds=0.5, deep_seconds=2.5))
+        starting.append(
+            asyncio.create_task(
+                fleet.worker(balancer.address, quick_seconds=0.5, deep_seconds=deep)
+            )
+        )
+    await asyncio.gather(*starting)
+    settle()
     fig.notes["workers killed (mid-pass)"] = f"{killed_workers} ({killed_mid_pass})"
 
     try:
@@ -98,6 +116,7 @@ async def test_sigkill_storm_over_services_and_workers_loses_no_job(
         fig.notes["jobs whose deep pass was killed"] = len(resumed)
         fig.notes["jobs whose quick pass was redone after reaching deep"] = len(redone)
 
+    assert first.proc.returncode == -9, "the storm ended before it killed a job-service"
     assert fig.statuses == {"done": len(ids)}, fig.render()
     assert resumed, "the storm never hit a deep pass: nothing to resume"
     assert redone == [], fig.render()

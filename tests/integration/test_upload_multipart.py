@@ -267,3 +267,29 @@ async def test_list_parts_follows_every_page_past_1000_parts(small_part_api, tmp
     assert all(p.sha256 == sha(c) for p, c in zip(listed.parts, chunks, strict=True))
     with pytest.raises(FailedPrecondition, match="51 of 1101 parts are missing"):
         await client.complete(half.job.job_id)
+
+
+async def test_resume_by_job_id_from_another_machine_sends_only_missing_parts(api, tmp_path):
+    body = os.urandom(40 * MiB)
+    path = tmp_path / "m.mp4"
+    path.write_bytes(body)
+    first = JobsClient(api.channel)  # "machine A": initiates, sends part 2, goes away
+    init = await first.initiate(
+        filename=path.name, content_type="video/mp4", size_bytes=len(body), multipart=True
+    )
+    part2 = body[16 * MiB : 32 * MiB]
+    [signed] = await first.sign_parts(init.job.job_id, [(2, sha(part2))])
+    await asyncio.to_thread(
+        _transfer.put_range, signed.url, dict(signed.headers), path, 16 * MiB, len(part2),
+        lambda n: None, 30,
+    )  # fmt: skip
+    events = []
+    other = JobsClient(api.channel)  # "machine B": has the file and the job id only
+    job = await other.resume_upload(path, init.job.job_id, progress=events.append)
+    assert job.status == pb.JOB_STATUS_QUEUED and job.etag.endswith("-3")
+    assert sorted(e.part_number for e in events if e.part_number is not None) == [1, 3]
+    assert events[-1].parts_skipped == 1
+    with pytest.raises(InvalidArgument, match="expects"):
+        small = tmp_path / "small.mp4"
+        small.write_bytes(b"x")
+        await other.resume_upload(small, init.job.job_id)

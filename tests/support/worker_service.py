@@ -76,6 +76,11 @@ class FakeWorkerService(jobs_pb2_grpc.WorkerServiceServicer):
         self.expires: dict[str, float] = {}
         self.expired: set[str] = set()
         self.database_down = False
+        # ClaimJob: called as leases are granted; then the answer takes `answer_latency` s to
+        # leave, and leases whose call the client cancels meanwhile end up in `stranded`.
+        self.on_grant: Callable[[], None] | None = None
+        self.answer_latency = 0.0
+        self.stranded: list[jobs_pb2.Lease] = []
         self._changed = asyncio.Event()
 
     # -- test side ---------------------------------------------------------------------------
@@ -198,6 +203,16 @@ class FakeWorkerService(jobs_pb2_grpc.WorkerServiceServicer):
             self.status[lease.job.job_id] = status
             self.lost.discard(lease.job.job_id)
             self._grant(lease.job.job_id, lease.lease_expires_at, lease.lease_ttl)
+        if taken and self.on_grant is not None:
+            self.on_grant()
+        if taken and self.answer_latency:
+            # The answer is on its way: a client that cancels now never gets these leases,
+            # though they were granted (the window a real service cannot close either).
+            try:
+                await asyncio.sleep(self.answer_latency)
+            except asyncio.CancelledError:
+                self.stranded.extend(taken)
+                raise
         return jobs_pb2.ClaimJobResponse(leases=taken)
 
     async def Heartbeat(self, request: Any, context: Any) -> jobs_pb2.HeartbeatResponse:

@@ -234,15 +234,16 @@ async def test_complete_job_is_retried_through_a_partition_until_the_lease_runs_
     """A finished deep pass whose CompleteJob cannot reach the service is retried while the
     lease lives, then dropped by the fence — never turned into a FailJob or a release."""
     fake = harness.fake
-    fake.lease_seconds = 2.0
-    lease = await harness.lease(heartbeat_interval=0.5)
+    # Long enough that a loaded machine still fits several 0.3 s tries after the results upload.
+    fake.lease_seconds = 4.0
+    lease = await harness.lease(heartbeat_interval=1.0)
     fake.offer(lease)
     running = harness.start(gated(harness), address=service_proxy.address, rpc_timeout=0.3)
     await fake.wait_for(lambda: "deep" in passes(harness), "the deep pass")
     service_proxy.set_mode("hang")
     open_gate(harness.gate_dir)  # the pass finishes while the service is unreachable
     with caplog.at_level(logging.WARNING, logger="analysis_worker"):
-        await fake.wait_for(lambda: not running.worker.active_job_ids, "the fence", within=10)
+        await fake.wait_for(lambda: not running.worker.active_job_ids, "the fence", within=15)
     tries = [
         r
         for r in caplog.records
@@ -317,3 +318,20 @@ async def test_plain_unavailable_longer_than_a_lease_still_fences(harness: Harne
     await fake.wait_for(lambda: not running.worker.active_job_ids, "the job dropped")
     assert metric(running, "analysis_worker_leases_fenced_total") == 1
     assert fake.requests("ReleaseJob") == [] and fake.requests("FailJob") == []
+
+
+async def test_a_lease_granted_late_in_a_long_poll_is_not_fenced_at_once(harness: Harness) -> None:
+    """The lease may be granted at any moment of ClaimJob's wait, so its count starts when the
+    answer arrives — not when the long poll was sent, which may be longer ago than a lease."""
+    fake = harness.fake
+    fake.lease_seconds = 1.5
+    running = harness.start(SyntheticAnalyzer(), claim_wait=30)
+    await fake.wait_for(lambda: fake.requests("ClaimJob"), "a parked long poll")
+    polling_since = fake.calls[-1].at
+    await fake.wait_for(lambda: time.monotonic() > polling_since + 2 * 1.5, "two leases of wait")
+    lease = await harness.lease(heartbeat_interval=0.5)
+    fake.offer(lease)  # wakes the parked claim
+    await fake.wait_for(lambda: fake.requests("CompleteJob"), "CompleteJob")
+    assert len(fake.requests("ClaimJob")) == 1  # granted by that same long poll
+    assert metric(running, "analysis_worker_leases_fenced_total") == 0
+    assert fake.expired == set()

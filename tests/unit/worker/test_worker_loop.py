@@ -583,3 +583,22 @@ async def test_shutdown_releases_the_lease_even_if_the_analysis_ignores_stop(
         assert fake.requests("FailJob") == []
     finally:
         analyzer.release.set()
+
+
+async def test_an_answer_on_its_way_when_sigterm_comes_is_received_and_handed_back(
+    harness: Harness,
+) -> None:
+    """The long poll is woken, leases are granted and the answer is leaving as SIGTERM
+    arrives: the worker waits a moment for it rather than cancelling it on the spot, so the
+    leases are handed back instead of stranded until they expire."""
+    fake = harness.fake
+    running = harness.start(gated(harness), claim_wait=30)
+    await fake.wait_for(lambda: fake.requests("ClaimJob"), "a long-poll claim")
+    fake.on_grant = running.worker.shutdown
+    fake.answer_latency = 0.05
+    lease = await harness.lease()
+    fake.offer(lease)
+    await asyncio.wait_for(asyncio.shield(running.task), 10)
+    assert fake.stranded == []
+    assert [r.lease_token for r in fake.requests("ReleaseJob")] == [lease.lease_token]
+    assert passes(harness) == []
