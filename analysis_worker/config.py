@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -85,6 +85,24 @@ class Settings(BaseSettings):
     # worker (issue 7): seconds of S3 trouble (5xx, timeouts, refused connections, 403) one
     # lease retries inside itself before it gives the job back as infrastructure trouble.
     s3_retry_budget_seconds: _Seconds = 60
+    # -- security (issue 10; README "Security") --
+    #: Bearer token (role worker) sent on every call, or a file holding it (re-read when it
+    #: changes, so a rotated token needs no restart).
+    token: SecretStr = SecretStr("")
+    token_file: str = ""
+    #: TLS to the job-service: the CA bundle that signed its certificate (empty: the system's
+    #: roots), and a client certificate + key for mTLS.
+    tls_ca_file: str = ""
+    tls_client_cert_file: str = ""
+    tls_client_key_file: str = ""
+    #: Plaintext gRPC only when asked for (a warning is logged).
+    plaintext: bool = False
+    #: The only places a lease may point at: the source object must be in this bucket under the
+    #: upload prefix, the results prefix under the results prefix. Anything else is refused
+    #: with FailJob(LEASE_OUT_OF_BOUNDS) and never read or written.
+    s3_bucket: str = "videos"
+    s3_upload_prefix: str = "uploads/"
+    s3_results_prefix: str = "results/"
 
     @field_validator("worker_id")
     @classmethod

@@ -114,9 +114,21 @@ def channel_options() -> list[tuple[str, int | str]]:
     ]
 
 
-def create_channel(address: str) -> grpc.aio.Channel:
-    """An insecure channel to the job-service; call it inside the running event loop."""
-    return grpc.aio.insecure_channel(address, options=channel_options())
+def create_channel(
+    address: str,
+    *,
+    credentials: grpc.ChannelCredentials | None = None,
+    interceptors: Sequence[Any] = (),
+) -> grpc.aio.Channel:
+    """A channel to the job-service (TLS with `credentials`, else plaintext), whose calls go
+    through `interceptors` (the bearer token); call it inside the running event loop."""
+    if credentials is not None:
+        return grpc.aio.secure_channel(
+            address, credentials, options=channel_options(), interceptors=list(interceptors)
+        )
+    return grpc.aio.insecure_channel(
+        address, options=channel_options(), interceptors=list(interceptors)
+    )
 
 
 class JobClient:

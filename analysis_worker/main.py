@@ -15,6 +15,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import aioboto3
+import grpc
 from botocore.config import Config as BotoConfig
 
 from analysis_worker.analysis import Analyzer, load_analyzer
@@ -23,6 +24,12 @@ from analysis_worker.job_client import JobClient, create_channel
 from analysis_worker.logs import configure_logging
 from analysis_worker.metrics import MetricsServer, WorkerMetrics, serve_metrics
 from analysis_worker.runner import JobRunner
+from analysis_worker.security import (
+    LeaseBounds,
+    TokenSource,
+    bearer_interceptors,
+    channel_credentials,
+)
 from analysis_worker.storage import Storage
 from analysis_worker.worker import Worker, WorkerOptions
 
@@ -105,7 +112,7 @@ async def _serve(
             aws_secret_access_key=settings.s3_secret_access_key or None,
             config=s3_config,
         ) as s3:
-            channel = create_channel(settings.job_service_address)
+            channel = _channel(settings)
             try:
                 client = JobClient(
                     channel,
@@ -120,6 +127,11 @@ async def _serve(
                     metrics=metrics,
                     work_dir=settings.work_dir,
                     s3_retry_budget=settings.s3_retry_budget_seconds,
+                    bounds=LeaseBounds(
+                        settings.s3_bucket,
+                        settings.s3_upload_prefix,
+                        settings.s3_results_prefix,
+                    ),
                 )
                 worker = Worker(
                     WorkerOptions(
@@ -143,6 +155,32 @@ async def _serve(
         if metrics_server is not None:
             metrics_server.close()
     return 0
+
+
+def _channel(settings: Settings) -> grpc.aio.Channel:
+    """TLS unless ANALYSIS_WORKER_PLAINTEXT asks otherwise; the token on every call."""
+    source = TokenSource(settings.token.get_secret_value(), settings.token_file)
+    if not source.current():
+        log.warning(
+            "no token (ANALYSIS_WORKER_TOKEN / ANALYSIS_WORKER_TOKEN_FILE): a job-service with "
+            "authentication on refuses every call unless a client certificate is mapped to "
+            "the worker role"
+        )
+    credentials = None
+    if settings.plaintext:
+        log.warning(
+            "plaintext gRPC to the job-service (ANALYSIS_WORKER_PLAINTEXT=true): the token and "
+            "the leases cross the network unencrypted"
+        )
+    else:
+        credentials = channel_credentials(
+            settings.tls_ca_file, settings.tls_client_cert_file, settings.tls_client_key_file
+        )
+    return create_channel(
+        settings.job_service_address,
+        credentials=credentials,
+        interceptors=bearer_interceptors(source),
+    )
 
 
 def _exit_despite_stuck_threads(code: int) -> None:

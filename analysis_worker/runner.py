@@ -47,6 +47,7 @@ from analysis_worker.job_client import Backoff, JobCallError, JobClient, LeaseLo
 from analysis_worker.lease import ActiveJob, JobStopped, StopReason
 from analysis_worker.metrics import WorkerMetrics
 from analysis_worker.progress import ProgressSender, ProgressThrottle
+from analysis_worker.security import LeaseBounds, lease_out_of_bounds
 from analysis_worker.storage import Storage, StorageError
 
 T = TypeVar("T")
@@ -85,7 +86,10 @@ class JobRunner:
         s3_retry_budget: float = DEFAULT_S3_RETRY_BUDGET,
         progress_interval: float = 1.0,
         progress_step: int = 5,
+        bounds: LeaseBounds | None = None,
     ) -> None:
+        #: Where leases may point (issue 10); None trusts every lease (tests of other parts).
+        self._bounds = bounds
         self._client = client
         self._storage = storage
         self._analyzer = analyzer
@@ -164,6 +168,20 @@ class JobRunner:
 
     async def _process(self, job: ActiveJob, tmp: Path) -> None:
         lease = job.lease
+        problem = lease_out_of_bounds(lease, self._bounds) if self._bounds else None
+        if problem is not None:
+            # Never read or written: the worker's S3 credentials must not serve whoever wrote
+            # the lease. Not retryable: another attempt gets the same lease data.
+            job.log.error(
+                "lease refused: %s", problem, extra={"error_code": codes.LEASE_OUT_OF_BOUNDS}
+            )
+            await self._fail(
+                job,
+                codes.LEASE_OUT_OF_BOUNDS,
+                f"the worker refused the lease: {problem}",
+                retryable=False,
+            )
+            return
         status = lease.job.status
         if status not in _QUICK_STATUSES + _RESUME_STATUSES:
             name = jobs_pb2.JobStatus.Name(status)

@@ -18,6 +18,10 @@ from jobs.v1 import jobs_pb2
 from prometheus_client import start_http_server
 
 from job_service.admin import Admin
+from job_service.auth.interceptor import Authenticator, AuthInterceptor, parse_identities
+from job_service.auth.revocations import DenyList
+from job_service.auth.tls import ReloadingCertificates
+from job_service.auth.tokens import KeyRing, Verifier
 from job_service.config import Settings
 from job_service.leases import Leases
 from job_service.metrics import Metrics
@@ -141,13 +145,32 @@ class JobServiceApp:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(listener.connected.wait(), 10)
 
+        # Security (issue 10): authentication before every handler, TLS on the port.
+        self.keys: KeyRing | None = None
+        self.denylist: DenyList | None = None
+        self.tls: ReloadingCertificates | None = None
+        authenticator = None
+        identities = parse_identities(s.tls_client_roles)
+        if s.auth_required:
+            self.keys = KeyRing(s)
+            self.denylist = DenyList(aux_engine)
+            await self.denylist.refresh()
+            authenticator = Authenticator(Verifier(s, self.keys), self.denylist, identities)
+        else:
+            log.warning(
+                "authentication is OFF (JOB_SERVICE_AUTH_REQUIRED=false): anyone who reaches "
+                "the port can call every RPC"
+            )
+        if not s.grpc_plaintext:
+            self.tls = ReloadingCertificates(s)
+        interceptor = AuthInterceptor(authenticator, self.metrics, reflection=s.reflection)
         options = list(SERVER_OPTIONS)
         if s.processes > 1:
             # Several processes share the port on purpose (main.py forks them); the kernel
             # spreads connections over them.
             options = [o for o in options if o[0] != "grpc.so_reuseport"]
             options.append(("grpc.so_reuseport", 1))
-        server = grpc.aio.server(options=options)
+        server = grpc.aio.server(options=options, interceptors=[interceptor])
         # Not the generated add_*_to_server: one registration for every method, whose
         # deserializer never fails (a malformed request is INVALID_ARGUMENT, not UNKNOWN) and
         # which enforces the concurrency caps.
@@ -163,15 +186,23 @@ class JobServiceApp:
             self.metrics,
         )
         add_health(server, self.health, self.metrics)
-        reflection.enable_server_reflection(
-            (
-                *SERVICE_NAMES,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            server,
-        )
-        self.port = server.add_insecure_port(s.grpc_address)
+        if s.reflection != "off":
+            reflection.enable_server_reflection(
+                (
+                    *SERVICE_NAMES,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME,
+                ),
+                server,
+            )
+        if self.tls is not None:
+            self.port = server.add_secure_port(s.grpc_address, self.tls.server_credentials())
+        else:
+            log.warning(
+                "gRPC is PLAINTEXT (JOB_SERVICE_GRPC_PLAINTEXT=true): tokens and data cross the "
+                "network unencrypted; use it only on a trusted local network"
+            )
+            self.port = server.add_insecure_port(s.grpc_address)
         if self.port == 0:
             raise RuntimeError(f"could not bind the gRPC server to {s.grpc_address}")
         await server.start()
@@ -185,6 +216,13 @@ class JobServiceApp:
             ),
             asyncio.create_task(self._every(15.0, self.admin.refresh_gauges), name="gauges"),
         ]
+        if self.denylist is not None:
+            self._tasks.append(
+                asyncio.create_task(
+                    self._every(s.auth_revocation_refresh_seconds, self.refresh_auth),
+                    name="auth-refresh",
+                )
+            )
         if s.reconcile_after_seconds > 0:
             self._tasks.append(
                 asyncio.create_task(
@@ -211,8 +249,39 @@ class JobServiceApp:
                 "grpc_address": f"{s.grpc_address.rpartition(':')[0]}:{self.port}",
                 "metrics_address": s.metrics_address,
                 "pid": os.getpid(),
+                "tls": self.tls is not None,
+                "mtls": bool(self.tls and self.tls.require_client_auth),
+                "auth_required": s.auth_required,
+                "auth_kids": self.keys.kids if self.keys else [],
+                "reflection": s.reflection,
             },
         )
+
+    async def refresh_auth(self) -> None:
+        """The revoked-token list, and the JWKS file if it changed (rotation)."""
+        if self.denylist is not None:
+            await self.denylist.refresh_quietly()
+        if self.keys is not None:
+            try:
+                if self.keys.refresh():
+                    log.info("verification keys re-read", extra={"auth_kids": self.keys.kids})
+            except Exception:  # a half-written JWKS file: keep the keys we have
+                log.warning("could not re-read the verification keys", exc_info=True)
+
+    def reload_credentials(self) -> None:
+        """SIGHUP: TLS files at the next handshake; keys and denylist at once."""
+        if self.tls is not None:
+            self.tls.request_reload()
+        if self.keys is not None:
+            self._tasks.append(asyncio.create_task(self._force_key_reload(), name="sighup"))
+
+    async def _force_key_reload(self) -> None:
+        assert self.keys is not None
+        try:
+            self.keys.refresh(force=True)
+        except Exception:
+            log.warning("SIGHUP: could not re-read the verification keys", exc_info=True)
+        await self.refresh_auth()
 
     async def _every(self, seconds: float, fn: object) -> None:
         assert callable(fn)

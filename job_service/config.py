@@ -13,9 +13,16 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from datetime import timedelta
-from typing import Any, Self
+from typing import Any, Literal, Self
 
-from pydantic import PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 PREFIX = "JOB_SERVICE_"
@@ -31,7 +38,9 @@ class Settings(BaseSettings):
     )
 
     #: SQLAlchemy URL of the job database (asyncpg driver).
-    database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:55432/jobs"
+    database_url: str = Field(
+        default="postgresql+asyncpg://postgres@127.0.0.1:55432/jobs", repr=False
+    )
     #: host:port the gRPC server listens on.
     grpc_address: str = "127.0.0.1:50051"
     #: host:port of the Prometheus /metrics endpoint; empty disables it.
@@ -42,7 +51,7 @@ class Settings(BaseSettings):
     s3_public_endpoint_url: str = ""
     s3_region: str = "us-east-1"
     s3_access_key_id: str = "devaccess"
-    s3_secret_access_key: str = "devsecret"
+    s3_secret_access_key: str = Field(default="devsecret", repr=False)
     s3_bucket: str = "videos"
     s3_upload_prefix: str = "uploads/"
     s3_results_prefix: str = "results/"
@@ -88,7 +97,7 @@ class Settings(BaseSettings):
     aux_db_pool_size: PositiveInt = 3
     #: Key that signs ListJobs page tokens; empty derives one from the database URL (every
     #: instance of a deployment then agrees). Set it when the URL is not secret.
-    page_token_secret: str = ""
+    page_token_secret: str = Field(default="", repr=False)
     #: Finished jobs (done, failed) whose last change is older than this are deleted with their
     #: error rows by a background task; 0 keeps them forever (the default).
     retention_seconds: float = 0.0
@@ -129,6 +138,47 @@ class Settings(BaseSettings):
     #: pools, LISTEN connection, reaper). With more than one, process k serves metrics on the
     #: metrics port + k.
     processes: PositiveInt = 1
+    # -- security (issue 10; README "Security", docs/decisions.md) --
+    #: Every RPC but grpc.health.v1 needs a caller with the right role. "false" lets anyone who
+    #: reaches the port call everything (logged as a warning at start-up).
+    auth_required: bool = True
+    #: Tokens must carry this `iss` and this `aud`.
+    auth_issuer: str = "job-service"
+    auth_audience: str = "jobs.v1"
+    #: The one algorithm accepted (pinned: a token saying otherwise is refused).
+    auth_algorithm: Literal["HS256", "RS256", "ES256"] = "HS256"
+    #: HS256 shared secrets, comma-separated `kid=secret` (or one bare secret). More than one is
+    #: accepted at once (rotation); the first signs what `python -m job_service.auth mint` mints.
+    auth_hs256_secrets: SecretStr = SecretStr("")
+    #: A JWKS file (RSA/EC public keys, or "oct" secrets), each key with its `kid`; re-read
+    #: when it changes. Either this or the secrets above.
+    auth_jwks_file: str = ""
+    #: PEM private key that `python -m job_service.auth mint` signs RS256/ES256 tokens with,
+    #: and its `kid`. The service itself never needs it.
+    auth_signing_key_file: str = ""
+    auth_signing_kid: str = ""
+    #: Clock skew allowed on exp/nbf.
+    auth_leeway_seconds: float = 30.0
+    #: How stale the in-memory copy of the revoked-token list may be.
+    auth_revocation_refresh_seconds: PositiveFloat = 5.0
+    #: The token claim holding the role (uploader, worker or operator).
+    auth_role_claim: str = "role"
+    #: Server reflection: "open" (anyone: make run), "authenticated" (any valid caller), "off".
+    reflection: Literal["open", "authenticated", "off"] = "authenticated"
+    #: TLS: certificate chain and key (PEM), re-read when they change or on SIGHUP.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    #: Plaintext gRPC only when asked for (a warning is logged); without it a missing
+    #: certificate stops the start.
+    grpc_plaintext: bool = False
+    #: mTLS: a CA bundle; when set, every client must present a certificate that chains to it
+    #: (the handshake fails otherwise). Bearer tokens still work on top of it.
+    tls_client_ca_file: str = ""
+    #: The same as AUTH_HS256_SECRETS, read from a file (docker/Kubernetes secrets); one of the two.
+    auth_hs256_secrets_file: str = ""
+    #: Client certificate identities (common name or SAN) mapped to roles, comma-separated
+    #: `identity=role`, e.g. `fleet-a.workers.internal=worker`.
+    tls_client_roles: str = ""
 
     @property
     def lease(self) -> timedelta:

@@ -28,7 +28,9 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with JobServiceApp(settings):
+    async with JobServiceApp(settings) as app:
+        # SIGHUP: re-read the TLS certificate and the verification keys (README, Security).
+        loop.add_signal_handler(signal.SIGHUP, app.reload_credentials)
         await stop.wait()
         log.info("shutting down")
 
@@ -83,6 +85,8 @@ def run_processes(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    # SIGHUP (re-read TLS files and keys, issue 10) goes to every process too.
+    signal.signal(signal.SIGHUP, forward)
     code = 0
     alive = set(children)
     while alive:

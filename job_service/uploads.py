@@ -110,11 +110,12 @@ class Uploads:
             or upload.size_bytes > mp.S3_MAX_PUT_BYTES
         )
 
-    async def initiate(self, upload: NewUpload) -> InitiatedUpload:
+    async def initiate(self, upload: NewUpload, owner: str = "") -> InitiatedUpload:
         """Create a job in awaiting_upload (never claimable) and presign its PUT, or open its
-        multipart upload and return the plan.
+        multipart upload and return the plan. The job belongs to `owner` (the caller's subject).
 
-        The same request_id returns the same job (and plan). Raises IdempotencyKeyReused when
+        The same request_id from the same owner returns the same job (and plan); request ids are
+        scoped per owner (issue 10). Raises IdempotencyKeyReused when
         the request_id was used for a different upload, StorageUnavailable (S3 did not open the
         multipart upload: retry with the same request_id), DatabaseUnavailable.
         """
@@ -131,7 +132,7 @@ class Uploads:
         async with transaction(self._engine) as conn:
             job = None
             if upload.request_id is not None:
-                job = await repo.get_job_by_request_id(conn, upload.request_id)
+                job = await repo.get_job_by_request_id(conn, upload.request_id, owner)
             if job is None:
                 job_id = JobId(uuid.uuid4())
                 session_id = upload.session_id or SessionId(uuid.uuid4())
@@ -155,11 +156,12 @@ class Uploads:
                         "sha256": upload.sha256,
                         "part_size": plan.part_size if plan else None,
                         "part_count": plan.part_count if plan else None,
+                        "owner_subject": owner,  # issue 10
                     },
                 )
                 if job is None:  # a concurrent retry with this request_id inserted first
                     assert upload.request_id is not None
-                    job = await repo.get_job_by_request_id(conn, upload.request_id)
+                    job = await repo.get_job_by_request_id(conn, upload.request_id, owner)
                     assert job is not None
                 else:
                     created = True
@@ -196,7 +198,9 @@ class Uploads:
             await self._store.abort_multipart(job.bucket, job.key, upload_id)
         return current
 
-    async def sign_parts(self, job_id: JobId, parts: list[tuple[int, bytes]]) -> list[SignedPart]:
+    async def sign_parts(
+        self, job_id: JobId, parts: list[tuple[int, bytes]], owner: str | None = None
+    ) -> list[SignedPart]:
         """Presigned UploadPart URLs, each bound to its part's SHA-256 (recorded: S3 lists no
         part checksums, yet completion names them). Signing counts as activity: the job's upload
         expiry moves to the URLs' expiry.
@@ -218,7 +222,7 @@ class Uploads:
         ttl = timedelta(seconds=s.upload_url_ttl_seconds)
         async with transaction(self._engine) as conn:
             job = await repo.get_job(conn, job_id, for_update=True)
-            if job is None:
+            if job is None or not visible_to(job, owner):
                 raise errors.JobNotFound(job_id)
             upload_id = self._open_upload_id(job)
             plan = mp.plan_of(job)
@@ -238,11 +242,13 @@ class Uploads:
             out.append(SignedPart(n, url, headers, plan.size_of(n, job.size_bytes)))
         return out
 
-    async def list_parts(self, job_id: JobId) -> tuple[Job, list[mp.PartInfo]]:
+    async def list_parts(
+        self, job_id: JobId, owner: str | None = None
+    ) -> tuple[Job, list[mp.PartInfo]]:
         """The parts S3 holds (every page), with the SHA-256 each was signed with; empty once
         the upload was completed or aborted. Raises JobNotFound, NotMultipart,
         StorageUnavailable."""
-        job = await self.get(job_id)
+        job = await self.get(job_id, owner)
         if not job.multipart:
             raise mp.NotMultipart(
                 f"job {job_id} is a single-PUT upload; it has no parts", job_id=job_id
@@ -278,7 +284,7 @@ class Uploads:
             )
         return job.upload_id
 
-    async def complete(self, job_id: JobId) -> Job:
+    async def complete(self, job_id: JobId, owner: str | None = None) -> Job:
         """Verify the upload with HeadObject, then queue the job (the design note's table).
 
         Multipart: first complete S3's upload from the server's own ListParts (never the
@@ -294,7 +300,7 @@ class Uploads:
         """
         async with transaction(self._engine) as conn:
             job = await repo.get_job(conn, job_id)
-        if job is None:
+        if job is None or not visible_to(job, owner):  # `owner`: None for operators
             raise errors.JobNotFound(job_id)
         if job.status in UPLOAD_ACCEPTED:
             return job
@@ -470,7 +476,7 @@ class Uploads:
                 error_code=code,
             )
 
-    async def watch(self, job_id: JobId) -> AsyncIterator[Job]:
+    async def watch(self, job_id: JobId, owner: str | None = None) -> AsyncIterator[Job]:
         """The job now, then after each status or progress change, until it is done or failed.
 
         Woken by the change notification; re-reads at least every `WATCH_REFRESH_SECONDS` in
@@ -482,7 +488,7 @@ class Uploads:
             last: tuple[object, ...] | None = None
             while True:
                 event.clear()
-                job = await self.get(job_id)
+                job = await self.get(job_id, owner)
                 seen = (job.status, job.progress_pct, job.cancel_requested, job.error)
                 if seen != last:
                     last = seen
@@ -494,9 +500,16 @@ class Uploads:
         finally:
             self._changes.unsubscribe(key, event)
 
-    async def get(self, job_id: JobId) -> Job:
+    async def get(self, job_id: JobId, owner: str | None = None) -> Job:
+        """The job; JobNotFound when it does not exist or belongs to another owner."""
         async with transaction(self._engine) as conn:
             job = await repo.get_job(conn, job_id)
-        if job is None:
+        if job is None or not visible_to(job, owner):
             raise errors.JobNotFound(job_id)
         return job
+
+
+def visible_to(job: Job, owner: str | None) -> bool:
+    """Whether a caller scoped to `owner` (None: operators, every job) may see `job`. Another
+    owner's job answers JobNotFound, so its existence does not leak (issue 10)."""
+    return owner is None or job.owner_subject == owner

@@ -4,7 +4,7 @@ Async first (`JobsClient`), with a small blocking facade (`SyncJobsClient`). It 
 generated protos and grpc only, never on the job-service's or the worker's code.
 """
 
-from jobs_client.client import JobsClient, RetryPolicy, UploadProgress
+from jobs_client.client import CallRetry, JobsClient, UploadProgress
 from jobs_client.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -20,13 +20,13 @@ from jobs_client.sync import SyncJobsClient
 
 __all__ = [
     "AlreadyExists",
+    "CallRetry",
     "FailedPrecondition",
     "InvalidArgument",
     "JobFailed",
     "JobsClient",
     "JobsError",
     "NotFound",
-    "RetryPolicy",
     "SyncJobsClient",
     "Unavailable",
     "UploadFailed",

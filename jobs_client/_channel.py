@@ -1,10 +1,11 @@
-"""Channel options in one place: keepalive for long streams, the retry service config, and the
-credentials placeholder for the security issue."""
+"""Channel options in one place: keepalive for long streams, the retry service config, TLS
+credentials and the token interceptors (jobs_client.auth)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
 
@@ -48,16 +49,19 @@ def open_channel(
     *,
     credentials: grpc.ChannelCredentials | None = None,
     options: Sequence[tuple[str, int | str]] = (),
+    interceptors: Sequence[Any] = (),
 ) -> grpc.aio.Channel:
-    """An aio channel (create it inside the running loop). `credentials` (TLS / call
-    credentials, from the security issue) make it a secure channel."""
+    """An aio channel (create it inside the running loop). `credentials` (TLS, see
+    jobs_client.auth.channel_credentials) make it a secure channel; `interceptors` add e.g. the
+    audience's bearer token to each call (jobs_client.auth.bearer_interceptors)."""
     opts = [*CHANNEL_OPTIONS, *options]
     if credentials is not None:
-        return grpc.aio.secure_channel(address, credentials, options=opts)
-    return grpc.aio.insecure_channel(address, options=opts)
+        return grpc.aio.secure_channel(
+            address, credentials, options=opts, interceptors=list(interceptors)
+        )
+    return grpc.aio.insecure_channel(address, options=opts, interceptors=list(interceptors))
 
 
 def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
-    """Metadata sent with every call: a bearer token, when given (placeholder until the
-    security issue defines authentication; passed through as is)."""
+    """Metadata sent with every call: one bearer token, when given (README, Security)."""
     return (("authorization", f"Bearer {token}"),) if token else ()

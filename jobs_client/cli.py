@@ -32,7 +32,8 @@ from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
 from jobs.v1 import jobs_pb2 as pb
 
-from jobs_client.client import RetryPolicy, UploadProgress, guess_content_type
+from jobs_client import auth
+from jobs_client.client import CallRetry, UploadProgress, guess_content_type
 from jobs_client.errors import InvalidArgument, JobsError
 from jobs_client.sync import SyncJobsClient
 
@@ -115,6 +116,15 @@ def build_parser() -> Parser:
 
     def add(name: str, text: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=text, description=text, parents=[common])
+
+    token = add("token", "mint a bearer token with the configured signing key (README, Security)")
+    token_sub = token.add_subparsers(dest="token_command", required=True, parser_class=Parser)
+    create = token_sub.add_parser(
+        "create", help="print a token: JOB_SERVICE_AUTH_* name the key, issuer and audience"
+    )
+    create.add_argument("--role", required=True, choices=auth.ROLES)
+    create.add_argument("--subject", required=True, help="who it is for, e.g. fleet-a")
+    create.add_argument("--ttl", default="30d", help="lifetime: 30d, 12h, 15m or seconds")
 
     add_upload(add("upload", "upload a video and queue its job"))
     add("get", "show a job").add_argument("job_id")
@@ -294,8 +304,15 @@ class Client:
 
     def __init__(self, address: str, timeout: timedelta) -> None:
         # A person is waiting: give up on an unreachable service after a few quick tries.
-        retry = RetryPolicy(attempts=3, base_seconds=0.3, max_seconds=1.0)
-        self.jobs = SyncJobsClient(address, timeout=timeout.total_seconds(), retry=retry)
+        retry = CallRetry(attempts=3, base_seconds=0.3, max_seconds=1.0)
+        # Each call carries its audience's token (JOBS_TOKEN_<ROLE>); TLS per JOBS_TLS_*.
+        self.jobs = SyncJobsClient(
+            address,
+            timeout=timeout.total_seconds(),
+            retry=retry,
+            credentials=auth.channel_credentials(address),
+            tokens=auth.tokens_from_env(),
+        )
         self.timeout = timeout.total_seconds()
 
     def close(self) -> None:
@@ -516,6 +533,13 @@ def run(argv: Sequence[str] | None, out: IO[str], err: IO[str]) -> int:
     try:
         args = build_parser().parse_args(argv)
         o.json_mode = args.json
+        if args.command == "token":
+            try:
+                ttl = auth.parse_ttl(args.ttl)
+                o.result(auth.mint_from_env(args.role, args.subject, ttl))
+            except (ValueError, OSError) as exc:
+                raise UsageError(str(exc)) from None
+            return EXIT_OK
         client = Client(args.address, args.timeout)
         try:
             return COMMANDS[args.command](client, args, o)

@@ -14,7 +14,7 @@ import mimetypes
 import os
 import random
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
@@ -27,6 +27,7 @@ from jobs.v1 import jobs_pb2_grpc as pb_grpc
 
 from jobs_client import _transfer
 from jobs_client._channel import DEFAULT_TIMEOUT_SECONDS, call_metadata, open_channel
+from jobs_client.auth import bearer_interceptors
 from jobs_client.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -73,7 +74,7 @@ ProgressCallback = Callable[[UploadProgress], None]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class RetryPolicy:
+class CallRetry:
     """Backoff for the client's own retries (S3 transfers, CompleteUpload on UNAVAILABLE)."""
 
     attempts: int = 6
@@ -103,8 +104,10 @@ def upload_pending(job: pb.Job) -> bool:
 class JobsClient:
     """One channel to the job-service with UploadService and AdminService stubs.
 
-    `timeout` is the deadline of each unary call; `token`/`credentials` are the placeholder
-    for the security issue (a bearer token sent as metadata; channel credentials for TLS).
+    `timeout` is the deadline of each unary call; `token` is the bearer token sent with every
+    call, `credentials` TLS channel credentials (README, Security). `connect(tokens=...)` sends
+    each call with its audience's token instead (jobs_client.auth: uploads with the uploader's,
+    AdminService and reads with the operator's).
     """
 
     def __init__(
@@ -113,14 +116,14 @@ class JobsClient:
         *,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         token: str | None = None,
-        retry: RetryPolicy | None = None,
+        retry: CallRetry | None = None,
         owns_channel: bool = False,
     ) -> None:
         self.channel: grpc.aio.Channel | None = channel
         self.upload = pb_grpc.UploadServiceStub(channel)
         self.admin = pb_grpc.AdminServiceStub(channel)
         self.timeout = timeout
-        self.retry = retry or RetryPolicy()
+        self.retry = retry or CallRetry()
         self._metadata = call_metadata(token)
         self._owns_channel = owns_channel
 
@@ -132,7 +135,7 @@ class JobsClient:
         *,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         token: str | None = None,
-        retry: RetryPolicy | None = None,
+        retry: CallRetry | None = None,
     ) -> JobsClient:
         """Around stubs the caller already has (its own channel, interceptors); closing the
         client leaves their channel open."""
@@ -140,7 +143,7 @@ class JobsClient:
         client.channel = None
         client.upload, client.admin = upload, admin
         client.timeout = timeout
-        client.retry = retry or RetryPolicy()
+        client.retry = retry or CallRetry()
         client._metadata = call_metadata(token)
         client._owns_channel = False
         return client
@@ -153,9 +156,14 @@ class JobsClient:
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
-        retry: RetryPolicy | None = None,
+        retry: CallRetry | None = None,
+        tokens: Mapping[str, str] | None = None,
     ) -> JobsClient:
-        channel = open_channel(address, credentials=credentials)
+        channel = open_channel(
+            address,
+            credentials=credentials,
+            interceptors=bearer_interceptors(tokens) if tokens else (),
+        )
         return cls(channel, timeout=timeout, token=token, retry=retry, owns_channel=True)
 
     async def close(self) -> None:

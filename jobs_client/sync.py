@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
 from concurrent.futures import Future
 from datetime import timedelta
 from pathlib import Path
@@ -17,7 +17,7 @@ import grpc
 from jobs.v1 import jobs_pb2 as pb
 
 from jobs_client._channel import DEFAULT_TIMEOUT_SECONDS
-from jobs_client.client import JobsClient, ProgressCallback, RetryPolicy
+from jobs_client.client import CallRetry, JobsClient, ProgressCallback
 
 T = TypeVar("T")
 
@@ -30,7 +30,8 @@ class SyncJobsClient:
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
-        retry: RetryPolicy | None = None,
+        retry: CallRetry | None = None,
+        tokens: Mapping[str, str] | None = None,
     ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -38,7 +39,12 @@ class SyncJobsClient:
 
         async def make() -> JobsClient:
             return JobsClient.connect(
-                address, timeout=timeout, credentials=credentials, token=token, retry=retry
+                address,
+                timeout=timeout,
+                credentials=credentials,
+                token=token,
+                retry=retry,
+                tokens=tokens,
             )
 
         self.aio = self._run(make())

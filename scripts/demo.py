@@ -28,7 +28,7 @@ from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from jobs.v1 import jobs_pb2
 
-from jobs_client import JobsError, SyncJobsClient
+from jobs_client import JobsError, SyncJobsClient, auth
 from localinfra.media import VideoInfo, make_video
 
 RPC_TIMEOUT = 10.0
@@ -198,9 +198,26 @@ def _size(n: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.address) as channel:
+    # The uploader's token: JOBS_TOKEN_UPLOADER(_FILE), else the one `make run` wrote.
+    run_dir = Path(os.environ.get("DEVSTACK_RUN_DIR", "") or Path(__file__).parents[1] / ".run")
+    tokens = auth.tokens_from_env(fallback_dir=run_dir / "auth")
+    if "uploader" not in tokens:
+        raise DemoError(
+            "no uploader token: set JOBS_TOKEN_UPLOADER (make run prints it) or run the demo "
+            f"against the stack `make run` started (it reads {run_dir / 'auth'}/uploader.jwt)"
+        )
+    credentials = auth.channel_credentials(args.address)  # TLS per JOBS_TLS_*
+    health = (
+        grpc.secure_channel(args.address, credentials)
+        if credentials is not None
+        else grpc.insecure_channel(args.address)
+    )
+    with health as channel:
         check_reachable(channel, args.address)
-    with SyncJobsClient(args.address) as jobs, tempfile.TemporaryDirectory(prefix="demo-") as tmp:
+    with (
+        SyncJobsClient(args.address, credentials=credentials, tokens=tokens) as jobs,
+        tempfile.TemporaryDirectory(prefix="demo-") as tmp,
+    ):
         if args.file is not None:
             path, expected = args.file, None
         else:

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 
 from job_service.app import JobServiceApp
@@ -21,6 +20,7 @@ from job_service.storage import migrate
 from localinfra.netports import free_port
 from localinfra.postgres import PostgresCluster
 from localinfra.s3 import MotoS3
+from tests.support import auth
 from tests.support.procs import ServiceProcess, spawn, wait_serving
 from tests.support.service import BUCKET, Stubs, sa_url, settings_for, stubs_for
 
@@ -96,7 +96,7 @@ async def app(settings: Settings) -> AsyncIterator[JobServiceApp]:
 @pytest.fixture
 async def api(app: JobServiceApp) -> AsyncIterator[Stubs]:
     """Stubs on a real channel to the in-process job-service."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+    async with auth.channel(f"127.0.0.1:{app.port}") as channel:
         yield stubs_for(channel)
 
 
@@ -111,10 +111,7 @@ async def start_job_service(
     async def start(**overrides: Any) -> ServiceProcess:
         port = free_port()
         s = settings_for(database_url, moto_s3, grpc_address=f"127.0.0.1:{port}", log_format="json")
-        env = {
-            name: str(getattr(s, name.removeprefix("JOB_SERVICE_").lower()))
-            for name, _ in Settings.env_table()
-        }
+        env = auth.service_env(s)
         env.update({f"JOB_SERVICE_{k.upper()}": str(v) for k, v in overrides.items()})
         svc = spawn("job_service", env, tmp_path / f"job-service-{len(started)}.log")
         started.append(svc)

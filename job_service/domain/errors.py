@@ -21,6 +21,9 @@ class ErrorKind(enum.Enum):
     FAILED_PRECONDITION = "failed_precondition"
     ABORTED = "aborted"
     UNAVAILABLE = "unavailable"
+    # security (issue 10)
+    UNAUTHENTICATED = "unauthenticated"
+    PERMISSION_DENIED = "permission_denied"
 
 
 class JobServiceError(Exception):
@@ -149,3 +152,24 @@ class DatabaseOutcomeUnknown(DatabaseUnavailable):
 
     def __init__(self, message: str | None = None, **metadata: object) -> None:
         super().__init__(message, outcome="unknown", **metadata)
+
+
+# -- security (issue 10): raised by job_service.auth before any handler runs --------------------
+
+
+class Unauthenticated(JobServiceError):
+    """The call carries no credentials the job-service accepts; send a valid bearer token."""
+
+    kind = ErrorKind.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
+
+    def __init__(self, reason: str, message: str, **metadata: object) -> None:
+        self.reason = reason
+        super().__init__(message, **metadata)
+
+
+class PermissionDenied(JobServiceError):
+    """The caller is authenticated but its role may not call this method."""
+
+    kind = ErrorKind.PERMISSION_DENIED
+    reason = "ROLE_NOT_ALLOWED"

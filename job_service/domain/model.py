@@ -90,6 +90,10 @@ class Job:
     def multipart(self) -> bool:
         return self.part_count is not None
 
+    #: The subject (token `sub`) that created the job; "" for jobs from before revision 0009 or
+    #: made with authentication off. Only it and operators see the job (issue 10).
+    owner_subject: str = ""
+
     @property
     def stage(self) -> str:
         return self.status.stage

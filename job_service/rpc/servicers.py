@@ -16,6 +16,8 @@ import grpc
 from jobs.v1 import jobs_pb2 as pb
 from jobs.v1 import jobs_pb2_grpc as pb_grpc
 
+from job_service.auth.caller import current as current_caller
+from job_service.auth.caller import owner_scope
 from job_service.config import Settings
 from job_service.domain import errors
 from job_service.domain import multipart as mp
@@ -88,7 +90,8 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
             sha256=mp.validate_sha256("sha256", request.sha256),
             multipart=request.multipart,
         )
-        out = await self._uploads.initiate(upload)
+        who = current_caller()
+        out = await self._uploads.initiate(upload, owner=who.subject if who else "")
         resp = pb.InitiateUploadResponse(
             job=convert.job_to_pb(out.job),
             upload_url=out.upload_url,
@@ -105,12 +108,12 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
     async def CompleteUpload(
         self, request: pb.CompleteUploadRequest, context: Ctx
     ) -> pb.CompleteUploadResponse:
-        job = await self._uploads.complete(parse_job_id(request.job_id))
+        job = await self._uploads.complete(parse_job_id(request.job_id), owner=owner_scope())
         return pb.CompleteUploadResponse(job=convert.job_to_pb(job))
 
     @unary
     async def GetJob(self, request: pb.GetJobRequest, context: Ctx) -> pb.GetJobResponse:
-        job = await self._uploads.get(parse_job_id(request.job_id))
+        job = await self._uploads.get(parse_job_id(request.job_id), owner=owner_scope())
         return pb.GetJobResponse(job=convert.job_to_pb(job))
 
     @stream
@@ -122,7 +125,7 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
         job_id = parse_job_id(request.job_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._settings.watch_max_seconds
-        updates = cast(AsyncGenerator[Any, None], self._watch.watch(job_id))
+        updates = cast(AsyncGenerator[Any, None], self._watch.watch(job_id, owner=owner_scope()))
         try:
             while True:
                 remaining = deadline - loop.time()
@@ -150,7 +153,7 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
             sha = mp.validate_sha256(f"parts[{i}].sha256", part.sha256, required=True)
             assert sha is not None
             parts.append((part.part_number, sha))
-        signed = await self._uploads.sign_parts(job_id, parts)
+        signed = await self._uploads.sign_parts(job_id, parts, owner=owner_scope())
         resp = pb.SignUploadPartsResponse(
             parts=[
                 pb.SignedPart(part_number=p.part_number, url=p.url, headers=p.headers, size=p.size)
@@ -168,7 +171,9 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
     async def ListUploadedParts(
         self, request: pb.ListUploadedPartsRequest, context: Ctx
     ) -> pb.ListUploadedPartsResponse:
-        job, parts = await self._uploads.list_parts(parse_job_id(request.job_id))
+        job, parts = await self._uploads.list_parts(
+            parse_job_id(request.job_id), owner=owner_scope()
+        )
         return pb.ListUploadedPartsResponse(
             job=convert.job_to_pb(job),
             plan=convert.plan_to_pb(mp.plan_of(job), self._settings.max_sign_parts),

@@ -96,6 +96,7 @@ def to_job(row: Row[Any] | Mapping[str, Any] | asyncpg.Record) -> Job:
         part_size=m.get("part_size"),
         part_count=m.get("part_count"),
         checksum_sha256=m.get("checksum_sha256"),
+        owner_subject=m.get("owner_subject") or "",  # revision 0009
     )
 
 
@@ -130,8 +131,15 @@ async def get_job(
     return to_job(row) if row else None
 
 
-async def get_job_by_request_id(conn: AsyncConnection, request_id: uuid.UUID) -> Job | None:
-    row = (await conn.execute(select(jobs).where(jobs.c.request_id == request_id))).first()
+async def get_job_by_request_id(
+    conn: AsyncConnection, request_id: uuid.UUID, owner: str = ""
+) -> Job | None:
+    """The job `owner` created with this request_id (request ids are scoped per subject)."""
+    row = (
+        await conn.execute(
+            select(jobs).where(jobs.c.request_id == request_id, jobs.c.owner_subject == owner)
+        )
+    ).first()
     return to_job(row) if row else None
 
 
@@ -154,7 +162,7 @@ async def insert_job(conn: AsyncConnection, values: Mapping[str, Any]) -> Job | 
     stmt = (
         pg_insert(jobs)
         .values(**values)
-        .on_conflict_do_nothing(index_elements=["request_id"])
+        .on_conflict_do_nothing(index_elements=["owner_subject", "request_id"])
         .returning(jobs)
     )
     row = (await conn.execute(stmt)).first()
@@ -772,14 +780,6 @@ async def refresh_upload_url(conn: AsyncConnection, job_id: uuid.UUID, ttl: time
     """A retried InitiateUpload got a fresh URL: the reconciler counts from its expiry."""
     return await update_job(
         conn, job_id, upload_expires_at=func.now() + ttl, upload_checked_at=None
-    )
-
-
-async def set_multipart(
-    conn: AsyncConnection, job_id: uuid.UUID, *, upload_id: str, part_size: int, part_count: int
-) -> Job:
-    return await update_job(
-        conn, job_id, upload_id=upload_id, part_size=part_size, part_count=part_count
     )
 
 

@@ -17,6 +17,7 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     Table,
     Text,
+    UniqueConstraint,
     func,
     text,
 )
@@ -74,7 +75,8 @@ jobs = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     # Added with the verified-upload lifecycle and the lease model (revision 0003).
-    Column("request_id", UUID(as_uuid=True), unique=True),
+    # Unique per owner_subject since revision 0009 (see the constraint at the end).
+    Column("request_id", UUID(as_uuid=True)),
     Column("upload_expires_at", DateTime(timezone=True)),
     Column("observed_size", BigInteger),
     Column("etag", Text),
@@ -107,6 +109,9 @@ jobs = Table(
     Column("part_size", BigInteger),
     Column("part_count", Integer),
     Column("checksum_sha256", Text),
+    # Revision 0009 (security): who created the job; request_id is an idempotency key per owner.
+    Column("owner_subject", Text, nullable=False, server_default=""),
+    UniqueConstraint("owner_subject", "request_id", name="uq_video_analysis_jobs_owner_request"),
     # The claim's scan: only claimable rows are in it, so it stays small as history grows.
     Index(
         "ix_video_analysis_jobs_claimable",
@@ -181,6 +186,17 @@ job_watches = Table(
     Column("job_id", UUID(as_uuid=True), primary_key=True),
     Column("instance_id", UUID(as_uuid=True), primary_key=True),
     Column("expires_at", DateTime(timezone=True), nullable=False),
+)
+
+# Revision 0009 (security): revoked bearer tokens by `jti`; rows past the token's expiry can go.
+revoked_tokens = Table(
+    "auth_revoked_tokens",
+    metadata,
+    Column("jti", Text, primary_key=True),
+    Column("subject", Text, nullable=False, server_default=""),
+    Column("reason", Text, nullable=False, server_default=""),
+    Column("revoked_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("expires_at", DateTime(timezone=True)),
 )
 
 #: NOTIFY channel: a row became claimable (payload: job id), or will at a time (payload

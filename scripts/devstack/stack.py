@@ -24,6 +24,7 @@ from localinfra.s3 import SeaweedS3
 from scripts.devstack import StackError
 from scripts.devstack.cleanup import clean_previous_run
 from scripts.devstack.console import Console, pretty, shown
+from scripts.devstack.credentials import DevCredentials
 from scripts.devstack.options import ROOT, Options, check_ports, default_ports
 from scripts.devstack.signals import Signals
 from scripts.devstack.state import Endpoints, StackState, banner, remove_state, write_state
@@ -71,6 +72,7 @@ class Stack:
         self.defaults = ServiceSettings()
         self.started_at = time.monotonic()
         self.owns_state = False  # whether the state file is ours to remove
+        self.credentials: DevCredentials | None = None
 
     # -- start ------------------------------------------------------------------------------
 
@@ -90,6 +92,12 @@ class Stack:
         self.console.say(
             f"migrations: alembic upgrade head done, revision {revision or '?'} "
             f"({time.monotonic() - step:.1f} s)"
+        )
+        # Authentication on (issue 10): a throwaway key and a token per audience.
+        self.credentials = DevCredentials.create(opts.run_dir)
+        self.console.say(
+            f"auth: fresh dev key and tokens in {shown(self.credentials.directory)}/ "
+            "(uploader.jwt, worker.jwt, operator.jwt)"
         )
         self.start_job_service()
         self.start_workers()
@@ -165,6 +173,7 @@ class Stack:
                 "JOB_SERVICE_S3_ACCESS_KEY_ID": d.s3_access_key_id,
                 "JOB_SERVICE_S3_SECRET_ACCESS_KEY": d.s3_secret_access_key,
                 "JOB_SERVICE_S3_BUCKET": d.s3_bucket,
+                **self._credentials().service_env(),
             },
         )
         try:
@@ -198,6 +207,7 @@ class Stack:
                 "ANALYSIS_WORKER_METRICS_ADDRESS": f"{LOCALHOST}:{port}",
                 "ANALYSIS_WORKER_WORK_DIR": str(work_dir),
                 "ANALYSIS_WORKER_SHUTDOWN_GRACE_SECONDS": str(worker_grace()),
+                **self._credentials().worker_env(),
             }
             started.append((self.spawn(f"worker-{i}", "analysis_worker", env), port))
         # A worker serves its metrics before it dials the job-service: that port listening
@@ -220,6 +230,10 @@ class Stack:
             f"({time.monotonic() - step:.1f} s; metrics on "
             f"{', '.join(str(p) for _, p in started)})"
         )
+
+    def _credentials(self) -> DevCredentials:
+        assert self.credentials is not None, "start() makes the credentials first"
+        return self.credentials
 
     # -- run --------------------------------------------------------------------------------
 
@@ -339,6 +353,7 @@ class Stack:
             elapsed=time.monotonic() - self.started_at,
             default_grpc_port=default_ports()["grpc_port"],
             request_id=str(uuid.uuid4()),
+            exports=self._credentials().exports(),
         )
 
 

@@ -89,6 +89,7 @@ def banner(
     elapsed: float,
     default_grpc_port: int,
     request_id: str,
+    exports: list[str] | None = None,
 ) -> str:
     """The block printed once everything is up: addresses, credentials, commands to try."""
     addr = opts.grpc_address
@@ -112,7 +113,8 @@ def banner(
         rule,
         f"  The job pipeline is up ({elapsed:.1f} s). Ctrl-C stops everything.",
         "",
-        f"  job-service gRPC  {addr}   (plaintext, reflection on)",
+        f"  job-service gRPC  {addr}   (plaintext on localhost, authentication on, "
+        "reflection open)",
         f"  metrics           {metrics[0]}",
         *[f"                    {m}" for m in metrics[1:]],
         f"  Postgres          {where.database_url}   (user postgres, no password)",
@@ -124,13 +126,18 @@ def banner(
         f"  data and logs     {shown(opts.run_dir)}/  (pg/, s3/; service output is streamed "
         f"below and kept in {shown(opts.log_dir)}/*.log)",
         "",
+        "  Tokens (one per audience; jobctl and the grpcurl lines below read them), paste:",
+        *[f"    {line}" for line in exports or ()],
+        "",
         f"  Try it, in another terminal:  {demo}",
         f"    {GRPCURL} -plaintext {addr} list",
         f"    {GRPCURL} -plaintext {addr} grpc.health.v1.Health/Check",
-        f"    {GRPCURL} -plaintext -d '{request}' {addr} jobs.v1.UploadService/InitiateUpload",
-        f'    {GRPCURL} -plaintext -d \'{{"job_id": "JOB_ID"}}\' {addr} '
-        "jobs.v1.UploadService/GetJob",
-        f"    {GRPCURL} -plaintext -d '{{}}' {addr} jobs.v1.AdminService/GetStats",
+        f'    {GRPCURL} -plaintext -H "authorization: Bearer $JOBS_TOKEN_UPLOADER" '
+        f"-d '{request}' {addr} jobs.v1.UploadService/InitiateUpload",
+        f'    {GRPCURL} -plaintext -H "authorization: Bearer $JOBS_TOKEN_UPLOADER" '
+        f'-d \'{{"job_id": "JOB_ID"}}\' {addr} jobs.v1.UploadService/GetJob',
+        f'    {GRPCURL} -plaintext -H "authorization: Bearer $JOBS_TOKEN_OPERATOR" '
+        f"-d '{{}}' {addr} jobs.v1.AdminService/GetStats",
         rule,
     ]
     return "\n".join(lines) + "\n"

@@ -312,6 +312,28 @@ class Bench:
             )
         )
         infra.retire(proc, svc_db)
+
+        # The same cycle on a service with the other process count (JOB_SERVICE_PROCESSES):
+        # whether a second process helps on this machine, measured rather than assumed.
+        mine = infra.processes or 1
+        other = 2 if mine == 1 else 1
+        mine_label = (
+            f"{infra.processes} process(es)" if infra.processes else "the service's default"
+        )
+        multi_db = infra.new_database("multi")
+        await sql.seed(infra.dsn(multi_db), s.svc_seed, settle=True)
+        multi = await infra.start_service(multi_db, processes=str(other))
+        jobs = await service.worker_cycle(multi.address, s.seconds, CALLERS, 10, one_call=False)
+        infra.retire(multi, multi_db)
+        self.add(
+            Line(
+                "cycle_10_processes",
+                f"worker cycle max_jobs=10 (2 x ReportProgress) on {other} service process(es)",
+                rate(jobs, "jobs/s"),
+                f"{div(jobs, cycles['cycle_10']):.2f}x the figure on {mine_label}; "
+                f"{ratio(jobs, floor)} of raw floor",
+            )
+        )
         infra.drop_database(raw_db)
 
     # -- an idle queue: parked calls' database load, wake-up latency, uploads ----------------

@@ -22,6 +22,7 @@ from job_service.storage import migrate
 from localinfra.netports import free_port
 from localinfra.postgres import DEFAULT_SETTINGS, PostgresCluster
 from localinfra.s3 import MotoS3
+from tests.support import auth
 from tests.support.procs import ServiceProcess, spawn, wait_serving
 
 BUCKET = "videos"
@@ -104,6 +105,9 @@ class BenchInfra:
             "JOB_SERVICE_S3_BUCKET": BUCKET,
             "JOB_SERVICE_LOG_LEVEL": "WARNING",
             "JOB_SERVICE_LOG_FORMAT": "json",
+            # Authentication on, as in production (every call verifies a token).
+            "JOB_SERVICE_AUTH_HS256_SECRETS": auth.TEST_HS256_SECRETS,
+            "JOB_SERVICE_GRPC_PLAINTEXT": "true",
         }
         if self.processes is not None:
             env["JOB_SERVICE_PROCESSES"] = str(self.processes)

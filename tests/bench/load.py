@@ -26,6 +26,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from jobs.v1 import jobs_pb2 as pb
 from jobs.v1 import jobs_pb2_grpc
 
+from tests.support import auth
+
 
 async def echo(address: str, seconds: float, concurrency: int, n_channels: int) -> dict[str, Any]:
     chans = [grpc.aio.insecure_channel(address) for _ in range(n_channels)]
@@ -84,7 +86,7 @@ class Fleet:
         self.abandoned = 0  # gave up after retries: the lease expires and the job runs again
 
     async def run(self) -> dict[str, Any]:
-        chans = [grpc.aio.insecure_channel(self.address) for _ in range(self.n_channels)]
+        chans = [auth.channel(self.address) for _ in range(self.n_channels)]
         for ch in chans:
             await asyncio.wait_for(ch.channel_ready(), 30)
         stubs = [jobs_pb2_grpc.WorkerServiceStub(ch) for ch in chans]

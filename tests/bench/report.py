@@ -81,6 +81,7 @@ KEYS = (
     "cycle_1",
     "cycle_onecall_10",
     "cycle_onecall_1",
+    "cycle_10_processes",
     "raw_claim_one",
     "claim_one",
     "raw_renew",

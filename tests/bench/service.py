@@ -22,6 +22,7 @@ from jobs.v1 import jobs_pb2 as pb
 from jobs.v1 import jobs_pb2_grpc
 
 from tests.bench import sql
+from tests.support import auth
 
 TIMEOUT = 30.0
 #: Callers long-poll briefly: a service may answer a call at once from what it knows, and a job
@@ -40,7 +41,7 @@ def struct(values: dict[str, float]) -> struct_pb2.Struct:
 
 @contextlib.asynccontextmanager
 async def channels(address: str, n: int) -> AsyncIterator[list[grpc.aio.Channel]]:
-    chans = [grpc.aio.insecure_channel(address) for _ in range(n)]
+    chans = [auth.channel(address) for _ in range(n)]
     try:
         for ch in chans:
             await asyncio.wait_for(ch.channel_ready(), 10)
@@ -308,7 +309,7 @@ async def claim_latency(
     """ms of a ClaimJob(max_jobs=1) that finds one freshly queued job, per service; the services
     take turns (in alternating order) so noise is shared."""
     samples: list[list[float]] = [[] for _ in addresses]
-    chans = [grpc.aio.insecure_channel(a) for a in addresses]
+    chans = [auth.channel(a) for a in addresses]
     conns = [await asyncpg.connect(d) for d in dsns]
     try:
         stubs = [jobs_pb2_grpc.WorkerServiceStub(ch) for ch in chans]

@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 from jobs.v1 import jobs_pb2_grpc
 
+from job_service.auth.policy import Role
 from localinfra.netports import free_port
 from localinfra.postgres import PostgresCluster, PostgresError
 from localinfra.s3 import MotoS3
@@ -38,7 +39,7 @@ from tests.chaos.processes import (
     wait_logged,
     wait_serving,
 )
-from tests.support import flows
+from tests.support import auth, flows
 from tests.support.analyzers import (
     DEEP_SECONDS_ENV,
     QUICK_SECONDS_ENV,
@@ -295,6 +296,9 @@ class Fleet:
             "RECONCILE_AFTER_SECONDS": "0",
             "REAPER_INTERVAL_SECONDS": "0.5",
             "CLAIM_MAX_WAIT_SECONDS": "2",
+            # Authentication on with the test key; plaintext asked for (tests/support/auth.py).
+            "AUTH_HS256_SECRETS": auth.TEST_HS256_SECRETS,
+            "GRPC_PLAINTEXT": "true",
         }
         env.update({key.upper(): str(value) for key, value in settings.items()})
         return {f"JOB_SERVICE_{key}": value for key, value in env.items()}
@@ -342,6 +346,8 @@ class Fleet:
             "METRICS_ADDRESS": "",
             "LOG_FORMAT": "json",
             "SHUTDOWN_GRACE_SECONDS": "2",
+            "TOKEN": auth.token(Role.WORKER, f"chaos-fleet-{index}"),
+            "PLAINTEXT": "true",
         }
         env.update({key.upper(): str(value) for key, value in overrides.items()})
         full = {f"ANALYSIS_WORKER_{k}": v for k, v in env.items()}
@@ -365,7 +371,7 @@ class Fleet:
             proc.proc.wait(10)
 
     def api(self, address: str) -> Api:
-        channel = grpc.aio.insecure_channel(address)
+        channel = auth.channel(address)
         self._channels.append(channel)
         return Api(
             jobs_pb2_grpc.UploadServiceStub(channel),

@@ -11,7 +11,9 @@ import grpc
 import pytest
 from jobs.v1 import jobs_pb2_grpc
 
+from job_service.auth.policy import Role
 from localinfra.s3 import MotoS3
+from tests.support import auth
 from tests.support.analyzers import GATE_DIR_ENV, MAX_GATE_SECONDS_ENV
 from tests.support.e2e import Api, json_lines, wait_logged, watch  # noqa: F401 (see below)
 from tests.support.procs import ServiceProcess, spawn
@@ -26,7 +28,7 @@ async def connect() -> AsyncIterator[Callable[[str], Api]]:
     channels: list[grpc.aio.Channel] = []
 
     def make(address: str) -> Api:
-        channel = grpc.aio.insecure_channel(address)
+        channel = auth.channel(address)
         channels.append(channel)
         return Api(
             jobs_pb2_grpc.UploadServiceStub(channel),
@@ -69,6 +71,9 @@ async def start_worker(
             "METRICS_ADDRESS": "",
             "LOG_FORMAT": "json",
             "SHUTDOWN_GRACE_SECONDS": "5",
+            # A worker token for the test services; plaintext asked for (tests/support/auth.py).
+            "TOKEN": auth.token(Role.WORKER, f"e2e-fleet-{index}"),
+            "PLAINTEXT": "true",
         }
         env.update(overrides)
         full = {f"ANALYSIS_WORKER_{k}": v for k, v in env.items()}

@@ -40,7 +40,7 @@ STOP_TIMEOUT = 30.0
 
 def _clean_env() -> dict[str, str]:
     """The test's environment without the developer's stack settings."""
-    prefixes = ("DEVSTACK_", "JOB_SERVICE_", "ANALYSIS_WORKER_")
+    prefixes = ("DEVSTACK_", "JOB_SERVICE_", "ANALYSIS_WORKER_", "JOBS_")
     return {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
 
 
@@ -182,7 +182,9 @@ def test_run_demo_ctrl_c_then_restart_and_a_crash(tmp_path: Path) -> None:
                 "60",
             ],
             cwd=ROOT,
-            env=_clean_env(),
+            # The demo finds the uploader's token where the stack wrote it (DEVSTACK_RUN_DIR,
+            # as `make run` and `make demo` share .run by default).
+            env={**_clean_env(), "DEVSTACK_RUN_DIR": str(run_dir)},
             capture_output=True,
             text=True,
             timeout=90,
@@ -194,6 +196,24 @@ def test_run_demo_ctrl_c_then_restart_and_a_crash(tmp_path: Path) -> None:
         assert "cuts         3 at 2.00, 2.50, 3.50 s" in demo.stdout
         assert "resolution   320x240" in demo.stdout
         assert "results_uri  s3://videos/results/" in demo.stdout
+
+        # Authentication is on: the banner's export lines, pasted, are all jobctl needs.
+        exports = dict(
+            line.strip().removeprefix("export ").split("=", 1)
+            for line in out.splitlines()
+            if line.strip().startswith("export JOBS_TOKEN_")
+        )
+        assert set(exports) == {"JOBS_TOKEN_UPLOADER", "JOBS_TOKEN_WORKER", "JOBS_TOKEN_OPERATOR"}
+        anonymous = subprocess.run(
+            [sys.executable, "-m", "jobs_client.cli", "--address", state["grpc_address"], "stats"],
+            cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert anonymous.returncode == 1 and "UNAUTHENTICATED" in anonymous.stderr
+        stats = subprocess.run(
+            [sys.executable, "-m", "jobs_client.cli", "--address", state["grpc_address"], "stats"],
+            cwd=ROOT, env={**_clean_env(), **exports}, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert stats.returncode == 0, stats.stderr
 
         took = stack.stop_with(signal.SIGINT)
         assert stack.proc.returncode == 0, stack.output

@@ -11,6 +11,7 @@ from jobs.v1 import jobs_pb2 as pb
 
 from job_service.app import JobServiceApp
 from tests.conftest import stubs_for
+from tests.support import auth
 from tests.support.flows import claim, complete, initiate, put_object, queued_job
 
 
@@ -29,7 +30,7 @@ async def test_racing_claimers_on_two_service_instances_claim_each_job_once(
     n_jobs = 60
     expected = {(await queued_job(api, moto_s3)).job_id for _ in range(n_jobs)}
     async with JobServiceApp(settings) as other:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{other.port}") as ch2:
+        async with auth.channel(f"127.0.0.1:{other.port}") as ch2:
             apis = [api, stubs_for(ch2)]
 
             async def claimer(i: int) -> list[str]:
@@ -122,5 +123,5 @@ async def test_max_jobs_is_capped_by_the_server(api, moto_s3, database_url):
     from tests.conftest import settings_for
 
     async with JobServiceApp(settings_for(database_url, moto_s3, claim_max_jobs=2)) as capped:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{capped.port}") as ch:
+        async with auth.channel(f"127.0.0.1:{capped.port}") as ch:
             assert len(await claim(stubs_for(ch), max_jobs=100)) == 2

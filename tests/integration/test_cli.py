@@ -22,10 +22,13 @@ import pytest
 from jobs.v1 import jobs_pb2 as pb
 from sqlalchemy import text
 
+from job_service.app import JobServiceApp
 from jobs_client import cli
 from localinfra.netports import free_port
+from tests.support import auth
 from tests.support.flows import VIDEO, claim, get_job, initiate, queued_job
 from tests.support.procs import ROOT
+from tests.support.service import settings_for, stubs_for
 
 # Bigger than one upload block (256 KiB), so the PUT is streamed in several reads.
 BODY = VIDEO + bytes(range(256)) * 1200
@@ -56,7 +59,10 @@ class Jobctl:
 
 
 @pytest.fixture
-def jobctl(app) -> Jobctl:
+def jobctl(app, monkeypatch) -> Jobctl:
+    # jobctl reads each audience's token from JOBS_TOKEN_<ROLE> (jobs_client/auth.py).
+    for name, value in auth.jobctl_env().items():
+        monkeypatch.setenv(name, value)
     return Jobctl(app.port)
 
 
@@ -70,7 +76,7 @@ async def until(predicate: Callable[[], bool], within: float = 5.0) -> None:
 async def run_module(*argv: str, env: dict[str, str] | None = None) -> Result:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "jobs_client.cli", *argv,
-        cwd=ROOT, env={**os.environ, **(env or {})},
+        cwd=ROOT, env={**os.environ, **auth.jobctl_env(), **(env or {})},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), 30)
@@ -448,6 +454,7 @@ async def test_console_script_against_the_service_process(start_job_service, tmp
     script = Path(sys.executable).with_name("jobctl")
     proc = await asyncio.create_subprocess_exec(
         script, "--address", svc.address, "upload", str(video_file(tmp_path)),
+        env={**os.environ, **auth.jobctl_env()},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), 30)
@@ -479,20 +486,30 @@ async def test_upload_of_a_large_file_goes_multipart_with_progress(jobctl, api, 
     assert job.status == pb.JOB_STATUS_QUEUED and job.etag.endswith("-3")
 
 
-async def test_upload_survives_ctrl_c_and_resumes(app, api, tmp_path):
+async def test_upload_survives_ctrl_c_and_resumes(database_url, moto_s3, tmp_path):
+    # Twelve parts of 5 MiB sent one at a time: Ctrl-C after the first leaves most unsent.
+    settings = settings_for(database_url, moto_s3, multipart_part_bytes=5 * 1024**2)
+    async with (
+        JobServiceApp(settings) as app,
+        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
+    ):
+        await ctrl_c_then_resume(app, stubs_for(channel), tmp_path)
+
+
+async def ctrl_c_then_resume(app, api, tmp_path: Path) -> None:
     path = tmp_path / "match.mp4"
-    path.write_bytes(os.urandom(48 * 1024**2))
+    path.write_bytes(os.urandom(60 * 1024**2))
     argv = [
         "-m", "jobs_client.cli", "--address", f"127.0.0.1:{app.port}", "upload", str(path),
         "--multipart", "--parallel", "1", "--state-dir", str(tmp_path / "s"),
     ]  # fmt: skip
     proc = await asyncio.create_subprocess_exec(
         sys.executable, *argv, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, **auth.jobctl_env()},
     )  # fmt: skip
     assert proc.stderr is not None
     seen = []
-    while not any("part 1/3" in ln for ln in seen):
+    while not any("part 1/12" in ln for ln in seen):
         raw = await asyncio.wait_for(proc.stderr.readline(), 60)
         assert raw, seen
         seen.append(raw.decode())
@@ -506,10 +523,10 @@ async def test_upload_survives_ctrl_c_and_resumes(app, api, tmp_path):
 
     again = await asyncio.create_subprocess_exec(
         sys.executable, *argv, "--resume", cwd=ROOT, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, **auth.jobctl_env()},
     )  # fmt: skip
     out, err2 = await asyncio.wait_for(again.communicate(), 120)
     assert again.returncode == 0, err2.decode()
     assert out.decode().strip() == job_id  # the same job
-    assert re.search(r"resuming: [12] of 3 parts already uploaded", err2.decode())
+    assert re.search(r"resuming: ([1-9]|1[01]) of 12 parts already uploaded", err2.decode())
     assert (await get_job(api, job_id)).status == pb.JOB_STATUS_QUEUED

@@ -5,12 +5,14 @@ of the service."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import sys
 from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
 from jobs.v1 import jobs_pb2 as pb
 
 from job_service.app import JobServiceApp
@@ -24,7 +26,8 @@ from jobs_client import (
     error_code_name,
 )
 from localinfra.netports import free_port
-from tests.support.flows import VIDEO, claim, initiate, queued_job
+from tests.support import auth
+from tests.support.flows import VIDEO, initiate, queued_job
 from tests.support.procs import ROOT
 from tests.support.service import settings_for, stubs_for
 
@@ -45,7 +48,9 @@ def test_the_readme_example_is_ten_lines_or_so():
 
 async def finish(api, result: dict[str, object] | None = None, fail: bool = False) -> str:
     """Play the worker: claim the next job and complete (or fail) it."""
-    [lease] = await claim(api, wait=20, timeout=30)
+    # wait_for_ready: in the restart test the service has only just come back.
+    req = pb.ClaimJobRequest(worker_id="w-1", max_jobs=1, wait=duration_pb2.Duration(seconds=20))
+    [lease] = (await api.worker.ClaimJob(req, timeout=30, wait_for_ready=True)).leases
     ref = {"job_id": lease.job.job_id, "lease_token": lease.lease_token}
     if fail:
         req = pb.FailJobRequest(**ref, error_code="INVALID_MEDIA", error_message="not a video")
@@ -67,6 +72,7 @@ async def test_the_readme_example_runs(api, app, tmp_path: Path):
     code = code.replace('"match.mp4"', repr(str(video)))
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", code, cwd=tmp_path,
+        env={**os.environ, **auth.jobctl_env()},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     job_id = await finish(api, {"cuts": 3})
@@ -108,7 +114,7 @@ async def test_sync_facade_and_pagination(app, api, tmp_path: Path):
     path.write_bytes(VIDEO)
 
     def use() -> tuple[pb.Job, list[pb.Job], int]:
-        with SyncJobsClient(f"127.0.0.1:{app.port}") as jobs:
+        with SyncJobsClient(f"127.0.0.1:{app.port}", tokens=auth.tokens_by_role()) as jobs:
             job = jobs.upload_file(path, state_dir=tmp_path / "s")
             listed = list(jobs.list_jobs())
             return job, listed, len(list(jobs.iterate(jobs.aio.list_jobs(page_size=2))))
@@ -125,7 +131,7 @@ async def test_watch_reconnects_when_the_service_restarts(database_url, moto_s3,
     port = free_port()
     settings = settings_for(database_url, moto_s3, grpc_address=f"127.0.0.1:{port}")
     seen: list[int] = []
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with auth.channel(f"127.0.0.1:{port}") as channel:
         client = JobsClient(channel)
         async with JobServiceApp(settings):
             job = await queued_job(stubs_for(channel), moto_s3)
@@ -135,7 +141,7 @@ async def test_watch_reconnects_when_the_service_restarts(database_url, moto_s3,
             follow = asyncio.create_task(collect(watch, seen))
         # The service is gone (stream broken); a new instance takes over the same address.
         async with JobServiceApp(settings) as again:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{again.port}") as worker:
+            async with auth.channel(f"127.0.0.1:{again.port}") as worker:
                 await finish(stubs_for(worker), {"ok": True})
             await asyncio.wait_for(follow, 60)
     assert seen[0] == pb.JOB_STATUS_QUEUED and seen[-1] == pb.JOB_STATUS_DONE

@@ -14,6 +14,7 @@ from sqlalchemy import text
 
 from job_service.app import JobServiceApp
 from tests.conftest import settings_for, stubs_for
+from tests.support import auth
 from tests.support.faults import FaultyProxy
 from tests.support.flows import complete, error_reason, get_job, initiate, put_object
 
@@ -31,7 +32,7 @@ async def api_via_s3_proxy(database_url, moto_s3, s3_proxy):
         database_url, moto_s3, s3_endpoint_url=f"http://{s3_proxy.address}", s3_timeout_seconds=1
     )
     async with JobServiceApp(settings) as app:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        async with auth.channel(f"127.0.0.1:{app.port}") as channel:
             yield stubs_for(channel), app
 
 
@@ -79,7 +80,7 @@ async def test_database_unreachable_answers_unavailable(database_url, moto_s3, p
     proxied = database_url.replace(parts.netloc, f"{parts.username}@{pg_proxy.address}")
     settings = settings_for(proxied, moto_s3, db_connect_timeout_seconds=1)
     async with JobServiceApp(settings) as app:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        async with auth.channel(f"127.0.0.1:{app.port}") as channel:
             api = stubs_for(channel)
             init = await initiate(api)
             await put_object(moto_s3, init.job.bucket, init.job.key)

@@ -20,15 +20,17 @@ import pytest
 from jobs.v1 import jobs_pb2 as pb
 from sqlalchemy import text
 
+from tests.support import auth
 from tests.support.flows import claim, initiate, new_id, put_object, queued_job
 from tests.support.procs import ROOT
+from tests.support.service import settings_for
 
 COOKBOOK = ROOT / "docs" / "grpcurl.md"
 VENV_BIN = Path(sys.executable).parent  # holds the grpcurl the dev extras install
 
 #: Test name of each cookbook command -> a fragment found in that command and no other.
 ENTRIES = {
-    "list": "-plaintext $ADDR list",
+    "list": "$ADDR list",
     "describe": "describe jobs.v1.Job",
     "health": "-plaintext $ADDR grpc.health.v1.Health/Check",
     "health_service": '"service":"jobs.v1.WorkerService"',
@@ -41,7 +43,8 @@ ENTRIES = {
     "requeue": "AdminService/RequeueJob",
     "cancel": "AdminService/CancelJob",
     "initiate": "UploadService/InitiateUpload",
-    "claim": "WorkerService/ClaimJob",
+    "claim": '"worker_id":"oncall-probe"',
+    "anonymous": '"worker_id":"anonymous"',
 }
 
 
@@ -85,6 +88,8 @@ class Grpcurl:
             "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             "ADDR": self.addr,
             "JOB_ID": job_id,
+            # What `make run` prints for pasting: one token per audience.
+            **auth.jobctl_env(),
         }
         return await asyncio.create_subprocess_exec(
             "sh", "-c", command(name), env=env,
@@ -101,6 +106,13 @@ async def finished(proc: asyncio.subprocess.Process, started: float) -> Run:
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode is not None
     return Run(proc.returncode, out.decode(), err.decode(), time.monotonic() - started)
+
+
+@pytest.fixture
+def settings(database_url, moto_s3):
+    # As `make run` serves it: authentication on, reflection open (health then needs no token
+    # even for grpcurl's schema look-up).
+    return settings_for(database_url, moto_s3, reflection="open")
 
 
 @pytest.fixture
@@ -334,3 +346,9 @@ async def test_claim_waits_then_answers_empty_or_leases(grpcurl, api, moto_s3):
     assert lease["job"]["job_id"] == init.job.job_id
     assert lease["job"]["status"] == "JOB_STATUS_QUICK_RUNNING"
     assert lease["lease_token"] and lease["attempt"] == 1
+
+
+async def test_an_anonymous_call_to_a_job_rpc_is_unauthenticated(grpcurl):
+    run = await grpcurl("anonymous")
+    assert run.code == 64 + 16, run.err  # UNAUTHENTICATED
+    assert "Unauthenticated" in run.err and "MISSING_CREDENTIALS" in run.err

@@ -24,6 +24,7 @@ from job_service.domain import errors
 from job_service.storage import migrate
 from job_service.storage.db import LEASE_APPLICATION_NAME, DbFault, classify, domain_error
 from localinfra.postgres import PostgresCluster
+from tests.support import auth
 from tests.support.faults import FaultyProxy
 from tests.support.flows import claim, error_reason, queued_job
 from tests.support.service import Stubs, sa_url, settings_for, stubs_for
@@ -105,7 +106,7 @@ async def fast(database_url, moto_s3) -> AsyncIterator[tuple[Stubs, JobServiceAp
         infra_retry_window_seconds=1.5,
     )
     async with JobServiceApp(settings) as app:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        async with auth.channel(f"127.0.0.1:{app.port}") as ch:
             yield stubs_for(ch), app
 
 
@@ -241,7 +242,7 @@ async def test_database_outage_longer_than_a_lease_takes_no_lease_from_a_healthy
         proxied(database_url, pg_proxy), moto_s3, **FAST, db_connect_timeout_seconds=0.5
     )
     async with JobServiceApp(settings) as app:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        async with auth.channel(f"127.0.0.1:{app.port}") as ch:
             api = stubs_for(ch)
             await queued_job(api, moto_s3)
             await queued_job(api, moto_s3)
@@ -295,7 +296,7 @@ async def test_postgres_restart_takes_no_lease_from_a_healthy_worker(own_cluster
     await asyncio.to_thread(migrate.upgrade, url)
     settings = settings_for(url, moto_s3, **FAST, db_connect_timeout_seconds=0.5)
     async with JobServiceApp(settings) as app:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        async with auth.channel(f"127.0.0.1:{app.port}") as ch:
             api = stubs_for(ch)
             await queued_job(api, moto_s3)
             lease = (await claim(api))[0]
@@ -418,7 +419,7 @@ async def test_server_stop_answers_parked_calls_at_once_and_leases_nothing(datab
     await app.__aenter__()
     stopped = False
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        async with auth.channel(f"127.0.0.1:{app.port}") as ch:
             api = stubs_for(ch)
             calls = [
                 asyncio.create_task(claim(api, worker_id=f"w-{n}", wait=15, timeout=20))
@@ -516,7 +517,7 @@ async def test_lock_and_statement_timeouts_answer_unavailable(database_url, moto
     )
     settings = settings_for(database_url, moto_s3, **overrides)
     async with JobServiceApp(settings) as app:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        async with auth.channel(f"127.0.0.1:{app.port}") as ch:
             api = stubs_for(ch)
             await queued_job(api, moto_s3)
             lease = (await claim(api))[0]
@@ -589,7 +590,7 @@ async def test_too_many_connections_answers_unavailable(database_url, moto_s3, p
     url = database_url.replace("postgres@", f"{role}@", 1)
     try:
         async with JobServiceApp(settings_for(url, moto_s3)) as app:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+            async with auth.channel(f"127.0.0.1:{app.port}") as ch:
                 api = stubs_for(ch)
                 await queued_job(api, moto_s3)
                 lease = (await claim(api))[0]
@@ -620,7 +621,7 @@ async def test_connection_lost_mid_statement_is_an_unknown_outcome_and_the_retry
     retry answers OK with the completed job."""
     settings = settings_for(proxied(database_url, pg_proxy), moto_s3)
     async with JobServiceApp(settings) as app:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        async with auth.channel(f"127.0.0.1:{app.port}") as ch:
             api = stubs_for(ch)
             await queued_job(api, moto_s3)
             lease = (await claim(api))[0]
@@ -660,7 +661,7 @@ async def test_claim_with_unknown_outcome_leases_nothing_to_nobody(database_url,
     )
     dsn = dsn_of(database_url)
     async with JobServiceApp(settings) as app:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        async with auth.channel(f"127.0.0.1:{app.port}") as ch:
             api = stubs_for(ch)
             job = await queued_job(api, moto_s3)
             blocker = await asyncpg.connect(dsn)

@@ -21,6 +21,7 @@ from job_service.storage.db import LEASE_APPLICATION_NAME
 from job_service.storage.repository import SQL_CLAIM
 from job_service.storage.tables import CHANGED_CHANNEL
 from localinfra.postgres import PostgresCluster
+from tests.support import auth
 from tests.support.flows import claim, error_reason, queued_job
 from tests.support.service import Stubs, sa_url, settings_for, stubs_for
 
@@ -59,7 +60,7 @@ async def stats_db(stats_pg: PostgresCluster) -> AsyncIterator[str]:
 @pytest.fixture
 async def counted(stats_db, moto_s3) -> AsyncIterator[tuple[Stubs, JobServiceApp, Counter]]:
     async with JobServiceApp(settings_for(stats_db, moto_s3, **QUIET)) as app:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        async with auth.channel(f"127.0.0.1:{app.port}") as ch:
             counter = Counter(stats_db.replace("postgresql+asyncpg://", "postgresql://", 1))
             await counter.open()
             try:

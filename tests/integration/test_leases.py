@@ -16,6 +16,7 @@ from sqlalchemy import text
 
 from job_service.app import JobServiceApp
 from tests.conftest import Stubs, settings_for, stubs_for
+from tests.support import auth
 from tests.support.flows import claim, error_reason, get_job, queued_job
 
 FAST = dict(
@@ -31,7 +32,7 @@ FAST = dict(
 @pytest.fixture
 async def fast(database_url, moto_s3) -> AsyncIterator[tuple[Stubs, JobServiceApp]]:
     async with JobServiceApp(settings_for(database_url, moto_s3, **FAST)) as app:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        async with auth.channel(f"127.0.0.1:{app.port}") as ch:
             yield stubs_for(ch), app
 
 
@@ -323,7 +324,7 @@ async def test_forbidden_progress_and_completion(api, moto_s3):
 async def test_stage_hard_cap_stops_renewal(database_url, moto_s3):
     settings = settings_for(database_url, moto_s3, **{**FAST, "stage_timeout_seconds": 0.5})
     async with JobServiceApp(settings) as app:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        async with auth.channel(f"127.0.0.1:{app.port}") as ch:
             api = stubs_for(ch)
             await queued_job(api, moto_s3)
             lease = (await claim(api))[0]

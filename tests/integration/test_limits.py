@@ -20,6 +20,7 @@ from jobs.v1 import jobs_pb2 as pb
 from job_service.app import JobServiceApp
 from job_service.rpc.servicers import WATCH_END_KEY, WATCH_END_MAX_LIFETIME
 from tests.conftest import Stubs, settings_for, stubs_for
+from tests.support import auth
 from tests.support.flows import claim, error_reason, get_job, queued_job
 
 
@@ -28,7 +29,7 @@ async def service(database_url: str, moto_s3: Any, **overrides: Any) -> AsyncIte
     tuple[JobServiceApp, Stubs]
 ]:
     async with JobServiceApp(settings_for(database_url, moto_s3, **overrides)) as app:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        async with auth.channel(f"127.0.0.1:{app.port}") as channel:
             yield app, stubs_for(channel)
 
 

@@ -6,13 +6,13 @@ import asyncio
 import uuid
 
 import asyncpg
-import grpc
 from alembic.script import ScriptDirectory
 from jobs.v1 import jobs_pb2 as pb
 
 from job_service.app import JobServiceApp
 from job_service.storage import migrate
 from tests.conftest import sa_url, settings_for, stubs_for
+from tests.support import auth
 from tests.support.flows import claim, initiate
 
 
@@ -58,7 +58,7 @@ async def test_jobs_queued_before_awaiting_upload_existed_stay_claimable(pg, fre
         await conn.close()
 
     async with JobServiceApp(settings_for(url, moto_s3)) as app:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        async with auth.channel(f"127.0.0.1:{app.port}") as ch:
             api = stubs_for(ch)
             new = await initiate(api)  # the new status works on the upgraded database
             assert new.job.status == pb.JOB_STATUS_AWAITING_UPLOAD

@@ -11,6 +11,7 @@ from jobs.v1 import jobs_pb2 as pb
 
 from job_service.app import JobServiceApp
 from tests.conftest import settings_for, stubs_for
+from tests.support import auth
 from tests.support.flows import claim, complete, initiate, put_object, queued_job
 
 
@@ -29,7 +30,7 @@ def value(text: str, sample: str) -> float:
 async def test_metrics_endpoint_reports_what_happened(database_url, moto_s3):
     settings = settings_for(database_url, moto_s3, metrics_address="127.0.0.1:0")
     async with JobServiceApp(settings) as app:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        async with auth.channel(f"127.0.0.1:{app.port}") as ch:
             api = stubs_for(ch)
             await queued_job(api, moto_s3)
             missing = await initiate(api)
@@ -80,7 +81,7 @@ async def test_stuck_uploads_and_oldest_queued_age(app, api, moto_s3):
 
 async def test_logs_are_json_lines_with_job_ids(start_job_service, moto_s3):
     svc = await start_job_service()
-    async with grpc.aio.insecure_channel(svc.address) as ch:
+    async with auth.channel(svc.address) as ch:
         api = stubs_for(ch)
         init = await initiate(api)
         await put_object(moto_s3, init.job.bucket, init.job.key)

@@ -9,7 +9,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
-import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
@@ -20,6 +19,7 @@ from jobs.v1 import jobs_pb2 as pb
 from job_service.app import JobServiceApp
 from localinfra.s3 import SeaweedS3
 from tests.conftest import BUCKET, settings_for, stubs_for
+from tests.support import auth
 from tests.support.flows import VIDEO, claim, complete, initiate
 
 
@@ -45,7 +45,7 @@ def http_put(url: str, body: bytes, headers: dict[str, str]) -> int:
 
 async def test_presigned_upload_to_sigv4_checking_s3_then_complete(database_url, seaweed):
     async with JobServiceApp(settings_for(database_url, seaweed)) as app:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        async with auth.channel(f"127.0.0.1:{app.port}") as ch:
             api = stubs_for(ch)
             init = await initiate(api, content_type="video/mp4")
             url, headers = init.upload_url, dict(init.upload_headers)
@@ -77,7 +77,8 @@ async def test_health_and_reflection_are_on(api):
 async def test_reflection_lists_every_service(app):
     # The reflection client is synchronous: run it off the loop that serves the calls.
     def lookup() -> tuple[set[str], object]:
-        with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        # Reflection needs a valid token by default (JOB_SERVICE_REFLECTION=authenticated).
+        with auth.sync_channel(f"127.0.0.1:{app.port}") as channel:
             db = ProtoReflectionDescriptorDatabase(channel)
             return set(db.get_services()), db.FindFileContainingSymbol("google.rpc.ErrorInfo")
 

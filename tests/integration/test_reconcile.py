@@ -9,12 +9,12 @@ import os
 import uuid
 from datetime import timedelta
 
-import grpc
 from jobs.v1 import jobs_pb2 as pb
 from sqlalchemy import text
 
 from job_service.app import JobServiceApp
 from jobs_client import JobsClient, _transfer
+from tests.support import auth
 from tests.support.flows import VIDEO, claim, complete, get_job, initiate, put_object
 from tests.support.service import settings_for, stubs_for
 
@@ -39,7 +39,7 @@ async def test_reconciler_queues_verified_uploads_and_expires_abandoned_ones(dat
         database_url, moto_s3, reconcile_after_seconds=60.0, reconcile_interval_seconds=3600.0
     )
     async with JobServiceApp(settings) as app:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        async with auth.channel(f"127.0.0.1:{app.port}") as ch:
             api = stubs_for(ch)
             uploaded = await initiate(api)
             await put_object(moto_s3, uploaded.job.bucket, uploaded.job.key)
@@ -94,7 +94,7 @@ async def test_expired_upload_whose_object_fails_verification_ends_failed_with_i
         database_url, moto_s3, reconcile_after_seconds=60.0, reconcile_interval_seconds=3600.0
     )
     async with JobServiceApp(settings) as app:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        async with auth.channel(f"127.0.0.1:{app.port}") as ch:
             api = stubs_for(ch)
             wrong = await initiate(api)
             await put_object(moto_s3, wrong.job.bucket, wrong.job.key, VIDEO[:10])
@@ -130,7 +130,7 @@ async def test_a_row_without_upload_expiry_also_expires(database_url, moto_s3):
         upload_url_ttl_seconds=3600,
     )
     async with JobServiceApp(settings) as app:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        async with auth.channel(f"127.0.0.1:{app.port}") as ch:
             api = stubs_for(ch)
             old, recent = await initiate(api), await initiate(api)
             async with app.engine.begin() as conn:
@@ -159,7 +159,7 @@ async def test_reconciler_completes_a_multipart_upload_whose_client_forgot(
         database_url, moto_s3, reconcile_after_seconds=60.0, reconcile_interval_seconds=3600.0
     )
     async with JobServiceApp(settings) as app:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        async with auth.channel(f"127.0.0.1:{app.port}") as ch:
             api = stubs_for(ch)
             client = JobsClient(ch)
             body = os.urandom(17 * 1024**2)

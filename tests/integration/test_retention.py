@@ -18,6 +18,7 @@ from sqlalchemy import text
 from job_service.app import JobServiceApp
 from job_service.storage.db import asyncpg_dsn
 from tests.conftest import settings_for, stubs_for
+from tests.support import auth
 from tests.support.flows import claim, error_reason, initiate, put_object, queued_job
 
 DAY = 86400
@@ -255,7 +256,7 @@ async def test_background_task_applies_the_configured_retention(database_url, mo
         retention_delete_results=True,
     )
     async with JobServiceApp(settings) as app:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        async with auth.channel(f"127.0.0.1:{app.port}") as channel:
             api = stubs_for(channel)
             old = [await done_job(api, moto_s3), await failed_job(api, moto_s3)]
             fresh = await done_job(api, moto_s3)

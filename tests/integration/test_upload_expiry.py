@@ -5,11 +5,11 @@ from __future__ import annotations
 import uuid
 from datetime import timedelta
 
-import grpc
 from jobs.v1 import jobs_pb2 as pb
 from sqlalchemy import text
 
 from job_service.app import JobServiceApp
+from tests.support import auth
 from tests.support.flows import get_job, initiate
 from tests.support.service import settings_for, stubs_for
 
@@ -21,7 +21,7 @@ async def test_a_retried_initiate_moves_the_upload_expiry_the_reconciler_uses(
         database_url, moto_s3, reconcile_after_seconds=60.0, reconcile_interval_seconds=3600.0
     )
     async with JobServiceApp(settings) as app:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        async with auth.channel(f"127.0.0.1:{app.port}") as ch:
             api = stubs_for(ch)
             rid = str(uuid.uuid4())
             first = await initiate(api, request_id=rid)

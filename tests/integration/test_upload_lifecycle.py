@@ -14,6 +14,7 @@ from jobs.v1 import jobs_pb2 as pb
 from sqlalchemy import text
 
 from job_service.app import JobServiceApp
+from tests.support import auth
 from tests.support.flows import (
     VIDEO,
     claim,
@@ -185,7 +186,7 @@ async def test_retrying_complete_on_a_failed_upload_keeps_the_history_bounded(
     settings = settings_for(database_url, moto_s3, max_upload_error_rows=3)
     async with (
         JobServiceApp(settings) as app,
-        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch,
+        auth.channel(f"127.0.0.1:{app.port}") as ch,
     ):
         api = stubs_for(ch)
         init = await initiate(api)

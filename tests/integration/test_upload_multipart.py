@@ -19,6 +19,7 @@ from jobs.v1 import jobs_pb2 as pb
 
 from job_service.app import JobServiceApp
 from jobs_client import FailedPrecondition, InvalidArgument, JobsClient, _transfer
+from tests.support import auth
 from tests.support.flows import claim, queued_job
 from tests.support.procs import ROOT
 from tests.support.service import BUCKET, settings_for, stubs_for
@@ -35,7 +36,7 @@ async def test_the_service_chooses_the_plan_within_s3s_limits(database_url, moto
     settings = settings_for(database_url, moto_s3, max_upload_bytes=5 * TiB)
     async with (
         JobServiceApp(settings) as app,
-        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch,
+        auth.channel(f"127.0.0.1:{app.port}") as ch,
     ):
         client = JobsClient(ch)
 
@@ -64,7 +65,7 @@ async def test_the_service_chooses_the_plan_within_s3s_limits(database_url, moto
         )
         async with (
             JobServiceApp(settings2) as app2,
-            grpc.aio.insecure_channel(f"127.0.0.1:{app2.port}") as ch2,
+            auth.channel(f"127.0.0.1:{app2.port}") as ch2,
         ):
             init = await JobsClient(ch2).initiate(
                 filename="b.mp4", content_type="video/mp4", size_bytes=5 * 1024**3 + 1
@@ -229,7 +230,7 @@ async def small_part_api(database_url: str, small_part_moto: Any) -> AsyncIterat
     )
     async with (
         JobServiceApp(settings) as app,
-        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch,
+        auth.channel(f"127.0.0.1:{app.port}") as ch,
     ):
         yield stubs_for(ch)
 

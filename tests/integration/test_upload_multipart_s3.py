@@ -22,6 +22,7 @@ from sqlalchemy import text
 from job_service.app import JobServiceApp
 from jobs_client import FailedPrecondition, JobsClient, UploadProgress, _transfer
 from localinfra.s3 import SeaweedS3
+from tests.support import auth
 from tests.support.flows import claim, complete, error_reason, get_job, initiate
 from tests.support.procs import ROOT
 from tests.support.service import BUCKET, settings_for, stubs_for
@@ -59,7 +60,7 @@ async def service(database_url: str, seaweed: SeaweedS3) -> AsyncIterator[JobSer
 
 @pytest.fixture
 async def api(service: JobServiceApp) -> AsyncIterator[Any]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+    async with auth.channel(f"127.0.0.1:{service.port}") as channel:
         yield stubs_for(channel)
 
 

@@ -15,6 +15,7 @@ from sqlalchemy import text
 from job_service.app import JobServiceApp
 from job_service.config import Settings
 from localinfra.postgres import PostgresCluster
+from tests.support.auth import auth_settings
 
 #: The bucket moto (and SeaweedFS in tests) is started with.
 BUCKET = "videos"
@@ -37,6 +38,10 @@ def settings_for(database_url: str, s3: Any, **overrides: Any) -> Settings:
         "log_format": "text",
         # Background reconciling would race tests that backdate rows; its own test enables it.
         "reconcile_after_seconds": 0.0,
+        # Authentication on, as in production, with the test key (tests/support/auth.py);
+        # plaintext asked for explicitly (the TLS tests set certificates instead).
+        **auth_settings(),
+        "grpc_plaintext": True,
     }
     values.update(overrides)
     return Settings(**values)

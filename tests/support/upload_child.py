@@ -14,6 +14,7 @@ from pathlib import Path
 from jobs.v1 import jobs_pb2 as pb
 
 from jobs_client import JobsClient, UploadProgress
+from tests.support import auth
 
 
 async def main(argv: list[str]) -> int:
@@ -39,7 +40,8 @@ async def main(argv: list[str]) -> int:
         if sent == args.stop_after:
             threading.Event().wait()  # frozen mid-upload, as a crashed process; killed by the test
 
-    async with JobsClient.connect(args.address) as client:
+    # The test's uploader (tests/support/auth.py): the parent reads the job as the same subject.
+    async with JobsClient.connect(args.address, tokens=auth.tokens_by_role()) as client:
         job = await client.upload_file(
             args.file,
             "video/mp4",

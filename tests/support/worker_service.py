@@ -27,6 +27,7 @@ from analysis_worker.analysis import Analyzer
 from analysis_worker.job_client import Backoff, JobClient
 from analysis_worker.metrics import WorkerMetrics
 from analysis_worker.runner import JobRunner
+from analysis_worker.security import LeaseBounds
 from analysis_worker.storage import Storage
 from analysis_worker.worker import Worker, WorkerOptions
 from localinfra.s3 import MotoS3
@@ -352,6 +353,7 @@ class Harness:
         rpc_timeout: float = 5.0,
         worker_id: str = "test-worker",
         client: JobClient | None = None,
+        bounds: LeaseBounds | None = None,
     ) -> RunningWorker:
         """A real Worker; `address` (e.g. a FaultyProxy) and `s3` (a client through one)
         replace the direct routes to the fake service and to moto."""
@@ -370,6 +372,7 @@ class Harness:
             s3_retry=Backoff(max_attempts=1, initial_backoff=0.02, max_backoff=0.2),
             s3_retry_budget=s3_retry_budget,
             progress_interval=0.0,
+            bounds=bounds,
         )
         options = WorkerOptions(
             worker_id=worker_id,

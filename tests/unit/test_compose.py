@@ -225,3 +225,44 @@ def test_python_services_build_the_one_dockerfile(services: dict[str, dict[str, 
         for source in sources:
             assert (ROOT / source).exists(), source
             assert f"!{source.rstrip('/')}" in ignore, f"{source} is not in the build context"
+
+
+# -- security (issue 10) ------------------------------------------------------------------
+
+
+def test_authentication_is_on_with_the_secret_and_token_from_the_credentials_volume(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    job, worker, creds = (
+        services["job-service"],
+        services["analysis-worker"],
+        services["credentials"],
+    )
+    values = env(job)
+    service = ServiceSettings.from_env(values)
+    assert service.auth_required
+    assert not service.auth_hs256_secrets.get_secret_value()  # no secret in the compose file
+    mount = "./.run/compose-auth:/auth"
+    assert f"{mount}" in creds["volumes"] and f"{mount}:ro" in job["volumes"]
+    assert f"{mount}:ro" in worker["volumes"]
+    assert creds["command"][:4] == ["python", "-m", "job_service.auth", "dev-credentials"]
+    assert creds["command"][creds["command"].index("--dir") + 1] == "/auth"
+    assert service.auth_hs256_secrets_file == "/auth/hs256.secret"
+    assert env(worker)["ANALYSIS_WORKER_TOKEN_FILE"] == "/auth/worker.jwt"
+    assert depends(job)["credentials"] == "service_completed_successfully"
+    # Plaintext is asked for on both sides (a mismatch would fail every call).
+    assert service.grpc_plaintext
+    assert worker_config.Settings.from_env(env(worker)).plaintext
+
+
+def test_the_compose_dev_credentials_are_what_the_service_accepts(tmp_path: Path) -> None:
+    from job_service.auth.devkeys import write_dev_credentials
+    from job_service.auth.tokens import KeyRing, Verifier
+
+    write_dev_credentials(tmp_path)
+    s = ServiceSettings(auth_hs256_secrets_file=str(tmp_path / "hs256.secret"))
+    verifier = Verifier(s, KeyRing(s))
+    for role in ("uploader", "worker", "operator"):
+        claims = verifier.verify((tmp_path / f"{role}.jwt").read_text().strip())
+        assert claims.role.value == role
+    assert (tmp_path / "hs256.secret").stat().st_mode & 0o077 == 0

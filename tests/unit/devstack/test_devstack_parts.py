@@ -260,3 +260,23 @@ def test_a_json_log_line_is_shortened_and_other_lines_are_kept() -> None:
     assert failed == "ERROR   boom\nTraceback..."
     for other in ("plain text", "{not json", "[1]", ""):
         assert pretty(other) == other
+
+
+def test_the_banner_prints_one_export_per_audience_and_grpcurl_headers(tmp_path: Path) -> None:
+    from scripts.devstack.credentials import DevCredentials
+
+    creds = DevCredentials.create(tmp_path)
+    opts = Options(tmp_path / "run", 55432, 50051, 9464, (9465,))
+    text = banner(
+        opts, WHERE, elapsed=1, default_grpc_port=50051, request_id="r", exports=creds.exports()
+    )
+    for role in ("UPLOADER", "WORKER", "OPERATOR"):
+        [line] = [x for x in text.splitlines() if f"export JOBS_TOKEN_{role}=" in x]
+        assert line.strip().split("=", 1)[1].count(".") == 2  # a JWT
+    initiate = next(line for line in text.splitlines() if "InitiateUpload" in line)
+    assert '-H "authorization: Bearer $JOBS_TOKEN_UPLOADER"' in initiate
+    stats = next(line for line in text.splitlines() if "GetStats" in line)
+    assert '-H "authorization: Bearer $JOBS_TOKEN_OPERATOR"' in stats
+    env = creds.service_env()
+    assert env["JOB_SERVICE_AUTH_REQUIRED"] == "true" and "JOB_SERVICE_GRPC_PLAINTEXT" in env
+    assert (tmp_path / "auth" / "hs256.secret").stat().st_mode & 0o077 == 0

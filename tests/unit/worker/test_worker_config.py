@@ -103,7 +103,7 @@ def test_secret_is_not_in_repr() -> None:
 def test_env_table_lists_every_variable_with_a_default_that_parses() -> None:
     table = env_table()
     names = [name for name, _ in table]
-    assert len(names) == len(set(names)) == 16
+    assert len(names) == len(set(names)) == 25
     assert all(name.startswith(PREFIX) for name in names)
     # The documented defaults are the real ones: feeding them back changes nothing.
     assert Settings.from_env(dict(table)) == Settings.from_env({})
@@ -125,6 +125,16 @@ def test_env_table_lists_every_variable_with_a_default_that_parses() -> None:
         "LOG_LEVEL": "DEBUG",
         "LOG_FORMAT": "text",
         "S3_RETRY_BUDGET_SECONDS": "5",
+        # security (issue 10)
+        "TOKEN": "t",
+        "TOKEN_FILE": "/t",
+        "TLS_CA_FILE": "/ca",
+        "TLS_CLIENT_CERT_FILE": "/c",
+        "TLS_CLIENT_KEY_FILE": "/k",
+        "PLAINTEXT": "true",
+        "S3_BUCKET": "b",
+        "S3_UPLOAD_PREFIX": "u/",
+        "S3_RESULTS_PREFIX": "r/",
     }
     assert sorted(PREFIX + k for k in alternatives) == sorted(names)
     defaults = Settings.from_env({})

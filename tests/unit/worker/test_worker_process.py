@@ -47,6 +47,8 @@ def worker_env(h: Harness, moto: MotoS3, **overrides: str) -> dict[str, str]:
         "ANALYZER": "tests.support.analyzers:GatedAnalyzer",
         "WORK_DIR": str(h.work_dir),
         "SHUTDOWN_GRACE_SECONDS": "0.5",
+        # The fake job-service harness speaks plaintext and checks no token.
+        "PLAINTEXT": "true",
         "METRICS_ADDRESS": "127.0.0.1:0",
         "LOG_FORMAT": "json",
     }
