@@ -2,22 +2,26 @@
 
 The download reads with `If-Match: <lease etag>` so the bytes analysed are exactly the ones the
 job-service verified — a presigned PUT URL stays valid after verification, so the object can be
-overwritten. It streams to disk in chunks: videos do not fit in memory. S3 failures become
-`StorageError`s that say whether retrying can help, which is all the worker needs to decide
-between a retryable and a final FailJob — and whose fault it is: `infrastructure` errors (S3
-5xx, timeouts, refused connections, 403 for our own credentials) say nothing about the job, so
-the worker retries them inside the lease and never lets them spend the job's attempts.
+overwritten. It streams to disk in chunks (videos do not fit in memory) and hashes the chunks as
+it writes them, so the SHA-256 the uploader declared (`Lease.sha256`) is checked on the whole
+object without a second read: S3 holds no whole-object SHA-256 for a multipart upload, only
+the per-part ones the service checked. S3 failures become `StorageError`s that say whether
+retrying can help, which is all the worker needs to decide between a retryable and a final
+FailJob — and whose fault it is: `infrastructure` errors (S3 5xx, timeouts, refused
+connections, 403 for our own credentials) say nothing about the job, so the worker retries them
+inside the lease and never lets them spend the job's attempts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import mimetypes
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import aiohttp
 from botocore.exceptions import BotoCoreError, ClientError
@@ -72,9 +76,13 @@ class Storage:
     async def download(self, lease: jobs_pb2.Lease, dest: Path) -> int:
         """Streams `bucket/key` to `dest` and returns the byte count.
 
-        Raises StorageError: UPLOAD_MISSING (404, final), UPLOAD_CHANGED (412 or size
-        mismatch: overwritten after verification, final), STORAGE_ACCESS_DENIED (403, a
-        configuration fault: infrastructure), DOWNLOAD_FAILED (network, timeout, 5xx:
+        The chunks are SHA-256 hashed as they are written; when the lease carries the declared
+        digest (`lease.sha256`, the raw 32 bytes; empty when none was declared) the download
+        must match it.
+
+        Raises StorageError: UPLOAD_MISSING (404, final), UPLOAD_CHANGED (412, size or
+        SHA-256 mismatch: not the bytes verified or declared, final), STORAGE_ACCESS_DENIED
+        (403, a configuration fault: infrastructure), DOWNLOAD_FAILED (network, timeout, 5xx:
         infrastructure).
         """
         params: dict[str, str] = {"Bucket": lease.bucket, "Key": lease.key}
@@ -82,7 +90,7 @@ class Storage:
             params["IfMatch"] = lease.etag
         try:
             response = await self._s3.get_object(**params)
-            written = await self._stream_to_file(response["Body"], dest)
+            written, digest = await self._stream_to_file(response["Body"], dest)
         except ClientError as exc:
             raise _download_error(exc, lease) from exc
         except (TimeoutError, BotoCoreError, aiohttp.ClientError, OSError) as exc:
@@ -95,6 +103,13 @@ class Storage:
                 UPLOAD_CHANGED,
                 f"s3://{lease.bucket}/{lease.key} has {written} bytes, "
                 f"{lease.size_bytes} were verified",
+                retryable=False,
+            )
+        if lease.sha256 and digest != lease.sha256:
+            raise StorageError(
+                UPLOAD_CHANGED,
+                f"s3://{lease.bucket}/{lease.key} has SHA-256 {digest.hex()}, "
+                f"{lease.sha256.hex()} was declared",
                 retryable=False,
             )
         return written
@@ -137,19 +152,23 @@ class Storage:
             raise _upload_error(lease.bucket, key, exc) from exc
         return self.results_uri(lease)
 
-    async def _stream_to_file(self, body: Any, dest: Path) -> int:
+    async def _stream_to_file(self, body: Any, dest: Path) -> tuple[int, bytes]:
+        """Writes the body to `dest`; returns the byte count and the SHA-256 of the bytes."""
         written = 0
+        hasher = hashlib.sha256()
         handle = await asyncio.to_thread(dest.open, "wb")
         try:
             # Read through aiobotocore's StreamingBody (it checks Content-Length); `async with`
             # only guarantees the connection is released.
             async with body:
                 while chunk := await body.read(self._chunk_bytes):
-                    await asyncio.to_thread(handle.write, chunk)
+                    # Hash in the thread that writes: a chunk is up to 1 MiB, too long to hash
+                    # on the event loop (hashlib releases the GIL for it).
+                    await asyncio.to_thread(_write_and_hash, handle, hasher, chunk)
                     written += len(chunk)
         finally:
             await asyncio.to_thread(handle.close)
-        return written
+        return written, hasher.digest()
 
     async def _upload_file(self, bucket: str, key: str, path: Path) -> None:
         content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
@@ -159,6 +178,11 @@ class Storage:
             )
         except (TimeoutError, ClientError, BotoCoreError, aiohttp.ClientError, OSError) as exc:
             raise _upload_error(bucket, key, exc) from exc
+
+
+def _write_and_hash(handle: BinaryIO, hasher: Any, chunk: bytes) -> None:
+    handle.write(chunk)
+    hasher.update(chunk)
 
 
 def _results_prefix(lease: jobs_pb2.Lease) -> str:
