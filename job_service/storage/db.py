@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -236,6 +236,11 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
+def _consume(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.info("lease statement of a cancelled call failed: %s", task.exception())
+
+
 async def _keep_session(_conn: asyncpg.Connection) -> None:
     """Instead of asyncpg's reset on release (advisory unlock, CLOSE ALL, UNLISTEN, RESET ALL:
     one more round trip per call). The lease path's connections carry no session state: only
@@ -297,7 +302,12 @@ class LeasePool:
         A caller that is cancelled (its RPC's deadline passed, the client went away) does not
         cancel the statement: it runs to its end (bounded by statement_timeout) and the
         connection goes back to the pool intact, instead of being broken mid-protocol."""
-        return await asyncio.shield(self._run(fn))
+        task = asyncio.ensure_future(self._run(fn))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_consume)  # nobody awaits it now: no "never retrieved"
+            raise
 
     async def _run(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
         assert self._pool is not None, "LeasePool.start() was not awaited"

@@ -149,7 +149,9 @@ class ClaimableListener:
     async def _tick_forever(self) -> None:
         while True:
             await asyncio.sleep(self._tick)  # the safety-net period
-            if not self._waiters.waiting:
+            # Only while calls wait, or while the instance answers new calls from what it knows
+            # (a backoff set before LISTEN was up has no timer yet).
+            if not self._waiters.waiting and self._waiters.may_be_claimable:
                 continue
             try:
                 self.ticks += 1

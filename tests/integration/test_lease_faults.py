@@ -373,41 +373,6 @@ async def test_claim_whose_caller_is_gone_is_handed_back(api, app, moto_s3, data
     assert again.job.job_id == job.job_id and again.attempt == 1
 
 
-async def test_cancelling_long_polls_as_jobs_appear_leases_nothing_to_nobody(
-    api, app, moto_s3, database_url
-):
-    """Park calls, make a job claimable, and cancel every call just then. A call whose cancel
-    took effect (cancel() is True: the answer had not arrived) must not keep a lease; a call
-    that had its answer holds a real lease."""
-    dsn = dsn_of(database_url)
-    cancelled_in_flight = 0
-    for i in range(8):
-        calls = []
-        for n in range(3):
-            req = pb.ClaimJobRequest(worker_id=f"w-{i}-{n}", max_jobs=1)
-            req.wait.FromSeconds(10)
-            calls.append(api.worker.ClaimJob(req, timeout=15))
-        while app.metrics.claim_waiters._value.get() < 3:
-            await asyncio.sleep(0.01)  # waiting for the calls to park
-        job = await queued_job(api, moto_s3)  # wakes one of them...
-        if i % 2:
-            await asyncio.sleep(0.002 * i)  # vary where the cancel lands in the claim
-        answered = [c for c in calls if not c.cancel()]  # ...and its caller leaves just then
-        received = [lease for c in answered for lease in (await c).leases]
-        if received:
-            assert [x.job.job_id for x in received] == [job.job_id]
-            req = pb.ReleaseJobRequest(**ref(received[0]), reason="test")
-            await api.worker.ReleaseJob(req, timeout=5)
-        else:
-            cancelled_in_flight += 1
-        await wait_until(lambda j=job: _settled(dsn, j.job_id))
-        r = await row(dsn, job.job_id)
-        assert r["lease_token"] is None and r["attempts"] == 0 and r["status"] == "queued"
-        # Out of the way of the next round.
-        await api.admin.CancelJob(pb.CancelJobRequest(job_id=job.job_id), timeout=5)
-    assert cancelled_in_flight > 0
-
-
 async def _settled(dsn: str, job_id: str) -> bool:
     r = await row(dsn, job_id)
     return r["lease_token"] is None

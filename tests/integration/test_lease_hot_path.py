@@ -329,3 +329,31 @@ async def test_changes_notify_only_for_watched_jobs(api, app, moto_s3, database_
         stream.cancel()
     finally:
         await conn.close()
+
+
+async def test_a_backoff_set_before_the_instance_listened_is_found_without_parked_calls(
+    counted, moto_s3, stats_db
+):
+    """wait=0 callers while the instance "knows" the queue is empty: a job whose backoff was set
+    before this instance listened (no timer for it) is still found, by the slow tick."""
+    api, app, _ = counted
+    await queued_job(api, moto_s3)
+    dsn = stats_db.replace("postgresql+asyncpg://", "postgresql://", 1)
+    conn = await asyncpg.connect(dsn)
+    try:  # as if another instance had requeued it with a backoff long ago, unheard here
+        await conn.execute(
+            "ALTER TABLE video_analysis_jobs DISABLE TRIGGER video_analysis_jobs_claimable; "
+            "UPDATE video_analysis_jobs SET available_at = now() + interval '1 s'; "
+            "ALTER TABLE video_analysis_jobs ENABLE TRIGGER video_analysis_jobs_claimable"
+        )
+    finally:
+        await conn.close()
+    assert await claim(api) == []
+    assert app.waiters.may_be_claimable is False
+    found: list[pb.Lease] = []
+    for _ in range(200):
+        found = await claim(api)  # wait=0: never parks
+        if found:
+            break
+        await asyncio.sleep(0.05)  # a worker polling without long-poll
+    assert found, "the due job was never found"

@@ -14,7 +14,7 @@ from tests.support.service import stubs_for
 
 
 async def test_two_processes_share_the_port_and_stop_together(start_job_service, moto_s3):
-    svc = await start_job_service(processes=2, metrics_address="")
+    svc = await start_job_service(processes=2, metrics_address="", auth_required=False)
     await wait_logged(svc, "job-service processes started")
     while len([x for x in json_lines(svc) if x.get("msg") == "job-service listening"]) < 2:
         await asyncio.sleep(0.05)  # the second process may still be starting
