@@ -20,7 +20,9 @@ import itertools
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -490,6 +492,19 @@ def cmd_upload(c: Client, args: argparse.Namespace, o: Output) -> int:
         size = path.stat().st_size
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    hint = f"\nupload interrupted: run `jobctl upload {path} --resume` to continue it"
+
+    def interrupted(_signum: int, _frame: object) -> None:
+        # Ctrl-C means now. A part PUT blocked on a stalled network runs in a thread the
+        # interpreter would join at exit (waiting out the socket timeout); what a resume needs,
+        # the state file and the parts S3 holds, is saved already.
+        o.note(hint)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, interrupted) if in_main_thread else None
     try:
         job = c.jobs.upload_file(
             path,
@@ -501,9 +516,12 @@ def cmd_upload(c: Client, args: argparse.Namespace, o: Output) -> int:
             session_id=args.session_id,
             concurrency=args.parallel,
         )
-    except KeyboardInterrupt:
-        o.note(f"\nupload interrupted: run `jobctl upload {path} --resume` to continue it")
+    except KeyboardInterrupt:  # run() from a thread, or a SIGINT before the handler was set
+        o.note(hint)
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     o.note(f"job {job.job_id}: {status_name(job.status)}")
     if o.json_mode:
         o.json(as_json(job))

@@ -25,6 +25,7 @@ from job_service.app import JobServiceApp
 from jobs_client import cli
 from localinfra.netports import free_port
 from tests.support import auth
+from tests.support.faults import FaultyProxy
 from tests.support.flows import VIDEO, claim, get_job, initiate, queued_job
 from tests.support.procs import ROOT
 from tests.support.service import backdate, settings_for, stubs_for
@@ -475,16 +476,26 @@ async def test_upload_of_a_large_file_goes_multipart_with_progress(jobctl, api, 
 
 
 async def test_upload_survives_ctrl_c_and_resumes(database_url, moto_s3, tmp_path):
-    # Twelve parts of 5 MiB sent one at a time: Ctrl-C after the first leaves most unsent.
-    settings = settings_for(database_url, moto_s3, multipart_part_bytes=5 * 1024**2)
-    async with (
-        JobServiceApp(settings) as app,
-        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
-    ):
-        await ctrl_c_then_resume(app, stubs_for(channel), tmp_path)
+    # Twelve parts of 5 MiB sent one at a time, through a proxy in front of S3 that freezes
+    # once the first part is in: the Ctrl-C always lands mid-upload, however fast S3 is.
+    s3_path = await FaultyProxy("127.0.0.1", moto_s3.port).start()
+    settings = settings_for(
+        database_url,
+        moto_s3,
+        multipart_part_bytes=5 * 1024**2,
+        s3_public_endpoint_url=s3_path.url,
+    )
+    try:
+        async with (
+            JobServiceApp(settings) as app,
+            auth.channel(f"127.0.0.1:{app.port}") as channel,
+        ):
+            await ctrl_c_then_resume(app, stubs_for(channel), tmp_path, s3_path)
+    finally:
+        await s3_path.stop()
 
 
-async def ctrl_c_then_resume(app, api, tmp_path: Path) -> None:
+async def ctrl_c_then_resume(app, api, tmp_path: Path, s3_path: FaultyProxy) -> None:
     path = tmp_path / "match.mp4"
     path.write_bytes(os.urandom(60 * 1024**2))
     argv = [
@@ -501,6 +512,7 @@ async def ctrl_c_then_resume(app, api, tmp_path: Path) -> None:
         raw = await asyncio.wait_for(proc.stderr.readline(), 60)
         assert raw, seen
         seen.append(raw.decode())
+    s3_path.set_mode("partition")  # the next part hangs in flight
     proc.send_signal(signal.SIGINT)  # Ctrl-C
     _, rest = await asyncio.wait_for(proc.communicate(), 60)
     err = "".join(seen) + rest.decode()
@@ -509,6 +521,7 @@ async def ctrl_c_then_resume(app, api, tmp_path: Path) -> None:
     assert "--resume` to continue it" in err and "Traceback" not in err
     assert (await get_job(api, job_id)).status == pb.JOB_STATUS_AWAITING_UPLOAD
 
+    s3_path.set_mode("pass")
     again = await asyncio.create_subprocess_exec(
         sys.executable, *argv, "--resume", cwd=ROOT, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, env={**os.environ, **auth.jobctl_env()},
