@@ -461,7 +461,8 @@ class ProgressBar:
         if self.tty:
             if not finished and now - self._drawn_at < 0.1:
                 return
-            self.stream.write("\r" + self.line(p, pct, now) + ("\n" if finished else ""))
+            # "\x1b[K" clears what a longer previous line left to the right of this one.
+            self.stream.write("\r" + self.line(p, pct, now) + "\x1b[K" + ("\n" if finished else ""))
         elif pct // 25 > self._drawn_pct // 25 or p.part_number is not None or finished:
             if self._finished:
                 return
