@@ -19,7 +19,7 @@ from job_service.storage import migrate
 from localinfra import supervise
 from localinfra.netports import LOCALHOST, is_listening
 from localinfra.postgres import PostgresCluster
-from localinfra.process import pid_alive
+from localinfra.process import Lifeline, pid_alive
 from localinfra.s3 import SeaweedS3
 from scripts.devstack import StackError
 from scripts.devstack.cleanup import clean_previous_run
@@ -47,6 +47,9 @@ class Service:
     proc: supervise.Child
     log_path: Path
     reader: threading.Thread
+    #: Kills the service's process group if devstack dies before stopping it (SIGKILL, a crash,
+    #: a terminal that closed its stdout); disarmed once the orderly stop has run.
+    lifeline: Lifeline
 
 
 def _pump(stream: IO[bytes], log_path: Path, name: str, console: Console) -> None:
@@ -149,7 +152,8 @@ class Stack:
             reader = threading.Thread(
                 target=_pump, args=(proc.stdout, log_path, name, self.console), daemon=True
             )
-            service = Service(name, proc, log_path, reader)
+            lifeline = Lifeline([f"killpg:{proc.pid}"])  # own group: its pgid is its pid
+            service = Service(name, proc, log_path, reader, lifeline)
             self.services.append(service)
         reader.start()
         self.write_state(ready=False)
@@ -289,6 +293,7 @@ class Stack:
                 self.console.say(f"{name} stopped ({time.monotonic() - step:.1f} s)")
         for service in self.services:
             service.reader.join(timeout=2)
+            service.lifeline.disarm()
         if self.owns_state:
             remove_state(self.opts.run_dir)
         if self.pg is not None:
