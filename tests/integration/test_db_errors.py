@@ -99,9 +99,10 @@ async def test_read_only_database_answers_unavailable_and_reads_still_work(
         # Reads keep working on a read-only database.
         listed = await api.admin.ListJobs(pb.ListJobsRequest(), timeout=10)
         assert [j.job_id for j in listed.jobs] == [waiting]
-        async for resp in api.upload.WatchJob(pb.WatchJobRequest(job_id=waiting), timeout=10):
-            assert resp.job.status == pb.JOB_STATUS_AWAITING_UPLOAD
-            break
+        stream = api.upload.WatchJob(pb.WatchJobRequest(job_id=waiting), timeout=10)
+        first = await anext(aiter(stream))
+        stream.cancel()  # done with it: a stream left open would outlive the test
+        assert first.job.status == pb.JOB_STATUS_AWAITING_UPLOAD
     # Writable again: the retry succeeds, and the refused calls changed nothing.
     job = await api.upload.CompleteUpload(pb.CompleteUploadRequest(job_id=waiting), timeout=10)
     assert job.job.status == pb.JOB_STATUS_QUEUED

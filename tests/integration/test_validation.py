@@ -161,9 +161,10 @@ async def test_a_struct_at_the_depth_limit_is_stored_and_served_back(api, moto_s
     job = await quick_done(api, lease, nested(MAX_STRUCT_DEPTH))
     assert job.result == nested(MAX_STRUCT_DEPTH)
     assert (await get_job(api, lease.job.job_id)).result == nested(MAX_STRUCT_DEPTH)
-    async for resp in api.upload.WatchJob(pb.WatchJobRequest(job_id=job.job_id), timeout=10):
-        assert resp.job.result == nested(MAX_STRUCT_DEPTH)
-        break
+    stream = api.upload.WatchJob(pb.WatchJobRequest(job_id=job.job_id), timeout=10)
+    first = await anext(aiter(stream))
+    stream.cancel()  # done with it: a stream left open would outlive the test
+    assert first.job.result == nested(MAX_STRUCT_DEPTH)
     # The deepest response that carries it: the lease of a job resumed at the deep pass.
     await api.worker.ReleaseJob(
         pb.ReleaseJobRequest(job_id=job.job_id, lease_token=lease.lease_token), timeout=10
