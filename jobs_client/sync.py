@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import threading
 from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
+from concurrent import futures
 from concurrent.futures import Future
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +23,9 @@ from jobs_client.client import CallRetry, JobsClient, ProgressCallback
 
 T = TypeVar("T")
 
+INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
+HANDLER_CHECK_SECONDS = 0.25
+
 
 class SyncJobsClient:
     def __init__(
@@ -34,7 +39,7 @@ class SyncJobsClient:
         tokens: Mapping[str, str] | None = None,
     ) -> None:
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
         async def make() -> JobsClient:
@@ -49,14 +54,25 @@ class SyncJobsClient:
 
         self.aio = self._run(make())
 
+    def _serve(self) -> None:
+        # Ctrl-C and SIGTERM belong to the caller's thread. Blocked here (and so in every
+        # thread started from here: gRPC's, the transfer threads), the kernel cannot hand them
+        # to a thread Python never runs handlers on while the caller sleeps in _run.
+        signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
+        self._loop.run_forever()
+
     def _run(self, aw: Awaitable[T]) -> T:
         async def run() -> T:
             return await aw
 
         fut: Future[T] = asyncio.run_coroutine_threadsafe(run(), self._loop)
         try:
+            # A bounded wait, repeated: the interpreter runs signal handlers between waits
+            # even when the signal woke some other thread.
+            while not futures.wait([fut], timeout=HANDLER_CHECK_SECONDS).done:
+                pass
             return fut.result()
-        except KeyboardInterrupt:
+        except BaseException:  # Ctrl-C, or whatever a caller's signal handler raises
             fut.cancel()
             raise
 

@@ -504,7 +504,8 @@ async def ctrl_c_then_resume(app, api, tmp_path: Path, s3_path: FaultyProxy) -> 
     ]  # fmt: skip
     proc = await asyncio.create_subprocess_exec(
         sys.executable, *argv, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env={**os.environ, **auth.jobctl_env()},
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **auth.jobctl_env(), "PYTHONFAULTHANDLER": "1"},
     )  # fmt: skip
     assert proc.stderr is not None
     seen = []
@@ -514,7 +515,14 @@ async def ctrl_c_then_resume(app, api, tmp_path: Path, s3_path: FaultyProxy) -> 
         seen.append(raw.decode())
     s3_path.set_mode("partition")  # the next part hangs in flight
     proc.send_signal(signal.SIGINT)  # Ctrl-C
-    _, rest = await asyncio.wait_for(proc.communicate(), 60)
+    try:
+        _, rest = await asyncio.wait_for(proc.communicate(), 30)
+    except TimeoutError:
+        # Still running: SIGABRT makes faulthandler print every thread's stack, the failure says
+        # where it hung.
+        proc.send_signal(signal.SIGABRT)
+        _, rest = await asyncio.wait_for(proc.communicate(), 30)
+        raise AssertionError("jobctl ignored Ctrl-C:\n" + "".join(seen) + rest.decode()) from None
     err = "".join(seen) + rest.decode()
     job_id = seen[0].split()[1].rstrip(":")
     assert proc.returncode == 130, err
