@@ -146,6 +146,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._auth = authenticator
         self._metrics = metrics
         self._reflection = reflection
+        #: method -> (the handler grpc gave, our gated copy): built once per method, not per call.
+        self._gated: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
         self,
@@ -159,11 +161,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or service in OPEN_SERVICES:
             return handler
-        if service in REFLECTION_SERVICES:
-            if self._reflection == "open" or self._auth is None:
-                return handler
-            return self._wrap(handler, method, reflection=True)
-        return self._wrap(handler, method, reflection=False)
+        reflection = service in REFLECTION_SERVICES
+        if reflection and (self._reflection == "open" or self._auth is None):
+            return handler
+        cached = self._gated.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        gated = self._wrap(handler, method, reflection=reflection)
+        self._gated[method] = (handler, gated)
+        return gated
 
     def _decide(self, method: str, context: Ctx, reflection: bool) -> Caller:
         if self._auth is None:

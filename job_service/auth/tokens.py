@@ -49,6 +49,10 @@ _PROBLEMS: list[tuple[type[Exception], str, str]] = [
 ]
 
 
+#: Verified tokens remembered per process (a few hundred bytes each).
+VERIFIED_CACHE_SIZE = 4096
+
+
 class ConfigError(ValueError):
     """The authentication settings cannot work; the message names the variable to fix."""
 
@@ -102,6 +106,8 @@ class KeyRing:
         self.algorithm = settings.auth_algorithm
         self._keys: dict[str, Any] = {}
         self._jwks_stamp: tuple[int, int] | None = None
+        #: Bumped whenever the keys change: what was verified with the old keys is re-verified.
+        self.generation = 0
         self.refresh(force=True)
 
     @property
@@ -125,6 +131,7 @@ class KeyRing:
                     f"{self.algorithm} give public keys in JOB_SERVICE_AUTH_JWKS_FILE"
                 )
             self._keys = dict(parse_hs256_secrets(secrets))
+            self.generation += 1
             return True
         if not s.auth_jwks_file:
             raise ConfigError(
@@ -138,6 +145,7 @@ class KeyRing:
             return False
         keys = load_jwks(path.read_text(), self.algorithm)
         self._keys, self._jwks_stamp = keys, stamp
+        self.generation += 1
         return True
 
     def candidates(self, kid: str | None) -> list[Any]:
@@ -174,8 +182,29 @@ class Verifier:
     def __init__(self, settings: Settings, keys: KeyRing) -> None:
         self._s = settings
         self.keys = keys
+        #: token -> (claims, key generation): a fleet sends the same few tokens on every call,
+        #: and a signature check costs more than the lease statement it guards. An entry is
+        #: used only while the token is unexpired and the keys are the ones that verified it;
+        #: revocation is checked on every call, outside this cache.
+        self._verified: dict[str, tuple[Claims, int]] = {}
 
     def verify(self, token: str) -> Claims:
+        hit = self._verified.get(token)
+        if hit is not None:
+            claims, generation = hit
+            if (
+                generation == self.keys.generation
+                and time.time() <= claims.expires_at + self._s.auth_leeway_seconds
+            ):
+                return claims
+            del self._verified[token]
+        claims = self._verify(token)
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            del self._verified[next(iter(self._verified))]  # the oldest entry
+        self._verified[token] = (claims, self.keys.generation)
+        return claims
+
+    def _verify(self, token: str) -> Claims:
         s = self._s
         try:
             header = jwt.get_unverified_header(token)

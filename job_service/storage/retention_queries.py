@@ -83,7 +83,5 @@ async def delete_jobs(conn: AsyncConnection, ids: Sequence[uuid.UUID]) -> tuple[
         delete(job_errors).where(job_errors.c.job_id == any_(array))
     )
     # Re-checked: only finished jobs go, whatever the caller passes.
-    jobs_deleted = await conn.execute(
-        delete(jobs).where(_ids(ids), jobs.c.status.in_(_FINISHED))
-    )
+    jobs_deleted = await conn.execute(delete(jobs).where(_ids(ids), jobs.c.status.in_(_FINISHED)))
     return int(jobs_deleted.rowcount), int(errors_deleted.rowcount)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from pydantic import SecretStr
 
 from job_service.auth.policy import Role
 from job_service.auth.tokens import (
+    VERIFIED_CACHE_SIZE,
     ConfigError,
     KeyRing,
     Verifier,
@@ -86,3 +89,26 @@ def test_client_credentials_pick_the_audience_of_each_call():
     assert client_auth.channel_credentials("127.0.0.1:50051", {}) is None
     assert client_auth.channel_credentials("jobs.example:443", {}) is not None
     assert client_auth.channel_credentials("jobs.example:443", {"JOBS_PLAINTEXT": "1"}) is None
+
+
+def test_a_verified_token_is_refused_once_it_expires():
+    # Verified tokens are remembered per process; the memory must not outlive the token. The
+    # wait is for the token's real expiry (PyJWT reads the clock itself).
+    v = verifier(auth_leeway_seconds=0)
+    tok = auth.token(Role.WORKER, ttl=1.0)
+    assert v.verify(tok).role == Role.WORKER
+    assert v.verify(tok).role == Role.WORKER  # from memory
+    time.sleep(1.5)
+    with pytest.raises(Unauthenticated) as refused:
+        v.verify(tok)
+    assert refused.value.metadata["problem"] == "expired"
+
+
+def test_remembered_tokens_are_bounded_and_forget_the_oldest():
+    v = verifier()
+    first = auth.token(Role.WORKER, "first")
+    v.verify(first)
+    for i in range(VERIFIED_CACHE_SIZE):
+        v.verify(auth.token(Role.WORKER, f"w{i}"))
+    assert len(v._verified) == VERIFIED_CACHE_SIZE and first not in v._verified
+    assert v.verify(first).subject == "first"  # verified again, not refused
