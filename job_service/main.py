@@ -4,12 +4,15 @@ With JOB_SERVICE_PROCESSES > 1 the process forks that many service processes bef
 creates a gRPC object or an event loop (grpc's examples/python/multiprocessing); each binds the
 same port with SO_REUSEPORT and is a full instance. The parent only supervises: SIGTERM/SIGINT
 go to every child, and if one child dies the others are stopped too (the supervisor that
-started us restarts the whole service).
+started us restarts the whole service). If the parent itself dies (SIGKILL, OOM), every child
+gets SIGTERM from the kernel (Linux PR_SET_PDEATHSIG) and stops as on a deploy: nothing is
+left serving the port behind the supervisor's back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
@@ -35,6 +38,21 @@ async def serve(settings: Settings) -> None:
         log.info("shutting down")
 
 
+#: prctl(2) option: the signal this process gets when its parent dies.
+PR_SET_PDEATHSIG = 1
+
+
+def _stop_with_parent(parent: int) -> None:
+    """In a forked child: SIGTERM when the parent dies (Linux; elsewhere a no-op)."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
@@ -58,9 +76,11 @@ def run_processes(settings: Settings) -> int:
             **{**settings.model_dump(), "grpc_address": f"{host}:{_free_port(host)}"}
         )
     children: list[int] = []
+    parent = os.getpid()
     for index in range(settings.processes):
         pid = os.fork()
         if pid == 0:  # the child: a whole service instance
+            _stop_with_parent(parent)
             code = 0
             try:
                 asyncio.run(serve(child_settings(settings, index)))

@@ -25,7 +25,7 @@ from typing import Any
 
 from tests.bench import pgq, service, sql
 from tests.bench.infra import PGQ_DATABASE, BenchInfra, machine
-from tests.bench.report import KEYS, Line, p50, pct, rate, render
+from tests.bench.report import KEYS, STEP_PREFIX, Line, p50, pct, rate, render
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -453,6 +453,27 @@ class Bench:
     # -- fleet capacity -------------------------------------------------------------------------
 
     async def fleet(self) -> None:
+        # The service's default process count first, then the other count (2, or 1 when the
+        # bench runs with --processes 2) from the step where the first stopped: whether a
+        # second process buys fleet capacity on this machine, measured rather than assumed.
+        steps = self.s.fleet_steps
+        mine = self.infra.processes or 1
+        other = 2 if mine == 1 else 1
+        mine_label = (
+            f"{self.infra.processes} service process(es)"
+            if self.infra.processes
+            else "the service's default process count"
+        )
+        best = await self.fleet_sweep("fleet", steps, None, mine_label)
+        failed = [x for x in steps if x > best]  # from the first failed step on
+        label = f"JOB_SERVICE_PROCESSES={other}"
+        await self.fleet_sweep("fleet_processes", failed or steps[-1:], str(other), label)
+
+    async def fleet_sweep(
+        self, key: str, steps: Sequence[int], processes: str | None, label: str
+    ) -> int:
+        """Fleet steps in order until one fails; adds a line per step and the capacity line
+        `key`; returns the largest step that passed (0: none)."""
         s, infra = self.s, self.infra
         best = 0
         scale = (
@@ -460,11 +481,12 @@ class Bench:
             f"RPCs each, {s.fleet_window:.0f} s window per step"
         )
         scale = ("time compressed 10x (quick): " if self.quick else "real time: ") + scale
-        for size in s.fleet_steps:
+        overrides = {} if processes is None else {"processes": processes}
+        for size in steps:
             await infra.finish_retiring()  # nothing else runs while a fleet step is measured
             db = infra.new_database("fleet")
             await sql.seed(infra.dsn(db), 2 * size + 100)
-            proc = await infra.start_service(db)
+            proc = await infra.start_service(db, **overrides)
             # Two load processes past 1,000 workers (and in --quick, so both paths stay run).
             n_proc = 1 if size <= 1000 and not self.quick else 2
             share = [size // n_proc + (1 if i < size % n_proc else 0) for i in range(n_proc)]
@@ -500,8 +522,8 @@ class Bench:
             ok = bool(hb) and pct(hb, 0.99) < HB_P99_MS and lost == 0
             self.add(
                 Line(
-                    f"fleet_step_{size}",
-                    f"fleet step: {size:,} simulated workers, {n_proc} load process(es)",
+                    f"{STEP_PREFIX[key]}{size}",
+                    f"fleet step: {size:,} simulated workers, {n_proc} load process(es), {label}",
                     f"Heartbeat p50 {p50(hb):.0f} / p99 {pct(hb, 0.99):.0f} ms",
                     f"p99 ClaimJob {pct(lat['ClaimJob'], 0.99):.0f} ms, ReportProgress/CompleteJob"
                     f" {pct(fenced, 0.99):.0f} ms; {served:,.0f} RPC/s served; {lost} leases lost"
@@ -513,20 +535,21 @@ class Bench:
             if not ok:
                 break
             best = size
-        top = s.fleet_steps[-1]
+        top = steps[-1]
         figure = f"{best:,} workers" + (" (largest step tried)" if best == top else "")
         if best == 0:
-            figure = f"< {s.fleet_steps[0]:,} workers (the first step failed)"
+            figure = f"< {steps[0]:,} workers (the first step tried failed)"
         self.add(
             Line(
-                "fleet",
-                "fleet capacity: Heartbeat p99 < 100 ms, no lease lost",
+                key,
+                f"fleet capacity, {label}: Heartbeat p99 < 100 ms, no lease lost",
                 figure,
                 f"one service instance; {scale}",
                 "≥ 5,000 workers",
                 best >= 5000,
             )
         )
+        return best
 
 
 def git_rev() -> str:
@@ -574,8 +597,8 @@ async def amain(args: argparse.Namespace) -> int:
     missing = [k for k in KEYS if k not in bench.lines]
     ordered = []
     for key in KEYS:
-        if key == "fleet":
-            ordered += [x for k, x in bench.lines.items() if k.startswith("fleet_step_")]
+        if key in STEP_PREFIX:
+            ordered += [x for k, x in bench.lines.items() if k.startswith(STEP_PREFIX[key])]
         if key in bench.lines:
             ordered.append(bench.lines[key])
     table = render(ordered, header)

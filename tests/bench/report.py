@@ -66,9 +66,13 @@ TARGETS = {
     "wake": "wake-up p50 at most 3 ms, and at most 2x PgQueuer's commit-to-start",
     "parked_large": "1,000 parked calls: at most 2 database queries/s per instance",
     "fleet": "fleet capacity at least 5,000 simulated workers per instance",
+    "fleet_processes": "the same with the other JOB_SERVICE_PROCESSES count",
     "history_large": "claim latency at 1M finished rows at most 1.2x its latency at 10k",
 }
 
+
+#: Capacity line key -> the key prefix of its per-step lines (printed just before it).
+STEP_PREFIX = {"fleet": "fleet_step_", "fleet_processes": "fleet_processes_step_"}
 
 #: Every line the full bench prints (and the quick one too), in order.
 KEYS = (
@@ -93,6 +97,7 @@ KEYS = (
     "history_small",
     "history_large",
     "fleet",
+    "fleet_processes",
     "head_object",
     "complete_upload",
 )

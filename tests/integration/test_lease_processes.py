@@ -4,6 +4,9 @@ whole instance; the parent forwards SIGTERM and exits when they have stopped."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 
 import grpc
 from jobs.v1 import jobs_pb2 as pb
@@ -37,3 +40,32 @@ async def test_two_processes_share_the_port_and_stop_together(start_job_service,
         for ch in channels:
             await ch.close()
     assert svc.stop() == 0
+
+
+async def test_children_stop_when_the_parent_is_killed(start_job_service):
+    # A SIGKILLed supervisor (OOM killer, kill -9) must not leave children serving the port.
+    svc = await start_job_service(processes=2, metrics_address="", auth_required=False)
+    while len([x for x in json_lines(svc) if x.get("msg") == "job-service listening"]) < 2:
+        await asyncio.sleep(0.05)
+    children = {x["pid"] for x in json_lines(svc) if x.get("msg") == "job-service listening"}
+    assert svc.proc.pid not in children
+    svc.proc.send_signal(signal.SIGKILL)
+    svc.proc.wait(timeout=10)
+    deadline = asyncio.get_running_loop().time() + 20
+    try:
+        while alive := {pid for pid in children if _running(pid)}:
+            assert asyncio.get_running_loop().time() < deadline, f"children still running: {alive}"
+            await asyncio.sleep(0.1)
+    finally:
+        for pid in children:  # whatever the outcome, nothing outlives the test
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert sum(x.get("msg") == "shutting down" for x in json_lines(svc)) == 2  # orderly stops
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has stopped
+    except FileNotFoundError:
+        return False
