@@ -273,6 +273,8 @@ class LeasePool:
         }
         self.reachability = reachability or Reachability()
         self._pool: asyncpg.Pool | None = None
+        #: When a statement last came back from the database (monotonic clock).
+        self._answered_at = float("-inf")
 
     async def start(self) -> None:
         # min_size=0: the service starts (and answers UNAVAILABLE) while the database is down.
@@ -311,11 +313,23 @@ class LeasePool:
 
     async def _run(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
         assert self._pool is not None, "LeasePool.start() was not awaited"
+        waited_from = time.monotonic()
         try:
             conn = await self._pool.acquire(timeout=self._connect_timeout)
         except Exception as exc:
             if classify(exc) is None:
                 raise
+            if isinstance(exc, TimeoutError) and self._answered_at > waited_from:
+                # The database answered other calls while this one queued for a connection:
+                # the service is overloaded, the database is not away (no outage grace, no
+                # "unreachable" for on-call). Still UNAVAILABLE: nothing ran, retry later.
+                raise DatabaseUnavailable(
+                    f"all {self._size} lease-path connections stayed busy for "
+                    f"{self._connect_timeout:g} s (the job-service is overloaded; "
+                    "JOB_SERVICE_LEASE_POOL_SIZE, more instances); nothing was changed, retry "
+                    "later",
+                    overloaded="true",
+                ) from exc
             self.reachability.lost()
             raise domain_error(exc, DbFault.UNAVAILABLE) from exc
         pid = conn.get_server_pid()
@@ -337,5 +351,6 @@ class LeasePool:
         finally:
             with contextlib.suppress(Exception):
                 await self._pool.release(conn)
+        self._answered_at = time.monotonic()
         self.reachability.ok()
         return result

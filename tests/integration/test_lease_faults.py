@@ -22,7 +22,13 @@ from jobs.v1 import jobs_pb2 as pb
 from job_service.app import JobServiceApp
 from job_service.domain import errors
 from job_service.storage import migrate
-from job_service.storage.db import LEASE_APPLICATION_NAME, DbFault, classify, domain_error
+from job_service.storage.db import (
+    LEASE_APPLICATION_NAME,
+    DbFault,
+    LeasePool,
+    classify,
+    domain_error,
+)
 from localinfra.postgres import PostgresCluster
 from tests.support import auth
 from tests.support.faults import FaultyProxy
@@ -679,3 +685,65 @@ async def test_serialization_failure_is_classified_as_a_conflict(database_url):
     mapped = domain_error(err.value, DbFault.CONFLICT)
     assert isinstance(mapped, errors.DatabaseConflict)
     assert mapped.kind is errors.ErrorKind.ABORTED
+
+
+# ------------------------------------------------------------- overload is not an outage
+
+
+def lease_pool(url: str) -> LeasePool:
+    # One connection, a 0.5 s wait for it: a queue of 0.1 s statements outlasts the wait.
+    return LeasePool(url, size=1, connect_timeout=0.5, lock_timeout=2.0, statement_timeout=10.0)
+
+
+async def test_an_overloaded_lease_pool_answers_unavailable_but_is_no_outage(database_url):
+    # Calls that queue for a busy connection longer than the wait are refused UNAVAILABLE
+    # (nothing ran). The database answered others meanwhile, so the instance does not declare
+    # it unreachable: no outage grace for the reaper, no "unreachable" for on-call.
+    pool = lease_pool(database_url)
+    await pool.start()
+    try:
+
+        async def slow(conn):
+            return await conn.fetchval("SELECT pg_sleep(0.1)")
+
+        outcomes = await asyncio.gather(
+            *(pool.run(slow) for _ in range(12)), return_exceptions=True
+        )
+    finally:
+        await pool.close()
+    refused = [x for x in outcomes if isinstance(x, BaseException)]
+    assert refused and len(refused) < len(outcomes), outcomes
+    assert all(isinstance(x, errors.DatabaseUnavailable) for x in refused), refused
+    assert all(x.metadata.get("overloaded") == "true" for x in refused)
+    assert pool.reachability.outages == 0 and pool.reachability.reachable
+
+
+async def test_a_partitioned_database_is_still_an_outage(database_url, pg_proxy):
+    # The same wait running out while nothing comes back from the database is an outage.
+    pool = lease_pool(proxied(database_url, pg_proxy))
+    await pool.start()
+
+    holding = asyncio.Event()
+
+    async def one(conn):
+        return await conn.fetchval("SELECT 1")
+
+    async def hold(conn):
+        holding.set()
+        return await conn.fetchval("SELECT 1")
+
+    try:
+        assert await pool.run(one) == 1
+        pg_proxy.set_mode("partition")
+        stuck = asyncio.ensure_future(pool.run(hold))
+        await holding.wait()  # it has the only connection; its statement is frozen in flight
+        with pytest.raises(errors.DatabaseUnavailable) as refused:
+            await pool.run(one)
+        assert "overloaded" not in refused.value.metadata
+        assert pool.reachability.outages == 1 and not pool.reachability.reachable
+        pg_proxy.set_mode("pass")
+        assert await asyncio.wait_for(stuck, 10) == 1
+        assert pool.reachability.reachable  # and back once it answers
+    finally:
+        pg_proxy.set_mode("pass")
+        await pool.close()
