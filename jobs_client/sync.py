@@ -56,8 +56,9 @@ class SyncJobsClient:
 
     def _serve(self) -> None:
         # Ctrl-C and SIGTERM belong to the caller's thread. Blocked here (and so in every
-        # thread started from here: gRPC's, the transfer threads), the kernel cannot hand them
-        # to a thread Python never runs handlers on while the caller sleeps in _run.
+        # thread started from here, such as the transfer threads), the kernel hands them to
+        # another thread; for threads started elsewhere (gRPC's own) the bounded wait in _run
+        # still gets the handler run.
         signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
         self._loop.run_forever()
 
