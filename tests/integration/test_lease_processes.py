@@ -16,12 +16,19 @@ from tests.support.flows import queued_job
 from tests.support.service import stubs_for
 
 
+async def both_listening(svc) -> list[dict]:
+    """The two children's "listening" lines, once both have logged one."""
+    while True:
+        lines = [x for x in json_lines(svc) if x.get("msg") == "job-service listening"]
+        if len(lines) >= 2:
+            return lines
+        await asyncio.sleep(0.05)  # the second process may still be starting
+
+
 async def test_two_processes_share_the_port_and_stop_together(start_job_service, moto_s3):
     svc = await start_job_service(processes=2, metrics_address="", auth_required=False)
     await wait_logged(svc, "job-service processes started")
-    while len([x for x in json_lines(svc) if x.get("msg") == "job-service listening"]) < 2:
-        await asyncio.sleep(0.05)  # the second process may still be starting
-    listening = [x for x in json_lines(svc) if x.get("msg") == "job-service listening"]
+    listening = await both_listening(svc)
     pids = {x["pid"] for x in listening}
     assert len(pids) == 2 and {x["grpc_address"] for x in listening} == {svc.address}
     # Many connections (the kernel spreads them per connection): every job is leased once.
@@ -45,9 +52,7 @@ async def test_two_processes_share_the_port_and_stop_together(start_job_service,
 async def test_children_stop_when_the_parent_is_killed(start_job_service):
     # A SIGKILLed supervisor (OOM killer, kill -9) must not leave children serving the port.
     svc = await start_job_service(processes=2, metrics_address="", auth_required=False)
-    while len([x for x in json_lines(svc) if x.get("msg") == "job-service listening"]) < 2:
-        await asyncio.sleep(0.05)
-    children = {x["pid"] for x in json_lines(svc) if x.get("msg") == "job-service listening"}
+    children = {x["pid"] for x in await both_listening(svc)}
     assert svc.proc.pid not in children
     svc.proc.send_signal(signal.SIGKILL)
     svc.proc.wait(timeout=10)
