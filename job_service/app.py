@@ -43,9 +43,20 @@ SERVICE_NAMES = tuple(
     for name in ("UploadService", "WorkerService", "AdminService")
 )
 
+#: Calls grpc-core may hold for one method before the Python server takes them. grpc.aio takes
+#: one call per method per event-loop turn; past 1,000 waiting (`grpc.server.max_pending_
+#: requests`, the default) grpc-core 1.85 drops new calls at random, and past 3,000 all of them,
+#: answering CANCELLED as if the caller had cancelled. A fleet of 5,000 workers releasing or
+#: reporting at once reaches that; such a call must queue (its deadline still bounds it) and
+#: reach our caps, which answer RESOURCE_EXHAUSTED with a reason. Decision 71.
+PENDING_CALLS_LIMIT = 20_000
+
 SERVER_OPTIONS = [
     # Two servers must never share a port silently.
     ("grpc.so_reuseport", 0),
+    # Soft limit = hard limit: no random early drop below it (see PENDING_CALLS_LIMIT).
+    ("grpc.server.max_pending_requests", PENDING_CALLS_LIMIT),
+    ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS_LIMIT),
     # Long-polling workers ping every ~30 s; accept that instead of answering GOAWAY.
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),

@@ -6,6 +6,7 @@ lease path untouched."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -20,7 +21,7 @@ from jobs.v1 import jobs_pb2 as pb
 from job_service.app import JobServiceApp
 from job_service.rpc.servicers import WATCH_END_KEY, WATCH_END_MAX_LIFETIME
 from tests.support import auth
-from tests.support.flows import claim, error_reason, get_job, queued_job
+from tests.support.flows import claim, error_reason, get_job, new_id, queued_job
 from tests.support.service import Stubs, settings_for, stubs_for
 
 
@@ -200,3 +201,38 @@ async def test_exhausted_watch_pool_leaves_the_lease_path_alone(database_url, mo
             assert admin_err.value.code() == grpc.StatusCode.UNAVAILABLE
         resp = await api.admin.GetStats(pb.GetStatsRequest(), timeout=10)
         assert resp.counts
+
+
+async def test_a_burst_of_calls_is_answered_by_the_service_never_cancelled_by_grpc(
+    database_url, moto_s3
+):
+    """5,000 workers reporting at once: thousands of calls of one method arrive faster than
+    grpc.aio takes them (one per method per event-loop turn). grpc-core's defaults drop calls
+    waiting past 1,000 with CANCELLED, as if the caller had cancelled (a third of this burst did
+    before PENDING_CALLS_LIMIT). Every call must reach the service and get its answer."""
+    burst = 4000
+    async with service(database_url, moto_s3) as (app, _api):
+        # Heartbeats for leases this service never granted: each one runs the lease statement
+        # and gets the service's own answer, whatever the order.
+        refs = [pb.LeaseRef(job_id=new_id(), lease_token=new_id()) for _ in range(burst)]
+        async with contextlib.AsyncExitStack() as stack:
+            channels = [
+                await stack.enter_async_context(auth.channel(f"127.0.0.1:{app.port}"))
+                for _ in range(4)
+            ]
+            stubs = [stubs_for(ch).worker for ch in channels]
+
+            async def beat(i: int) -> str:
+                request = pb.HeartbeatRequest(worker_id=f"w-{i}", leases=[refs[i]])
+                try:
+                    await stubs[i % len(stubs)].Heartbeat(request, timeout=60)
+                except grpc.aio.AioRpcError as err:
+                    if err.code() == grpc.StatusCode.CANCELLED:
+                        return "CANCELLED"  # grpc-core's drop: no status of ours to read
+                    return f"{err.code().name}:{error_reason(err)}"
+                return "OK"
+
+            single = await beat(0)
+            answers = collections.Counter(await asyncio.gather(*(beat(i) for i in range(burst))))
+        assert single != "OK" and not single.startswith("CANCELLED")
+        assert answers == {single: burst}, answers
