@@ -65,7 +65,7 @@ FULL = Sizes(
     parked_wait=10.0,
     history=(10_000, 1_000_000),
     history_rounds=200,
-    fleet_steps=(500, 1000, 2000, 5000, 10_000),
+    fleet_steps=(1000, 2000, 3000, 4000, 5000, 10_000),
     fleet_heartbeat=10.0,
     fleet_job=30.0,
     fleet_ramp=10.0,
@@ -516,6 +516,8 @@ class Bench:
             for o in outs:
                 for k, v in o["errors"].items():
                     errors[k] = errors.get(k, 0) + v
+                for k, detail in o.get("details", {}).items():
+                    note(f"fleet step {size:,}: first {k}: {detail}")
             hb = lat["Heartbeat"]
             fenced = lat["ReportProgress"] + lat["CompleteJob"]
             served = sum(len(v) for v in lat.values()) / s.fleet_window

@@ -5,8 +5,12 @@ echo:  grpc.health.v1 Check calls/s (the transport ceiling: no database, no serv
 fleet: simulated analysis workers. Each claims one job at a time and runs it for `job_s`
        seconds: Heartbeat every `heartbeat_s`, ReportProgress QUICK_DONE and DEEP_RUNNING half
        way, CompleteJob at the end -- four lease RPCs per job plus the heartbeats. Workers start
-       spread over one heartbeat interval; latencies count inside the observation window, lost
-       leases and failed calls count anywhere.
+       spread over the ramp, and the fleet is in steady state when the window opens: each
+       worker's first job is one it was already running, a uniform share of a job in, so
+       claims, reports and completions spread evenly over time (a fleet whose jobs all started
+       within the ramp would triple the claim rate: a cold start, not capacity). At the window's
+       end each worker hands its lease back, as on SIGTERM, and stops. Latencies count inside
+       the observation window, lost leases and failed calls count anywhere.
 """
 
 from __future__ import annotations
@@ -82,11 +86,15 @@ class Fleet:
         self.calls = 0
         self.lost = 0
         self.errors: dict[str, int] = {}
+        self.details: dict[str, str] = {}  # the first message per error key, for the log
         self.jobs_done = 0
         self.abandoned = 0  # gave up after retries: the lease expires and the job runs again
 
     async def run(self) -> dict[str, Any]:
-        chans = [auth.channel(self.address) for _ in range(self.n_channels)]
+        # One connection per channel, as each worker host has its own (grpc would otherwise
+        # share one subchannel, so one TCP connection, between equal channels of a process).
+        local = [("grpc.use_local_subchannel_pool", 1)]
+        chans = [auth.channel(self.address, options=local) for _ in range(self.n_channels)]
         for ch in chans:
             await asyncio.wait_for(ch.channel_ready(), 30)
         stubs = [jobs_pb2_grpc.WorkerServiceStub(ch) for ch in chans]
@@ -101,6 +109,7 @@ class Fleet:
             "calls": self.calls,
             "lost": self.lost,
             "errors": self.errors,
+            "details": self.details,
             "jobs_done": self.jobs_done,
             "abandoned": self.abandoned,
             "window_s": self.window_s,
@@ -120,6 +129,7 @@ class Fleet:
                     return None
                 key = f"{name}:{exc.code().name}"
                 self.errors[key] = self.errors.get(key, 0) + 1
+                self.details.setdefault(key, exc.details() or "")
                 if attempt + 1 < attempts:
                     await asyncio.sleep(0.5 * (attempt + 1))
                 continue
@@ -136,6 +146,7 @@ class Fleet:
     async def worker(self, i: int, stub: jobs_pb2_grpc.WorkerServiceStub) -> None:
         name = f"sim-{self.offset + i}"
         await asyncio.sleep(self.ramp_s * random.random())
+        into = self.job_s * random.random()  # how far into its first job this worker is
         while (left := self.end - time.perf_counter()) > 0.5:
             wait = duration_pb2.Duration(seconds=max(1, min(20, int(left))))
             request = pb.ClaimJobRequest(worker_id=name, max_jobs=1, wait=wait)
@@ -147,14 +158,17 @@ class Fleet:
                 continue
             if resp.leases:
                 lease = resp.leases[0]
-                await self.run_job(
-                    name, stub, pb.LeaseRef(job_id=lease.job.job_id, lease_token=lease.lease_token)
-                )
+                ref = pb.LeaseRef(job_id=lease.job.job_id, lease_token=lease.lease_token)
+                if not await self.run_job(name, stub, ref, into):
+                    return  # the window is over
+                into = 0.0
 
     async def run_job(
-        self, name: str, stub: jobs_pb2_grpc.WorkerServiceStub, ref: pb.LeaseRef
-    ) -> None:
-        started = time.perf_counter()
+        self, name: str, stub: jobs_pb2_grpc.WorkerServiceStub, ref: pb.LeaseRef, into: float
+    ) -> bool:
+        """Runs one job `into` seconds in (0: from its start). False: the window ended first and
+        the lease was handed back."""
+        started = time.perf_counter() - into
         finish = started + self.job_s
         n_beats = int(self.job_s / self.heartbeat_s)
         beats = [started + k * self.heartbeat_s for k in range(1, n_beats + 1)]
@@ -164,12 +178,16 @@ class Fleet:
         )
         fenced = {"job_id": ref.job_id, "lease_token": ref.lease_token}
         for at, what in events:
+            now = time.perf_counter()
             if at > self.end:
-                # The window is over: hand the lease back, as a worker does on SIGTERM.
+                # SIGTERM at the window's end: hand the lease back and stop.
+                if self.end > now:
+                    await asyncio.sleep(self.end - now)
                 release = pb.ReleaseJobRequest(**fenced, reason="bench window over")
                 await self.call("ReleaseJob", partial(stub.ReleaseJob, release, timeout=10), 3)
-                return
-            now = time.perf_counter()
+                return False
+            if at < now and what == "beat":
+                continue  # a beat of the part of the job run before the bench began
             if at > now:
                 await asyncio.sleep(at - now)
             if what == "beat":
@@ -177,7 +195,7 @@ class Fleet:
                 resp = await self.call("Heartbeat", partial(stub.Heartbeat, beat, timeout=5))
                 if resp is not None and any(s.state != pb.LEASE_STATE_HELD for s in resp.leases):
                     self.lost += 1
-                    return
+                    return True
                 # A failed heartbeat is retried at the next beat: the lease outlasts two.
             elif what == "progress":
                 for status in (pb.JOB_STATUS_QUICK_DONE, pb.JOB_STATUS_DEEP_RUNNING):
@@ -189,7 +207,7 @@ class Fleet:
                         is None
                     ):
                         self.abandoned += 1
-                        return
+                        return True
             elif what == "done":
                 done = pb.CompleteJobRequest(**fenced)
                 if (
@@ -197,8 +215,9 @@ class Fleet:
                     is None
                 ):
                     self.abandoned += 1
-                    return
+                    return True
                 self.jobs_done += 1
+        return True
 
 
 async def main(kind: str, args: dict[str, Any]) -> None:
