@@ -8,7 +8,8 @@ fleet: simulated analysis workers. Each claims one job at a time and runs it for
        spread over the ramp, and the fleet is in steady state when the window opens: each
        worker's first job is one it was already running, a uniform share of a job in, so
        claims, reports and completions spread evenly over time (a fleet whose jobs all started
-       within the ramp would triple the claim rate: a cold start, not capacity). At the window's
+       within the ramp would claim, report and complete in bursts at three times the steady
+       rate: a cold start, not capacity). At the window's
        end each worker hands its lease back, as on SIGTERM, and stops. Latencies count inside
        the observation window, lost leases and failed calls count anywhere.
 """
