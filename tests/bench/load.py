@@ -9,9 +9,9 @@ fleet: simulated analysis workers. Each claims one job at a time and runs it for
        worker's first job is one it was already running, a uniform share of a job in, so
        claims, reports and completions spread evenly over time (a fleet whose jobs all started
        within the ramp would claim, report and complete in bursts at three times the steady
-       rate: a cold start, not capacity). At the window's
-       end each worker hands its lease back, as on SIGTERM, and stops. Latencies count inside
-       the observation window, lost leases and failed calls count anywhere.
+       rate: a cold start, not capacity). At the window's end each worker hands its lease
+       back, as on SIGTERM, and stops. Latencies count inside the observation window, lost
+       leases and failed calls count anywhere.
 """
 
 from __future__ import annotations
