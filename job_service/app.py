@@ -44,11 +44,12 @@ SERVICE_NAMES = tuple(
 )
 
 #: Calls grpc-core may hold for one method before the Python server takes them. grpc.aio takes
-#: one call per method per event-loop turn; past 1,000 waiting (`grpc.server.max_pending_
-#: requests`, the default) grpc-core 1.85 drops new calls at random, and past 3,000 all of them,
-#: answering CANCELLED as if the caller had cancelled. A fleet of 5,000 workers releasing or
-#: reporting at once reaches that; such a call must queue (its deadline still bounds it) and
-#: reach our caps, which answer RESOURCE_EXHAUSTED with a reason. Decision 71.
+#: one call per method per event-loop turn; past 1,000 waiting
+#: (`grpc.server.max_pending_requests`, the default) grpc-core 1.85 drops new calls at random,
+#: and past 3,000 all of them, answering CANCELLED as if the caller had cancelled. A fleet of
+#: 5,000 workers releasing or reporting at once reaches that; such a call must queue (its
+#: deadline still bounds it) and reach our caps, which answer RESOURCE_EXHAUSTED with a reason.
+#: Decision 71.
 PENDING_CALLS_LIMIT = 20_000
 
 SERVER_OPTIONS = [
