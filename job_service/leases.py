@@ -93,6 +93,16 @@ class LeaseRepository(Protocol):
         result: Mapping[str, Any] | None,
         results_uri: str,
     ) -> tuple[Job, str | None] | None: ...
+    async def advance_many(
+        self,
+        items: Sequence[tuple[uuid.UUID, uuid.UUID, int, Mapping[str, Any] | None]],
+        *,
+        status: JobStatus | None,
+        allowed_from: frozenset[JobStatus],
+    ) -> dict[uuid.UUID, tuple[Job, JobStatus]]: ...
+    async def complete_many(
+        self, items: Sequence[tuple[uuid.UUID, uuid.UUID, Mapping[str, Any] | None, str]]
+    ) -> dict[uuid.UUID, tuple[Job, str | None]]: ...
     async def release(
         self, job_id: uuid.UUID, token: uuid.UUID
     ) -> tuple[Job, str | None] | None: ...
@@ -123,6 +133,31 @@ class HeartbeatResult:
     held: bool
     expires_at: datetime | None
     cancel_requested: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ProgressReport:
+    """One item of a batched ReportProgress."""
+
+    job_id: JobId
+    token: LeaseToken
+    status: JobStatus | None
+    progress_pct: int
+    result: Mapping[str, Any] | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Completion:
+    """One item of a batched CompleteJob."""
+
+    job_id: JobId
+    token: LeaseToken
+    result: Mapping[str, Any] | None
+    results_uri: str
+
+
+#: A batch item's outcome: the job, or the error the single call would have raised.
+ItemOutcome = Job | errors.JobServiceError
 
 
 class HandBack:
@@ -411,6 +446,66 @@ class Leases:
             if job.status is not JobStatus.deep_running:
                 check_transition(job.status, JobStatus.done)
         raise errors.DatabaseConflict("the job kept changing under the call; retry")
+
+    # -- batches: one statement for the items that match, the single call's way for the rest -
+
+    async def report_progress_many(self, reports: Sequence[ProgressReport]) -> list[ItemOutcome]:
+        """ReportProgress for many leases: one statement per target status in the common case.
+        An item the statement did not match goes the single call's way (diagnose: replay, lost
+        lease, missing job, invalid transition), so each item answers what ReportProgress would
+        have. Raises only what fails the whole batch (the database unreachable)."""
+        out: dict[int, ItemOutcome] = {}
+        groups: dict[tuple[JobStatus | None, bool], list[int]] = {}
+        for i, r in enumerate(reports):
+            groups.setdefault((r.status, r.result is not None), []).append(i)
+        for (status, with_result), idx in groups.items():
+            try:
+                allowed = progress_sources(status, with_result)
+            except errors.JobServiceError as exc:
+                out.update((i, exc) for i in idx)
+                continue
+            hits = await self._store.advance_many(
+                [(r.job_id, r.token, r.progress_pct, r.result) for r in (reports[i] for i in idx)],
+                status=status,
+                allowed_from=allowed,
+            )
+            for i in idx:
+                hit = hits.get(reports[i].job_id)
+                if hit is not None:
+                    job, before = hit
+                    if job.status is not before:
+                        self._metrics.job_transitions_total.labels(job.status.value).inc()
+                    out[i] = job
+        for i, r in enumerate(reports):
+            if i not in out:
+                try:
+                    out[i] = await self.report_progress(
+                        r.job_id, r.token, r.status, r.progress_pct, r.result
+                    )
+                except errors.JobServiceError as exc:
+                    out[i] = exc
+        return [out[i] for i in range(len(reports))]
+
+    async def complete_many(self, completions: Sequence[Completion]) -> list[ItemOutcome]:
+        """CompleteJob for many leases: one statement in the common case; an item it did not
+        match goes the single call's way, as in report_progress_many."""
+        hits = await self._store.complete_many(
+            [(c.job_id, c.token, c.result, c.results_uri) for c in completions]
+        )
+        out: list[ItemOutcome] = []
+        for c in completions:
+            hit = hits.get(c.job_id)
+            if hit is not None:
+                job, worker = hit
+                self._metrics.job_transitions_total.labels(JobStatus.done.value).inc()
+                log.info("job done", extra={"job_id": str(c.job_id), "worker_id": worker})
+                out.append(job)
+                continue
+            try:
+                out.append(await self.complete(c.job_id, c.token, c.result, c.results_uri))
+            except errors.JobServiceError as exc:
+                out.append(exc)
+        return out
 
     async def fail(
         self,

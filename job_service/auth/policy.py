@@ -42,6 +42,8 @@ POLICY: Mapping[str, frozenset[Role]] = {
     "/jobs.v1.WorkerService/CompleteJob": frozenset({W}),
     "/jobs.v1.WorkerService/FailJob": frozenset({W}),
     "/jobs.v1.WorkerService/ReleaseJob": frozenset({W}),
+    "/jobs.v1.WorkerService/BatchReportProgress": frozenset({W}),
+    "/jobs.v1.WorkerService/BatchCompleteJobs": frozenset({W}),
     # AdminService: operators.
     "/jobs.v1.AdminService/ListJobs": frozenset({OP}),
     "/jobs.v1.AdminService/GetStats": frozenset({OP}),

@@ -7,9 +7,10 @@ method shares before its handler runs:
 - **Caps on concurrent calls**: above JOB_SERVICE_MAX_CONCURRENT_RPCS unary calls, or
   JOB_SERVICE_MAX_WATCH_STREAMS WatchJob streams, a new call is refused at once with
   RESOURCE_EXHAUSTED (reason TOO_MANY_RPCS / TOO_MANY_STREAMS) instead of queueing silently.
-  The lease-keeping calls (Heartbeat, ReportProgress, CompleteJob, FailJob, ReleaseJob) are
-  never refused: refusing one would lose a lease and the work done under it, and their number
-  is bounded by the leases granted, which the counted ClaimJob calls bound.
+  The lease-keeping calls (Heartbeat, ReportProgress, CompleteJob, FailJob, ReleaseJob and
+  their batch forms) are never refused: refusing one would lose a lease and the work done
+  under it, and their number is bounded by the leases granted, which the counted ClaimJob
+  calls bound.
 """
 
 from __future__ import annotations
@@ -32,7 +33,17 @@ if TYPE_CHECKING:
 #: Told to callers refused for capacity (google.rpc.RetryInfo): wait about this long.
 OVER_CAP_RETRY_SECONDS = 1.0
 #: Never refused for capacity (see the module docstring).
-LEASE_KEEPING = frozenset({"Heartbeat", "ReportProgress", "CompleteJob", "FailJob", "ReleaseJob"})
+LEASE_KEEPING = frozenset(
+    {
+        "Heartbeat",
+        "ReportProgress",
+        "CompleteJob",
+        "FailJob",
+        "ReleaseJob",
+        "BatchReportProgress",
+        "BatchCompleteJobs",
+    }
+)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

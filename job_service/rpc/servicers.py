@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncGenerator, AsyncIterator
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import grpc
 from jobs.v1 import jobs_pb2 as pb
@@ -32,10 +33,10 @@ from job_service.domain.model import (
     validate_text,
     validate_worker_id,
 )
-from job_service.leases import Leases
+from job_service.leases import Completion, ItemOutcome, Leases, ProgressReport
 from job_service.metrics import Metrics
 from job_service.rpc import convert
-from job_service.rpc.errors import stream, unary
+from job_service.rpc.errors import status_for, stream, unary
 from job_service.uploads import Uploads
 
 if TYPE_CHECKING:
@@ -50,6 +51,21 @@ _FAILURE_KIND = {
     pb.FAILURE_KIND_INFRASTRUCTURE: FailureKind.INFRASTRUCTURE,
 }
 MAX_HEARTBEAT_LEASES = 1000
+MAX_BATCH_ITEMS = 1000
+
+
+class _BatchItem(Protocol):
+    @property
+    def job_id(self) -> str: ...
+
+
+class _ParsedItem(Protocol):
+    @property
+    def job_id(self) -> uuid.UUID: ...
+
+
+Item = TypeVar("Item", bound=_BatchItem)
+Parsed = TypeVar("Parsed", bound=_ParsedItem)
 MAX_MESSAGE_CHARS = 4000
 
 
@@ -199,6 +215,55 @@ def validate_worker_request(request: Any) -> None:
             raise errors.InvalidArgument(name, "must not contain NUL characters")
 
 
+def item_result(job_id: str, outcome: ItemOutcome) -> pb.BatchItemResult:
+    """A batch item's answer: the job, or the status the single call would have answered
+    (the same mapping, rpc/errors.status_for)."""
+    if not isinstance(outcome, Exception):
+        return pb.BatchItemResult(job_id=job_id, code=0, job=convert.job_to_pb(outcome))
+    code, message, reason, meta = status_for(outcome)
+    return pb.BatchItemResult(
+        job_id=job_id, code=code.value[0], message=message, reason=reason, metadata=meta
+    )
+
+
+async def run_batch(
+    items: Sequence[Item],
+    parse: Callable[[Item], Parsed],
+    run: Callable[[list[Parsed]], Awaitable[list[ItemOutcome]]],
+) -> list[pb.BatchItemResult]:
+    """A batch call: what fails the whole call (no items, too many, a job named twice) raises;
+    an item that does not validate gets its INVALID_ARGUMENT in its place and the others go on.
+    One result per item, in request order."""
+    if not items:
+        raise errors.InvalidArgument("items", "name at least one item")
+    if len(items) > MAX_BATCH_ITEMS:
+        raise errors.InvalidArgument(
+            "items", f"at most {MAX_BATCH_ITEMS} per call, got {len(items)}; split the batch"
+        )
+    results: dict[int, pb.BatchItemResult] = {}
+    parsed: list[Parsed] = []
+    where: list[int] = []
+    seen: set[uuid.UUID] = set()
+    for i, item in enumerate(items):
+        try:
+            validate_worker_request(item)
+            one = parse(item)
+        except errors.JobServiceError as exc:
+            results[i] = item_result(item.job_id, exc)
+            continue
+        if one.job_id in seen:
+            raise errors.InvalidArgument(
+                "items", f"job {one.job_id} appears more than once; a batch names each job once"
+            )
+        seen.add(one.job_id)
+        parsed.append(one)
+        where.append(i)
+    outcomes = await run(parsed) if parsed else []
+    for i, outcome in zip(where, outcomes, strict=True):
+        results[i] = item_result(items[i].job_id, outcome)
+    return [results[i] for i in range(len(items))]
+
+
 class WorkerServicer(pb_grpc.WorkerServiceServicer):
     def __init__(self, leases: Leases, settings: Settings, metrics: Metrics) -> None:
         self._leases = leases
@@ -324,3 +389,34 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             validate_text("reason", request.reason, MAX_MESSAGE_CHARS),
         )
         return pb.ReleaseJobResponse(job=convert.job_to_pb(job))
+
+    @unary
+    async def BatchReportProgress(
+        self, request: pb.BatchReportProgressRequest, context: Ctx
+    ) -> pb.BatchReportProgressResponse:
+        def parse(item: pb.ReportProgressRequest) -> ProgressReport:
+            return ProgressReport(
+                parse_job_id(item.job_id),
+                parse_lease_token(item.lease_token),
+                convert.status_from_pb(item.status),
+                validate_progress(item.progress_pct),
+                convert.struct_to_dict(item.result) if item.HasField("result") else None,
+            )
+
+        results = await run_batch(request.items, parse, self._leases.report_progress_many)
+        return pb.BatchReportProgressResponse(results=results)
+
+    @unary
+    async def BatchCompleteJobs(
+        self, request: pb.BatchCompleteJobsRequest, context: Ctx
+    ) -> pb.BatchCompleteJobsResponse:
+        def parse(item: pb.CompleteJobRequest) -> Completion:
+            return Completion(
+                parse_job_id(item.job_id),
+                parse_lease_token(item.lease_token),
+                convert.struct_to_dict(item.result) if item.HasField("result") else None,
+                validate_text("results_uri", item.results_uri, MAX_MESSAGE_CHARS),
+            )
+
+        results = await run_batch(request.items, parse, self._leases.complete_many)
+        return pb.BatchCompleteJobsResponse(results=results)

@@ -7,6 +7,7 @@ round trip."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -327,6 +328,59 @@ WHERE j.id = old.id
 RETURNING j.*, old.leased_by AS prev_worker
 """
 
+# The batched forms of ADVANCE and COMPLETE: the same change for many leases in one statement,
+# each item with its own values (from unnest), the rows locked in job id order like SQL_RENEW.
+# JSON travels as text and is cast in SQL (asyncpg's jsonb codec does not reach into arrays).
+SQL_ADVANCE_MANY = f"""
+WITH req AS (
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $4::int[], $5::text[])
+        AS r(id, token, pct, result)
+), old AS (
+    SELECT j.id, j.status, req.pct, req.result::jsonb AS result FROM {_T} j
+    JOIN req ON j.id = req.id AND j.lease_token = req.token
+    WHERE j.status::text = ANY($6::text[])
+    ORDER BY j.id
+    FOR UPDATE OF j
+)
+UPDATE {_T} j SET
+    status = coalesce($3::text::{_STATUS_TYPE}, j.status),
+    stage = coalesce(upper($3::text), j.stage),
+    progress_pct = old.pct,
+    result = coalesce(old.result, j.result),
+    stage_started_at = CASE WHEN $3::text = 'deep_running' AND j.status <> 'deep_running'
+                            THEN now() ELSE j.stage_started_at END,
+    infrastructure_failing_since = CASE WHEN $3::text IS NOT NULL AND $3::text <> j.status::text
+                                        THEN NULL ELSE j.infrastructure_failing_since END,
+    updated_at = now()
+FROM old
+WHERE j.id = old.id
+RETURNING j.*, old.status::text AS prev_status
+"""
+
+SQL_COMPLETE_MANY = f"""
+WITH req AS (
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[])
+        AS r(id, token, result, uri)
+), old AS (
+    SELECT j.id, j.leased_by, req.result::jsonb AS result, req.uri FROM {_T} j
+    JOIN req ON j.id = req.id AND j.lease_token = req.token
+    WHERE j.status = 'deep_running'
+    ORDER BY j.id
+    FOR UPDATE OF j
+)
+UPDATE {_T} j SET
+    status = 'done', stage = 'DONE', progress_pct = 100,
+    result = coalesce(old.result, j.result),
+    results_uri = nullif(old.uri, ''),
+    {_CLEAR_LEASE},
+    last_lease_outcome = 'completed',
+    infrastructure_failing_since = NULL,
+    updated_at = now()
+FROM old
+WHERE j.id = old.id
+RETURNING j.*, old.leased_by AS prev_worker
+"""
+
 # A lease handed back: no attempt counted, claimable at once; an operator's cancel wins.
 _RELEASE_SET = f"""
     status = CASE WHEN j.cancel_requested THEN 'failed'::{_STATUS_TYPE}
@@ -573,6 +627,54 @@ class LeaseStore:
 
         row = await self.pool.run(run)
         return (to_job(row), row["prev_worker"]) if row else None
+
+    async def advance_many(
+        self,
+        items: Sequence[tuple[uuid.UUID, uuid.UUID, int, Mapping[str, Any] | None]],
+        *,
+        status: JobStatus | None,
+        allowed_from: frozenset[JobStatus],
+    ) -> dict[uuid.UUID, tuple[Job, JobStatus]]:
+        """`advance` for many (job_id, token, progress_pct, result) in one statement, all to the
+        same `status` from `allowed_from`. Returns {job_id: (job, status it had)} for the items
+        whose condition matched; the others changed nothing."""
+        if not items:
+            return {}
+
+        async def run(conn: Connection) -> list[asyncpg.Record]:
+            return await conn.fetch(
+                SQL_ADVANCE_MANY,
+                [i[0] for i in items],
+                [i[1] for i in items],
+                status.value if status is not None else None,
+                [i[2] for i in items],
+                [json.dumps(dict(i[3])) if i[3] is not None else None for i in items],
+                [s.value for s in sorted(allowed_from)],
+            )
+
+        rows = await self.pool.run(run)
+        return {uuid.UUID(str(r["id"])): (to_job(r), JobStatus(r["prev_status"])) for r in rows}
+
+    async def complete_many(
+        self, items: Sequence[tuple[uuid.UUID, uuid.UUID, Mapping[str, Any] | None, str]]
+    ) -> dict[uuid.UUID, tuple[Job, str | None]]:
+        """`complete` for many (job_id, token, result, results_uri) in one statement. Returns
+        {job_id: (job, worker that held the lease)} for the items whose condition matched; the
+        others changed nothing."""
+        if not items:
+            return {}
+
+        async def run(conn: Connection) -> list[asyncpg.Record]:
+            return await conn.fetch(
+                SQL_COMPLETE_MANY,
+                [i[0] for i in items],
+                [i[1] for i in items],
+                [json.dumps(dict(i[2])) if i[2] is not None else None for i in items],
+                [i[3] for i in items],
+            )
+
+        rows = await self.pool.run(run)
+        return {uuid.UUID(str(r["id"])): (to_job(r), r["prev_worker"]) for r in rows}
 
     async def release(self, job_id: uuid.UUID, token: uuid.UUID) -> tuple[Job, str | None] | None:
         """Hand the lease back without counting an attempt (requeued at the stage reached,

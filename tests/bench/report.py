@@ -62,6 +62,8 @@ def render(lines: Sequence[Line], header: Sequence[str]) -> str:
 #: The issue's Targets section, line by line, with the key of the line that measures each.
 TARGETS = {
     "cycle_10": "worker cycle, max_jobs=10, at least 30% of the raw SQL floor (5x today)",
+    "cycle_onecall_10": "the same with the one-call quick->deep report",
+    "cycle_batched_10": "the same with the batch calls (BatchReportProgress, BatchCompleteJobs)",
     "claim_one": "ClaimJob max_jobs=1 at least 50% of the raw claim-one rate",
     "wake": "wake-up p50 at most 3 ms, and at most 2x PgQueuer's commit-to-start",
     "parked_large": "1,000 parked calls: at most 2 database queries/s per instance",
@@ -85,6 +87,7 @@ KEYS = (
     "cycle_1",
     "cycle_onecall_10",
     "cycle_onecall_1",
+    "cycle_batched_10",
     "cycle_10_processes",
     "raw_claim_one",
     "claim_one",

@@ -113,10 +113,44 @@ async def one_call_refusal(address: str, dsn: str) -> str | None:
             return exc.code().name
 
 
+async def run_batch(stub: jobs_pb2_grpc.WorkerServiceStub, leases: Sequence[pb.Lease]) -> None:
+    """A claim's jobs in two calls: BatchReportProgress (quick results, into the deep pass)
+    and BatchCompleteJobs, every item checked."""
+    refs = [{"job_id": x.job.job_id, "lease_token": x.lease_token} for x in leases]
+    reported = await stub.BatchReportProgress(
+        pb.BatchReportProgressRequest(
+            items=[
+                pb.ReportProgressRequest(
+                    **ref,
+                    status=pb.JOB_STATUS_DEEP_RUNNING,
+                    progress_pct=50,
+                    result=struct(QUICK_RESULT),
+                )
+                for ref in refs
+            ]
+        ),
+        timeout=TIMEOUT,
+    )
+    assert all(r.code == 0 for r in reported.results), reported
+    completed = await stub.BatchCompleteJobs(
+        pb.BatchCompleteJobsRequest(
+            items=[
+                pb.CompleteJobRequest(
+                    **ref, result=struct(DEEP_RESULT), results_uri="s3://videos/r/"
+                )
+                for ref in refs
+            ]
+        ),
+        timeout=TIMEOUT,
+    )
+    assert all(r.code == 0 for r in completed.results), completed
+
+
 async def worker_cycle(
-    address: str, seconds: float, callers: int, batch: int, *, one_call: bool
+    address: str, seconds: float, callers: int, batch: int, *, one_call: bool, batched: bool = False
 ) -> float:
-    """ClaimJob(max_jobs=batch) then each job's calls, `callers` workers in parallel. Jobs/s,
+    """ClaimJob(max_jobs=batch) then each job's calls (or, `batched`, the claim's jobs in one
+    BatchReportProgress and one BatchCompleteJobs), `callers` workers in parallel. Jobs/s,
     counted up to the last completion (an empty queue ends a caller after a short wait)."""
     done = 0
     last = 0.0
@@ -133,6 +167,11 @@ async def worker_cycle(
                 )
                 if not resp.leases:
                     return
+                if batched:
+                    await run_batch(stub, resp.leases)
+                    done += len(resp.leases)
+                    last = time.perf_counter()
+                    continue
                 for lease in resp.leases:
                     await run_job(stub, lease, one_call)
                     done += 1

@@ -148,6 +148,45 @@ async def test_each_lease_call_is_one_statement(counted, moto_s3):
     assert sum(counts.values()) == 4, "\n".join(f"{v}: {k[:90]!r}" for k, v in counts.items())
 
 
+async def test_a_batch_is_one_statement_whatever_its_size(counted, moto_s3):
+    api, app, counter = counted
+    await gauges_ran(app)
+    for _ in range(6):
+        await queued_job(api, moto_s3)
+
+    async def report(held: list[pb.Lease]) -> pb.BatchReportProgressResponse:
+        items = [
+            pb.ReportProgressRequest(
+                **ref(lease),
+                status=pb.JOB_STATUS_DEEP_RUNNING,
+                progress_pct=30,
+                result=quick_result(),
+            )
+            for lease in held
+        ]
+        return await api.worker.BatchReportProgress(
+            pb.BatchReportProgressRequest(items=items), timeout=5
+        )
+
+    async def complete(held: list[pb.Lease]) -> pb.BatchCompleteJobsResponse:
+        items = [pb.CompleteJobRequest(**ref(lease)) for lease in held]
+        return await api.worker.BatchCompleteJobs(
+            pb.BatchCompleteJobsRequest(items=items), timeout=5
+        )
+
+    # Warm up: the pool's connection has the batch statements prepared and their types known.
+    warm = await claim(api)
+    await report(warm)
+    await complete(warm)
+    held = await claim(api, max_jobs=5)
+    await counter.reset()
+    assert [r.code for r in (await report(held)).results] == [0] * 5
+    assert await counter.total() == 1, await counter.statements()
+    await counter.reset()
+    assert [r.job.status for r in (await complete(held)).results] == [pb.JOB_STATUS_DONE] * 5
+    assert await counter.total() == 1, await counter.statements()
+
+
 async def test_a_miss_costs_one_diagnostic_read_and_answers_as_before(counted, moto_s3):
     api, app, counter = counted
     await gauges_ran(app)

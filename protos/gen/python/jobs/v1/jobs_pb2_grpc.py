@@ -374,6 +374,16 @@ class WorkerServiceStub:
                 request_serializer=jobs_dot_v1_dot_jobs__pb2.ReleaseJobRequest.SerializeToString,
                 response_deserializer=jobs_dot_v1_dot_jobs__pb2.ReleaseJobResponse.FromString,
                 _registered_method=True)
+        self.BatchReportProgress = channel.unary_unary(
+                '/jobs.v1.WorkerService/BatchReportProgress',
+                request_serializer=jobs_dot_v1_dot_jobs__pb2.BatchReportProgressRequest.SerializeToString,
+                response_deserializer=jobs_dot_v1_dot_jobs__pb2.BatchReportProgressResponse.FromString,
+                _registered_method=True)
+        self.BatchCompleteJobs = channel.unary_unary(
+                '/jobs.v1.WorkerService/BatchCompleteJobs',
+                request_serializer=jobs_dot_v1_dot_jobs__pb2.BatchCompleteJobsRequest.SerializeToString,
+                response_deserializer=jobs_dot_v1_dot_jobs__pb2.BatchCompleteJobsResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -424,6 +434,24 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchReportProgress(self, request, context):
+        """ReportProgress for many leases in one call: one statement in the common case, and one
+        outcome per item, the one ReportProgress would have answered. For a worker that runs
+        several jobs at once and reports what is ready together.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchCompleteJobs(self, request, context):
+        """CompleteJob for many leases in one call, likewise: for a worker that buffers its
+        completions for a few milliseconds and sends them together (as PgQueuer's and River's
+        completers do).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -456,6 +484,16 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.ReleaseJob,
                     request_deserializer=jobs_dot_v1_dot_jobs__pb2.ReleaseJobRequest.FromString,
                     response_serializer=jobs_dot_v1_dot_jobs__pb2.ReleaseJobResponse.SerializeToString,
+            ),
+            'BatchReportProgress': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchReportProgress,
+                    request_deserializer=jobs_dot_v1_dot_jobs__pb2.BatchReportProgressRequest.FromString,
+                    response_serializer=jobs_dot_v1_dot_jobs__pb2.BatchReportProgressResponse.SerializeToString,
+            ),
+            'BatchCompleteJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchCompleteJobs,
+                    request_deserializer=jobs_dot_v1_dot_jobs__pb2.BatchCompleteJobsRequest.FromString,
+                    response_serializer=jobs_dot_v1_dot_jobs__pb2.BatchCompleteJobsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -625,6 +663,60 @@ class WorkerService:
             '/jobs.v1.WorkerService/ReleaseJob',
             jobs_dot_v1_dot_jobs__pb2.ReleaseJobRequest.SerializeToString,
             jobs_dot_v1_dot_jobs__pb2.ReleaseJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchReportProgress(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobs.v1.WorkerService/BatchReportProgress',
+            jobs_dot_v1_dot_jobs__pb2.BatchReportProgressRequest.SerializeToString,
+            jobs_dot_v1_dot_jobs__pb2.BatchReportProgressResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchCompleteJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobs.v1.WorkerService/BatchCompleteJobs',
+            jobs_dot_v1_dot_jobs__pb2.BatchCompleteJobsRequest.SerializeToString,
+            jobs_dot_v1_dot_jobs__pb2.BatchCompleteJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -162,6 +162,16 @@ class WorkerServiceStub:
     FailJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.FailJobRequest, _jobs_pb2.FailJobResponse]
     ReleaseJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ReleaseJobRequest, _jobs_pb2.ReleaseJobResponse]
     """Hands a lease back (graceful shutdown) without counting an attempt."""
+    BatchReportProgress: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.BatchReportProgressRequest, _jobs_pb2.BatchReportProgressResponse]
+    """ReportProgress for many leases in one call: one statement in the common case, and one
+    outcome per item, the one ReportProgress would have answered. For a worker that runs
+    several jobs at once and reports what is ready together.
+    """
+    BatchCompleteJobs: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.BatchCompleteJobsRequest, _jobs_pb2.BatchCompleteJobsResponse]
+    """CompleteJob for many leases in one call, likewise: for a worker that buffers its
+    completions for a few milliseconds and sends them together (as PgQueuer's and River's
+    completers do).
+    """
 
 @_typing.type_check_only
 class WorkerServiceAsyncStub(WorkerServiceStub):
@@ -182,6 +192,16 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     FailJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.FailJobRequest, _jobs_pb2.FailJobResponse]  # type: ignore[assignment]
     ReleaseJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ReleaseJobRequest, _jobs_pb2.ReleaseJobResponse]  # type: ignore[assignment]
     """Hands a lease back (graceful shutdown) without counting an attempt."""
+    BatchReportProgress: _aio.UnaryUnaryMultiCallable[_jobs_pb2.BatchReportProgressRequest, _jobs_pb2.BatchReportProgressResponse]  # type: ignore[assignment]
+    """ReportProgress for many leases in one call: one statement in the common case, and one
+    outcome per item, the one ReportProgress would have answered. For a worker that runs
+    several jobs at once and reports what is ready together.
+    """
+    BatchCompleteJobs: _aio.UnaryUnaryMultiCallable[_jobs_pb2.BatchCompleteJobsRequest, _jobs_pb2.BatchCompleteJobsResponse]  # type: ignore[assignment]
+    """CompleteJob for many leases in one call, likewise: for a worker that buffers its
+    completions for a few milliseconds and sends them together (as PgQueuer's and River's
+    completers do).
+    """
 
 class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------------------------------------
@@ -235,6 +255,28 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_jobs_pb2.ReleaseJobResponse, _abc.Awaitable[_jobs_pb2.ReleaseJobResponse]]:
         """Hands a lease back (graceful shutdown) without counting an attempt."""
+
+    @_abc_1.abstractmethod
+    def BatchReportProgress(
+        self,
+        request: _jobs_pb2.BatchReportProgressRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.BatchReportProgressResponse, _abc.Awaitable[_jobs_pb2.BatchReportProgressResponse]]:
+        """ReportProgress for many leases in one call: one statement in the common case, and one
+        outcome per item, the one ReportProgress would have answered. For a worker that runs
+        several jobs at once and reports what is ready together.
+        """
+
+    @_abc_1.abstractmethod
+    def BatchCompleteJobs(
+        self,
+        request: _jobs_pb2.BatchCompleteJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.BatchCompleteJobsResponse, _abc.Awaitable[_jobs_pb2.BatchCompleteJobsResponse]]:
+        """CompleteJob for many leases in one call, likewise: for a worker that buffers its
+        completions for a few milliseconds and sends them together (as PgQueuer's and River's
+        completers do).
+        """
 
 def add_WorkerServiceServicer_to_server(servicer: WorkerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
