@@ -7,6 +7,9 @@ round trip."""
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import dataclasses
 import json
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -251,7 +254,7 @@ UPDATE {_T} j SET
     lease_token = ($3::uuid[])[numbered.n],
     last_lease_token = ($3::uuid[])[numbered.n],
     last_lease_outcome = NULL,
-    leased_by = $1,
+    leased_by = ($1::text[])[numbered.n],
     leased_at = now(),
     stage_started_at = now(),
     lease_expires_at = now() + make_interval(secs => $4),
@@ -512,26 +515,111 @@ def _end_args(job: Job, token: uuid.UUID, end: LeaseEnd) -> tuple[Any, ...]:
     )
 
 
+#: At most this many rows per combined claim statement (a single claim may exceed it alone).
+CLAIM_ROWS = 256
+
+
+@dataclasses.dataclass(slots=True)
+class _Claim:
+    worker_id: str
+    tokens: Sequence[uuid.UUID]
+    lease_seconds: float
+    answer: asyncio.Future[list[Job]]
+
+
+class ClaimCombiner:
+    """Claims that arrive while one is in flight share the next statement (smart batching, as
+    a group commit does): a claim alone runs at once, so a quiet service adds no wait; a busy
+    one runs one statement for many ClaimJob calls instead of one each, and its claims stop
+    stepping over each other's SKIP LOCKED rows. Arrival order is kept: the statement numbers
+    its rows oldest job first, and row n gets slot n's token and worker id, so earlier callers
+    get the older jobs. Each caller is answered with the rows of its own tokens."""
+
+    def __init__(self, pool: LeasePool, *, max_rows: int) -> None:
+        self._pool = pool
+        self._max_rows = max_rows
+        self._pending: collections.deque[_Claim] = collections.deque()
+        self._task: asyncio.Task[None] | None = None
+
+    def submit(
+        self, worker_id: str, tokens: Sequence[uuid.UUID], lease: timedelta
+    ) -> asyncio.Future[list[Job]]:
+        loop = asyncio.get_running_loop()
+        claim = _Claim(worker_id, tokens, lease.total_seconds(), loop.create_future())
+        self._pending.append(claim)
+        if self._task is None:
+            self._task = loop.create_task(self._drain())
+        return claim.answer
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                batch: list[_Claim] = []
+                rows = 0
+                while self._pending and (
+                    not batch
+                    or (
+                        rows + len(self._pending[0].tokens) <= self._max_rows
+                        and self._pending[0].lease_seconds == batch[0].lease_seconds
+                    )
+                ):
+                    claim = self._pending.popleft()
+                    if not claim.answer.done():  # a caller cancelled before its turn: skip it
+                        batch.append(claim)
+                        rows += len(claim.tokens)
+                if batch:
+                    await self._run(batch)
+        finally:
+            self._task = None
+            if self._pending:
+                # Cancelled (shutdown) with claims still waiting: they will not run.
+                while self._pending:
+                    self._pending.popleft().answer.cancel()
+
+    async def _run(self, batch: list[_Claim]) -> None:
+        tokens = [t for c in batch for t in c.tokens]
+        workers = [c.worker_id for c in batch for _ in c.tokens]
+
+        async def run(conn: Connection) -> list[asyncpg.Record]:
+            return await conn.fetch(SQL_CLAIM, workers, len(tokens), tokens, batch[0].lease_seconds)
+
+        try:
+            records = await self._pool.run(run)
+        except asyncio.CancelledError:  # shutdown: the callers are being cancelled too
+            for c in batch:
+                c.answer.cancel()
+            raise
+        except Exception as exc:  # every caller of the statement gets its failure
+            for c in batch:
+                if not c.answer.done():
+                    c.answer.set_exception(exc)
+            return
+        owner = {t: c for c in batch for t in c.tokens}
+        granted: dict[int, list[Job]] = {id(c): [] for c in batch}
+        for r in records:
+            job = to_job(r)
+            granted[id(owner[uuid.UUID(str(r["lease_token"]))])].append(job)
+        for c in batch:
+            if not c.answer.done():
+                jobs = granted[id(c)]
+                c.answer.set_result(sorted(jobs, key=lambda j: (j.available_at, j.created_at)))
+
+
 class LeaseStore:
     """The lease path's named repository operations, each one round trip on the lease pool."""
 
-    def __init__(self, pool: LeasePool) -> None:
+    def __init__(self, pool: LeasePool, *, claim_rows: int = CLAIM_ROWS) -> None:
         self.pool = pool
+        self._claims = ClaimCombiner(pool, max_rows=claim_rows)
 
     async def claim(
         self, *, worker_id: str, tokens: Sequence[uuid.UUID], lease: timedelta
     ) -> list[Job]:
         """Lease up to len(tokens) claimable jobs, oldest first, skipping rows other claims have
         locked; the n-th job gets the n-th token. queued -> quick_running; quick_done ->
-        deep_running (the quick pass is not redone). Counts an attempt."""
-
-        async def run(conn: Connection) -> list[asyncpg.Record]:
-            return await conn.fetch(
-                SQL_CLAIM, worker_id, len(tokens), list(tokens), lease.total_seconds()
-            )
-
-        rows = await self.pool.run(run)
-        return sorted((to_job(r) for r in rows), key=lambda j: (j.available_at, j.created_at))
+        deep_running (the quick pass is not redone). Counts an attempt. Concurrent claims share
+        a statement (ClaimCombiner)."""
+        return await self._claims.submit(worker_id, tokens, lease)
 
     async def next_available(self) -> tuple[datetime | None, bool]:
         """(earliest available_at of an unleased claimable job, whether one is claimable now)."""

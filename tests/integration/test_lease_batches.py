@@ -12,6 +12,7 @@ import grpc
 import pytest
 from google.protobuf import struct_pb2
 from jobs.v1 import jobs_pb2 as pb
+from sqlalchemy import text
 
 from job_service.app import JobServiceApp
 from tests.support import auth
@@ -19,10 +20,11 @@ from tests.support.flows import claim, error_reason, get_job, queued_job
 from tests.support.service import lease_ref, settings_for, stubs_for
 
 OK, INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ABORTED = 0, 3, 5, 9, 10
+#: Short leases and outage grace; the rescuer runs only when the test says so.
 FAST_LEASES = dict(
     lease_seconds=1.0,
     heartbeat_interval_seconds=0.3,
-    reaper_interval_seconds=0.1,
+    reaper_interval_seconds=3600.0,
     retry_base_seconds=0.05,
     retry_max_seconds=0.2,
 )
@@ -178,13 +180,24 @@ async def test_a_batch_racing_the_rescuer_never_overwrites_the_new_holder(databa
         api = stubs_for(ch)
         old = await leases(api, moto_s3, 6)
         await report(api, [to_deep(lease) for lease in old])
-        # No heartbeats: the leases expire, the reaper requeues them at the deep pass and
-        # another worker claims them (after the reaper's grace and the retry backoff).
+        async with app.engine.begin() as conn:  # expire them now, as time would
+            await conn.execute(
+                text(
+                    "UPDATE video_analysis_jobs SET lease_expires_at = now() - interval '1 ms' "
+                    "WHERE id = ANY(:ids)"
+                ),
+                {"ids": [lease.job.job_id for lease in old]},
+            )
+        rescued = 0
+        async with asyncio.timeout(20):  # the rescuer's outage grace (one lease) from start-up
+            while rescued < len(old):
+                rescued += await app.leases.rescue_expired()
+                await asyncio.sleep(0.05)  # polling the grace out
         new: list[pb.Lease] = []
-        async with asyncio.timeout(20):
+        async with asyncio.timeout(20):  # the retry backoff
             while len(new) < len(old):
                 new += await claim(api, worker_id="w-2", max_jobs=len(old), wait=1)
-        assert {lease.job.job_id for lease in new} == {lease.job.job_id for lease in old}
+        assert sorted(lease.job.job_id for lease in new) == sorted(x.job.job_id for x in old)
         assert {lease.job.status for lease in new} == {pb.JOB_STATUS_DEEP_RUNNING}
         stale, fresh = await asyncio.gather(
             complete(api, [done(lease, "s3://old/") for lease in old]),

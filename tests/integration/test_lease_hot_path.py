@@ -293,7 +293,7 @@ async def test_claim_uses_the_partial_index_whatever_the_history(counted, stats_
             r[0]
             for r in await conn.fetch(
                 "EXPLAIN " + SQL_CLAIM,
-                "w-1",
+                ["w-1"] * 10,
                 10,
                 [uuid.uuid4() for _ in range(10)],
                 30.0,
