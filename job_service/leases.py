@@ -65,9 +65,9 @@ class LeaseRepository(Protocol):
     """The lease path's storage (job_service.storage.repository.LeaseStore): named operations,
     each one conditional statement; None when its condition matched nothing."""
 
-    async def claim(
+    def claim(
         self, *, worker_id: str, tokens: Sequence[uuid.UUID], lease: timedelta
-    ) -> list[Job]: ...
+    ) -> asyncio.Future[list[Job]]: ...
     async def renew(
         self,
         refs: Sequence[tuple[uuid.UUID, uuid.UUID]],
@@ -320,9 +320,7 @@ class Leases:
         # The tokens are ours before the statement runs: whatever happens to the answer, the
         # leases it may have granted can be named and handed back.
         tokens = [uuid.uuid4() for _ in range(limit)]
-        task = asyncio.ensure_future(
-            self._store.claim(worker_id=worker_id, tokens=tokens, lease=self._settings.lease)
-        )
+        task = self._store.claim(worker_id=worker_id, tokens=tokens, lease=self._settings.lease)
         try:
             jobs = await asyncio.shield(task)
         except asyncio.CancelledError:

@@ -290,6 +290,34 @@ WHERE j.id = held.id
 RETURNING j.id, j.lease_token, j.lease_expires_at, j.cancel_requested
 """
 
+
+def _advance_set(*, progress: str, result: str) -> str:
+    """ReportProgress's change ($3: the target status or NULL), one item's values from
+    `progress` and `result`: the same for the single and the batched statement."""
+    return f"""
+    status = coalesce($3::text::{_STATUS_TYPE}, j.status),
+    stage = coalesce(upper($3::text), j.stage),
+    progress_pct = {progress},
+    result = coalesce({result}, j.result),
+    stage_started_at = CASE WHEN $3::text = 'deep_running' AND j.status <> 'deep_running'
+                            THEN now() ELSE j.stage_started_at END,
+    infrastructure_failing_since = CASE WHEN $3::text IS NOT NULL AND $3::text <> j.status::text
+                                        THEN NULL ELSE j.infrastructure_failing_since END,
+    updated_at = now()"""
+
+
+def _complete_set(*, result: str, uri: str) -> str:
+    """CompleteJob's change, likewise."""
+    return f"""
+    status = 'done', stage = 'DONE', progress_pct = 100,
+    result = coalesce({result}, j.result),
+    results_uri = nullif({uri}, ''),
+    {_CLEAR_LEASE},
+    last_lease_outcome = 'completed',
+    infrastructure_failing_since = NULL,
+    updated_at = now()"""
+
+
 # $3: target status or NULL (keep); $6: statuses the change may start from.
 SQL_ADVANCE = f"""
 WITH old AS (
@@ -297,16 +325,7 @@ WITH old AS (
     WHERE id = $1 AND lease_token = $2 AND status::text = ANY($6::text[])
     FOR UPDATE
 )
-UPDATE {_T} j SET
-    status = coalesce($3::text::{_STATUS_TYPE}, j.status),
-    stage = coalesce(upper($3::text), j.stage),
-    progress_pct = $4,
-    result = coalesce($5::jsonb, j.result),
-    stage_started_at = CASE WHEN $3::text = 'deep_running' AND j.status <> 'deep_running'
-                            THEN now() ELSE j.stage_started_at END,
-    infrastructure_failing_since = CASE WHEN $3::text IS NOT NULL AND $3::text <> j.status::text
-                                        THEN NULL ELSE j.infrastructure_failing_since END,
-    updated_at = now()
+UPDATE {_T} j SET {_advance_set(progress="$4", result="$5::jsonb")}
 FROM old
 WHERE j.id = old.id
 RETURNING j.*, old.status::text AS prev_status
@@ -318,14 +337,7 @@ WITH old AS (
     WHERE id = $1 AND lease_token = $2 AND status = 'deep_running'
     FOR UPDATE
 )
-UPDATE {_T} j SET
-    status = 'done', stage = 'DONE', progress_pct = 100,
-    result = coalesce($3::jsonb, j.result),
-    results_uri = nullif($4::text, ''),
-    {_CLEAR_LEASE},
-    last_lease_outcome = 'completed',
-    infrastructure_failing_since = NULL,
-    updated_at = now()
+UPDATE {_T} j SET {_complete_set(result="$3::jsonb", uri="$4::text")}
 FROM old
 WHERE j.id = old.id
 RETURNING j.*, old.leased_by AS prev_worker
@@ -345,16 +357,7 @@ WITH req AS (
     ORDER BY j.id
     FOR UPDATE OF j
 )
-UPDATE {_T} j SET
-    status = coalesce($3::text::{_STATUS_TYPE}, j.status),
-    stage = coalesce(upper($3::text), j.stage),
-    progress_pct = old.pct,
-    result = coalesce(old.result, j.result),
-    stage_started_at = CASE WHEN $3::text = 'deep_running' AND j.status <> 'deep_running'
-                            THEN now() ELSE j.stage_started_at END,
-    infrastructure_failing_since = CASE WHEN $3::text IS NOT NULL AND $3::text <> j.status::text
-                                        THEN NULL ELSE j.infrastructure_failing_since END,
-    updated_at = now()
+UPDATE {_T} j SET {_advance_set(progress="old.pct", result="old.result")}
 FROM old
 WHERE j.id = old.id
 RETURNING j.*, old.status::text AS prev_status
@@ -371,14 +374,7 @@ WITH req AS (
     ORDER BY j.id
     FOR UPDATE OF j
 )
-UPDATE {_T} j SET
-    status = 'done', stage = 'DONE', progress_pct = 100,
-    result = coalesce(old.result, j.result),
-    results_uri = nullif(old.uri, ''),
-    {_CLEAR_LEASE},
-    last_lease_outcome = 'completed',
-    infrastructure_failing_since = NULL,
-    updated_at = now()
+UPDATE {_T} j SET {_complete_set(result="old.result", uri="old.uri")}
 FROM old
 WHERE j.id = old.id
 RETURNING j.*, old.leased_by AS prev_worker
@@ -612,14 +608,15 @@ class LeaseStore:
         self.pool = pool
         self._claims = ClaimCombiner(pool, max_rows=claim_rows)
 
-    async def claim(
+    def claim(
         self, *, worker_id: str, tokens: Sequence[uuid.UUID], lease: timedelta
-    ) -> list[Job]:
+    ) -> asyncio.Future[list[Job]]:
         """Lease up to len(tokens) claimable jobs, oldest first, skipping rows other claims have
         locked; the n-th job gets the n-th token. queued -> quick_running; quick_done ->
         deep_running (the quick pass is not redone). Counts an attempt. Concurrent claims share
-        a statement (ClaimCombiner)."""
-        return await self._claims.submit(worker_id, tokens, lease)
+        a statement (ClaimCombiner). Returns the future of the answer: awaiting it is the
+        claim; a caller that stops waiting does not stop the claim."""
+        return self._claims.submit(worker_id, tokens, lease)
 
     async def next_available(self) -> tuple[datetime | None, bool]:
         """(earliest available_at of an unleased claimable job, whether one is claimable now)."""
