@@ -52,6 +52,7 @@ _FAILURE_KIND = {
 }
 MAX_HEARTBEAT_LEASES = 1000
 MAX_BATCH_ITEMS = 1000
+MAX_MESSAGE_CHARS = 4000
 
 
 class _BatchItem(Protocol):
@@ -66,7 +67,6 @@ class _ParsedItem(Protocol):
 
 Item = TypeVar("Item", bound=_BatchItem)
 Parsed = TypeVar("Parsed", bound=_ParsedItem)
-MAX_MESSAGE_CHARS = 4000
 
 
 #: Trailing metadata on a WatchJob stream that ended at the service's maximum lifetime (the job

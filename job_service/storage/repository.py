@@ -590,11 +590,16 @@ class ClaimCombiner:
                 if not c.answer.done():
                     c.answer.set_exception(exc)
             return
-        owner = {t: c for c in batch for t in c.tokens}
-        granted: dict[int, list[Job]] = {id(c): [] for c in batch}
-        for r in records:
-            job = to_job(r)
-            granted[id(owner[uuid.UUID(str(r["lease_token"]))])].append(job)
+        try:
+            owner = {t: c for c in batch for t in c.tokens}
+            granted: dict[int, list[Job]] = {id(c): [] for c in batch}
+            for r in records:
+                granted[id(owner[uuid.UUID(str(r["lease_token"]))])].append(to_job(r))
+        except Exception as exc:  # our bug: no caller may wait forever for it
+            for c in batch:
+                if not c.answer.done():
+                    c.answer.set_exception(exc)
+            return
         for c in batch:
             if not c.answer.done():
                 jobs = granted[id(c)]
