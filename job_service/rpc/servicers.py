@@ -215,6 +215,27 @@ def validate_worker_request(request: Any) -> None:
             raise errors.InvalidArgument(name, "must not contain NUL characters")
 
 
+def progress_report(request: pb.ReportProgressRequest) -> ProgressReport:
+    """A ReportProgress request, validated (alone or as a batch item)."""
+    return ProgressReport(
+        parse_job_id(request.job_id),
+        parse_lease_token(request.lease_token),
+        convert.status_from_pb(request.status),
+        validate_progress(request.progress_pct),
+        convert.struct_to_dict(request.result) if request.HasField("result") else None,
+    )
+
+
+def completion(request: pb.CompleteJobRequest) -> Completion:
+    """A CompleteJob request, validated (alone or as a batch item)."""
+    return Completion(
+        parse_job_id(request.job_id),
+        parse_lease_token(request.lease_token),
+        convert.struct_to_dict(request.result) if request.HasField("result") else None,
+        validate_text("results_uri", request.results_uri, MAX_MESSAGE_CHARS),
+    )
+
+
 def item_result(job_id: str, outcome: ItemOutcome) -> pb.BatchItemResult:
     """A batch item's answer: the job, or the status the single call would have answered
     (the same mapping, rpc/errors.status_for)."""
@@ -343,12 +364,9 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         self, request: pb.ReportProgressRequest, context: Ctx
     ) -> pb.ReportProgressResponse:
         validate_worker_request(request)
+        r = progress_report(request)
         job = await self._leases.report_progress(
-            parse_job_id(request.job_id),
-            parse_lease_token(request.lease_token),
-            convert.status_from_pb(request.status),
-            validate_progress(request.progress_pct),
-            convert.struct_to_dict(request.result) if request.HasField("result") else None,
+            r.job_id, r.token, r.status, r.progress_pct, r.result
         )
         return pb.ReportProgressResponse(job=convert.job_to_pb(job))
 
@@ -357,12 +375,8 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         self, request: pb.CompleteJobRequest, context: Ctx
     ) -> pb.CompleteJobResponse:
         validate_worker_request(request)
-        job = await self._leases.complete(
-            parse_job_id(request.job_id),
-            parse_lease_token(request.lease_token),
-            convert.struct_to_dict(request.result) if request.HasField("result") else None,
-            validate_text("results_uri", request.results_uri, MAX_MESSAGE_CHARS),
-        )
+        c = completion(request)
+        job = await self._leases.complete(c.job_id, c.token, c.result, c.results_uri)
         return pb.CompleteJobResponse(job=convert.job_to_pb(job))
 
     @unary
@@ -394,29 +408,12 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     async def BatchReportProgress(
         self, request: pb.BatchReportProgressRequest, context: Ctx
     ) -> pb.BatchReportProgressResponse:
-        def parse(item: pb.ReportProgressRequest) -> ProgressReport:
-            return ProgressReport(
-                parse_job_id(item.job_id),
-                parse_lease_token(item.lease_token),
-                convert.status_from_pb(item.status),
-                validate_progress(item.progress_pct),
-                convert.struct_to_dict(item.result) if item.HasField("result") else None,
-            )
-
-        results = await run_batch(request.items, parse, self._leases.report_progress_many)
+        results = await run_batch(request.items, progress_report, self._leases.report_progress_many)
         return pb.BatchReportProgressResponse(results=results)
 
     @unary
     async def BatchCompleteJobs(
         self, request: pb.BatchCompleteJobsRequest, context: Ctx
     ) -> pb.BatchCompleteJobsResponse:
-        def parse(item: pb.CompleteJobRequest) -> Completion:
-            return Completion(
-                parse_job_id(item.job_id),
-                parse_lease_token(item.lease_token),
-                convert.struct_to_dict(item.result) if item.HasField("result") else None,
-                validate_text("results_uri", item.results_uri, MAX_MESSAGE_CHARS),
-            )
-
-        results = await run_batch(request.items, parse, self._leases.complete_many)
+        results = await run_batch(request.items, completion, self._leases.complete_many)
         return pb.BatchCompleteJobsResponse(results=results)
