@@ -22,7 +22,7 @@ from job_service.domain.model import Job, JobError, JobId, LeaseOutcome, verify_
 from job_service.domain.status import TERMINAL, JobStatus, check_transition
 from job_service.metrics import Metrics
 from job_service.ports import ObjectStore
-from job_service.storage import repository as repo
+from job_service.storage import jobs as repo
 from job_service.storage.db import transaction
 
 log = logging.getLogger(__name__)

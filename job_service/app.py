@@ -31,8 +31,8 @@ from job_service.rpc.registration import CallGate, add_health, add_services
 from job_service.rpc.servicers import UploadServicer, WorkerServicer
 from job_service.s3 import S3Gateway
 from job_service.storage.db import LeasePool, Reachability, create_engine
+from job_service.storage.lease_store import LeaseStore
 from job_service.storage.notify import ClaimableListener
-from job_service.storage.repository import LeaseStore
 from job_service.uploads import Uploads
 from job_service.wakeup import ClaimWaiters, JobChanges
 

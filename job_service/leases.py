@@ -62,7 +62,7 @@ CLOSE_SECONDS = 2.0
 
 
 class LeaseRepository(Protocol):
-    """The lease path's storage (job_service.storage.repository.LeaseStore): named operations,
+    """The lease path's storage (job_service.storage.lease_store.LeaseStore): named operations,
     each one conditional statement; None when its condition matched nothing."""
 
     def claim(

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from job_service.config import Settings
 from job_service.domain import errors
-from job_service.storage import retention_queries as q
+from job_service.storage import retention as q
 from job_service.storage.db import transaction
 
 log = logging.getLogger(__name__)

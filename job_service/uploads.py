@@ -35,7 +35,7 @@ from job_service.domain.model import (
 from job_service.domain.status import TERMINAL, UPLOAD_ACCEPTED, JobStatus, check_transition
 from job_service.metrics import Metrics
 from job_service.ports import ObjectStore
-from job_service.storage import repository as repo
+from job_service.storage import jobs as repo
 from job_service.storage.db import transaction
 from job_service.wakeup import JobChanges
 

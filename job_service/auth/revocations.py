@@ -14,7 +14,7 @@ from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from job_service.storage import auth_queries
+from job_service.storage import revocations as denylist_sql
 from job_service.storage.db import transaction
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ class DenyList:
 
     async def refresh(self) -> None:
         async with transaction(self._engine) as conn:
-            jtis = await auth_queries.revoked_jtis(conn)
+            jtis = await denylist_sql.revoked_jtis(conn)
         self._jtis = frozenset(jtis)
         self.loaded_at = time.monotonic()
 
@@ -58,6 +58,6 @@ async def revoke(
     expires_at: datetime | None = None,
 ) -> bool:
     async with transaction(engine) as conn:
-        return await auth_queries.revoke(
+        return await denylist_sql.revoke(
             conn, jti, subject=subject, reason=reason, expires_at=expires_at
         )

@@ -161,10 +161,6 @@ def _means_unreachable(exc: BaseException, fault: DbFault) -> bool:
     )
 
 
-def is_unavailable(exc: BaseException) -> bool:
-    return classify(exc) is not None
-
-
 def create_engine(url: str, *, pool_size: int = 10, connect_timeout: float = 5.0) -> AsyncEngine:
     return create_async_engine(
         url,

@@ -15,7 +15,7 @@ import uuid
 import asyncpg
 
 from job_service.storage.db import Reachability, asyncpg_dsn
-from job_service.storage.repository import LeaseStore
+from job_service.storage.lease_store import LeaseStore
 from job_service.storage.tables import CHANGED_CHANNEL, CLAIMABLE_CHANNEL
 from job_service.wakeup import ClaimWaiters, JobChanges
 

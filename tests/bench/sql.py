@@ -1,7 +1,7 @@
 """The raw-SQL floor: the service's lease statements written out by hand, run on asyncpg.
 
 Deliberately independent of job_service's code (its own SQL text, mirroring what the service
-runs: job_service/storage/repository.py), so the floor does not move when the service changes.
+runs: job_service/storage/lease_sql.py), so the floor does not move when the service changes.
 It is what the database alone costs for the same state changes; the gap to the service's figure
 is what gRPC, Python and the service's own design add.
 """

@@ -1,4 +1,4 @@
-"""Concurrent claims share one statement (repository.ClaimCombiner), on a real Postgres: every
+"""Concurrent claims share one statement (storage/claim_combiner.py), on a real Postgres: every
 caller gets only the rows of its own tokens with its own worker id, arrival order decides who
 gets the oldest jobs, no job goes to two callers, and a failure reaches every caller of the
 statement that failed."""
@@ -16,7 +16,7 @@ import pytest
 
 from job_service.domain.errors import DatabaseUnavailable
 from job_service.storage.db import LeasePool
-from job_service.storage.repository import LeaseStore
+from job_service.storage.lease_store import LeaseStore
 from tests.bench import sql
 
 T = TypeVar("T")

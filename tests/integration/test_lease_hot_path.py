@@ -18,7 +18,7 @@ from jobs.v1 import jobs_pb2 as pb
 from job_service.app import JobServiceApp
 from job_service.storage import migrate
 from job_service.storage.db import LEASE_APPLICATION_NAME
-from job_service.storage.repository import SQL_CLAIM
+from job_service.storage.lease_sql import SQL_CLAIM
 from job_service.storage.tables import CHANGED_CHANNEL
 from localinfra.postgres import PostgresCluster
 from tests.support import auth

@@ -1,7 +1,6 @@
-"""The retention policy's statements (kept apart from repository.py, whose lease functions
-are being rewritten; merge them into it if you like). Each runs inside the caller's short
-transaction and takes only rows nobody else holds (SKIP LOCKED), so a purge never waits for,
-or makes wait, the lease path."""
+"""The retention policy's statements. Each runs inside the caller's short transaction and
+takes only rows nobody else holds (SKIP LOCKED), so a purge never waits for, or makes wait,
+the lease path."""
 
 from __future__ import annotations
 

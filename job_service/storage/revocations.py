@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import delete, func, or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -32,10 +32,3 @@ async def revoked_jtis(conn: AsyncConnection) -> set[str]:
         )
     )
     return {r[0] for r in rows}
-
-
-async def forget_expired(conn: AsyncConnection) -> int:
-    result = await conn.execute(
-        delete(revoked_tokens).where(revoked_tokens.c.expires_at < func.now())
-    )
-    return int(result.rowcount or 0)
