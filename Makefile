@@ -5,13 +5,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help install proto proto-check test test-fast lint typecheck run demo migrate bench clean
+.PHONY: help install proto proto-check proto-lint proto-breaking proto-baseline contract buf-path test test-fast lint typecheck run demo migrate bench clean
 
 help:
 	@echo "make run        start Postgres, S3, migrations, job-service and two workers (foreground)"
 	@echo "make demo       upload a generated video through the running stack and follow it to done"
 	@echo "make test       install everything, check stubs and layering, run the whole suite"
 	@echo "make proto      regenerate the gRPC stubs from protos/"
+	@echo "make contract   stubs current, buf lint, buf breaking against protos/baseline (in make test)"
+	@echo "make proto-baseline  refresh the released-contract image (at a release only)"
 	@echo "make lint       ruff + import-linter;  make typecheck: mypy"
 	@echo "make migrate    alembic upgrade head against JOB_SERVICE_DATABASE_URL"
 	@echo "make bench      lease-path benchmark beside same-run baselines (raw SQL, PgQueuer, echo); BENCH_ARGS=--quick"
@@ -36,6 +38,41 @@ proto-check: $(STAMP)
 	if diff -r -q -x __pycache__ protos/gen/python/jobs "$$tmp/jobs" >/dev/null; then echo "proto stubs: up to date"; rm -rf "$$tmp"; \
 	else echo "proto stubs are stale: run 'make proto' and commit"; diff -r -x __pycache__ protos/gen/python/jobs "$$tmp/jobs" | head -20; rm -rf "$$tmp"; exit 1; fi
 
+# The contract family: `proto` regenerates the stubs; `contract` checks the public contract
+# three ways: the committed stubs are current (proto-check), buf's style rules (proto-lint), and
+# nothing breaks old callers against the last released contract (proto-breaking, against the
+# committed image $(PROTO_BASELINE)). Rules and their reasons: protos/buf.yaml.
+# `make proto-baseline` refreshes the image deliberately, at a release, and nowhere else.
+# buf is pinned and comes from the npm registry (linux-x64 binary) into .tools/, once.
+BUF_VERSION := 1.75.0
+TOOLS := .tools
+BUF := $(TOOLS)/buf-$(BUF_VERSION)/node_modules/.bin/buf
+PROTO_BASELINE := protos/baseline/jobs.v1.binpb
+
+$(BUF):
+	@command -v npm >/dev/null || { echo "need npm on PATH: buf comes from the npm registry"; exit 1; }
+	npm install --prefix $(TOOLS)/buf-$(BUF_VERSION) --no-save --no-audit --no-fund \
+	  --ignore-scripts --loglevel=error @bufbuild/buf@$(BUF_VERSION)
+	@$(BUF) --version >/dev/null
+
+# Prints buf's absolute path (installing it first): tests/contract asks here.
+buf-path: $(BUF)
+	@echo $(abspath $(BUF))
+
+proto-lint: $(BUF)
+	$(BUF) lint protos
+	@echo "buf lint: clean"
+
+proto-breaking: $(BUF)
+	$(BUF) breaking protos --against $(PROTO_BASELINE)
+	@echo "buf breaking: nothing breaks $(PROTO_BASELINE)"
+
+proto-baseline: $(BUF)
+	$(BUF) build protos --exclude-source-info -o $(PROTO_BASELINE)
+	@echo "wrote $(PROTO_BASELINE): commit it with the release"
+
+contract: proto-check proto-lint proto-breaking
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
@@ -43,7 +80,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-test: $(STAMP) proto-check lint typecheck
+test: $(STAMP) contract lint typecheck
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
@@ -62,7 +99,7 @@ bench: $(STAMP)
 	$(PY) -m tests.bench $(BENCH_ARGS)
 
 clean:
-	rm -rf .run .bench .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .tools .run .bench .pytest_cache .mypy_cache .ruff_cache
 
 # The chaos suite at full scale (about ten minutes): real processes, Postgres, S3 and fault
 # proxies; prints its figures at the end. `make test` runs the same scenarios at CHAOS_SCALE=short.

@@ -1,8 +1,8 @@
 """The worker's settings, read once from ANALYSIS_WORKER_* environment variables in main().
 
 One frozen object instead of scattered `os.environ` reads, so every knob is documented in one
-table (`env_table()`, which docker-compose and the README are checked against) and tests build
-their own settings from a plain mapping.
+table (`env_table()`, which docker-compose and docs/reference.md are checked against) and tests
+build their own settings from a plain mapping.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Settings of the job-service, read from JOB_SERVICE_* environment variables.
 
-Every variable has a default that works with `make run`'s local stack; the README lists them.
+Every variable has a default that works with `make run`'s stack; docs/reference.md lists them.
 Built once in main() and passed in: nothing reads the environment at import time. The mechanism
 is pydantic-settings, as in the worker's settings (analysis_worker.config): `Settings(**values)`
 is the defaults plus `values` and reads no environment; `Settings.from_env()` reads the
@@ -220,7 +220,7 @@ class Settings(BaseSettings):
 
     @classmethod
     def env_table(cls) -> list[tuple[str, str]]:
-        """(variable, default) for every field; the README and docker-compose are checked
+        """(variable, default) for every field; docs/reference.md and docker-compose are checked
         against it."""
         return [(PREFIX + n.upper(), str(f.default)) for n, f in cls.model_fields.items()]
 

@@ -1,22 +1,32 @@
-"""The README's configuration tables name exactly the variables the code reads, with their
-defaults, and the Makefile targets it mentions exist."""
+"""The configuration tables (docs/reference.md) name exactly the variables the code reads, with
+their defaults; the README and docs/ name no variable the code does not read and no Makefile
+target that does not exist; every file they name exists."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+from jobs.v1 import jobs_pb2 as pb
+
 from analysis_worker import config as worker_config
 from job_service.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
-README = (ROOT / "README.md").read_text()
+REFERENCE = (ROOT / "docs" / "reference.md").read_text()
+#: The README and every page of docs/, as (name, text).
+DOCS = [
+    (path.relative_to(ROOT).as_posix(), path.read_text())
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+]
 
 
 def rows() -> dict[str, str]:
-    """variable -> its table row."""
+    """variable -> its row in docs/reference.md's configuration tables."""
     out: dict[str, str] = {}
-    for line in README.splitlines():
+    section = REFERENCE[REFERENCE.index("\n## Configuration\n") :]
+    section = section[: section.index("\n## ", 1)]
+    for line in section.splitlines():
         if line.startswith("| `"):
             for name in re.findall(r"`((?:JOB_SERVICE|ANALYSIS_WORKER)_[A-Z0-9_]+)`", line):
                 out[name] = line
@@ -26,22 +36,29 @@ def rows() -> dict[str, str]:
 def test_every_variable_the_code_reads_is_documented_with_its_default():
     table = rows()
     for name, default in [*Settings.env_table(), *worker_config.env_table()]:
-        assert name in table, f"{name} missing from the README"
+        assert name in table, f"{name} missing from docs/reference.md's configuration tables"
         if default and name != "ANALYSIS_WORKER_WORKER_ID":
             assert f"`{default}`" in table[name] or default in table[name], (name, default)
 
 
-def test_the_readme_names_no_variable_the_code_does_not_read():
+def test_the_docs_name_no_variable_the_code_does_not_read():
     known = {n for n, _ in [*Settings.env_table(), *worker_config.env_table()]}
-    named = set(re.findall(r"\b((?:JOB_SERVICE|ANALYSIS_WORKER)_[A-Z0-9_]+)\b", README))
-    assert named - known == set()
+    # Error codes that share the prefix (JOB_SERVICE_ERROR) are not variables.
+    known |= {name.removeprefix("ERROR_CODE_") for name in pb.ErrorCode.keys()}
+    for doc, text in DOCS:
+        named = set(re.findall(r"\b((?:JOB_SERVICE|ANALYSIS_WORKER)_[A-Z0-9_]+)\b", text))
+        assert named - known == set(), doc
 
 
-def test_make_targets_in_the_readme_exist():
+def test_make_targets_in_the_docs_exist():
     makefile = (ROOT / "Makefile").read_text()
     targets = set(re.findall(r"^([a-z-]+):", makefile, re.M))
-    for target in set(re.findall(r"`?make ([a-z-]+)", README)):
-        assert target in targets, target
+    for doc, text in DOCS:
+        # In the README any "make x"; in docs/, where prose says "make the ...", only `make x`
+        # and commands at the start of a line.
+        pattern = r"`?make ([a-z-]+)" if doc == "README.md" else r"(?:`|^\s*)make ([a-z-]+)"
+        for target in set(re.findall(pattern, text, re.M)):
+            assert target in targets, (doc, target)
 
 
 # S3 key prefixes the docs name, not files of the repository.

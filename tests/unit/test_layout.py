@@ -1,4 +1,4 @@
-"""README.md's Layout lists every module of the tree, and nothing that is not there.
+"""docs/layout.md lists every module of the tree, and nothing that is not there.
 
 A new module fails this test until its line is added; the message says which line, where.
 """
@@ -9,17 +9,16 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-README = ROOT / "README.md"
+LAYOUT = ROOT / "docs" / "layout.md"
 # Packages whose every module is listed. tests/ lists only tests/support/'s modules and the
 # test folders; migrations/ only env.py (versions/ is a folder of revisions).
 NOT_LISTED_ONE_BY_ONE = {"tests", "protos"}
 
 
 def layout_block() -> list[str]:
-    text = README.read_text()
-    after = text[text.index("## Layout") :]
-    start = after.index("```\n") + 4
-    return after[start : after.index("```", start)].splitlines()
+    text = LAYOUT.read_text()
+    start = text.index("```\n") + 4
+    return text[start : text.index("```", start)].splitlines()
 
 
 def listed() -> tuple[set[str], set[str]]:
@@ -86,23 +85,23 @@ def _where(files: set[str], folders: set[str]) -> str:
     return "\n".join(lines)
 
 
-def test_every_module_is_in_the_readme_layout() -> None:
+def test_every_module_is_in_the_layout() -> None:
     files, folders = listed()
     modules, wanted_folders = in_tree()
     missing_files, missing_folders = modules - files, wanted_folders - folders
     assert not (missing_files or missing_folders), (
-        "README.md's Layout does not list these; add one line each in the block under "
-        "'## Layout', indented two spaces per folder level below its folder's line:\n"
+        "docs/layout.md does not list these; add one line each in its block, "
+        "indented two spaces per folder level below its folder's line:\n"
         + _where(missing_files, missing_folders)
     )
 
 
-def test_the_readme_layout_names_nothing_that_is_not_there() -> None:
+def test_the_layout_names_nothing_that_is_not_there() -> None:
     files, folders = listed()
     gone_files = {f for f in files if not (ROOT / f).is_file()}
     gone_folders = {d for d in folders if not (ROOT / d).is_dir()}
     assert not (gone_files or gone_folders), (
-        "README.md's Layout names paths that do not exist; remove or rename their lines:\n"
+        "docs/layout.md names paths that do not exist; remove or rename their lines:\n"
         + _where(gone_files, gone_folders)
     )
 
