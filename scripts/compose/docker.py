@@ -27,11 +27,20 @@ def say(text: str) -> None:
     print(f"compose: {text}", flush=True)
 
 
-def run(argv: list[str], *, env: dict[str, str] | None = None, check: bool = True,
-        capture: bool = True, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    argv: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+    capture: bool = True,
+    timeout: float | None = None,
+) -> subprocess.CompletedProcess[str]:
     try:
         done = subprocess.run(
-            argv, env=env, text=True, timeout=timeout,
+            argv,
+            env=env,
+            text=True,
+            timeout=timeout,
             stdout=subprocess.PIPE if capture else None,
             stderr=subprocess.STDOUT if capture else None,
         )
@@ -50,13 +59,18 @@ def run(argv: list[str], *, env: dict[str, str] | None = None, check: bool = Tru
 
 def ensure_installed() -> None:
     """docker and docker-compose on PATH, from Debian's packages when missing."""
-    missing = [p for p, cmd in (("docker.io", "dockerd"), ("docker-compose", "docker-compose"))
-               if shutil.which(cmd) is None]
+    missing = [
+        p
+        for p, cmd in (("docker.io", "dockerd"), ("docker-compose", "docker-compose"))
+        if shutil.which(cmd) is None
+    ]
     if not missing:
         return
     if shutil.which("apt-get") is None:
-        raise ComposeError(f"{' and '.join(missing)} missing and no apt-get to install them: "
-                           "install Docker and docker-compose, then run this again")
+        raise ComposeError(
+            f"{' and '.join(missing)} missing and no apt-get to install them: "
+            "install Docker and docker-compose, then run this again"
+        )
     sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
     say(f"installing {' '.join(missing)} (Debian packages)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
@@ -66,8 +80,12 @@ def ensure_installed() -> None:
 
 def daemon_answers() -> bool:
     try:
-        return run(["docker", "info", "--format", "{{.ServerVersion}}"], check=False,
-                   timeout=20).returncode == 0
+        return (
+            run(
+                ["docker", "info", "--format", "{{.ServerVersion}}"], check=False, timeout=20
+            ).returncode
+            == 0
+        )
     except ComposeError:
         return False
 
@@ -84,16 +102,24 @@ class Daemon:
         if daemon_answers():
             return cls()
         if shutil.which("dockerd") is None:
-            raise ComposeError("no Docker daemon answers and dockerd is not installed "
-                               "(apt-get install docker.io)")
+            raise ComposeError(
+                "no Docker daemon answers and dockerd is not installed (apt-get install docker.io)"
+            )
         if os.geteuid() != 0:
-            raise ComposeError("no Docker daemon answers; start one (sudo dockerd &) or run as "
-                               "root so this can start it")
+            raise ComposeError(
+                "no Docker daemon answers; start one (sudo dockerd &) or run as "
+                "root so this can start it"
+            )
         STATE_DIR.mkdir(parents=True, exist_ok=True)
         say(f"starting dockerd (log: {DOCKERD_LOG.relative_to(ROOT)})")
         with DOCKERD_LOG.open("ab") as log:
-            proc = subprocess.Popen(["dockerd"], stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                ["dockerd"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         DOCKERD_PID.write_text(f"{proc.pid}\n")
         deadline = time.monotonic() + 60
         while not daemon_answers():
@@ -147,8 +173,9 @@ def image_environment() -> dict[str, str]:
         return chosen
     say("Docker Hub is out of reach: using local base images (built once, then reused)")
     # stdout carries the variables; bases.sh's progress goes to stderr, shown as it happens.
-    done = subprocess.run(["bash", str(BASES_SCRIPT)], text=True, stdout=subprocess.PIPE,
-                          timeout=900, check=False)
+    done = subprocess.run(
+        ["bash", str(BASES_SCRIPT)], text=True, stdout=subprocess.PIPE, timeout=900, check=False
+    )
     if done.returncode != 0:
         raise ComposeError("building the local base images failed (output above)")
     for line in done.stdout.splitlines():

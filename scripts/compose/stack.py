@@ -29,6 +29,7 @@ class Container:
     health: str  # healthy, unhealthy, starting, or "" without a health check
     exit_code: int
     restarts: bool  # restart policy other than "no"
+    published: dict[str, str]  # container port -> host address: {"50051/tcp": "127.0.0.1:50052"}
 
     @property
     def one_shot(self) -> bool:
@@ -48,25 +49,29 @@ class Stack:
     def env(self) -> dict[str, str]:
         return {**os.environ, **self.images, **self.env_extra}
 
-    def compose(self, *args: str, check: bool = True, capture: bool = True,
-                timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    def compose(
+        self, *args: str, check: bool = True, capture: bool = True, timeout: float = 900
+    ) -> subprocess.CompletedProcess[str]:
         argv = ["docker-compose", "-p", self.project]
         for f in self.files:
             argv += ["-f", f]
-        return run([*argv, *args], env=self.env(), check=check, capture=capture,
-                   timeout=timeout)
+        return run([*argv, *args], env=self.env(), check=check, capture=capture, timeout=timeout)
 
     def build(self) -> None:
         # Layers are cached: a second build with nothing changed takes seconds.
         started = time.monotonic()
         self.compose("build", "-q", "job-service", "analysis-worker", timeout=1200)
-        say(f"images built in {time.monotonic() - started:.0f} s: " + ", ".join(
-            f"{name} {size}" for name, size in self.image_sizes().items()))
+        say(
+            f"images built in {time.monotonic() - started:.0f} s: "
+            + ", ".join(f"{name} {size}" for name, size in self.image_sizes().items())
+        )
 
     def image_sizes(self) -> dict[str, str]:
         sizes = {}
-        for image in ("verified-upload-jobs/job-service:dev",
-                      "verified-upload-jobs/analysis-worker:dev"):
+        for image in (
+            "verified-upload-jobs/job-service:dev",
+            "verified-upload-jobs/analysis-worker:dev",
+        ):
             out = run(["docker", "image", "inspect", "--format", "{{.Size}}", image], check=False)
             if out.returncode == 0:
                 sizes[image] = f"{int(out.stdout.strip()) / 1e6:.0f} MB"
@@ -79,38 +84,51 @@ class Stack:
         self.build()
         AUTH_DIR.mkdir(parents=True, exist_ok=True)
         scales = [f"--scale={name}={n}" for name, n in (scale or {}).items()]
-        done = self.compose("up", "-d", "--no-build", *scales, *extra, check=False,
-                            timeout=HEALTH_TIMEOUT + 120)
+        done = self.compose(
+            "up", "-d", "--no-build", *scales, *extra, check=False, timeout=HEALTH_TIMEOUT + 120
+        )
         if done.returncode != 0:
             self.raise_unhealthy(f"docker-compose up failed: {_last_error(done.stdout)}")
         self.wait_healthy(HEALTH_TIMEOUT)
         return time.monotonic() - started
 
     def containers(self) -> list[Container]:
-        ids = run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={self.project}"]).stdout.split()
+        ids = run(
+            ["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={self.project}"]
+        ).stdout.split()
         if not ids:
             return []
         found = []
         for info in json.loads(run(["docker", "inspect", *ids]).stdout):
             state = info["State"]
-            found.append(Container(
-                id=info["Id"][:12],
-                name=info["Name"].lstrip("/"),
-                service=info["Config"]["Labels"].get("com.docker.compose.service", "?"),
-                state=state["Status"],
-                health=(state.get("Health") or {}).get("Status", ""),
-                exit_code=int(state.get("ExitCode", 0)),
-                restarts=info["HostConfig"]["RestartPolicy"]["Name"] not in ("", "no"),
-            ))
+            found.append(
+                Container(
+                    id=info["Id"][:12],
+                    name=info["Name"].lstrip("/"),
+                    service=info["Config"]["Labels"].get("com.docker.compose.service", "?"),
+                    state=state["Status"],
+                    health=(state.get("Health") or {}).get("Status", ""),
+                    exit_code=int(state.get("ExitCode", 0)),
+                    restarts=info["HostConfig"]["RestartPolicy"]["Name"] not in ("", "no"),
+                    published={
+                        port: f"{b['HostIp']}:{b['HostPort']}"
+                        for port, bindings in (info["NetworkSettings"]["Ports"] or {}).items()
+                        for b in bindings or ()
+                    },
+                )
+            )
         return sorted(found, key=lambda c: c.name)
 
     def wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while True:
             containers = self.containers()
-            failed = [c for c in containers if (c.one_shot and c.exit_code != 0)
-                      or (not c.one_shot and (c.health == "unhealthy"
-                                              or c.state in ("exited", "dead")))]
+            failed = [
+                c
+                for c in containers
+                if (c.one_shot and c.exit_code != 0)
+                or (not c.one_shot and (c.health == "unhealthy" or c.state in ("exited", "dead")))
+            ]
             if failed:
                 self.raise_unhealthy("not healthy: " + ", ".join(c.name for c in failed), failed)
             if containers and all(c.one_shot or c.health == "healthy" for c in containers):
@@ -119,19 +137,25 @@ class Stack:
                 waiting = [c for c in containers if not (c.one_shot or c.health == "healthy")]
                 self.raise_unhealthy(
                     f"not healthy after {timeout:.0f} s: "
-                    + ", ".join(f"{c.name} ({c.health or c.state})" for c in waiting), waiting)
+                    + ", ".join(f"{c.name} ({c.health or c.state})" for c in waiting),
+                    waiting,
+                )
             time.sleep(1)
 
     def raise_unhealthy(self, message: str, culprits: list[Container] | None = None) -> None:
         if culprits is None:
-            culprits = [c for c in self.containers()
-                        if (c.one_shot and c.exit_code != 0)
-                        or (not c.one_shot and c.health != "healthy")]
+            culprits = [
+                c
+                for c in self.containers()
+                if (c.one_shot and c.exit_code != 0) or (not c.one_shot and c.health != "healthy")
+            ]
         parts = [message]
         for c in culprits:
             logs = run(["docker", "logs", "--tail", str(LOG_LINES), c.id], check=False).stdout
-            parts.append(f"--- {c.name} ({c.health or c.state}, exit {c.exit_code}), "
-                         f"last {LOG_LINES} log lines:")
+            parts.append(
+                f"--- {c.name} ({c.health or c.state}, exit {c.exit_code}), "
+                f"last {LOG_LINES} log lines:"
+            )
             parts += [f"    {line}" for line in logs.rstrip().splitlines()]
         raise ComposeError("\n".join(parts))
 
@@ -147,9 +171,19 @@ class Stack:
                 tokens[role] = path.read_text().strip()
             except PermissionError:
                 # Written by the container's user (uid 10001): read it through Docker.
-                tokens[role] = run(["docker", "run", "--rm", "-v", f"{AUTH_DIR}:/auth:ro",
-                                    "--entrypoint", "cat", "verified-upload-jobs/job-service:dev",
-                                    f"/auth/{role}.jwt"]).stdout.strip()
+                tokens[role] = run(
+                    [
+                        "docker",
+                        "run",
+                        "--rm",
+                        "-v",
+                        f"{AUTH_DIR}:/auth:ro",
+                        "--entrypoint",
+                        "cat",
+                        "verified-upload-jobs/job-service:dev",
+                        f"/auth/{role}.jwt",
+                    ]
+                ).stdout.strip()
         return [f"export JOBS_TOKEN_{role.upper()}={tok}" for role, tok in tokens.items()]
 
 
