@@ -18,6 +18,7 @@ AUTH_DIR = ROOT / ".run" / "compose-auth"
 ROLES = ("uploader", "worker", "operator")
 HEALTH_TIMEOUT = 240.0
 LOG_LINES = 15
+UNHEALTHY_GRACE = 30.0
 
 
 @dataclass
@@ -120,20 +121,31 @@ class Stack:
         return sorted(found, key=lambda c: c.name)
 
     def wait_healthy(self, timeout: float) -> None:
+        """Until every container is healthy and every one-shot exited 0. A container that
+        exits, or stays unhealthy for UNHEALTHY_GRACE (one slow check on a loaded machine
+        is not a verdict: Docker turns it healthy again on the next success), fails at once."""
         deadline = time.monotonic() + timeout
+        unhealthy_since: dict[str, float] = {}
         while True:
             containers = self.containers()
+            now = time.monotonic()
+            for c in containers:
+                if c.health == "unhealthy":
+                    unhealthy_since.setdefault(c.id, now)
+                else:
+                    unhealthy_since.pop(c.id, None)
             failed = [
                 c
                 for c in containers
                 if (c.one_shot and c.exit_code != 0)
-                or (not c.one_shot and (c.health == "unhealthy" or c.state in ("exited", "dead")))
+                or (not c.one_shot and c.state in ("exited", "dead"))
+                or now - unhealthy_since.get(c.id, now) >= UNHEALTHY_GRACE
             ]
             if failed:
                 self.raise_unhealthy("not healthy: " + ", ".join(c.name for c in failed), failed)
             if containers and all(c.one_shot or c.health == "healthy" for c in containers):
                 return
-            if time.monotonic() > deadline:
+            if now > deadline:
                 waiting = [c for c in containers if not (c.one_shot or c.health == "healthy")]
                 self.raise_unhealthy(
                     f"not healthy after {timeout:.0f} s: "
