@@ -18,6 +18,8 @@ help:
 	@echo "make migrate    alembic upgrade head against JOB_SERVICE_DATABASE_URL"
 	@echo "make bench      lease-path benchmark beside same-run baselines (raw SQL, PgQueuer, echo); BENCH_ARGS=--quick"
 	@echo "make chaos      the chaos suite at full scale (faults across the fleet, ~10 min)"
+	@echo "make compose-up     the stack in Docker (builds, waits until healthy, prints the tokens)"
+	@echo "make compose-down   stop it (data kept in volumes);  make compose-test: the compose test"
 
 $(STAMP): pyproject.toml
 	@command -v $(PY_BOOT) >/dev/null || { echo "need $(PY_BOOT) on PATH"; exit 1; }
@@ -106,3 +108,17 @@ clean:
 .PHONY: chaos
 chaos: $(STAMP)
 	CHAOS_SCALE=full $(VENV)/bin/pytest -q tests/chaos $(PYTEST_ARGS)
+
+# The stack in Docker (docker-compose.yml; docs/deploying.md). compose-up installs Docker and
+# starts dockerd when missing, builds local base images when Docker Hub is out of reach, and
+# returns once every service is healthy. compose-test brings up 2 job-services + 3 workers,
+# kills one of each mid-job, restarts the stack, and cleans up everything it started.
+.PHONY: compose-up compose-down compose-test
+compose-up: $(STAMP)
+	$(PY) -m scripts.compose up $(COMPOSE_ARGS)
+
+compose-down: $(STAMP)
+	$(PY) -m scripts.compose down $(COMPOSE_ARGS)
+
+compose-test: $(STAMP)
+	PY=$(PY) bash scripts/compose/test.sh $(PYTEST_ARGS)
