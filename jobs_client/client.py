@@ -9,10 +9,10 @@ jobs, and the admin calls. Create it inside the running event loop:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import mimetypes
 import os
-import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
@@ -26,8 +26,8 @@ from jobs.v1 import jobs_pb2 as pb
 from jobs.v1 import jobs_pb2_grpc as pb_grpc
 
 from jobs_client import _transfer
-from jobs_client._channel import DEFAULT_TIMEOUT_SECONDS, call_metadata, open_channel
 from jobs_client.auth import bearer_interceptors
+from jobs_client.channel import DEFAULT_TIMEOUT_SECONDS, call_metadata, open_channel
 from jobs_client.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -37,6 +37,7 @@ from jobs_client.errors import (
     UploadFailed,
     from_rpc_error,
 )
+from jobs_client.retry import Backoff
 
 T = TypeVar("T")
 TERMINAL = frozenset({pb.JOB_STATUS_DONE, pb.JOB_STATUS_FAILED})
@@ -73,17 +74,9 @@ class UploadProgress:
 ProgressCallback = Callable[[UploadProgress], None]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class CallRetry:
-    """Backoff for the client's own retries (S3 transfers, CompleteUpload on UNAVAILABLE)."""
-
-    attempts: int = 6
-    base_seconds: float = 0.5
-    max_seconds: float = 10.0
-
-    def delay(self, attempt: int) -> float:
-        ceiling = min(self.max_seconds, self.base_seconds * 2 ** max(attempt - 1, 0))
-        return random.uniform(ceiling / 2, ceiling)
+#: The client's own retries (S3 transfers, CompleteUpload and friends on UNAVAILABLE, WatchJob
+#: reopening), on top of grpc's quick ones from the service config.
+DEFAULT_RETRY = Backoff(max_attempts=6, initial_backoff=0.5, max_backoff=10.0)
 
 
 def guess_content_type(path: Path, given: str | None) -> str:
@@ -116,14 +109,14 @@ class JobsClient:
         *,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         token: str | None = None,
-        retry: CallRetry | None = None,
+        retry: Backoff | None = None,
         owns_channel: bool = False,
     ) -> None:
         self.channel: grpc.aio.Channel | None = channel
         self.upload = pb_grpc.UploadServiceStub(channel)
         self.admin = pb_grpc.AdminServiceStub(channel)
         self.timeout = timeout
-        self.retry = retry or CallRetry()
+        self.retry = retry or DEFAULT_RETRY
         self._metadata = call_metadata(token)
         self._owns_channel = owns_channel
 
@@ -135,7 +128,7 @@ class JobsClient:
         *,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         token: str | None = None,
-        retry: CallRetry | None = None,
+        retry: Backoff | None = None,
     ) -> JobsClient:
         """Around stubs the caller already has (its own channel, interceptors); closing the
         client leaves their channel open."""
@@ -143,7 +136,7 @@ class JobsClient:
         client.channel = None
         client.upload, client.admin = upload, admin
         client.timeout = timeout
-        client.retry = retry or CallRetry()
+        client.retry = retry or DEFAULT_RETRY
         client._metadata = call_metadata(token)
         client._owns_channel = False
         return client
@@ -156,7 +149,7 @@ class JobsClient:
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
-        retry: CallRetry | None = None,
+        retry: Backoff | None = None,
         tokens: Mapping[str, str] | None = None,
     ) -> JobsClient:
         channel = open_channel(
@@ -192,13 +185,13 @@ class JobsClient:
     async def _retrying(self, make: Callable[[], Awaitable[T]]) -> T:
         """Retry what the service says changed nothing (UNAVAILABLE), with jittered backoff
         (on top of grpc's own quick retries from the service config)."""
-        for attempt in range(1, self.retry.attempts + 1):
+        for attempt in range(1, self.retry.max_attempts + 1):
             try:
                 return await make()
             except Unavailable:
-                if attempt == self.retry.attempts:
+                if attempt == self.retry.max_attempts:
                     raise
-            await asyncio.sleep(self.retry.delay(attempt))  # backoff between retries
+            await asyncio.sleep(self.retry.delay(attempt - 1))  # backoff between retries
         raise AssertionError("unreachable")
 
     async def initiate(
@@ -281,6 +274,7 @@ class JobsClient:
             )
         except OSError as exc:
             raise InvalidArgument(f"cannot read {file}: {exc.strerror}") from None
+        await self._save_state(state, states, file)
         size = state.size
         init = await self.initiate(
             filename=file.name,
@@ -294,14 +288,31 @@ class JobsClient:
         job_id = init.job.job_id
         if state.job_id != job_id:
             state.job_id = job_id
-            state.save(states)
-        if init.HasField("multipart"):
-            await self._send_parts(job_id, file, size, init.multipart, progress, concurrency)
-        elif init.upload_url:
-            await self._send_whole(job_id, init, file, size, progress)
+            await self._save_state(state, states, file)
+        try:
+            if init.HasField("multipart"):
+                await self._send_parts(job_id, file, size, init.multipart, progress, concurrency)
+            elif init.upload_url:
+                await self._send_whole(job_id, init, file, size, progress)
+        except OSError as exc:  # hashing a part: the video went away or became unreadable
+            raise InvalidArgument(
+                f"cannot read {file} while uploading job {job_id}: {exc.strerror}"
+            ) from None
         job = await self.complete(job_id)
-        state.remove(states)
+        with contextlib.suppress(OSError):  # the job is queued; a stale state file is harmless
+            await asyncio.to_thread(state.remove, states)
         return job
+
+    @staticmethod
+    async def _save_state(state: _transfer.UploadState, states: Path, file: Path) -> None:
+        try:
+            await asyncio.to_thread(state.save, states)
+        except OSError as exc:
+            raise JobsError(
+                f"cannot save the resume state of {file} in {states}: {exc.strerror}; "
+                "pass state_dir= a writable directory",
+                retryable=False,
+            ) from None
 
     async def resume_upload(
         self,
@@ -329,7 +340,7 @@ class JobsClient:
 
     async def _transfer(self, what: str, fn: Callable[[], T]) -> T:
         """Run one blocking transfer in a thread, retrying network errors and S3 5xx."""
-        for attempt in range(1, self.retry.attempts + 1):
+        for attempt in range(1, self.retry.max_attempts + 1):
             try:
                 return await asyncio.to_thread(fn)
             except _transfer.PutRefused as exc:
@@ -338,11 +349,11 @@ class JobsClient:
                 failure: Exception = exc
             except OSError as exc:
                 failure = exc
-            if attempt == self.retry.attempts:
+            if attempt == self.retry.max_attempts:
                 raise UploadFailed(
                     f"{what} failed after {attempt} attempts: {failure}", retryable=True
                 ) from failure
-            await asyncio.sleep(self.retry.delay(attempt))  # backoff between retries
+            await asyncio.sleep(self.retry.delay(attempt - 1))  # backoff between retries
         raise AssertionError("unreachable")
 
     async def _send_whole(
@@ -443,7 +454,7 @@ class JobsClient:
         offset = plan.part_size * (n - 1)
         url, headers = part.url, dict(part.headers)
         try:
-            for attempt in range(1, self.retry.attempts + 1):
+            for attempt in range(1, self.retry.max_attempts + 1):
 
                 def put(u: str = url, h: dict[str, str] = headers) -> str:
                     meter.reset_part(n)
@@ -457,7 +468,7 @@ class JobsClient:
                     return
                 except _transfer.PutRefused as exc:
                     # An expired URL (403) is signed again; anything else is final.
-                    if exc.status != 403 or attempt == self.retry.attempts:
+                    if exc.status != 403 or attempt == self.retry.max_attempts:
                         raise _refused(job_id, f"part {n}", exc) from None
                     again = await self.sign_parts(job_id, [(n, sha)])
                     url, headers = again[0].url, dict(again[0].headers)
@@ -499,7 +510,7 @@ class JobsClient:
             finally:
                 call.cancel()
             reopened = True
-            await asyncio.sleep(self.retry.delay(failures + 1))  # backoff before reopening
+            await asyncio.sleep(self.retry.delay(failures))  # backoff before reopening
 
     async def wait_done(self, job_id: str, timeout: float | None = None) -> pb.Job:  # noqa: ASYNC109
         """Follow the job until it is DONE (returned) or FAILED (JobFailed is raised)."""
