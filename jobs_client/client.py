@@ -30,6 +30,7 @@ from jobs_client.auth import bearer_interceptors
 from jobs_client.channel import DEFAULT_TIMEOUT_SECONDS, call_metadata, open_channel
 from jobs_client.errors import (
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidArgument,
     JobFailed,
     JobsError,
@@ -298,7 +299,19 @@ class JobsClient:
             raise InvalidArgument(
                 f"cannot read {file} while uploading job {job_id}: {exc.strerror}"
             ) from None
-        job = await self.complete(job_id)
+        except (FailedPrecondition, UploadFailed) as failure:
+            # Another call with the same request_id (deliberately the same job) may have
+            # finished the upload first (UPLOAD_CLOSED, or S3 refusing a part of the completed
+            # multipart upload): then CompleteUpload (which waits for that call's to commit)
+            # returns the queued job. Otherwise this call's own failure is the answer.
+            try:
+                job = await self.complete(job_id)
+            except JobsError:
+                raise failure from None
+            if upload_pending(job):
+                raise
+        else:
+            job = await self.complete(job_id)
         with contextlib.suppress(OSError):  # the job is queued; a stale state file is harmless
             await asyncio.to_thread(state.remove, states)
         return job
