@@ -101,7 +101,8 @@ def build_parser() -> Parser:
     p.add_argument(
         "--address",
         default=os.environ.get(ADDRESS_ENV, DEFAULT_ADDRESS),
-        help=f"host:port of the job-service (env {ADDRESS_ENV}, default {DEFAULT_ADDRESS})",
+        help=f"host:port, dns:///name:port or ipv4:a:p,b:p of the job-service (env {ADDRESS_ENV}, "
+        f"default {DEFAULT_ADDRESS})",
     )
     p.add_argument(
         "--timeout",

@@ -114,14 +114,17 @@ class WorkerClient:
         rpc_timeout: float = DEFAULT_TIMEOUT_SECONDS,
         retry: Backoff | None = None,
         user_agent: str = "jobs-client-worker",
+        options: Sequence[tuple[str, int | str]] = (),
     ) -> WorkerClient:
         """A client on its own channel to `target` (`host:port`, `dns:///name:port`,
         `ipv4:a:p,b:p`: calls go round-robin over every address). `token` is the worker
         role's bearer token (a str, or an auth.TokenSource that follows a file); `credentials`
-        TLS (auth.tls_credentials), else plaintext. Call it inside the running event loop."""
+        TLS (auth.tls_credentials), else plaintext; `options` extra grpc channel options. Call
+        it inside the running event loop."""
         channel = open_channel(
             target,
             credentials=credentials,
+            options=options,
             interceptors=bearer_interceptors({"worker": token}) if token else (),
             user_agent=user_agent,
         )

@@ -5,12 +5,14 @@ else as the JobsError of its code."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 
 import grpc
 import pytest
 from jobs.v1 import jobs_pb2
 
+from jobs_client.auth import is_loopback
 from jobs_client.channel import channel_options
 from jobs_client.errors import (
     FailedPrecondition,
@@ -21,6 +23,7 @@ from jobs_client.errors import (
     Unavailable,
 )
 from jobs_client.retry import Backoff
+from jobs_client.worker import WorkerClient
 from tests.support.worker_service import Harness
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
@@ -186,3 +189,24 @@ async def test_renewing_reports_a_cancellation_request(harness: Harness) -> None
         await fake.wait_for(lambda: fake.requests("Heartbeat") != [], "a renewal")
         await fake.wait_for(lambda: renewing.cancel_requested, "the flag", within=2)
     assert not renewing.lost
+
+
+@pytest.mark.parametrize("form", ["dns", "ipv4"])
+async def test_dns_and_address_list_targets_reach_the_service(harness: Harness, form: str) -> None:
+    """The targets a headless Service setup uses: `dns:///name:port` (localhost resolves to
+    127.0.0.1 and ::1; round-robin skips the address nothing listens on) and `ipv4:a:p,b:p`."""
+    port = harness.address.rpartition(":")[2]
+    target = f"dns:///localhost:{port}" if form == "dns" else f"ipv4:127.0.0.1:{port}"
+    assert is_loopback(target)
+    harness.fake.offer(lease("via-" + form))
+    async with WorkerClient.connect(target, worker_id="w") as client:
+        leases = await client.claim(max_jobs=1, wait=0)
+    assert [x.job.job_id for x in leases] == ["via-" + form]
+
+
+def test_channels_balance_round_robin_over_every_resolved_address() -> None:
+    config = json.loads(dict(channel_options())["grpc.service_config"])  # type: ignore[arg-type]
+    assert config["loadBalancingConfig"] == [{"round_robin": {}}]
+    assert is_loopback("ipv4:127.0.0.1:1,127.0.0.1:2")
+    assert not is_loopback("ipv4:127.0.0.1:1,10.0.0.2:2")
+    assert not is_loopback("dns:///jobs.example.svc:50051")
