@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	@command -v $(PY_BOOT) >/dev/null || { echo "need $(PY_BOOT) on PATH"; exit 1; }
 	test -x $(PY) || $(PY_BOOT) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[service,worker,dev,bench]'
 	@bash scripts/ensure_system_deps.sh
 	touch $(STAMP)
 
