@@ -60,9 +60,9 @@ QUICK_DONE_PCT = 10
 DEEP_END_PCT = 99
 
 # Between two rounds of the client's own retries; grows to 30 s during long outages.
-DELIVERY_BACKOFF = Backoff(max_attempts=1, initial_backoff=1.0, max_backoff=30.0)
+DELIVERY_RETRY = Backoff(max_attempts=1, initial_backoff=1.0, max_backoff=30.0)
 # Between two tries of one S3 operation inside a lease.
-S3_BACKOFF = Backoff(max_attempts=1, initial_backoff=0.5, max_backoff=10.0)
+S3_RETRY = Backoff(max_attempts=1, initial_backoff=0.5, max_backoff=10.0)
 # How long, in total, one lease may spend retrying S3 before it gives the job back.
 DEFAULT_S3_RETRY_BUDGET = 60.0
 
@@ -83,8 +83,8 @@ class JobRunner:
         executor: Executor,
         metrics: WorkerMetrics,
         work_dir: Path | None = None,
-        delivery_retry: Backoff = DELIVERY_BACKOFF,
-        s3_retry: Backoff = S3_BACKOFF,
+        delivery_retry: Backoff = DELIVERY_RETRY,
+        s3_retry: Backoff = S3_RETRY,
         s3_retry_budget: float = DEFAULT_S3_RETRY_BUDGET,
         progress_interval: float = 1.0,
         progress_step: int = 5,

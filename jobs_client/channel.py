@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import grpc
 
@@ -92,3 +93,25 @@ def open_channel(
 def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     """Metadata sent with every call: one bearer token, when given (README, Security)."""
     return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+class ChannelOwner:
+    """`close()` and `async with` for a client that may own its channel."""
+
+    channel: grpc.aio.Channel | None
+    _owns_channel: bool
+
+    async def close(self) -> None:
+        if self._owns_channel and self.channel is not None:
+            await self.channel.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

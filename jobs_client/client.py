@@ -17,8 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import duration_pb2
@@ -27,7 +26,12 @@ from jobs.v1 import jobs_pb2_grpc as pb_grpc
 
 from jobs_client import _transfer
 from jobs_client.auth import bearer_interceptors
-from jobs_client.channel import DEFAULT_TIMEOUT_SECONDS, call_metadata, open_channel
+from jobs_client.channel import (
+    DEFAULT_TIMEOUT_SECONDS,
+    ChannelOwner,
+    call_metadata,
+    open_channel,
+)
 from jobs_client.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -95,7 +99,7 @@ def upload_pending(job: pb.Job) -> bool:
     )
 
 
-class JobsClient:
+class JobsClient(ChannelOwner):
     """One channel to the job-service with UploadService and AdminService stubs.
 
     `timeout` is the deadline of each unary call; `token` is the bearer token sent with every
@@ -159,21 +163,6 @@ class JobsClient:
             interceptors=bearer_interceptors(tokens) if tokens else (),
         )
         return cls(channel, timeout=timeout, token=token, retry=retry, owns_channel=True)
-
-    async def close(self) -> None:
-        if self._owns_channel and self.channel is not None:
-            await self.channel.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # -------------------------------------------------------------------------- raw calls
 

@@ -39,7 +39,7 @@ from jobs.v1 import jobs_pb2 as pb
 from jobs.v1 import jobs_pb2_grpc as pb_grpc
 
 from jobs_client.auth import Token, bearer_interceptors
-from jobs_client.channel import DEFAULT_TIMEOUT_SECONDS, open_channel
+from jobs_client.channel import DEFAULT_TIMEOUT_SECONDS, ChannelOwner, open_channel
 from jobs_client.errors import (
     TRANSIENT_CODES,
     JobsError,
@@ -82,7 +82,7 @@ def lease_ref(lease: pb.Lease | pb.LeaseRef) -> pb.LeaseRef:
     return pb.LeaseRef(job_id=lease.job.job_id, lease_token=lease.lease_token)
 
 
-class WorkerClient:
+class WorkerClient(ChannelOwner):
     """WorkerService calls for one worker, with deadlines, retries and typed errors."""
 
     def __init__(
@@ -131,21 +131,6 @@ class WorkerClient:
         return cls(
             channel, worker_id=worker_id, rpc_timeout=rpc_timeout, retry=retry, owns_channel=True
         )
-
-    async def close(self) -> None:
-        if self._owns_channel:
-            await self.channel.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     @property
     def worker_id(self) -> str:

@@ -11,9 +11,10 @@ workers, each with its own `WorkerClient` channel, holds one lease apiece (heart
   restarts the fleet is all on the other one until the service's max connection age sends
   GOAWAY and the clients reconnect.
 
-Throughout, short connection ages (2-4 s) retire connections many times: no lease is lost, no
-ClaimJob long poll or Heartbeat fails before the restart (GOAWAY ends nothing in flight: the
-grace covers the longest call), and the balance is printed before and after the restart.
+Throughout, a short connection age (3 s) retires connections many times: no lease is lost, no
+ClaimJob long poll, Heartbeat or WatchJob stream fails outside the restart itself (GOAWAY ends
+nothing in flight: the grace covers the longest call), and the balance is printed before and
+after the restart.
 """
 
 from __future__ import annotations
@@ -25,11 +26,15 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 import pytest
 from jobs.v1 import jobs_pb2 as pb
+from jobs.v1 import jobs_pb2_grpc as pb_grpc
 
 from job_service.app import JobServiceApp
 from job_service.config import Settings
+from jobs_client.auth import bearer_interceptors
+from jobs_client.channel import open_channel
 from jobs_client.errors import JobsError
 from jobs_client.worker import WorkerClient
 from tests.support import auth
@@ -120,7 +125,9 @@ class FleetStats:
     lost: int = 0
     heartbeat_errors: list[str] = dataclasses.field(default_factory=list)
     claim_errors: list[str] = dataclasses.field(default_factory=list)
+    watch_errors: list[str] = dataclasses.field(default_factory=list)
     renewals: int = 0
+    watch_streams_ended_ok: int = 0
 
 
 class Fleet:
@@ -137,6 +144,7 @@ class Fleet:
             )
             for n in range(FLEET)
         ]
+        self.target = target
         self.stats = FleetStats()
         self.counting_errors = True
         self._tasks: list[asyncio.Task[None]] = []
@@ -147,6 +155,32 @@ class Fleet:
         for client, lease in zip(self.clients, leases, strict=True):
             self._tasks.append(asyncio.create_task(self._keep(client, lease)))
             self._tasks.append(asyncio.create_task(self._poll(client)))
+        self._tasks.append(asyncio.create_task(self._watch(leases[0].job.job_id)))
+
+    async def _watch(self, job_id: str) -> None:
+        """WatchJob streams one after another (each ends OK after the 2 s stream lifetime);
+        a stream in flight when its connection is retired must still end OK."""
+        own = [("grpc.use_local_subchannel_pool", 1)]
+        tokens = {"uploader": token(Role.UPLOADER), "operator": token(Role.OPERATOR)}
+        async with open_channel(
+            self.target, options=own, interceptors=bearer_interceptors(tokens)
+        ) as channel:
+            stub = pb_grpc.UploadServiceStub(channel)
+            while not self._stop.is_set():
+                call = stub.WatchJob(pb.WatchJobRequest(job_id=job_id))
+                try:
+                    async for _ in call:
+                        if self._stop.is_set():
+                            call.cancel()
+                    code = await call.code()
+                except grpc.aio.AioRpcError as exc:
+                    code = exc.code()
+                if code == grpc.StatusCode.OK:
+                    self.stats.watch_streams_ended_ok += 1
+                elif code != grpc.StatusCode.CANCELLED or not self._stop.is_set():
+                    if self.counting_errors:
+                        self.stats.watch_errors.append(code.name)
+                    await asyncio.sleep(0.05)
 
     async def _keep(self, client: WorkerClient, lease: pb.Lease) -> None:
         while not self._stop.is_set():
@@ -250,6 +284,7 @@ async def test_a_fleet_spreads_over_two_instances_and_again_after_a_restart(
             await asyncio.sleep(2 * CONNECTION_AGE)
             before = await balance(apps, WINDOW)
             assert fleet.stats.heartbeat_errors == [] and fleet.stats.claim_errors == []
+            assert fleet.stats.watch_errors == [] and fleet.stats.watch_streams_ended_ok >= 2
             fleet.counting_errors = False  # the restart itself may cut calls; they are retried
             restarted_at = time.monotonic()
             await restart(apps, 1, database_url, moto_s3)
@@ -265,11 +300,13 @@ async def test_a_fleet_spreads_over_two_instances_and_again_after_a_restart(
                 f"  before the restart: {share(before)}\n"
                 f"  after instance B restarted (down {back_at - restarted_at:.1f} s), "
                 f"one connection age later: {share(after)}\n"
-                f"  renewals {fleet.stats.renewals}, leases lost {fleet.stats.lost}"
+                f"  renewals {fleet.stats.renewals}, leases lost {fleet.stats.lost}, WatchJob "
+                f"streams ended OK {fleet.stats.watch_streams_ended_ok}"
             )
             assert_within_60_40(before, "before the restart")
             assert_within_60_40(after, "one connection age after the restart")
             assert fleet.stats.heartbeat_errors == [] and fleet.stats.claim_errors == []
+            assert fleet.stats.watch_errors == []
         finally:
             await fleet.close()
             await proxy.close()

@@ -76,7 +76,7 @@ def test_importing_the_worker_loads_no_job_service_or_database_code() -> None:
         "analysis_worker.main",
         "analysis_worker.worker",
         "analysis_worker.runner",
-        "analysis_worker.job_client",
+        "analysis_worker.lease_keeper",
         "analysis_worker.object_store",
         "analysis_worker.config",
     ]
