@@ -6,7 +6,7 @@ depends on the generated protos and grpc only, never on the job-service's or the
 `pip install verified-upload-jobs` (no extras) is all a backend service needs.
 """
 
-from jobs_client.client import JobsClient, UploadProgress
+from jobs_client.client import JobsClient
 from jobs_client.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -21,6 +21,7 @@ from jobs_client.errors import (
 )
 from jobs_client.retry import Backoff
 from jobs_client.sync import SyncJobsClient
+from jobs_client.upload_progress import UploadProgress
 from jobs_client.worker import WorkerClient
 
 __all__ = [

@@ -35,10 +35,11 @@ from google.protobuf.message import Message
 from jobs.v1 import jobs_pb2 as pb
 
 from jobs_client import auth
-from jobs_client.client import TERMINAL, UploadProgress, guess_content_type
+from jobs_client.client import TERMINAL, guess_content_type
 from jobs_client.errors import InvalidArgument, JobsError
 from jobs_client.retry import Backoff
 from jobs_client.sync import SyncJobsClient
+from jobs_client.upload_progress import UploadProgress
 
 ADDRESS_ENV = "JOB_SERVICE_ADDRESS"
 DEFAULT_ADDRESS = "127.0.0.1:50051"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import mimetypes
 import os
 import uuid
@@ -43,6 +42,7 @@ from jobs_client.errors import (
     from_rpc_error,
 )
 from jobs_client.retry import Backoff
+from jobs_client.upload_progress import ProgressCallback, UploadMeter
 
 T = TypeVar("T")
 TERMINAL = frozenset({pb.JOB_STATUS_DONE, pb.JOB_STATUS_FAILED})
@@ -59,24 +59,6 @@ _UPLOAD_CODES = frozenset(
     )
 )
 PAGE_SIZE = 500
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class UploadProgress:
-    """Reported to `progress` as bytes move. `part_number` is set when that part finished."""
-
-    job_id: str
-    bytes_sent: int
-    bytes_total: int
-    parts_done: int = 0
-    parts_total: int = 0
-    parts_skipped: int = 0
-    part_number: int | None = None
-    #: Parts being sent right now (the parallelism actually reached).
-    parts_active: int = 0
-
-
-ProgressCallback = Callable[[UploadProgress], None]
 
 
 #: The client's own retries (S3 transfers, CompleteUpload and friends on UNAVAILABLE, WatchJob
@@ -366,7 +348,7 @@ class JobsClient(ChannelOwner):
         size: int,
         progress: ProgressCallback | None,
     ) -> None:
-        meter = _Meter(job_id, size, 1, progress)
+        meter = UploadMeter(job_id, size, 1, progress)
         meter.start()
 
         def put() -> str:
@@ -402,7 +384,7 @@ class JobsClient(ChannelOwner):
             for n in range(1, plan.part_count + 1)
         }
         held = {p.part_number: p for p in listed.parts if p.size == sizes.get(p.part_number)}
-        meter = _Meter(job_id, size, plan.part_count, progress)
+        meter = UploadMeter(job_id, size, plan.part_count, progress)
         todo: list[int] = []
         for n in range(1, plan.part_count + 1):
             part = held.get(n)
@@ -449,7 +431,7 @@ class JobsClient(ChannelOwner):
         plan: pb.MultipartPlan,
         part: pb.SignedPart,
         sha: bytes,
-        meter: _Meter,
+        meter: UploadMeter,
         sem: asyncio.Semaphore,
     ) -> None:
         n = part.part_number
@@ -578,59 +560,3 @@ def _refused(job_id: str, what: str, exc: _transfer.PutRefused) -> UploadFailed:
         reason=exc.s3_code,
         retryable=False,
     )
-
-
-class _Meter:
-    """Counts bytes per part (a retried part starts its count again) and reports progress on
-    the event loop's thread."""
-
-    def __init__(
-        self, job_id: str, total: int, parts: int, callback: ProgressCallback | None
-    ) -> None:
-        self.job_id, self.total, self.parts = job_id, total, parts
-        self._cb = callback
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._per_part: dict[int, int] = {}
-        self._active: set[int] = set()
-        self._done = 0
-        self._skipped = 0
-        self._skipped_bytes = 0
-
-    def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._emit(None)
-
-    def skipped(self, n: int, size: int) -> None:
-        self._skipped += 1
-        self._skipped_bytes += size
-
-    def reset_part(self, n: int) -> None:  # called from transfer threads
-        self._per_part[n] = 0
-        self._active.add(n)
-
-    def add(self, n: int, k: int) -> None:  # called from transfer threads
-        self._per_part[n] = self._per_part.get(n, 0) + k
-        if self._loop is not None and self._cb is not None:
-            self._loop.call_soon_threadsafe(self._emit, None)
-
-    def part_done(self, n: int) -> None:
-        self._done += 1
-        self._active.discard(n)
-        self._emit(n)
-
-    def _emit(self, part_number: int | None) -> None:
-        if self._cb is None:
-            return
-        sent = self._skipped_bytes + sum(self._per_part.values())
-        self._cb(
-            UploadProgress(
-                job_id=self.job_id,
-                bytes_sent=min(sent, self.total),
-                bytes_total=self.total,
-                parts_done=self._done + self._skipped,
-                parts_total=self.parts,
-                parts_skipped=self._skipped,
-                part_number=part_number,
-                parts_active=len(self._active),
-            )
-        )

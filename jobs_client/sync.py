@@ -19,8 +19,9 @@ import grpc
 from jobs.v1 import jobs_pb2 as pb
 
 from jobs_client.channel import DEFAULT_TIMEOUT_SECONDS
-from jobs_client.client import JobsClient, ProgressCallback
+from jobs_client.client import JobsClient
 from jobs_client.retry import Backoff
+from jobs_client.upload_progress import ProgressCallback
 
 T = TypeVar("T")
 
