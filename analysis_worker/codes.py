@@ -23,7 +23,7 @@ def is_known(code: str) -> bool:
     return code != "UNSPECIFIED" and _PREFIX + code in jobs_pb2.ErrorCode.keys()
 
 
-# Storage (analysis_worker.storage).
+# ObjectStore (analysis_worker.object_store).
 UPLOAD_MISSING = code_name(jobs_pb2.ERROR_CODE_UPLOAD_MISSING)
 UPLOAD_CHANGED = code_name(jobs_pb2.ERROR_CODE_UPLOAD_CHANGED)
 DOWNLOAD_FAILED = code_name(jobs_pb2.ERROR_CODE_DOWNLOAD_FAILED)

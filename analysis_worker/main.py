@@ -15,23 +15,18 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import aioboto3
-import grpc
 from botocore.config import Config as BotoConfig
 
 from analysis_worker.analysis import Analyzer, load_analyzer
 from analysis_worker.config import Settings
-from analysis_worker.job_client import JobClient, create_channel
+from analysis_worker.lease_bounds import LeaseBounds
 from analysis_worker.logs import configure_logging
 from analysis_worker.metrics import MetricsServer, WorkerMetrics, serve_metrics
+from analysis_worker.object_store import ObjectStore
 from analysis_worker.runner import JobRunner
-from analysis_worker.security import (
-    LeaseBounds,
-    TokenSource,
-    bearer_interceptors,
-    channel_credentials,
-)
-from analysis_worker.storage import Storage
 from analysis_worker.worker import Worker, WorkerOptions
+from jobs_client.auth import TokenSource, tls_credentials
+from jobs_client.worker import WorkerClient
 
 log = logging.getLogger("analysis_worker")
 
@@ -112,16 +107,11 @@ async def _serve(
             aws_secret_access_key=settings.s3_secret_access_key or None,
             config=s3_config,
         ) as s3:
-            channel = _channel(settings)
+            client = _client(settings)
             try:
-                client = JobClient(
-                    channel,
-                    worker_id=settings.worker_id,
-                    rpc_timeout=settings.rpc_timeout_seconds,
-                )
                 runner = JobRunner(
                     client=client,
-                    storage=Storage(s3),
+                    objects=ObjectStore(s3),
                     analyzer=analyzer,
                     executor=executor,
                     metrics=metrics,
@@ -149,7 +139,7 @@ async def _serve(
                     worker.shutdown()
                 await worker.run()
             finally:
-                await channel.close()
+                await client.close()
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
         if metrics_server is not None:
@@ -157,7 +147,7 @@ async def _serve(
     return 0
 
 
-def _channel(settings: Settings) -> grpc.aio.Channel:
+def _client(settings: Settings) -> WorkerClient:
     """TLS unless ANALYSIS_WORKER_PLAINTEXT asks otherwise; the token on every call."""
     source = TokenSource(settings.token.get_secret_value(), settings.token_file)
     if not source.current():
@@ -173,13 +163,22 @@ def _channel(settings: Settings) -> grpc.aio.Channel:
             "the leases cross the network unencrypted"
         )
     else:
-        credentials = channel_credentials(
-            settings.tls_ca_file, settings.tls_client_cert_file, settings.tls_client_key_file
+        credentials = tls_credentials(
+            settings.tls_ca_file,
+            settings.tls_client_cert_file,
+            settings.tls_client_key_file,
+            names=(
+                "ANALYSIS_WORKER_TLS_CLIENT_CERT_FILE",
+                "ANALYSIS_WORKER_TLS_CLIENT_KEY_FILE",
+            ),
         )
-    return create_channel(
+    return WorkerClient.connect(
         settings.job_service_address,
+        worker_id=settings.worker_id,
+        token=source,
         credentials=credentials,
-        interceptors=bearer_interceptors(source),
+        rpc_timeout=settings.rpc_timeout_seconds,
+        user_agent="analysis-worker",
     )
 
 

@@ -51,7 +51,7 @@ class WorkerMetrics:
         )
         self.jobs_released = Counter(
             "analysis_worker_jobs_released_total",
-            "Leases handed back unfinished (graceful shutdown).",
+            "Leases released unfinished (graceful shutdown).",
             registry=r,
         )
         self.leases_lost = Counter(
@@ -70,7 +70,7 @@ class WorkerMetrics:
             ["code"],
             registry=r,
         )
-        self.storage_retries = Counter(
+        self.object_store_retries = Counter(
             "analysis_worker_storage_retries_total",
             "S3 operations retried inside a lease after infrastructure errors.",
             ["operation"],

@@ -19,7 +19,7 @@
 
 A lost lease ends the job silently (it is someone else's now), and so does the worker's own
 fence when a lease runs out unrenewed; a cancellation becomes FailJob(CANCELLED); a shutdown
-hands the lease back with ReleaseJob.
+releases the lease (ReleaseJob).
 """
 
 from __future__ import annotations
@@ -43,12 +43,14 @@ from jobs.v1 import jobs_pb2
 
 from analysis_worker import codes
 from analysis_worker.analysis import AnalysisError, Analyzer, DeepResult
-from analysis_worker.job_client import Backoff, JobCallError, JobClient, LeaseLostError
-from analysis_worker.lease import ActiveJob, JobStopped, StopReason
+from analysis_worker.lease_bounds import LeaseBounds, lease_out_of_bounds
+from analysis_worker.lease_keeper import ActiveJob, JobStopped, StopReason
 from analysis_worker.metrics import WorkerMetrics
-from analysis_worker.progress import ProgressSender, ProgressThrottle
-from analysis_worker.security import LeaseBounds, lease_out_of_bounds
-from analysis_worker.storage import Storage, StorageError
+from analysis_worker.object_store import ObjectStore, ObjectStoreError
+from analysis_worker.progress_reports import ProgressSender, ProgressThrottle
+from jobs_client.errors import JobsError, LeaseLost
+from jobs_client.retry import Backoff
+from jobs_client.worker import WorkerClient
 
 T = TypeVar("T")
 
@@ -58,9 +60,9 @@ QUICK_DONE_PCT = 10
 DEEP_END_PCT = 99
 
 # Between two rounds of the client's own retries; grows to 30 s during long outages.
-DELIVERY_BACKOFF = Backoff(max_attempts=1, initial_backoff=1.0, max_backoff=30.0)
+DELIVERY_RETRY = Backoff(max_attempts=1, initial_backoff=1.0, max_backoff=30.0)
 # Between two tries of one S3 operation inside a lease.
-S3_BACKOFF = Backoff(max_attempts=1, initial_backoff=0.5, max_backoff=10.0)
+S3_RETRY = Backoff(max_attempts=1, initial_backoff=0.5, max_backoff=10.0)
 # How long, in total, one lease may spend retrying S3 before it gives the job back.
 DEFAULT_S3_RETRY_BUDGET = 60.0
 
@@ -75,14 +77,14 @@ class JobRunner:
     def __init__(
         self,
         *,
-        client: JobClient,
-        storage: Storage,
+        client: WorkerClient,
+        objects: ObjectStore,
         analyzer: Analyzer,
         executor: Executor,
         metrics: WorkerMetrics,
         work_dir: Path | None = None,
-        delivery_retry: Backoff = DELIVERY_BACKOFF,
-        s3_retry: Backoff = S3_BACKOFF,
+        delivery_retry: Backoff = DELIVERY_RETRY,
+        s3_retry: Backoff = S3_RETRY,
         s3_retry_budget: float = DEFAULT_S3_RETRY_BUDGET,
         progress_interval: float = 1.0,
         progress_step: int = 5,
@@ -91,7 +93,7 @@ class JobRunner:
         #: Where leases may point (issue 10); None trusts every lease (tests of other parts).
         self._bounds = bounds
         self._client = client
-        self._storage = storage
+        self._objects = objects
         self._analyzer = analyzer
         self._executor = executor
         self._metrics = metrics
@@ -132,9 +134,9 @@ class JobRunner:
             return
         except JobStopped:
             pass
-        except LeaseLostError:
+        except LeaseLost:
             job.stop(StopReason.LOST)
-        except StorageError as exc:
+        except ObjectStoreError as exc:
             if job.stop_reason is None:
                 kind = (
                     jobs_pb2.FAILURE_KIND_INFRASTRUCTURE
@@ -147,7 +149,7 @@ class JobRunner:
             if job.stop_reason is None:
                 await self._fail(job, exc.code, exc.message, retryable=exc.retryable)
                 return
-        except JobCallError as exc:
+        except JobsError as exc:
             # Service trouble never gets here (deliveries retry it until the lease is gone):
             # this is a refusal that repeating cannot cure. Say so rather than blame the
             # analysis; the job's attempts bound how often it repeats.
@@ -198,7 +200,7 @@ class JobRunner:
         video = tmp / _input_name(lease.key)
         job.raise_if_stopped()
         size = await self._s3(
-            job, "download", lambda: self._storage.download(lease, video), interrupt=job.stopped
+            job, "download", lambda: self._objects.download(lease, video), interrupt=job.stopped
         )
         job.log.info("downloaded", extra={"bytes": size})
 
@@ -213,14 +215,14 @@ class JobRunner:
         job.raise_if_stopped(finishing=True)
         deep_summary = deep.to_dict()
         deep_summary.pop("signal_path", None)
-        deep_summary["signal_uri"] = self._storage.object_uri(lease, deep.signal_path.name)
+        deep_summary["signal_uri"] = self._objects.object_uri(lease, deep.signal_path.name)
         summary = {"quick": quick_summary, "deep": deep_summary}
-        # A shutdown does not interrupt the finishing steps (finishing beats handing the work
-        # back); a lost lease, or the worker's own fence, does: nothing more is uploaded.
+        # A shutdown does not interrupt the finishing steps (finishing beats releasing the
+        # work); a lost lease, or the worker's own fence, does: nothing more is uploaded.
         results_uri = await self._s3(
             job,
             "results upload",
-            lambda: self._storage.upload_results(
+            lambda: self._objects.upload_results(
                 lease, signal_file=deep.signal_path, summary=summary
             ),
             interrupt=job.lost,
@@ -249,7 +251,7 @@ class JobRunner:
         summary["thumbnails"] = await self._s3(
             job,
             "thumbnails upload",
-            lambda: self._storage.upload_thumbnails(job.lease, quick.thumbnails),
+            lambda: self._objects.upload_thumbnails(job.lease, quick.thumbnails),
             interrupt=job.lost,
         )
         # Worth recording even if a shutdown began meanwhile: the next attempt resumes at deep.
@@ -263,7 +265,7 @@ class JobRunner:
         if self._one_call_deep is not False:
             try:
                 await self._report_stage(job, deep, quick_result, give_up=job.lost)
-            except JobCallError as exc:
+            except JobsError as exc:
                 if exc.code is not grpc.StatusCode.FAILED_PRECONDITION:
                     raise
                 # A service that moves quick_running -> deep_running only through quick_done.
@@ -332,9 +334,9 @@ class JobRunner:
             return
         try:
             await self._client.report_progress(job.lease, progress_pct=pct)
-        except LeaseLostError:
+        except LeaseLost:
             job.stop(StopReason.LOST)
-        except JobCallError as exc:
+        except JobsError as exc:
             job.log.warning("progress report failed", extra={"error": str(exc)})
 
     async def _fail(
@@ -387,12 +389,12 @@ class JobRunner:
         (the job is then done). False if the lease was lost meanwhile, or the call refused."""
         try:
             await self._deliver(job, what, call, give_up=job.lost)
-        except LeaseLostError:
+        except LeaseLost:
             job.stop(StopReason.LOST)
             return False
         except JobStopped:
             return False
-        except JobCallError as exc:
+        except JobsError as exc:
             job.log.error("%s was rejected", what, extra={"error": str(exc), **log_extra})
             return False
         job.done = True
@@ -408,22 +410,26 @@ class JobRunner:
     ) -> T:
         """Makes `call` until it lands: service trouble only delays it. Stops (JobStopped)
         once `give_up` is set — the lease is lost (or fenced), or the job is stopping and the
-        call is moot. A lost lease (LeaseLostError) and a refusal that repeating cannot cure
-        (JobCallError without service_trouble) are raised."""
+        call is moot. A lost lease (LeaseLost) and a refusal that repeating cannot cure
+        (JobsError without service_trouble) are raised."""
         retry = 0
         while True:
             if give_up.is_set():
                 raise JobStopped(what)
             try:
                 return await call()
-            except JobCallError as exc:
+            except JobsError as exc:
                 if not exc.service_trouble:
                     raise
                 delay = self._delivery_retry.delay(retry, self._rng)
                 retry += 1
                 job.log.warning(
                     "job-service call failed; will retry while the lease lasts",
-                    extra={"call": what, "code": exc.code.name, "retry_in_s": round(delay, 2)},
+                    extra={
+                        "call": what,
+                        "code": exc.code.name if exc.code else "",
+                        "retry_in_s": round(delay, 2),
+                    },
                 )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(give_up.wait(), timeout=delay)
@@ -450,7 +456,7 @@ class JobRunner:
             tried_at = loop.time()
             try:
                 result = await _until(interrupt, operation())
-            except StorageError as exc:
+            except ObjectStoreError as exc:
                 if not exc.infrastructure:
                     raise
                 now = loop.time()
@@ -467,7 +473,7 @@ class JobRunner:
                     raise
                 delay = min(self._s3_retry.delay(retry, self._rng), left)
                 retry += 1
-                self._metrics.storage_retries.labels(operation=what).inc()
+                self._metrics.object_store_retries.labels(operation=what).inc()
                 job.log.warning(
                     "S3 operation failed; retrying inside the lease",
                     extra={

@@ -7,14 +7,14 @@ Three concurrent parts on one event loop:
   into stop decisions (LOST → drop, cancel_requested → CANCELLED). Rounds are scheduled from
   the last *successful* renewal (not "an interval after the last call returned"); a failed or
   slow round is retried quickly, each try's deadline fitted to the time the leases have left,
-  so one lost or hung round never costs a lease. Each lease fences itself (lease.py) if no
+  so one lost or hung round never costs a lease. Each lease fences itself (lease_keeper.py) if no
   renewal lands before it runs out;
 * one task per lease (`JobRunner.run`), whose analysis runs in a thread pool so the loop, and
   with it the heartbeats, never stalls behind a CPU-bound pass.
 
 `shutdown()` (SIGTERM/SIGINT) stops claiming at once — an in-flight long-poll ClaimJob is
-cancelled, and leases that arrive anyway are handed back with ReleaseJob — gives running jobs
-`shutdown_grace` seconds to finish, then aborts them: each hands its lease back with ReleaseJob.
+cancelled, and leases that arrive anyway are released (ReleaseJob) unstarted — gives running
+jobs `shutdown_grace` seconds to finish, then aborts them: each releases its lease.
 """
 
 from __future__ import annotations
@@ -31,16 +31,12 @@ from typing import Any
 
 from jobs.v1 import jobs_pb2
 
-from analysis_worker.job_client import (
-    DATABASE_UNAVAILABLE,
-    Backoff,
-    JobCallError,
-    JobCallUnavailable,
-    JobClient,
-)
-from analysis_worker.lease import ActiveJob, StopReason, lease_lifetime
+from analysis_worker.lease_keeper import ActiveJob, StopReason, lease_lifetime
 from analysis_worker.metrics import WorkerMetrics
 from analysis_worker.runner import JobRunner
+from jobs_client.errors import DATABASE_UNAVAILABLE, JobsError
+from jobs_client.retry import Backoff
+from jobs_client.worker import WorkerClient
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +77,7 @@ class Worker:
         self,
         options: WorkerOptions,
         *,
-        client: JobClient,
+        client: WorkerClient,
         runner: JobRunner,
         metrics: WorkerMetrics,
     ) -> None:
@@ -121,7 +117,7 @@ class Worker:
         try:
             await self._stopping.wait()
             # Stop claiming at once, even mid-long-poll: the claim loop cancels its in-flight
-            # ClaimJob itself, so it can hand back any lease that arrived anyway.
+            # ClaimJob itself, so it can release any lease that arrived anyway.
             await asyncio.wait({claim}, timeout=self._client.rpc_timeout)
             await self._drain()
             await self._wait_background()
@@ -134,7 +130,7 @@ class Worker:
         log.info("worker stopped", extra=self._log_extra)
 
     async def _wait_background(self) -> None:
-        """Hand-backs still in flight get one RPC timeout (plus retries' worth) to land."""
+        """Releases still in flight get one RPC timeout (plus retries' worth) to land."""
         if self._background_tasks:
             await asyncio.wait(set(self._background_tasks), timeout=2 * self._client.rpc_timeout)
 
@@ -164,7 +160,7 @@ class Worker:
         if not pending:
             return
         # Jobs that did not wind down (an analysis ignoring should_stop, or an unreachable
-        # job-service): cancel them and hand their leases back ourselves, best effort.
+        # job-service): cancel them and release their leases ourselves, best effort.
         stuck = [job for job in self._jobs.values() if self._tasks[job.job_id] in pending]
         for task in pending:
             task.cancel()
@@ -176,7 +172,7 @@ class Worker:
                 await self._client.release(job.lease, reason="worker shutting down (forced)")
                 self._metrics.jobs_released.inc()
                 job.log.warning("lease released after forced abort")
-            except JobCallError as exc:
+            except JobsError as exc:
                 job.log.error("could not release lease", extra={"error": str(exc)})
 
     # -- claiming ------------------------------------------------------------------------------
@@ -195,13 +191,13 @@ class Worker:
                 leases = await self._client.claim(
                     free, self._options.claim_wait, stop=self._stopping
                 )
-            except JobCallError as exc:
+            except JobsError as exc:
                 # Unavailable or rejected: nothing is claimed, so nothing can be lost by
                 # waiting. Back off and keep trying; the service may come back any time.
                 failures += 1
                 self._metrics.claim_calls.labels("error").inc()
                 delay = self._options.claim_retry.delay(failures - 1, self._rng)
-                level = logging.WARNING if isinstance(exc, JobCallUnavailable) else logging.ERROR
+                level = logging.WARNING if exc.retryable else logging.ERROR
                 log.log(
                     level,
                     "ClaimJob failed; backing off",
@@ -219,13 +215,13 @@ class Worker:
             for index, lease in enumerate(leases):
                 if self._stopping.is_set():
                     # The answer arrived as SIGTERM did: never start what we are about to
-                    # abandon, hand it back at once (no attempt counted).
-                    self._background(self._hand_back(lease, "worker shutting down"))
+                    # abandon, release it at once (no attempt counted).
+                    self._background(self._release_unstarted(lease, "worker shutting down"))
                 elif index < free:
                     self._start(lease, counted_from=received_at, counted_from_wall=received_wall)
                 else:
                     # The service gave more than asked: never hold what we cannot start.
-                    self._background(self._hand_back(lease, "more leases than requested"))
+                    self._background(self._release_unstarted(lease, "more leases than requested"))
             idle = self._options.min_empty_claim_interval - (loop.time() - started)
             if not leases and idle > 0:
                 with contextlib.suppress(TimeoutError):
@@ -260,19 +256,19 @@ class Worker:
         self._background_tasks.add(task)
         task.add_done_callback(self._background_tasks.discard)
 
-    async def _hand_back(self, lease: jobs_pb2.Lease, reason: str) -> None:
+    async def _release_unstarted(self, lease: jobs_pb2.Lease, reason: str) -> None:
         try:
             await self._client.release(lease, reason=reason)
-        except JobCallError as exc:
+        except JobsError as exc:
             # Its lease expires on its own; the job is claimable again after that.
             log.warning(
-                "could not hand a lease back",
+                "could not release a lease",
                 extra={**self._log_extra, "job_id": lease.job.job_id, "error": str(exc)},
             )
             return
         self._metrics.jobs_released.inc()
         log.info(
-            "lease handed back unstarted",
+            "lease released unstarted",
             extra={**self._log_extra, "job_id": lease.job.job_id, "reason": reason},
         )
 
@@ -340,7 +336,7 @@ class Worker:
         deadline = max(deadline, MIN_HEARTBEAT_DEADLINE)
         try:
             statuses = await self._client.heartbeat([job.ref() for job in held], deadline=deadline)
-        except JobCallError as exc:
+        except JobsError as exc:
             # Keep working: the retry comes soon, and if the lease really expired meanwhile
             # the next answer says LOST (or the lease fences itself first).
             self._metrics.heartbeats.labels("error").inc()

@@ -65,6 +65,18 @@ SERVER_OPTIONS = [
 ]
 
 
+def connection_age_options(s: Settings) -> list[tuple[str, int]]:
+    """GOAWAY after JOB_SERVICE_GRPC_MAX_CONNECTION_AGE_SECONDS (jittered ±10 % by grpc), so
+    clients behind one name reconnect and spread over the instances; calls in flight keep the
+    old connection for the grace period (at least the longest call: they end by themselves)."""
+    if s.grpc_max_connection_age_seconds <= 0:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", int(s.grpc_max_connection_age_seconds * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(s.grpc_max_connection_age_grace_seconds * 1000)),
+    ]
+
+
 def check_edge_settings(s: Settings) -> None:
     for name in (
         "max_concurrent_rpcs",
@@ -182,6 +194,7 @@ class JobServiceApp:
             # spreads connections over them.
             options = [o for o in options if o[0] != "grpc.so_reuseport"]
             options.append(("grpc.so_reuseport", 1))
+        options.extend(connection_age_options(s))
         server = grpc.aio.server(options=options, interceptors=[interceptor])
         # Not the generated add_*_to_server: one registration for every method, whose
         # deserializer never fails (a malformed request is INVALID_ARGUMENT, not UNKNOWN) and

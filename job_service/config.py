@@ -179,6 +179,14 @@ class Settings(BaseSettings):
     #: Client certificate identities (common name or SAN) mapped to roles, comma-separated
     #: `identity=role`, e.g. `fleet-a.workers.internal=worker`.
     tls_client_roles: str = ""
+    # -- several instances, balanced (docs/architecture.md) --
+    #: Each client connection is sent GOAWAY after this long, so clients reconnect (and
+    #: re-resolve a dns:/// target) and spread over the instances; 0 keeps connections forever.
+    grpc_max_connection_age_seconds: float = Field(default=300.0, ge=0)
+    #: How long calls in flight at that moment may still run on the old connection. Never less
+    #: than the longest call, so a ClaimJob long poll or a WatchJob stream ends by itself (OK)
+    #: rather than being cut; new calls (heartbeats) already go over a new connection.
+    grpc_max_connection_age_grace_seconds: float = Field(default=330.0, ge=0)
 
     @property
     def lease(self) -> timedelta:
@@ -190,6 +198,21 @@ class Settings(BaseSettings):
             raise ValueError(
                 "JOB_SERVICE_HEARTBEAT_INTERVAL_SECONDS must be at most half of "
                 "JOB_SERVICE_LEASE_SECONDS, so one lost heartbeat does not lose the lease"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _connection_age_grace_covers_the_longest_call(self) -> Self:
+        longest = max(self.claim_max_wait_seconds, self.watch_max_seconds)
+        if (
+            self.grpc_max_connection_age_seconds > 0
+            and self.grpc_max_connection_age_grace_seconds < longest
+        ):
+            raise ValueError(
+                "JOB_SERVICE_GRPC_MAX_CONNECTION_AGE_GRACE_SECONDS must be at least "
+                "JOB_SERVICE_CLAIM_MAX_WAIT_SECONDS and JOB_SERVICE_WATCH_MAX_SECONDS "
+                f"({longest:g}), so a long poll or a stream ends by itself when its connection "
+                "is retired"
             )
         return self
 

@@ -109,8 +109,9 @@ def put_range(
 @dataclasses.dataclass
 class UploadState:
     """What a later run needs to resume: the same request_id returns the same job and plan,
-    and ListUploadedParts tells which parts S3 already holds. Keyed by the file's absolute
-    path; valid only while the file's size and mtime are unchanged."""
+    and ListUploadedParts tells which parts S3 already holds. One file per (file path,
+    request_id), so concurrent uploads of one file never share a state file; a resume takes the
+    newest one of the path. Valid only while the file's size and mtime are unchanged."""
 
     path: str
     size: int
@@ -121,32 +122,39 @@ class UploadState:
     version: int = STATE_VERSION
 
     @staticmethod
-    def file_for(state_dir: Path, path: Path) -> Path:
-        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:24]
-        return state_dir / f"{digest}.json"
+    def _path_key(path: Path) -> str:
+        return hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:24]
+
+    def file(self, state_dir: Path) -> Path:
+        upload = hashlib.sha256(self.request_id.encode()).hexdigest()[:16]
+        return state_dir / f"{self._path_key(Path(self.path))}.{upload}.json"
 
     @classmethod
     def load(cls, state_dir: Path, path: Path) -> UploadState | None:
-        try:
-            raw = json.loads(cls.file_for(state_dir, path).read_text())
-            state = cls(**raw)
-        except (OSError, ValueError, TypeError):
-            return None
+        """The newest saved state of `path` that still matches the file, or None."""
         st = path.stat()
-        if (state.version, state.size, state.mtime_ns) != (
-            STATE_VERSION,
-            st.st_size,
-            st.st_mtime_ns,
-        ):
-            return None  # the file changed: start over
-        return state
+        candidates = []
+        for file in state_dir.glob(f"{cls._path_key(path)}.*.json"):
+            try:
+                state = cls(**json.loads(file.read_text()))
+                saved_at = file.stat().st_mtime_ns
+            except (OSError, ValueError, TypeError):
+                continue  # removed meanwhile by a finished upload, or not ours
+            if (state.version, state.size, state.mtime_ns) == (
+                STATE_VERSION,
+                st.st_size,
+                st.st_mtime_ns,
+            ):
+                candidates.append((saved_at, state))
+        return max(candidates, key=lambda c: c[0])[1] if candidates else None
 
     @classmethod
     def prepare(
         cls, state_dir: Path, path: Path, request_id: str | None, resume: bool
     ) -> UploadState:
         """The saved state of an interrupted upload of this file (resume), or a new one with
-        the file's SHA-256 (one streamed read) and a fresh request_id; saved either way."""
+        the file's SHA-256 (one streamed read) and `request_id` (else a fresh one). Not saved:
+        reading the video and writing the state fail for different reasons."""
         state = cls.load(state_dir, path) if resume else None
         if state is None:
             st = path.stat()
@@ -157,18 +165,22 @@ class UploadState:
                 request_id=request_id or str(uuid.uuid4()),
                 sha256_hex=sha256_of(path).hex(),
             )
-        state.save(state_dir)
         return state
 
     def save(self, state_dir: Path) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
-        target = self.file_for(state_dir, Path(self.path))
-        tmp = target.with_suffix(".tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(self)))
-        os.replace(tmp, target)  # never a half-written state file
+        target = self.file(state_dir)
+        # A temporary name of its own: two saves of the same state (one request_id, two
+        # callers) each replace the target whole, never each other's half-written file.
+        tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            tmp.write_text(json.dumps(dataclasses.asdict(self)))
+            os.replace(tmp, target)  # never a half-written state file
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def remove(self, state_dir: Path) -> None:
-        self.file_for(state_dir, Path(self.path)).unlink(missing_ok=True)
+        self.file(state_dir).unlink(missing_ok=True)
 
 
 def default_state_dir() -> Path:

@@ -8,6 +8,9 @@ is what jobctl and the demo do. With `tokens`, each call carries the token of it
   uploader's;
 - AdminService: the operator's; WorkerService: the worker's.
 
+A token may also be a `TokenSource`, which re-reads its file whenever it changes (the worker's
+rotated token needs no restart).
+
 Tokens come from JOBS_TOKEN_<ROLE> (UPLOADER, WORKER, OPERATOR), or from the file named by
 JOBS_TOKEN_<ROLE>_FILE, or from `<dir>/<role>.jwt` in a fallback directory (the dev stack's
 .run/auth). TLS: JOBS_TLS_CA_FILE (verify the service), JOBS_TLS_CLIENT_CERT_FILE and
@@ -48,7 +51,7 @@ def tokens_from_env(
     return out
 
 
-def role_for(method: str, tokens: Mapping[str, str]) -> str | None:
+def role_for(method: str, tokens: Mapping[str, object]) -> str | None:
     service, _, name = method.lstrip("/").partition("/")
     if service.endswith(".WorkerService"):
         return "worker"
@@ -61,15 +64,39 @@ def role_for(method: str, tokens: Mapping[str, str]) -> str | None:
     return None
 
 
+class TokenSource:
+    """A bearer token: fixed, or read from a file again whenever the file changes."""
+
+    def __init__(self, token: str = "", path: str = "") -> None:
+        self._token = token.strip()
+        self._path = Path(path) if path else None
+        self._stamp: tuple[int, int] | None = None
+        if self._path is not None:
+            self.current()  # fail at start-up, not at the first call
+
+    def current(self) -> str:
+        if self._path is None:
+            return self._token
+        st = os.stat(self._path)
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp != self._stamp:
+            self._token, self._stamp = self._path.read_text().strip(), stamp
+        return self._token
+
+
+Token = str | TokenSource
+
+
 class _Bearer:
-    def __init__(self, tokens: Mapping[str, str]) -> None:
+    def __init__(self, tokens: Mapping[str, Token]) -> None:
         self._tokens = dict(tokens)
 
     def _details(self, details: Any) -> Any:
         method = details.method.decode() if isinstance(details.method, bytes) else details.method
         role = role_for(method, self._tokens)
-        token = self._tokens.get(role) if role else None
-        if token is None:
+        given = self._tokens.get(role) if role else None
+        token = given.current() if isinstance(given, TokenSource) else given
+        if not token:
             return details
         metadata = [(k, v) for k, v in (details.metadata or ()) if k != "authorization"]
         metadata.append(("authorization", f"Bearer {token}"))
@@ -86,14 +113,23 @@ class _UnaryStreamBearer(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
         return await continuation(self._details(details), request)
 
 
-def bearer_interceptors(tokens: Mapping[str, str]) -> list[Any]:
-    """aio client interceptors that add each call's audience token."""
+def bearer_interceptors(tokens: Mapping[str, Token]) -> list[Any]:
+    """aio client interceptors that add each call's audience token (role -> token)."""
     return [_UnaryUnaryBearer(tokens), _UnaryStreamBearer(tokens)]
 
 
-def is_loopback(address: str) -> bool:
-    host = address.rpartition(":")[0] if ":" in address else address
-    return host in _LOOPBACK
+def _hosts(target: str) -> list[str]:
+    """The hosts a target names: `host:port`, `dns:///host:port`, `ipv4:a:p,b:p`."""
+    if target.startswith(("ipv4:", "ipv6:")):
+        addresses = target.partition(":")[2].split(",")
+    else:
+        addresses = [target.removeprefix("dns:").lstrip("/").rpartition("/")[2]]
+    return [a.rpartition(":")[0] if ":" in a else a for a in addresses]
+
+
+def is_loopback(target: str) -> bool:
+    """Whether every host the target names is this machine."""
+    return all(host in _LOOPBACK for host in _hosts(target))
 
 
 def channel_credentials(
@@ -107,10 +143,26 @@ def channel_credentials(
     plaintext = env.get("JOBS_PLAINTEXT", "").strip().lower() in ("1", "true", "yes")
     if not (ca or cert) and (plaintext or is_loopback(address)):
         return None
+    names = ("JOBS_TLS_CLIENT_CERT_FILE", "JOBS_TLS_CLIENT_KEY_FILE")
+    return tls_credentials(ca, cert, key, names=names)
+
+
+def tls_credentials(
+    ca_file: str = "",
+    client_cert_file: str = "",
+    client_key_file: str = "",
+    *,
+    names: tuple[str, str] = ("client_cert_file", "client_key_file"),
+) -> grpc.ChannelCredentials:
+    """TLS verifying the job-service against `ca_file` (or the system roots), with a client
+    certificate for mTLS when both files are given (`names`: how the caller's settings call
+    them, for the error)."""
+    if bool(client_cert_file) != bool(client_key_file):
+        raise ValueError(f"{names[0]} and {names[1]} go together (mTLS)")
     return grpc.ssl_channel_credentials(
-        root_certificates=Path(ca).read_bytes() if ca else None,
-        private_key=Path(key).read_bytes() if key else None,
-        certificate_chain=Path(cert).read_bytes() if cert else None,
+        root_certificates=Path(ca_file).read_bytes() if ca_file else None,
+        private_key=Path(client_key_file).read_bytes() if client_key_file else None,
+        certificate_chain=Path(client_cert_file).read_bytes() if client_cert_file else None,
     )
 
 
@@ -139,7 +191,13 @@ def mint_from_env(
     import time
     import uuid
 
-    import jwt
+    try:
+        import jwt
+    except ImportError:  # the base install is the client; minting is the operator's job
+        raise ValueError(
+            "minting a token needs PyJWT: pip install 'verified-upload-jobs[service]' "
+            "(or PyJWT and cryptography)"
+        ) from None
 
     env = os.environ if environ is None else environ
     algorithm = env.get("JOB_SERVICE_AUTH_ALGORITHM", "HS256")

@@ -35,9 +35,11 @@ from google.protobuf.message import Message
 from jobs.v1 import jobs_pb2 as pb
 
 from jobs_client import auth
-from jobs_client.client import TERMINAL, CallRetry, UploadProgress, guess_content_type
+from jobs_client.client import TERMINAL, guess_content_type
 from jobs_client.errors import InvalidArgument, JobsError
+from jobs_client.retry import Backoff
 from jobs_client.sync import SyncJobsClient
+from jobs_client.upload_progress import UploadProgress
 
 ADDRESS_ENV = "JOB_SERVICE_ADDRESS"
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -100,7 +102,8 @@ def build_parser() -> Parser:
     p.add_argument(
         "--address",
         default=os.environ.get(ADDRESS_ENV, DEFAULT_ADDRESS),
-        help=f"host:port of the job-service (env {ADDRESS_ENV}, default {DEFAULT_ADDRESS})",
+        help=f"host:port, dns:///name:port or ipv4:a:p,b:p of the job-service (env {ADDRESS_ENV}, "
+        f"default {DEFAULT_ADDRESS})",
     )
     p.add_argument(
         "--timeout",
@@ -305,7 +308,7 @@ class Client:
 
     def __init__(self, address: str, timeout: timedelta) -> None:
         # A person is waiting: give up on an unreachable service after a few quick tries.
-        retry = CallRetry(attempts=3, base_seconds=0.3, max_seconds=1.0)
+        retry = Backoff(max_attempts=3, initial_backoff=0.3, max_backoff=1.0)
         # Each call carries its audience's token (JOBS_TOKEN_<ROLE>); TLS per JOBS_TLS_*.
         self.jobs = SyncJobsClient(
             address,

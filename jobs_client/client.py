@@ -9,16 +9,14 @@ jobs, and the admin calls. Create it inside the running event loop:
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import contextlib
 import mimetypes
 import os
-import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import duration_pb2
@@ -26,10 +24,16 @@ from jobs.v1 import jobs_pb2 as pb
 from jobs.v1 import jobs_pb2_grpc as pb_grpc
 
 from jobs_client import _transfer
-from jobs_client._channel import DEFAULT_TIMEOUT_SECONDS, call_metadata, open_channel
 from jobs_client.auth import bearer_interceptors
+from jobs_client.channel import (
+    DEFAULT_TIMEOUT_SECONDS,
+    ChannelOwner,
+    call_metadata,
+    open_channel,
+)
 from jobs_client.errors import (
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidArgument,
     JobFailed,
     JobsError,
@@ -37,6 +41,8 @@ from jobs_client.errors import (
     UploadFailed,
     from_rpc_error,
 )
+from jobs_client.retry import Backoff
+from jobs_client.upload_progress import ProgressCallback, UploadMeter
 
 T = TypeVar("T")
 TERMINAL = frozenset({pb.JOB_STATUS_DONE, pb.JOB_STATUS_FAILED})
@@ -55,35 +61,9 @@ _UPLOAD_CODES = frozenset(
 PAGE_SIZE = 500
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class UploadProgress:
-    """Reported to `progress` as bytes move. `part_number` is set when that part finished."""
-
-    job_id: str
-    bytes_sent: int
-    bytes_total: int
-    parts_done: int = 0
-    parts_total: int = 0
-    parts_skipped: int = 0
-    part_number: int | None = None
-    #: Parts being sent right now (the parallelism actually reached).
-    parts_active: int = 0
-
-
-ProgressCallback = Callable[[UploadProgress], None]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class CallRetry:
-    """Backoff for the client's own retries (S3 transfers, CompleteUpload on UNAVAILABLE)."""
-
-    attempts: int = 6
-    base_seconds: float = 0.5
-    max_seconds: float = 10.0
-
-    def delay(self, attempt: int) -> float:
-        ceiling = min(self.max_seconds, self.base_seconds * 2 ** max(attempt - 1, 0))
-        return random.uniform(ceiling / 2, ceiling)
+#: The client's own retries (S3 transfers, CompleteUpload and friends on UNAVAILABLE, WatchJob
+#: reopening), on top of grpc's quick ones from the service config.
+DEFAULT_RETRY = Backoff(max_attempts=6, initial_backoff=0.5, max_backoff=10.0)
 
 
 def guess_content_type(path: Path, given: str | None) -> str:
@@ -101,7 +81,7 @@ def upload_pending(job: pb.Job) -> bool:
     )
 
 
-class JobsClient:
+class JobsClient(ChannelOwner):
     """One channel to the job-service with UploadService and AdminService stubs.
 
     `timeout` is the deadline of each unary call; `token` is the bearer token sent with every
@@ -116,14 +96,14 @@ class JobsClient:
         *,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         token: str | None = None,
-        retry: CallRetry | None = None,
+        retry: Backoff | None = None,
         owns_channel: bool = False,
     ) -> None:
         self.channel: grpc.aio.Channel | None = channel
         self.upload = pb_grpc.UploadServiceStub(channel)
         self.admin = pb_grpc.AdminServiceStub(channel)
         self.timeout = timeout
-        self.retry = retry or CallRetry()
+        self.retry = retry or DEFAULT_RETRY
         self._metadata = call_metadata(token)
         self._owns_channel = owns_channel
 
@@ -135,7 +115,7 @@ class JobsClient:
         *,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         token: str | None = None,
-        retry: CallRetry | None = None,
+        retry: Backoff | None = None,
     ) -> JobsClient:
         """Around stubs the caller already has (its own channel, interceptors); closing the
         client leaves their channel open."""
@@ -143,7 +123,7 @@ class JobsClient:
         client.channel = None
         client.upload, client.admin = upload, admin
         client.timeout = timeout
-        client.retry = retry or CallRetry()
+        client.retry = retry or DEFAULT_RETRY
         client._metadata = call_metadata(token)
         client._owns_channel = False
         return client
@@ -156,7 +136,7 @@ class JobsClient:
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
-        retry: CallRetry | None = None,
+        retry: Backoff | None = None,
         tokens: Mapping[str, str] | None = None,
     ) -> JobsClient:
         channel = open_channel(
@@ -165,21 +145,6 @@ class JobsClient:
             interceptors=bearer_interceptors(tokens) if tokens else (),
         )
         return cls(channel, timeout=timeout, token=token, retry=retry, owns_channel=True)
-
-    async def close(self) -> None:
-        if self._owns_channel and self.channel is not None:
-            await self.channel.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # -------------------------------------------------------------------------- raw calls
 
@@ -192,13 +157,13 @@ class JobsClient:
     async def _retrying(self, make: Callable[[], Awaitable[T]]) -> T:
         """Retry what the service says changed nothing (UNAVAILABLE), with jittered backoff
         (on top of grpc's own quick retries from the service config)."""
-        for attempt in range(1, self.retry.attempts + 1):
+        for attempt in range(1, self.retry.max_attempts + 1):
             try:
                 return await make()
             except Unavailable:
-                if attempt == self.retry.attempts:
+                if attempt == self.retry.max_attempts:
                     raise
-            await asyncio.sleep(self.retry.delay(attempt))  # backoff between retries
+            await asyncio.sleep(self.retry.delay(attempt - 1))  # backoff between retries
         raise AssertionError("unreachable")
 
     async def initiate(
@@ -281,6 +246,7 @@ class JobsClient:
             )
         except OSError as exc:
             raise InvalidArgument(f"cannot read {file}: {exc.strerror}") from None
+        await self._save_state(state, states, file)
         size = state.size
         init = await self.initiate(
             filename=file.name,
@@ -294,14 +260,43 @@ class JobsClient:
         job_id = init.job.job_id
         if state.job_id != job_id:
             state.job_id = job_id
-            state.save(states)
-        if init.HasField("multipart"):
-            await self._send_parts(job_id, file, size, init.multipart, progress, concurrency)
-        elif init.upload_url:
-            await self._send_whole(job_id, init, file, size, progress)
-        job = await self.complete(job_id)
-        state.remove(states)
+            await self._save_state(state, states, file)
+        try:
+            if init.HasField("multipart"):
+                await self._send_parts(job_id, file, size, init.multipart, progress, concurrency)
+            elif init.upload_url:
+                await self._send_whole(job_id, init, file, size, progress)
+        except OSError as exc:  # hashing a part: the video went away or became unreadable
+            raise InvalidArgument(
+                f"cannot read {file} while uploading job {job_id}: {exc.strerror}"
+            ) from None
+        except (FailedPrecondition, UploadFailed) as failure:
+            # Another call with the same request_id (deliberately the same job) may have
+            # finished the upload first (UPLOAD_CLOSED, or S3 refusing a part of the completed
+            # multipart upload): then CompleteUpload (which waits for that call's to commit)
+            # returns the queued job. Otherwise this call's own failure is the answer.
+            try:
+                job = await self.complete(job_id)
+            except JobsError:
+                raise failure from None
+            if upload_pending(job):
+                raise
+        else:
+            job = await self.complete(job_id)
+        with contextlib.suppress(OSError):  # the job is queued; a stale state file is harmless
+            await asyncio.to_thread(state.remove, states)
         return job
+
+    @staticmethod
+    async def _save_state(state: _transfer.UploadState, states: Path, file: Path) -> None:
+        try:
+            await asyncio.to_thread(state.save, states)
+        except OSError as exc:
+            raise JobsError(
+                f"cannot save the resume state of {file} in {states}: {exc.strerror}; "
+                "pass state_dir= a writable directory",
+                retryable=False,
+            ) from None
 
     async def resume_upload(
         self,
@@ -329,7 +324,7 @@ class JobsClient:
 
     async def _transfer(self, what: str, fn: Callable[[], T]) -> T:
         """Run one blocking transfer in a thread, retrying network errors and S3 5xx."""
-        for attempt in range(1, self.retry.attempts + 1):
+        for attempt in range(1, self.retry.max_attempts + 1):
             try:
                 return await asyncio.to_thread(fn)
             except _transfer.PutRefused as exc:
@@ -338,11 +333,11 @@ class JobsClient:
                 failure: Exception = exc
             except OSError as exc:
                 failure = exc
-            if attempt == self.retry.attempts:
+            if attempt == self.retry.max_attempts:
                 raise UploadFailed(
                     f"{what} failed after {attempt} attempts: {failure}", retryable=True
                 ) from failure
-            await asyncio.sleep(self.retry.delay(attempt))  # backoff between retries
+            await asyncio.sleep(self.retry.delay(attempt - 1))  # backoff between retries
         raise AssertionError("unreachable")
 
     async def _send_whole(
@@ -353,7 +348,7 @@ class JobsClient:
         size: int,
         progress: ProgressCallback | None,
     ) -> None:
-        meter = _Meter(job_id, size, 1, progress)
+        meter = UploadMeter(job_id, size, 1, progress)
         meter.start()
 
         def put() -> str:
@@ -389,7 +384,7 @@ class JobsClient:
             for n in range(1, plan.part_count + 1)
         }
         held = {p.part_number: p for p in listed.parts if p.size == sizes.get(p.part_number)}
-        meter = _Meter(job_id, size, plan.part_count, progress)
+        meter = UploadMeter(job_id, size, plan.part_count, progress)
         todo: list[int] = []
         for n in range(1, plan.part_count + 1):
             part = held.get(n)
@@ -436,14 +431,14 @@ class JobsClient:
         plan: pb.MultipartPlan,
         part: pb.SignedPart,
         sha: bytes,
-        meter: _Meter,
+        meter: UploadMeter,
         sem: asyncio.Semaphore,
     ) -> None:
         n = part.part_number
         offset = plan.part_size * (n - 1)
         url, headers = part.url, dict(part.headers)
         try:
-            for attempt in range(1, self.retry.attempts + 1):
+            for attempt in range(1, self.retry.max_attempts + 1):
 
                 def put(u: str = url, h: dict[str, str] = headers) -> str:
                     meter.reset_part(n)
@@ -457,7 +452,7 @@ class JobsClient:
                     return
                 except _transfer.PutRefused as exc:
                     # An expired URL (403) is signed again; anything else is final.
-                    if exc.status != 403 or attempt == self.retry.attempts:
+                    if exc.status != 403 or attempt == self.retry.max_attempts:
                         raise _refused(job_id, f"part {n}", exc) from None
                     again = await self.sign_parts(job_id, [(n, sha)])
                     url, headers = again[0].url, dict(again[0].headers)
@@ -499,7 +494,7 @@ class JobsClient:
             finally:
                 call.cancel()
             reopened = True
-            await asyncio.sleep(self.retry.delay(failures + 1))  # backoff before reopening
+            await asyncio.sleep(self.retry.delay(failures))  # backoff before reopening
 
     async def wait_done(self, job_id: str, timeout: float | None = None) -> pb.Job:  # noqa: ASYNC109
         """Follow the job until it is DONE (returned) or FAILED (JobFailed is raised)."""
@@ -565,59 +560,3 @@ def _refused(job_id: str, what: str, exc: _transfer.PutRefused) -> UploadFailed:
         reason=exc.s3_code,
         retryable=False,
     )
-
-
-class _Meter:
-    """Counts bytes per part (a retried part starts its count again) and reports progress on
-    the event loop's thread."""
-
-    def __init__(
-        self, job_id: str, total: int, parts: int, callback: ProgressCallback | None
-    ) -> None:
-        self.job_id, self.total, self.parts = job_id, total, parts
-        self._cb = callback
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._per_part: dict[int, int] = {}
-        self._active: set[int] = set()
-        self._done = 0
-        self._skipped = 0
-        self._skipped_bytes = 0
-
-    def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._emit(None)
-
-    def skipped(self, n: int, size: int) -> None:
-        self._skipped += 1
-        self._skipped_bytes += size
-
-    def reset_part(self, n: int) -> None:  # called from transfer threads
-        self._per_part[n] = 0
-        self._active.add(n)
-
-    def add(self, n: int, k: int) -> None:  # called from transfer threads
-        self._per_part[n] = self._per_part.get(n, 0) + k
-        if self._loop is not None and self._cb is not None:
-            self._loop.call_soon_threadsafe(self._emit, None)
-
-    def part_done(self, n: int) -> None:
-        self._done += 1
-        self._active.discard(n)
-        self._emit(n)
-
-    def _emit(self, part_number: int | None) -> None:
-        if self._cb is None:
-            return
-        sent = self._skipped_bytes + sum(self._per_part.values())
-        self._cb(
-            UploadProgress(
-                job_id=self.job_id,
-                bytes_sent=min(sent, self.total),
-                bytes_total=self.total,
-                parts_done=self._done + self._skipped,
-                parts_total=self.parts,
-                parts_skipped=self._skipped,
-                part_number=part_number,
-                parts_active=len(self._active),
-            )
-        )

@@ -7,18 +7,33 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import grpc
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from jobs.v1 import jobs_pb2 as pb
 
-#: Status codes that mean "nothing was changed, try again later".
-RETRYABLE_CODES = frozenset(
+#: The call may land if made again in a moment: the service (or its database, or S3) is
+#: unreachable or slow, or it sheds load (RESOURCE_EXHAUSTED is its caps on concurrent RPCs, not
+#: a verdict on the request). `JobsError.retryable` is True for these.
+TRANSIENT_CODES = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
     }
 )
+#: The service, not the request, is in trouble: a bug (INTERNAL, UNKNOWN), a call cut off by a
+#: restart or a proxy (CANCELLED), or an outage. A worker's report that must land is retried on
+#: these for as long as its lease lives; none of them is ever a reason to fail a job.
+SERVICE_TROUBLE_CODES = TRANSIENT_CODES | {
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.CANCELLED,
+}
+
+#: ErrorInfo reasons callers branch on.
+DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
+LEASE_LOST = "LEASE_LOST"
 
 
 def error_code_name(code: pb.ErrorCode.ValueType) -> str:
@@ -37,16 +52,25 @@ class JobsError(Exception):
         reason: str = "",
         metadata: Mapping[str, str] | None = None,
         retryable: bool | None = None,
+        method: str = "",
     ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
         self.reason = reason
         self.metadata: dict[str, str] = dict(metadata or {})
-        self.retryable = code in RETRYABLE_CODES if retryable is None else retryable
+        self.retryable = code in TRANSIENT_CODES if retryable is None else retryable
+        #: The RPC that failed ("ClaimJob"), when known.
+        self.method = method
+
+    @property
+    def service_trouble(self) -> bool:
+        """True when the same call may succeed later (see SERVICE_TROUBLE_CODES)."""
+        return self.code in SERVICE_TROUBLE_CODES
 
     def __str__(self) -> str:
-        head = f"{self.code.name}: " if self.code is not None else ""
+        head = f"{self.method}: " if self.method else ""
+        head += f"{self.code.name}: " if self.code is not None else ""
         return head + self.message + (f" (reason: {self.reason})" if self.reason else "")
 
 
@@ -67,11 +91,20 @@ class FailedPrecondition(JobsError):
 
 
 class Aborted(JobsError):
-    """A concurrency conflict (a lost lease)."""
+    """A concurrency conflict; on WorkerService, a lost lease (LeaseLost)."""
+
+
+class LeaseLost(Aborted):
+    """The lease is no longer the caller's (expired and re-leased, or the job finished);
+    nothing was changed. Drop the job and send nothing more for it; never retried."""
 
 
 class Unavailable(JobsError):
     """Transient trouble (the service, its database or S3); nothing was changed."""
+
+
+class ResourceExhausted(JobsError):
+    """The service shed the call (its concurrency caps); retry after a backoff."""
 
 
 class DeadlineExceeded(JobsError):
@@ -114,6 +147,7 @@ _BY_CODE: dict[grpc.StatusCode, type[JobsError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.ABORTED: Aborted,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
@@ -126,7 +160,9 @@ def error_info(err: grpc.RpcError) -> tuple[str, dict[str, str]]:
     """The ErrorInfo (reason, metadata) attached to a failed call, or ("", {})."""
     try:
         status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    except ValueError:  # the rich status disagrees with the call's code
+    except (ValueError, DecodeError):
+        # The rich status disagrees with the call's code, or the trailer is malformed: it
+        # says nothing, the code still does.
         return "", {}
     for detail in status.details if status is not None else ():
         info = error_details_pb2.ErrorInfo()
@@ -135,9 +171,24 @@ def error_info(err: grpc.RpcError) -> tuple[str, dict[str, str]]:
     return "", {}
 
 
-def from_rpc_error(err: grpc.RpcError) -> JobsError:
+def from_rpc_error(err: grpc.RpcError, method: str = "") -> JobsError:
+    """The typed error of a failed call; `method` names the RPC in its message."""
     code: grpc.StatusCode = err.code()
     reason, metadata = error_info(err)
     message = " ".join(str(err.details() or code.name).split())
+    return error_for(code, message, reason=reason, metadata=metadata, method=method)
+
+
+def error_for(
+    code: grpc.StatusCode,
+    message: str,
+    *,
+    reason: str = "",
+    metadata: Mapping[str, str] | None = None,
+    method: str = "",
+) -> JobsError:
+    """The JobsError class for `code`; ABORTED with reason LEASE_LOST is LeaseLost."""
     cls = _BY_CODE.get(code, JobsError)
-    return cls(message, code=code, reason=reason, metadata=metadata)
+    if cls is Aborted and reason == LEASE_LOST:
+        cls = LeaseLost
+    return cls(message, code=code, reason=reason, metadata=metadata, method=method)

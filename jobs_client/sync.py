@@ -18,8 +18,10 @@ from typing import Self, TypeVar
 import grpc
 from jobs.v1 import jobs_pb2 as pb
 
-from jobs_client._channel import DEFAULT_TIMEOUT_SECONDS
-from jobs_client.client import CallRetry, JobsClient, ProgressCallback
+from jobs_client.channel import DEFAULT_TIMEOUT_SECONDS
+from jobs_client.client import JobsClient
+from jobs_client.retry import Backoff
+from jobs_client.upload_progress import ProgressCallback
 
 T = TypeVar("T")
 
@@ -35,7 +37,7 @@ class SyncJobsClient:
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
-        retry: CallRetry | None = None,
+        retry: Backoff | None = None,
         tokens: Mapping[str, str] | None = None,
     ) -> None:
         self._loop = asyncio.new_event_loop()

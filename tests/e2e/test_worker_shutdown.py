@@ -1,6 +1,6 @@
 """SIGTERM to a worker process that is long-polling ClaimJob, against the real job-service: it
 exits at once, and a job that became claimable at that very moment is never stranded on a lease
-held by nobody (the worker hands back what arrives, the service what it granted a cancelled
+held by nobody (the worker releases what arrives, the service what it granted a cancelled
 call) — another worker finishes it without waiting for a lease to expire."""
 
 from __future__ import annotations
@@ -48,5 +48,5 @@ async def test_sigterm_during_a_long_poll_exits_at_once_and_strands_no_job(
     await start_worker(service)
     done = await watch(api, job.job_id, within=30)
     assert done.status == pb.JOB_STATUS_DONE, done.error
-    assert done.attempt == 1  # a handed-back lease counts no attempt
+    assert done.attempt == 1  # a released lease counts no attempt
     assert not done.HasField("error")

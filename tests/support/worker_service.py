@@ -24,12 +24,13 @@ from grpc_status import rpc_status
 from jobs.v1 import jobs_pb2, jobs_pb2_grpc
 
 from analysis_worker.analysis import Analyzer
-from analysis_worker.job_client import Backoff, JobClient
+from analysis_worker.lease_bounds import LeaseBounds
 from analysis_worker.metrics import WorkerMetrics
+from analysis_worker.object_store import ObjectStore
 from analysis_worker.runner import JobRunner
-from analysis_worker.security import LeaseBounds
-from analysis_worker.storage import Storage
 from analysis_worker.worker import Worker, WorkerOptions
+from jobs_client.retry import Backoff
+from jobs_client.worker import WorkerClient
 from localinfra.s3 import MotoS3
 
 BUCKET = "videos"
@@ -334,10 +335,10 @@ class Harness:
         rpc_timeout: float = 5.0,
         address: str | None = None,
         worker_id: str = "test-worker",
-    ) -> JobClient:
+    ) -> WorkerClient:
         channel = grpc.aio.insecure_channel(address or self.address)
         self.channels.append(channel)
-        return JobClient(channel, worker_id=worker_id, rpc_timeout=rpc_timeout, retry=retry)
+        return WorkerClient(channel, worker_id=worker_id, rpc_timeout=rpc_timeout, retry=retry)
 
     def start(
         self,
@@ -352,7 +353,7 @@ class Harness:
         s3_retry_budget: float = 30.0,
         rpc_timeout: float = 5.0,
         worker_id: str = "test-worker",
-        client: JobClient | None = None,
+        client: WorkerClient | None = None,
         bounds: LeaseBounds | None = None,
     ) -> RunningWorker:
         """A real Worker; `address` (e.g. a FaultyProxy) and `s3` (a client through one)
@@ -363,7 +364,7 @@ class Harness:
             client = self.client(address=address, rpc_timeout=rpc_timeout, worker_id=worker_id)
         runner = JobRunner(
             client=client,
-            storage=Storage(self.s3 if s3 is None else s3),
+            objects=ObjectStore(self.s3 if s3 is None else s3),
             analyzer=analyzer,
             executor=executor,
             metrics=metrics,

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from jobs.v1 import jobs_pb2
 
-from analysis_worker import codes, storage
-from analysis_worker.storage import Storage, StorageError
+from analysis_worker import codes, object_store
+from analysis_worker.object_store import ObjectStore, ObjectStoreError
 from tests.support.analyzers import GatedAnalyzer, SyntheticAnalyzer, recorded_calls
 from tests.support.worker_service import BUCKET, Harness, RunningWorker
 
@@ -57,7 +57,7 @@ async def multipart_lease(h: Harness, data: bytes, part_size: int = 5 * MIB) -> 
     return lease
 
 
-# -- Storage ---------------------------------------------------------------------------------
+# -- ObjectStore ---------------------------------------------------------------------------------
 
 
 async def test_multipart_object_matching_its_declared_digest_downloads(
@@ -68,7 +68,7 @@ async def test_multipart_object_matching_its_declared_digest_downloads(
     lease.sha256 = hashlib.sha256(data).digest()
     dest = tmp_path / "video.mp4"
     # Chunks that do not divide the parts: the digest must cover every chunk, in order.
-    written = await Storage(harness.s3, chunk_bytes=300_001).download(lease, dest)
+    written = await ObjectStore(harness.s3, chunk_bytes=300_001).download(lease, dest)
     assert written == len(data)
     assert dest.read_bytes() == data
 
@@ -80,8 +80,8 @@ async def test_wrong_declared_digest_is_upload_changed(harness: Harness, tmp_pat
     # as when the parts a client uploaded were not the file it declared.
     declared = hashlib.sha256(data[:-1] + b"\x00").digest()
     lease.sha256 = declared
-    with pytest.raises(StorageError) as caught:
-        await Storage(harness.s3).download(lease, tmp_path / "v")
+    with pytest.raises(ObjectStoreError) as caught:
+        await ObjectStore(harness.s3).download(lease, tmp_path / "v")
     error = caught.value
     assert (error.code, error.retryable) == (codes.UPLOAD_CHANGED, False)
     assert not error.infrastructure  # FailJob kind JOB: it spends an attempt, ends the job
@@ -95,8 +95,8 @@ async def test_single_put_object_with_a_wrong_digest_is_upload_changed(
 ) -> None:
     lease = await harness.lease(data=sample(64 * 1024))
     lease.sha256 = hashlib.sha256(b"another file").digest()
-    with pytest.raises(StorageError) as caught:
-        await Storage(harness.s3, chunk_bytes=8192).download(lease, tmp_path / "v")
+    with pytest.raises(ObjectStoreError) as caught:
+        await ObjectStore(harness.s3, chunk_bytes=8192).download(lease, tmp_path / "v")
     assert (caught.value.code, caught.value.retryable) == (codes.UPLOAD_CHANGED, False)
 
 
@@ -105,7 +105,7 @@ async def test_no_declared_digest_skips_the_check(harness: Harness, tmp_path: Pa
     lease = await harness.lease(data=data)
     assert lease.sha256 == b""
     dest = tmp_path / "v"
-    assert await Storage(harness.s3, chunk_bytes=65_536).download(lease, dest) == len(data)
+    assert await ObjectStore(harness.s3, chunk_bytes=65_536).download(lease, dest) == len(data)
     assert dest.read_bytes() == data
 
 
@@ -132,8 +132,8 @@ async def test_chunks_are_hashed_once_each_off_the_event_loop(
     lease.sha256 = hashlib.sha256(data).digest()
     updates: list[tuple[int, int]] = []
     fake_hashlib = types.SimpleNamespace(sha256=lambda: RecordingSha256(updates))
-    monkeypatch.setattr(storage, "hashlib", fake_hashlib)
-    await Storage(harness.s3, chunk_bytes=16 * 1024).download(lease, tmp_path / "v")
+    monkeypatch.setattr(object_store, "hashlib", fake_hashlib)
+    await ObjectStore(harness.s3, chunk_bytes=16 * 1024).download(lease, tmp_path / "v")
     # Every byte hashed exactly once, chunk by chunk (no second pass over the file)...
     assert sum(size for _, size in updates) == len(data)
     assert len(updates) >= len(data) // (16 * 1024) and max(s for _, s in updates) <= 16 * 1024
@@ -195,7 +195,7 @@ async def test_a_matching_or_absent_digest_lets_the_job_complete(
 
 
 def test_upload_changed_is_a_job_failure_not_infrastructure() -> None:
-    assert StorageError(codes.UPLOAD_CHANGED, "m", retryable=False).infrastructure is False
+    assert ObjectStoreError(codes.UPLOAD_CHANGED, "m", retryable=False).infrastructure is False
     assert codes.UPLOAD_CHANGED == "UPLOAD_CHANGED"
     assert codes.is_known(codes.UPLOAD_CHANGED)
-    assert codes.UPLOAD_CHANGED not in storage.INFRASTRUCTURE_CODES
+    assert codes.UPLOAD_CHANGED not in object_store.INFRASTRUCTURE_CODES

@@ -1,5 +1,5 @@
-"""The worker shares nothing with the job-service but the generated protos (and the client
-library): it imports no job-service or database code, and no other first-party package.
+"""The worker is built on the client library: it imports the generated protos and `jobs_client`,
+never job-service or database code, and no other first-party package.
 
 Checked two ways: statically (every import statement in the package) and at run time (what
 importing the worker really loads, transitively, in a fresh interpreter).
@@ -46,6 +46,20 @@ def _forbidden(name: str) -> bool:
     return any(name == root or name.startswith(root + ".") for root in FORBIDDEN)
 
 
+def test_the_worker_has_no_grpc_plumbing_of_its_own() -> None:
+    """Channels, interceptors and status parsing live in jobs_client; the worker uses them."""
+    own = {
+        str(path.relative_to(PACKAGE_DIR)): sorted(
+            n for n in _imported_modules(path) if n in ("grpc_status", "google.rpc")
+        )
+        for path in PACKAGE_DIR.rglob("*.py")
+    }
+    assert {k: v for k, v in own.items() if v} == {}
+    source = "\n".join(p.read_text() for p in PACKAGE_DIR.rglob("*.py"))
+    for plumbing in ("insecure_channel(", "secure_channel(", "ClientInterceptor", "ErrorInfo"):
+        assert plumbing not in source
+
+
 def test_no_module_imports_job_service_or_database_code() -> None:
     assert {"job_service", "localinfra", "tests"} <= set(FORBIDDEN)
     files = sorted(PACKAGE_DIR.rglob("*.py"))
@@ -62,8 +76,8 @@ def test_importing_the_worker_loads_no_job_service_or_database_code() -> None:
         "analysis_worker.main",
         "analysis_worker.worker",
         "analysis_worker.runner",
-        "analysis_worker.job_client",
-        "analysis_worker.storage",
+        "analysis_worker.lease_keeper",
+        "analysis_worker.object_store",
         "analysis_worker.config",
     ]
     script = (
@@ -76,4 +90,6 @@ def test_importing_the_worker_loads_no_job_service_or_database_code() -> None:
     )
     loaded = json.loads(out.stdout)
     assert "analysis_worker.worker" in loaded and "jobs.v1.jobs_pb2" in loaded
+    # The gRPC plumbing (channel, auth, retries, errors) is the client library's, not a copy.
+    assert {"jobs_client.worker", "jobs_client.channel", "jobs_client.errors"} <= set(loaded)
     assert [m for m in loaded if _forbidden(m)] == []

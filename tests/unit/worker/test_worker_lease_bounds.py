@@ -6,7 +6,7 @@ import pytest
 from jobs.v1 import jobs_pb2
 
 from analysis_worker import codes
-from analysis_worker.security import LeaseBounds, lease_out_of_bounds
+from analysis_worker.lease_bounds import LeaseBounds, lease_out_of_bounds
 
 BOUNDS = LeaseBounds("videos", "uploads/", "results/")
 
@@ -58,9 +58,7 @@ async def test_the_worker_fails_an_out_of_bounds_lease_without_touching_s3(harne
     results_elsewhere = await harness.lease()
     results_elsewhere.results_prefix = "uploads/someone-else/"
     fake.offer(outside, results_elsewhere, inside)
-    running = harness.start(
-        SyntheticAnalyzer(), bounds=LeaseBounds(BUCKET, "uploads/", "results/")
-    )
+    running = harness.start(SyntheticAnalyzer(), bounds=LeaseBounds(BUCKET, "uploads/", "results/"))
     await fake.wait_for(lambda: fake.requests("CompleteJob"), "the good lease to complete")
     await fake.wait_for(lambda: len(fake.requests("FailJob")) == 2, "both refusals")
     for bad in (outside, results_elsewhere):

@@ -20,7 +20,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from jobs.v1 import jobs_pb2
 
 from analysis_worker.analysis import AnalysisAborted, DeepResult, ProgressFn, StopFn
-from analysis_worker.lease import lease_lifetime
+from analysis_worker.lease_keeper import lease_lifetime
 from tests.support.analyzers import GatedAnalyzer, SyntheticAnalyzer, open_gate, recorded_calls
 from tests.support.faults import FaultyProxy
 from tests.support.worker_service import BUCKET, Harness, RunningWorker

@@ -27,8 +27,8 @@ from analysis_worker.analysis import (
     QuickResult,
     StopFn,
 )
-from analysis_worker.job_client import JobClient
 from analysis_worker.worker import Worker
+from jobs_client.worker import WorkerClient
 from tests.support.analyzers import (
     AlwaysRetryableFailure,
     BusyGatedAnalyzer,
@@ -514,7 +514,7 @@ async def test_idle_worker_stops_at_once_even_mid_long_poll(harness: Harness) ->
     await fake.wait_for(lambda: fake.cancelled_claims == 1, "the cancelled claim", within=2)
 
 
-class SigtermAsTheAnswerArrives(JobClient):
+class SigtermAsTheAnswerArrives(WorkerClient):
     """Delivers SIGTERM (shutdown()) the instant a ClaimJob answer with leases comes back —
     the race a signal handler can land in, made deterministic."""
 
@@ -529,7 +529,7 @@ class SigtermAsTheAnswerArrives(JobClient):
         return leases
 
 
-async def test_leases_that_arrive_as_shutdown_begins_are_handed_back_unstarted(
+async def test_leases_that_arrive_as_shutdown_begins_are_released_unstarted(
     harness: Harness,
 ) -> None:
     fake = harness.fake
@@ -585,12 +585,12 @@ async def test_shutdown_releases_the_lease_even_if_the_analysis_ignores_stop(
         analyzer.release.set()
 
 
-async def test_an_answer_on_its_way_when_sigterm_comes_is_received_and_handed_back(
+async def test_an_answer_on_its_way_when_sigterm_comes_is_received_and_released(
     harness: Harness,
 ) -> None:
     """The long poll is woken, leases are granted and the answer is leaving as SIGTERM
     arrives: the worker waits a moment for it rather than cancelling it on the spot, so the
-    leases are handed back instead of stranded until they expire."""
+    leases are released instead of stranded until they expire."""
     fake = harness.fake
     running = harness.start(gated(harness), claim_wait=30)
     await fake.wait_for(lambda: fake.requests("ClaimJob"), "a long-poll claim")

@@ -1,21 +1,29 @@
-"""JobClient against a real grpc.aio server on 127.0.0.1 (port 0) with a scripted servicer:
-deadlines, retries of transient codes, ABORTED as a lost lease, everything else as an error."""
+"""jobs_client.worker.WorkerClient against a real grpc.aio server on 127.0.0.1 (port 0) with a
+scripted servicer: deadlines, retries of transient codes, ABORTED as a lost lease, everything
+else as the JobsError of its code."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import random
 
 import grpc
 import pytest
 from jobs.v1 import jobs_pb2
 
-from analysis_worker.job_client import (
-    Backoff,
-    JobCallError,
-    JobCallUnavailable,
-    LeaseLostError,
-    channel_options,
+from jobs_client.auth import is_loopback
+from jobs_client.channel import channel_options
+from jobs_client.errors import (
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    JobsError,
+    LeaseLost,
+    Unavailable,
 )
+from jobs_client.retry import Backoff
+from jobs_client.worker import WorkerClient
 from tests.support.worker_service import Harness
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
@@ -42,9 +50,10 @@ async def test_persistent_unavailability_gives_up_after_bounded_attempts(harness
     fake = harness.fake
     fake.errors["ReportProgress"] = [UNAVAILABLE] * 10
     client = harness.client(retry=Backoff(max_attempts=4, initial_backoff=0.01))
-    with pytest.raises(JobCallUnavailable) as caught:
+    with pytest.raises(Unavailable) as caught:
         await client.report_progress(lease(), progress_pct=50)
     assert caught.value.code == UNAVAILABLE
+    assert caught.value.retryable and caught.value.method == "ReportProgress"
     assert len(fake.requests("ReportProgress")) == 4
 
 
@@ -60,30 +69,30 @@ async def test_deadline_exceeded_is_retried(harness: Harness) -> None:
 async def test_aborted_is_a_lost_lease_and_never_retried(harness: Harness) -> None:
     fake = harness.fake
     fake.lost.add("job-1")
-    with pytest.raises(LeaseLostError) as caught:
+    with pytest.raises(LeaseLost) as caught:
         await harness.client().fail(lease(), code="X", message="m", retryable=True)
     assert caught.value.code == grpc.StatusCode.ABORTED
     assert len(fake.requests("FailJob")) == 1
 
 
 @pytest.mark.parametrize(
-    "code",
+    ("code", "error_type"),
     [
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.FAILED_PRECONDITION,
-        grpc.StatusCode.INTERNAL,
+        (grpc.StatusCode.INVALID_ARGUMENT, InvalidArgument),
+        (grpc.StatusCode.FAILED_PRECONDITION, FailedPrecondition),
+        (grpc.StatusCode.INTERNAL, Internal),
     ],
 )
-async def test_other_codes_raise_job_call_error_without_retry(
-    harness: Harness, code: grpc.StatusCode
+async def test_other_codes_raise_their_error_without_retry(
+    harness: Harness, code: grpc.StatusCode, error_type: type[JobsError]
 ) -> None:
     fake = harness.fake
     fake.errors["ReleaseJob"] = [code]
-    with pytest.raises(JobCallError) as caught:
+    with pytest.raises(JobsError) as caught:
         await harness.client().release(lease(), reason="test")
-    assert type(caught.value) is JobCallError
-    assert caught.value.code == code
-    assert "scripted" in caught.value.details
+    assert type(caught.value) is error_type
+    assert caught.value.code == code and not caught.value.retryable
+    assert "scripted" in caught.value.message
     assert len(fake.requests("ReleaseJob")) == 1
 
 
@@ -152,3 +161,52 @@ def test_keepalive_fits_a_server_that_allows_pings_every_10_seconds() -> None:
     assert 10_000 <= int(options["grpc.keepalive_time_ms"]) <= 60_000
     assert options["grpc.keepalive_permit_without_calls"] == 1
     assert "grpc.keepalive_timeout_ms" in options
+
+
+async def test_renewing_cancels_the_work_and_raises_lease_lost_when_the_lease_is_lost(
+    harness: Harness,
+) -> None:
+    fake = harness.fake
+    held = await harness.lease(heartbeat_interval=0.1)
+    client = harness.client()
+    started = asyncio.Event()
+    with pytest.raises(LeaseLost):
+        async with client.renewing(held) as renewing:
+            started.set()
+            await fake.wait_for(lambda: len(fake.requests("Heartbeat")) >= 2, "two renewals")
+            fake.lost.add(held.job.job_id)
+            await asyncio.sleep(30)  # the work: cut short by the loss, not waited out
+    assert renewing.lost and started.is_set()
+    renewals = fake.requests("Heartbeat")
+    assert all(r.leases[0].lease_token == held.lease_token for r in renewals)
+
+
+async def test_renewing_reports_a_cancellation_request(harness: Harness) -> None:
+    fake = harness.fake
+    held = await harness.lease(heartbeat_interval=0.1)
+    fake.cancelled.add(held.job.job_id)
+    async with harness.client().renewing(held) as renewing:
+        await fake.wait_for(lambda: fake.requests("Heartbeat") != [], "a renewal")
+        await fake.wait_for(lambda: renewing.cancel_requested, "the flag", within=2)
+    assert not renewing.lost
+
+
+@pytest.mark.parametrize("form", ["dns", "ipv4"])
+async def test_dns_and_address_list_targets_reach_the_service(harness: Harness, form: str) -> None:
+    """The targets a headless Service setup uses: `dns:///name:port` (localhost resolves to
+    127.0.0.1 and ::1; round-robin skips the address nothing listens on) and `ipv4:a:p,b:p`."""
+    port = harness.address.rpartition(":")[2]
+    target = f"dns:///localhost:{port}" if form == "dns" else f"ipv4:127.0.0.1:{port}"
+    assert is_loopback(target)
+    harness.fake.offer(lease("via-" + form))
+    async with WorkerClient.connect(target, worker_id="w") as client:
+        leases = await client.claim(max_jobs=1, wait=0)
+    assert [x.job.job_id for x in leases] == ["via-" + form]
+
+
+def test_channels_balance_round_robin_over_every_resolved_address() -> None:
+    config = json.loads(dict(channel_options())["grpc.service_config"])  # type: ignore[arg-type]
+    assert config["loadBalancingConfig"] == [{"round_robin": {}}]
+    assert is_loopback("ipv4:127.0.0.1:1,127.0.0.1:2")
+    assert not is_loopback("ipv4:127.0.0.1:1,10.0.0.2:2")
+    assert not is_loopback("dns:///jobs.example.svc:50051")

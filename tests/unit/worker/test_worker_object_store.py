@@ -1,4 +1,4 @@
-"""Storage against moto's S3 server: streamed, If-Match-guarded downloads and the error codes
+"""ObjectStore against moto's S3 server: streamed, If-Match-guarded downloads and the error codes
 the worker reports; results uploaded under the lease's results prefix."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from botocore.config import Config as BotoConfig
 from jobs.v1 import jobs_pb2
 
-from analysis_worker.storage import Storage, StorageError
+from analysis_worker.object_store import ObjectStore, ObjectStoreError
 from localinfra.netports import free_port
 from tests.support.worker_service import BUCKET, Harness
 
@@ -55,7 +55,7 @@ async def test_download_streams_in_chunks_with_if_match(harness: Harness, tmp_pa
     lease = await harness.lease(data=data)
     spy = SpyClient(harness.s3)
     dest = tmp_path / "video.mp4"
-    written = await Storage(spy, chunk_bytes=16 * 1024).download(lease, dest)
+    written = await ObjectStore(spy, chunk_bytes=16 * 1024).download(lease, dest)
     assert written == len(data)
     assert dest.read_bytes() == data
     assert spy.get_params == [{"Bucket": BUCKET, "Key": lease.key, "IfMatch": lease.etag}]
@@ -67,7 +67,7 @@ async def test_download_streams_in_chunks_with_if_match(harness: Harness, tmp_pa
 async def test_download_without_etag_sends_no_if_match(harness: Harness, tmp_path: Path) -> None:
     lease = await harness.lease(etag="")
     spy = SpyClient(harness.s3)
-    await Storage(spy).download(lease, tmp_path / "v")
+    await ObjectStore(spy).download(lease, tmp_path / "v")
     assert "IfMatch" not in spy.get_params[0]
 
 
@@ -75,24 +75,24 @@ async def test_overwritten_object_is_upload_changed(harness: Harness, tmp_path: 
     lease = await harness.lease()
     # The presigned PUT is still valid after verification: someone uploads other bytes.
     await harness.s3.put_object(Bucket=BUCKET, Key=lease.key, Body=b"something else")
-    with pytest.raises(StorageError) as caught:
-        await Storage(harness.s3).download(lease, tmp_path / "v")
+    with pytest.raises(ObjectStoreError) as caught:
+        await ObjectStore(harness.s3).download(lease, tmp_path / "v")
     assert (caught.value.code, caught.value.retryable) == ("UPLOAD_CHANGED", False)
 
 
 async def test_size_mismatch_is_upload_changed(harness: Harness, tmp_path: Path) -> None:
     lease = await harness.lease(etag="")
     lease.size_bytes += 1
-    with pytest.raises(StorageError) as caught:
-        await Storage(harness.s3).download(lease, tmp_path / "v")
+    with pytest.raises(ObjectStoreError) as caught:
+        await ObjectStore(harness.s3).download(lease, tmp_path / "v")
     assert (caught.value.code, caught.value.retryable) == ("UPLOAD_CHANGED", False)
 
 
 async def test_missing_object_is_upload_missing(harness: Harness, tmp_path: Path) -> None:
     lease = await harness.lease()
     await harness.s3.delete_object(Bucket=BUCKET, Key=lease.key)
-    with pytest.raises(StorageError) as caught:
-        await Storage(harness.s3).download(lease, tmp_path / "v")
+    with pytest.raises(ObjectStoreError) as caught:
+        await ObjectStore(harness.s3).download(lease, tmp_path / "v")
     assert (caught.value.code, caught.value.retryable) == ("UPLOAD_MISSING", False)
 
 
@@ -109,8 +109,8 @@ async def test_unreachable_s3_is_a_retryable_download_failure(
         aws_secret_access_key="y",
         config=BotoConfig(connect_timeout=1, retries={"max_attempts": 1}),
     ) as dead:
-        with pytest.raises(StorageError) as caught:
-            await Storage(dead).download(lease, tmp_path / "v")
+        with pytest.raises(ObjectStoreError) as caught:
+            await ObjectStore(dead).download(lease, tmp_path / "v")
     assert (caught.value.code, caught.value.retryable) == ("DOWNLOAD_FAILED", True)
 
 
@@ -124,7 +124,7 @@ async def test_results_are_uploaded_under_the_results_prefix(
     thumb.write_bytes(b"jpeg")
     signal = tmp_path / "signal.json"
     signal.write_text('{"brightness": [1, 2]}')
-    storage = Storage(harness.s3)
+    storage = ObjectStore(harness.s3)
 
     uris = await storage.upload_thumbnails(lease, [thumb])
     uri = await storage.upload_results(lease, signal_file=signal, summary={"deep": {"n": 2}})

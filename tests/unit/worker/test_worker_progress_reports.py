@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from analysis_worker.progress import ProgressSender, ProgressThrottle
+from analysis_worker.progress_reports import ProgressSender, ProgressThrottle
 
 
 class Clock:

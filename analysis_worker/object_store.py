@@ -5,7 +5,7 @@ job-service verified — a presigned PUT URL stays valid after verification, so 
 overwritten. It streams to disk in chunks (videos do not fit in memory) and hashes the chunks as
 it writes them, so the SHA-256 the uploader declared (`Lease.sha256`) is checked on the whole
 object without a second read: S3 holds no whole-object SHA-256 for a multipart upload, only
-the per-part ones the service checked. S3 failures become `StorageError`s that say whether
+the per-part ones the service checked. S3 failures become `ObjectStoreError`s that say whether
 retrying can help, which is all the worker needs to decide between a retryable and a final
 FailJob — and whose fault it is: `infrastructure` errors (S3 5xx, timeouts, refused
 connections, 403 for our own credentials) say nothing about the job, so the worker retries them
@@ -48,7 +48,7 @@ _DENIED_CODES = frozenset({"403", "AccessDenied", "Forbidden"})
 INFRASTRUCTURE_CODES = frozenset({DOWNLOAD_FAILED, STORAGE_ACCESS_DENIED, RESULTS_UPLOAD_FAILED})
 
 
-class StorageError(Exception):
+class ObjectStoreError(Exception):
     """An S3 failure, with the job error code to report and whether a retry can help.
 
     `infrastructure`: the failure is S3's or our credentials', not the job's; it is retried
@@ -63,7 +63,7 @@ class StorageError(Exception):
         self.infrastructure = code in INFRASTRUCTURE_CODES
 
 
-class Storage:
+class ObjectStore:
     """Job-scoped S3 operations on an aioboto3 S3 client that main() owns (and closes).
 
     The client is typed `Any`: aioboto3 generates its methods at runtime and ships no stubs.
@@ -80,7 +80,7 @@ class Storage:
         digest (`lease.sha256`, the raw 32 bytes; empty when none was declared) the download
         must match it.
 
-        Raises StorageError: UPLOAD_MISSING (404, final), UPLOAD_CHANGED (412, size or
+        Raises ObjectStoreError: UPLOAD_MISSING (404, final), UPLOAD_CHANGED (412, size or
         SHA-256 mismatch: not the bytes verified or declared, final), STORAGE_ACCESS_DENIED
         (403, a configuration fault: infrastructure), DOWNLOAD_FAILED (network, timeout, 5xx:
         infrastructure).
@@ -95,18 +95,18 @@ class Storage:
             raise _download_error(exc, lease) from exc
         except (TimeoutError, BotoCoreError, aiohttp.ClientError, OSError) as exc:
             # aiohttp errors (e.g. a payload cut short) can surface unwrapped by botocore.
-            raise StorageError(
+            raise ObjectStoreError(
                 DOWNLOAD_FAILED, f"reading s3://{lease.bucket}/{lease.key}: {exc!r}", retryable=True
             ) from exc
         if lease.size_bytes and written != lease.size_bytes:
-            raise StorageError(
+            raise ObjectStoreError(
                 UPLOAD_CHANGED,
                 f"s3://{lease.bucket}/{lease.key} has {written} bytes, "
                 f"{lease.size_bytes} were verified",
                 retryable=False,
             )
         if lease.sha256 and digest != lease.sha256:
-            raise StorageError(
+            raise ObjectStoreError(
                 UPLOAD_CHANGED,
                 f"s3://{lease.bucket}/{lease.key} has SHA-256 {digest.hex()}, "
                 f"{lease.sha256.hex()} was declared",
@@ -194,27 +194,27 @@ def _results_key(lease: jobs_pb2.Lease, name: str) -> str:
     return _results_prefix(lease) + name
 
 
-def _download_error(exc: ClientError, lease: jobs_pb2.Lease) -> StorageError:
+def _download_error(exc: ClientError, lease: jobs_pb2.Lease) -> ObjectStoreError:
     error = exc.response.get("Error", {})
     code = str(error.get("Code", ""))
     status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
     where = f"s3://{lease.bucket}/{lease.key}"
     if code in _MISSING_CODES or status == 404:
-        return StorageError(UPLOAD_MISSING, f"{where} does not exist", retryable=False)
+        return ObjectStoreError(UPLOAD_MISSING, f"{where} does not exist", retryable=False)
     if code in _CHANGED_CODES or status == 412:
-        return StorageError(
+        return ObjectStoreError(
             UPLOAD_CHANGED,
             f"{where} no longer has the verified ETag {lease.etag}: overwritten after upload",
             retryable=False,
         )
     if code in _DENIED_CODES or status == 403:
-        return StorageError(
+        return ObjectStoreError(
             STORAGE_ACCESS_DENIED, f"{where}: access denied (check credentials)", retryable=True
         )
-    return StorageError(DOWNLOAD_FAILED, f"{where}: {code or status}: {exc}", retryable=True)
+    return ObjectStoreError(DOWNLOAD_FAILED, f"{where}: {code or status}: {exc}", retryable=True)
 
 
-def _upload_error(bucket: str, key: str, exc: Exception) -> StorageError:
-    return StorageError(
+def _upload_error(bucket: str, key: str, exc: Exception) -> ObjectStoreError:
+    return ObjectStoreError(
         RESULTS_UPLOAD_FAILED, f"writing s3://{bucket}/{key}: {exc}", retryable=True
     )

@@ -193,7 +193,7 @@ class ActiveJob:
         """Raises JobStopped if the job must not go on.
 
         `finishing`: the analysis is done and only upload + CompleteJob are left; a shutdown
-        does not interrupt that (finishing beats handing the work back), a loss or a
+        does not interrupt that (finishing beats releasing the work), a loss or a
         cancellation does.
         """
         reason = self.stop_reason
