@@ -322,7 +322,7 @@ def validate_progress(pct: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class RetryPolicy:
+class JobRetryPolicy:
     max_attempts: int
     base_delay: timedelta
     max_delay: timedelta
