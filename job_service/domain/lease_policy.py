@@ -52,8 +52,10 @@ class FailureKind(enum.Enum):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class InfrastructureBudget:
-    """Infrastructure trouble: requeued with a short capped, jittered backoff that grows with
-    how long the trouble has lasted, until the window is spent."""
+    """Infrastructure trouble (FailJob of kind INFRASTRUCTURE) spends no attempt: the job is
+    requeued with a short capped, jittered backoff that grows with how long the trouble has
+    lasted, until the wall-clock window is spent (JobRetryPolicy counts the job's own
+    failures)."""
 
     base: float
     cap: float
