@@ -12,18 +12,13 @@ import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from job_service.config import Settings
 from job_service.domain import codes, errors
 from job_service.domain import multipart as mp
-from job_service.domain.model import Job, JobError, JobId, LeaseOutcome, verify_upload
+from job_service.domain.model import Job, JobError, JobId, verify_upload
 from job_service.domain.status import TERMINAL, JobStatus, check_transition
 from job_service.metrics import Metrics
-from job_service.ports import ObjectStore
-from job_service.storage import jobs as repo
-from job_service.storage.db import transaction
+from job_service.ports import AdminRecords, ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +103,10 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 class Admin:
     def __init__(
-        self, engine: AsyncEngine, store: ObjectStore, settings: Settings, metrics: Metrics
+        self, records: AdminRecords, objects: ObjectStore, settings: Settings, metrics: Metrics
     ) -> None:
-        self._engine = engine
-        self._store = store
+        self._records = records
+        self._objects = objects
         self._settings = settings
         self._metrics = metrics
         self._tokens = PageTokens(settings.page_token_secret, settings.database_url)
@@ -129,9 +124,9 @@ class Admin:
             raise errors.InvalidArgument("page_size", f"must be within 0..{MAX_PAGE_SIZE}")
         size = page_size or DEFAULT_PAGE_SIZE
         after = self._tokens.decode(page_token, statuses, older_than) if page_token else None
-        async with transaction(self._engine) as conn:
-            rows = await repo.list_jobs(
-                conn, statuses=statuses, older_than=older_than, limit=size + 1, after=after
+        async with self._records.begin() as tx:
+            rows = await tx.list_jobs(
+                statuses=statuses, older_than=older_than, limit=size + 1, after=after
             )
         return rows[:size], len(rows) > size
 
@@ -143,10 +138,10 @@ class Admin:
 
     async def stats(self, stuck_after: timedelta | None = None) -> Stats:
         stuck = stuck_after or timedelta(seconds=self._settings.stuck_upload_seconds)
-        async with transaction(self._engine) as conn:
-            counts = await repo.count_by_status(conn)
-            oldest = await repo.oldest_claimable_age(conn)
-            n_stuck = await repo.count_stuck_uploads(conn, stuck)
+        async with self._records.begin() as tx:
+            counts = await tx.count_by_status()
+            oldest = await tx.oldest_claimable_age()
+            n_stuck = await tx.count_stuck_uploads(stuck)
         return Stats(counts, oldest, n_stuck, stuck)
 
     async def refresh_gauges(self) -> None:
@@ -162,10 +157,10 @@ class Admin:
         queued once its object is verified (the design note's manual UPDATE, made safe).
 
         Raises JobNotFound, InvalidTransition, UploadVerificationFailed (stuck upload without a
-        good object: nothing changed), StorageUnavailable.
+        good object: nothing changed), ObjectStoreUnavailable.
         """
-        async with transaction(self._engine) as conn:
-            job = await repo.get_job(conn, job_id)
+        async with self._records.begin() as tx:
+            job = await tx.get_job(job_id)
         if job is None:
             raise errors.JobNotFound(job_id)
         verdict: JobError | None = None
@@ -180,11 +175,11 @@ class Admin:
             or job.etag is None
             or changed
         ):
-            obj = await self._store.head(job.bucket, job.key)
+            obj = await self._objects.head(job.bucket, job.key)
             verdict = verify_upload(job, obj)
             if verdict is None and obj is not None:  # and the declared SHA-256 (upload helper)
-                async with transaction(self._engine) as conn:
-                    sums = await repo.part_checksums(conn, job_id)
+                async with self._records.begin() as tx:
+                    sums = await tx.part_checksums(job_id)
                 signed = [mp.PartInfo(n, 0, "", sums.get(n)) for n in sorted(sums)]
                 verdict = mp.verify_checksum(job, obj, mp.expected_checksum(job, signed))
             if verdict is not None:
@@ -194,33 +189,15 @@ class Admin:
                     job_id=job_id,
                     upload_error=verdict.code,
                 )
-        async with transaction(self._engine) as conn:
-            job = await repo.get_job(conn, job_id, for_update=True)
+        async with self._records.begin() as tx:
+            job = await tx.get_job(job_id, for_update=True)
             assert job is not None
             if job.status not in (JobStatus.failed, JobStatus.awaiting_upload):
                 raise errors.InvalidTransition(
                     job.status, JobStatus.queued, "only failed or awaiting_upload jobs are requeued"
                 )
             check_transition(job.status, JobStatus.queued)
-            values: dict[str, object] = {}
-            if obj is not None:
-                values.update(
-                    etag=obj.etag, observed_size=obj.size, checksum_sha256=obj.checksum_sha256
-                )
-            # A job that finished its quick pass before failing resumes at the deep pass only
-            # through a lease; a requeue starts it over, with the quick results kept visible.
-            job = await repo.update_job(
-                conn,
-                job_id,
-                status=JobStatus.queued,
-                attempts=0,
-                progress_pct=0,
-                cancel_requested=False,
-                available_at=func.now(),
-                **repo.error_values(None),
-                **values,
-            )
-            await repo.mark_session_uploaded(conn, job.session_id)
+            job = await tx.requeue(job_id, obj)
         self._metrics.job_transitions_total.labels(JobStatus.queued.value).inc()
         log.info("job requeued by operator", extra={"job_id": str(job_id), "reason": reason})
         return job
@@ -232,8 +209,8 @@ class Admin:
         Raises JobNotFound, InvalidTransition (already done or failed).
         """
         message = "cancelled by an operator" + (f": {reason}" if reason else "")
-        async with transaction(self._engine) as conn:
-            job = await repo.get_job(conn, job_id, for_update=True)
+        async with self._records.begin() as tx:
+            job = await tx.get_job(job_id, for_update=True)
             if job is None:
                 raise errors.JobNotFound(job_id)
             if job.status in TERMINAL:
@@ -241,30 +218,22 @@ class Admin:
                     job.status, JobStatus.failed, "the job has already finished"
                 )
             if job.lease_token is not None:
-                job = await repo.update_job(conn, job_id, cancel_requested=True)
+                job = await tx.request_cancel(job_id)
             else:
                 error = JobError(codes.CANCELLED, message, False, job.attempts)
-                job = await repo.update_job(
-                    conn,
-                    job_id,
-                    status=JobStatus.failed,
-                    cancel_requested=True,
-                    last_lease_outcome=LeaseOutcome.cancelled.value,
-                    **repo.error_values(error),
-                )
-                await repo.record_error(conn, job_id, error)
+                job = await tx.cancel(job_id, error)
         # Upload helper hook (issue 9): no multipart parts left behind by a cancelled upload
         # (the bucket's AbortIncompleteMultipartUpload rule is the second line).
         if job.upload_id is not None and job.status is JobStatus.failed:
             try:
-                await self._store.abort_multipart(job.bucket, job.key, job.upload_id)
-            except errors.StorageUnavailable as exc:
+                await self._objects.abort_multipart(job.bucket, job.key, job.upload_id)
+            except errors.ObjectStoreUnavailable as exc:
                 log.warning(
                     "could not abort the cancelled job's multipart upload: %s", exc.message,
                     extra={"job_id": str(job_id)},
                 )  # fmt: skip
             else:
-                async with transaction(self._engine) as conn:
-                    job = await repo.set_upload_id(conn, job_id, None)
+                async with self._records.begin() as tx:
+                    job = await tx.set_upload_id(job_id, None)
         log.info("job cancel requested", extra={"job_id": str(job_id), "reason": reason})
         return job

@@ -18,7 +18,7 @@ from jobs.v1 import jobs_pb2
 from prometheus_client import start_http_server
 
 from job_service.admin import Admin
-from job_service.auth.interceptor import Authenticator, AuthInterceptor, parse_identities
+from job_service.auth.authenticator import Authenticator, parse_identities
 from job_service.auth.revocations import DenyList
 from job_service.auth.tls import ReloadingCertificates
 from job_service.auth.tokens import KeyRing, Verifier
@@ -27,12 +27,16 @@ from job_service.leases import Leases
 from job_service.metrics import Metrics
 from job_service.retention import MIN_AGE, Retention
 from job_service.rpc.admin_servicer import AdminServicer
+from job_service.rpc.interceptor import AuthInterceptor
 from job_service.rpc.registration import CallGate, add_health, add_services
 from job_service.rpc.servicers import UploadServicer, WorkerServicer
 from job_service.s3 import S3Gateway
 from job_service.storage.db import LeasePool, Reachability, create_engine
+from job_service.storage.jobs import JobDatabase
 from job_service.storage.lease_store import LeaseStore
 from job_service.storage.notify import ClaimableListener
+from job_service.storage.retention import RetentionDatabase
+from job_service.storage.revocations import RevocationDatabase
 from job_service.uploads import Uploads
 from job_service.wakeup import ClaimWaiters, JobChanges
 
@@ -131,8 +135,8 @@ class JobServiceApp:
         )
         self._stack.push_async_callback(aux_engine.dispose)
         self.aux_engine = aux_engine
-        store = await self._stack.enter_async_context(S3Gateway(s))
-        if not await store.bucket_exists(s.s3_bucket):
+        objects = await self._stack.enter_async_context(S3Gateway(s))
+        if not await objects.bucket_exists(s.s3_bucket):
             raise RuntimeError(
                 f"S3 bucket {s.s3_bucket!r} does not exist at {s.s3_endpoint_url or 'AWS'}: "
                 "create it (every upload would look missing otherwise)"
@@ -154,12 +158,12 @@ class JobServiceApp:
         self._stack.push_async_callback(lease_pool.close)
         self.lease_pool = lease_pool
         lease_store = LeaseStore(lease_pool)
-        self.uploads = Uploads(engine, store, s, self.metrics, changes)
+        self.uploads = Uploads(JobDatabase(engine), objects, s, self.metrics, changes)
         self.leases = Leases(lease_store, s, waiters, self.metrics, self.reachability)
         self._stack.push_async_callback(self.leases.hand_back.close)
-        self.admin = Admin(aux_engine, store, s, self.metrics)
-        watch_uploads = Uploads(aux_engine, store, s, self.metrics, changes)
-        self.retention = Retention(aux_engine, store, s)
+        self.admin = Admin(JobDatabase(aux_engine), objects, s, self.metrics)
+        watch_uploads = Uploads(JobDatabase(aux_engine), objects, s, self.metrics, changes)
+        self.retention = Retention(RetentionDatabase(aux_engine), objects, s)
         listener = ClaimableListener(
             s.database_url, lease_store, waiters, changes, reachability=self.reachability
         )
@@ -177,7 +181,7 @@ class JobServiceApp:
         identities = parse_identities(s.tls_client_roles)
         if s.auth_required:
             self.keys = KeyRing(s)
-            self.denylist = DenyList(aux_engine)
+            self.denylist = DenyList(RevocationDatabase(aux_engine))
             await self.denylist.refresh()
             authenticator = Authenticator(Verifier(s, self.keys), self.denylist, identities)
         else:

@@ -26,9 +26,9 @@ from typing import Any, Protocol
 
 from job_service.config import Settings
 from job_service.domain import errors
-from job_service.domain.leasing import (
+from job_service.domain.lease_policy import (
     FailureKind,
-    InfraRetryPolicy,
+    InfrastructureBudget,
     LeaseEnd,
     Snapshot,
     decide_expired,
@@ -39,10 +39,10 @@ from job_service.domain.model import (
     Fence,
     Job,
     JobId,
+    JobRetryPolicy,
     Lease,
     LeaseOutcome,
     LeaseToken,
-    RetryPolicy,
     fence,
 )
 from job_service.domain.status import JobStatus, check_transition
@@ -245,12 +245,12 @@ class Leases:
         self._waiters = waiters
         self._metrics = metrics
         self.reachability = reachability
-        self.retry = RetryPolicy(
+        self.retry = JobRetryPolicy(
             max_attempts=settings.max_attempts,
             base_delay=timedelta(seconds=settings.retry_base_seconds),
             max_delay=timedelta(seconds=settings.retry_max_seconds),
         )
-        self.infra = InfraRetryPolicy(
+        self.infra = InfrastructureBudget(
             base=settings.infra_retry_base_seconds,
             cap=settings.infra_retry_max_seconds,
             window=settings.infra_retry_window_seconds,

@@ -1,20 +1,35 @@
-"""Interfaces the use cases depend on, so they can be composed with real adapters in main()."""
+"""Interfaces the use cases depend on, so they can be composed with real adapters in app.py.
+
+One Protocol per concern, named for the use case it serves. The object store (S3) is
+`ObjectStore` and `ResultObjects`; the job database (PostgreSQL, job_service/storage) is one
+`*Records` port per use case. A use case owns its transaction: `async with records.begin() as
+tx:` is one transaction, committed when the block ends without an exception, rolled back
+otherwise; every statement in it is a named operation on `tx`. Database failures surface as the
+domain's DatabaseUnavailable / DatabaseConflict / DatabaseOutcomeUnknown (storage classifies
+them where the statements run). The lease path's port is `leases.LeaseRepository`.
+"""
 
 from __future__ import annotations
 
-from datetime import timedelta
+import uuid
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime, timedelta
 from typing import Protocol
 
-from job_service.domain.model import ObjectInfo
-from job_service.domain.multipart import PartInfo
+from job_service.domain.model import Job, JobError, JobId, NewUpload, ObjectInfo, SessionId
+from job_service.domain.multipart import PartInfo, Plan
+from job_service.domain.status import JobStatus
+
+# -- the object store (S3) ---------------------------------------------------------------------
 
 
 class ObjectStore(Protocol):
     async def head(self, bucket: str, key: str) -> ObjectInfo | None:
         """The object's facts, or None when there is no such object.
 
-        Raises StorageUnavailable (transient or unknown: nothing may be concluded about the
-        object) or StorageAccessDenied (our credentials are refused).
+        Raises ObjectStoreUnavailable (transient or unknown: nothing may be concluded about the
+        object) or ObjectStoreAccessDenied (our credentials are refused).
         """
         ...
 
@@ -30,7 +45,7 @@ class ObjectStore(Protocol):
         and the headers the PUT must send."""
         ...
 
-    # Multipart (revision 0007). Each raises StorageUnavailable / StorageAccessDenied.
+    # Multipart (revision 0007). Each raises ObjectStoreUnavailable / ObjectStoreAccessDenied.
     async def create_multipart(self, bucket: str, key: str, content_type: str) -> str: ...
 
     async def presign_part(
@@ -54,3 +69,187 @@ class ObjectStore(Protocol):
         ...
 
     async def abort_multipart(self, bucket: str, key: str, upload_id: str) -> None: ...
+
+
+class ResultObjects(Protocol):
+    """The workers' results in the object store, as retention deletes them."""
+
+    async def delete_prefix(self, bucket: str, prefix: str, *, dry_run: bool = False) -> int:
+        """Delete (or count) the objects under a folder prefix; how many.
+
+        Raises ObjectStoreUnavailable / ObjectStoreAccessDenied; what was deleted stays
+        deleted."""
+        ...
+
+
+# -- the job database: uploads and admin -------------------------------------------------------
+
+
+class JobRows(Protocol):
+    """What the upload and the admin use cases both do to a job inside their transaction."""
+
+    async def get_job(self, job_id: JobId, *, for_update: bool = False) -> Job | None:
+        """The job; with for_update, its row stays locked until the transaction ends."""
+        ...
+
+    async def part_checksums(self, job_id: JobId) -> dict[int, bytes]:
+        """The SHA-256 each multipart part's URL was signed with, by part number."""
+        ...
+
+    async def set_upload_id(self, job_id: JobId, upload_id: str | None) -> Job:
+        """A new multipart upload (after an abort), or None once S3 completed or aborted it."""
+        ...
+
+
+class UploadTransaction(JobRows, Protocol):
+    async def get_job_by_request_id(self, request_id: uuid.UUID, owner: str) -> Job | None:
+        """The job `owner` created with this request_id (request ids are scoped per owner)."""
+        ...
+
+    async def create_job(
+        self,
+        job_id: JobId,
+        session_id: SessionId,
+        upload: NewUpload,
+        *,
+        bucket: str,
+        key: str,
+        max_attempts: int,
+        url_ttl: timedelta,
+        plan: Plan | None,
+        owner: str,
+    ) -> Job | None:
+        """The session (if new) and the job in awaiting_upload, its upload URL valid for
+        `url_ttl` from the database's now; None when `owner` already used the request_id
+        (a concurrent idempotent retry inserted first)."""
+        ...
+
+    async def refresh_upload_url(self, job_id: JobId, ttl: timedelta) -> Job:
+        """A retry got a fresh URL: the upload expires `ttl` from now, and the reconciler
+        counts from that expiry."""
+        ...
+
+    async def record_part_checksums(
+        self, job_id: JobId, parts: Sequence[tuple[int, bytes]]
+    ) -> None:
+        """The SHA-256 each part's URL is signed with; a re-signed part keeps the newest."""
+        ...
+
+    async def forget_part_checksums(self, job_id: JobId) -> None: ...
+
+    async def mark_upload_verified(self, job_id: JobId, obj: ObjectInfo) -> Job:
+        """The preflight passed: queued, claimable now, with the verified object's facts
+        (workers read with If-Match on its ETag); the job's session counts as uploaded."""
+        ...
+
+    async def mark_upload_failed(
+        self, job_id: JobId, error: JobError, *, observed_size: int | None, max_error_rows: int
+    ) -> Job:
+        """Failed at upload verification (recoverable: upload again, CompleteUpload again).
+        The history gets at most `max_error_rows` upload rows per job."""
+        ...
+
+    async def mark_upload_expired(self, job_id: JobId, error: JobError) -> Job:
+        """Failed: the upload URL expired without an acceptable object (the reconciler)."""
+        ...
+
+    async def pick_stale_uploads(
+        self, *, older_than: timedelta, default_ttl: timedelta, limit: int
+    ) -> list[tuple[Job, bool]]:
+        """Jobs awaiting their upload for longer than `older_than`, least recently checked
+        first, each with whether its upload URL expired `older_than` ago; marked checked so
+        the next pass (or another instance) looks at others."""
+        ...
+
+
+class AdminTransaction(JobRows, Protocol):
+    async def list_jobs(
+        self,
+        *,
+        statuses: Sequence[JobStatus],
+        older_than: timedelta | None,
+        limit: int,
+        after: tuple[datetime, uuid.UUID] | None,
+    ) -> list[Job]:
+        """Newest change first by (updated_at, id); `after` is the last job of the previous
+        page."""
+        ...
+
+    async def count_by_status(self) -> dict[JobStatus, int]: ...
+
+    async def oldest_claimable_age(self) -> timedelta | None:
+        """How long the oldest job a worker could claim now has waited."""
+        ...
+
+    async def count_stuck_uploads(self, older_than: timedelta) -> int: ...
+
+    async def requeue(self, job_id: JobId, verified: ObjectInfo | None) -> Job:
+        """Queued now with a fresh attempt budget, progress and error cleared (the quick
+        results stay visible); `verified`: the object just verified, recorded on the job.
+        The job's session counts as uploaded."""
+        ...
+
+    async def request_cancel(self, job_id: JobId) -> Job:
+        """Ask the worker holding the job's lease to stop (it sees cancel_requested)."""
+        ...
+
+    async def cancel(self, job_id: JobId, error: JobError) -> Job:
+        """Failed with `error` (CANCELLED) and the lease outcome `cancelled`, kept in the
+        history."""
+        ...
+
+
+class UploadRecords(Protocol):
+    def begin(self) -> AbstractAsyncContextManager[UploadTransaction]: ...
+
+
+class AdminRecords(Protocol):
+    def begin(self) -> AbstractAsyncContextManager[AdminTransaction]: ...
+
+
+# -- the job database: retention ---------------------------------------------------------------
+
+
+class RetentionTransaction(Protocol):
+    """Each takes only rows nobody else holds (SKIP LOCKED): a purge never waits for, or
+    makes wait, the lease path."""
+
+    async def lock_finished(
+        self, *, older_than: timedelta, limit: int
+    ) -> list[tuple[uuid.UUID, str]]:
+        """(id, bucket) of up to `limit` finished jobs unchanged for `older_than`, oldest
+        first, locked until the transaction ends."""
+        ...
+
+    async def preview_finished(
+        self, *, older_than: timedelta, limit: int
+    ) -> tuple[list[tuple[uuid.UUID, str]], int]:
+        """What a purge of at most `limit` jobs would take, without locks: the jobs (up to
+        limit + 1, so the caller sees whether more are left) and their error rows."""
+        ...
+
+    async def delete_jobs(self, ids: Sequence[uuid.UUID]) -> tuple[int, int]:
+        """Delete the locked finished jobs and their error rows: (jobs, error rows)."""
+        ...
+
+
+class RetentionRecords(Protocol):
+    def begin(self) -> AbstractAsyncContextManager[RetentionTransaction]: ...
+
+
+# -- the job database: the token denylist (job_service.auth) -----------------------------------
+
+
+class RevocationRecords(Protocol):
+    """Revoked token ids; each call is a transaction of its own."""
+
+    async def revoke(
+        self, jti: str, *, subject: str = "", reason: str = "", expires_at: datetime | None = None
+    ) -> bool:
+        """Add `jti` to the denylist; False when it was already there."""
+        ...
+
+    async def revoked_jtis(self) -> set[str]:
+        """Every jti revoked whose token has not expired yet (expired ones are refused
+        anyway)."""
+        ...

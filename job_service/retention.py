@@ -13,14 +13,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 from datetime import timedelta
-from typing import Protocol
-
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from job_service.config import Settings
 from job_service.domain import errors
-from job_service.storage import retention as q
-from job_service.storage.db import transaction
+from job_service.ports import ResultObjects, RetentionRecords
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +33,6 @@ BATCHES_PER_PASS = 20
 RESULTS_BATCH = 50
 
 
-class ResultStore(Protocol):
-    async def delete_prefix(self, bucket: str, prefix: str, *, dry_run: bool = False) -> int:
-        """Delete (or count) the objects under a folder prefix; how many."""
-        ...
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class PurgeReport:
     older_than: timedelta
@@ -57,9 +47,11 @@ class PurgeReport:
 
 
 class Retention:
-    def __init__(self, engine: AsyncEngine, store: ResultStore, settings: Settings) -> None:
-        self._engine = engine
-        self._store = store
+    def __init__(
+        self, records: RetentionRecords, objects: ResultObjects, settings: Settings
+    ) -> None:
+        self._records = records
+        self._objects = objects
         self._settings = settings
 
     def _results_prefix(self, job_id: object) -> str:
@@ -77,7 +69,7 @@ class Retention:
     ) -> PurgeReport:
         """Delete up to max_jobs finished jobs unchanged for `older_than`, oldest first.
 
-        Raises InvalidArgument (age below MIN_AGE), StorageUnavailable / StorageAccessDenied
+        Raises InvalidArgument (age below MIN_AGE), ObjectStoreUnavailable / ObjectStoreAccessDenied
         with delete_results (the batch in progress is left whole, earlier batches stay
         deleted), DatabaseUnavailable.
         """
@@ -96,14 +88,14 @@ class Retention:
         more = False
         while remaining > 0:
             want = min(size, remaining)
-            async with transaction(self._engine) as conn:
-                picked = await q.lock_finished(conn, older_than=older_than, limit=want)
+            async with self._records.begin() as tx:
+                picked = await tx.lock_finished(older_than=older_than, limit=want)
                 if delete_results:
                     for job_id, bucket in picked:
-                        n_objects += await self._store.delete_prefix(
+                        n_objects += await self._objects.delete_prefix(
                             bucket, self._results_prefix(job_id)
                         )
-                n_jobs, errs = await q.delete_jobs(conn, [job_id for job_id, _ in picked])
+                n_jobs, errs = await tx.delete_jobs([job_id for job_id, _ in picked])
             if n_jobs:
                 batches.append(n_jobs)
             n_errors += errs
@@ -130,13 +122,13 @@ class Retention:
     async def _preview(
         self, older_than: timedelta, delete_results: bool, max_jobs: int
     ) -> PurgeReport:
-        async with transaction(self._engine) as conn:
-            rows, n_errors = await q.preview_finished(conn, older_than=older_than, limit=max_jobs)
+        async with self._records.begin() as tx:
+            rows, n_errors = await tx.preview_finished(older_than=older_than, limit=max_jobs)
         picked = rows[:max_jobs]
         n_objects = 0
         if delete_results:
             for job_id, bucket in picked:
-                n_objects += await self._store.delete_prefix(
+                n_objects += await self._objects.delete_prefix(
                     bucket, self._results_prefix(job_id), dry_run=True
                 )
         return PurgeReport(

@@ -16,7 +16,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from job_service.config import Settings
-from job_service.domain.errors import StorageAccessDenied, StorageUnavailable
+from job_service.domain.errors import ObjectStoreAccessDenied, ObjectStoreUnavailable
 from job_service.domain.model import ObjectInfo
 from job_service.domain.multipart import PartInfo, b64
 
@@ -51,7 +51,7 @@ def _no_such_upload(exc: ClientError) -> bool:
     return code == "NoSuchUpload" or (status == 404 and code in ("", "404"))
 
 
-def _storage_error(exc: Exception, what: str, bucket: str) -> StorageUnavailable:
+def _object_store_error(exc: Exception, what: str, bucket: str) -> ObjectStoreUnavailable:
     """S3 trouble during `what`, as the domain error the RPC layer maps (nothing changed)."""
     if isinstance(exc, ClientError):
         code, status = _code(exc)
@@ -62,16 +62,16 @@ def _storage_error(exc: Exception, what: str, bucket: str) -> StorageUnavailable
                 what,
                 extra={"bucket": bucket, "s3_code": code},
             )
-            return StorageAccessDenied(
+            return ObjectStoreAccessDenied(
                 f"S3 refused {what} ({code or status}): the job-service's S3 credentials lack "
                 f"access to {bucket}; the job was not changed, retry once that is fixed",
                 bucket=bucket,
             )
-        return StorageUnavailable(
+        return ObjectStoreUnavailable(
             f"S3 answered {code or status} to {what}; the job was not changed, retry later",
             bucket=bucket,
         )
-    return StorageUnavailable(
+    return ObjectStoreUnavailable(
         f"S3 could not be reached for {what} ({type(exc).__name__}); the job was not changed, "
         "retry later",
         bucket=bucket,
@@ -130,19 +130,19 @@ class S3Gateway:
                     "s3:GetObject and s3:ListBucket on the bucket",
                     extra={"bucket": bucket, "key": key, "s3_code": code},
                 )
-                raise StorageAccessDenied(
+                raise ObjectStoreAccessDenied(
                     f"S3 refused the upload check ({code or status}): the job-service's S3 "
                     "credentials lack access (they need s3:GetObject and s3:ListBucket on "
                     f"{bucket}); the job was not changed, retry once that is fixed",
                     bucket=bucket,
                 ) from exc
-            raise StorageUnavailable(
+            raise ObjectStoreUnavailable(
                 f"S3 answered {code or status} to the upload check; the job was not changed, "
                 "retry later",
                 bucket=bucket,
             ) from exc
         except (BotoCoreError, OSError, TimeoutError) as exc:
-            raise StorageUnavailable(
+            raise ObjectStoreUnavailable(
                 f"S3 could not be reached for the upload check ({type(exc).__name__}); the job "
                 "was not changed, retry later",
                 bucket=bucket,
@@ -185,7 +185,7 @@ class S3Gateway:
                 Bucket=bucket, Key=key, ContentType=content_type, ChecksumAlgorithm="SHA256"
             )
         except (ClientError, BotoCoreError, OSError, TimeoutError) as exc:
-            raise _storage_error(exc, "CreateMultipartUpload", bucket) from exc
+            raise _object_store_error(exc, "CreateMultipartUpload", bucket) from exc
         return str(resp["UploadId"])
 
     async def presign_part(
@@ -235,9 +235,9 @@ class S3Gateway:
         except ClientError as exc:
             if _no_such_upload(exc):
                 return None
-            raise _storage_error(exc, "ListParts", bucket) from exc
+            raise _object_store_error(exc, "ListParts", bucket) from exc
         except (BotoCoreError, OSError, TimeoutError) as exc:
-            raise _storage_error(exc, "ListParts", bucket) from exc
+            raise _object_store_error(exc, "ListParts", bucket) from exc
 
     async def complete_multipart(
         self, bucket: str, key: str, upload_id: str, parts: list[PartInfo]
@@ -258,9 +258,9 @@ class S3Gateway:
         except ClientError as exc:
             if _no_such_upload(exc):
                 return False
-            raise _storage_error(exc, "CompleteMultipartUpload", bucket) from exc
+            raise _object_store_error(exc, "CompleteMultipartUpload", bucket) from exc
         except (BotoCoreError, OSError, TimeoutError) as exc:
-            raise _storage_error(exc, "CompleteMultipartUpload", bucket) from exc
+            raise _object_store_error(exc, "CompleteMultipartUpload", bucket) from exc
         return True
 
     async def abort_multipart(self, bucket: str, key: str, upload_id: str) -> None:
@@ -270,9 +270,9 @@ class S3Gateway:
         except ClientError as exc:
             if _no_such_upload(exc):
                 return
-            raise _storage_error(exc, "AbortMultipartUpload", bucket) from exc
+            raise _object_store_error(exc, "AbortMultipartUpload", bucket) from exc
         except (BotoCoreError, OSError, TimeoutError) as exc:
-            raise _storage_error(exc, "AbortMultipartUpload", bucket) from exc
+            raise _object_store_error(exc, "AbortMultipartUpload", bucket) from exc
 
     async def bucket_exists(self, bucket: str) -> bool:
         """Start-up check: a missing bucket would make every upload look missing."""
@@ -282,17 +282,17 @@ class S3Gateway:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if status == 404:
                 return False
-            raise StorageUnavailable(f"S3 HeadBucket on {bucket} failed: {exc}") from exc
+            raise ObjectStoreUnavailable(f"S3 HeadBucket on {bucket} failed: {exc}") from exc
         except (BotoCoreError, OSError, TimeoutError) as exc:
-            raise StorageUnavailable(f"S3 unreachable: {type(exc).__name__}: {exc}") from exc
+            raise ObjectStoreUnavailable(f"S3 unreachable: {type(exc).__name__}: {exc}") from exc
         return True
 
     # --- retention (edge helper): results of purged jobs -------------------------------------
 
     async def delete_prefix(self, bucket: str, prefix: str, *, dry_run: bool = False) -> int:
         """Delete every object under `prefix` (with dry_run: only count them); returns how
-        many. Raises StorageUnavailable / StorageAccessDenied; what was deleted stays deleted
-        (a later call finishes the rest)."""
+        many. Raises ObjectStoreUnavailable / ObjectStoreAccessDenied; what was deleted stays
+        deleted (a later call finishes the rest)."""
         if not prefix.endswith("/"):
             raise ValueError(f"refusing to delete under {prefix!r}: not a folder prefix")
         count = 0
@@ -306,7 +306,7 @@ class S3Gateway:
                     )
                     if resp.get("Errors"):
                         first = resp["Errors"][0]
-                        raise StorageUnavailable(
+                        raise ObjectStoreUnavailable(
                             f"S3 did not delete {first.get('Key')} under s3://{bucket}/{prefix} "
                             f"({first.get('Code')}); retry later",
                             bucket=bucket,
@@ -315,13 +315,17 @@ class S3Gateway:
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            cls = StorageAccessDenied if code in _DENIED or status == 403 else StorageUnavailable
+            cls = (
+                ObjectStoreAccessDenied
+                if code in _DENIED or status == 403
+                else ObjectStoreUnavailable
+            )
             raise cls(
                 f"S3 answered {code or status} while deleting s3://{bucket}/{prefix}; retry later",
                 bucket=bucket,
             ) from exc
         except (BotoCoreError, OSError, TimeoutError) as exc:
-            raise StorageUnavailable(
+            raise ObjectStoreUnavailable(
                 f"S3 could not be reached to delete s3://{bucket}/{prefix} "
                 f"({type(exc).__name__}); retry later",
                 bucket=bucket,

@@ -3,7 +3,8 @@ list them, verify and queue it, read a job.
 
 A job is claimable only after CompleteUpload has seen its object in S3 (size, type, part count
 and the SHA-256 S3 checked): that is the whole point of the service. Each use case owns its
-transaction; every state change is a named repository operation.
+transaction (`async with self._records.begin() as tx`); every state change is a named
+operation of the UploadRecords port.
 """
 
 from __future__ import annotations
@@ -15,9 +16,6 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
-
-from sqlalchemy import func
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from job_service.config import Settings
 from job_service.domain import codes, errors
@@ -34,9 +32,7 @@ from job_service.domain.model import (
 )
 from job_service.domain.status import TERMINAL, UPLOAD_ACCEPTED, JobStatus, check_transition
 from job_service.metrics import Metrics
-from job_service.ports import ObjectStore
-from job_service.storage import jobs as repo
-from job_service.storage.db import transaction
+from job_service.ports import ObjectStore, UploadRecords, UploadTransaction
 from job_service.wakeup import JobChanges
 
 log = logging.getLogger(__name__)
@@ -89,15 +85,15 @@ def check_upload_settings(s: Settings) -> None:
 class Uploads:
     def __init__(
         self,
-        engine: AsyncEngine,
-        store: ObjectStore,
+        records: UploadRecords,
+        objects: ObjectStore,
         settings: Settings,
         metrics: Metrics,
         changes: JobChanges,
     ) -> None:
         self._changes = changes
-        self._engine = engine
-        self._store = store
+        self._records = records
+        self._objects = objects
         self._settings = settings
         self._metrics = metrics
         check_upload_settings(settings)
@@ -116,7 +112,7 @@ class Uploads:
 
         The same request_id from the same owner returns the same job (and plan); request ids are
         scoped per owner (issue 10). Raises IdempotencyKeyReused when
-        the request_id was used for a different upload, StorageUnavailable (S3 did not open the
+        the request_id was used for a different upload, ObjectStoreUnavailable (S3 did not open the
         multipart upload: retry with the same request_id), DatabaseUnavailable.
         """
         s = self._settings
@@ -128,74 +124,73 @@ class Uploads:
             if self._wants_multipart(upload)
             else None
         )
-        created = False
-        async with transaction(self._engine) as conn:
-            job = None
-            if upload.request_id is not None:
-                job = await repo.get_job_by_request_id(conn, upload.request_id, owner)
-            if job is None:
-                job_id = JobId(uuid.uuid4())
-                session_id = upload.session_id or SessionId(uuid.uuid4())
-                await repo.ensure_session(conn, session_id)
-                job = await repo.insert_job(
-                    conn,
-                    {
-                        "id": job_id,
-                        "session_id": session_id,
-                        "status": JobStatus.awaiting_upload,
-                        "stage": JobStatus.awaiting_upload.stage,
-                        "filename": upload.filename,
-                        "content_type": upload.content_type,
-                        "size_bytes": upload.size_bytes,
-                        "s3_bucket": s.s3_bucket,
-                        # Server-made key: the filename never reaches it.
-                        "s3_key": f"{s.s3_upload_prefix}{job_id}/source",
-                        "request_id": upload.request_id,
-                        "max_attempts": s.max_attempts,
-                        "upload_expires_at": func.now() + ttl,
-                        "sha256": upload.sha256,
-                        "part_size": plan.part_size if plan else None,
-                        "part_count": plan.part_count if plan else None,
-                        "owner_subject": owner,  # issue 10
-                    },
-                )
-                if job is None:  # a concurrent retry with this request_id inserted first
-                    assert upload.request_id is not None
-                    job = await repo.get_job_by_request_id(conn, upload.request_id, owner)
-                    assert job is not None
-                else:
-                    created = True
-                    log.info("job created", extra={"job_id": str(job.id)})
+        async with self._records.begin() as tx:
+            job, created = await self._find_or_create(tx, upload, owner, plan, ttl)
             if upload.request_id is not None:
                 check_same_request(job, upload)
                 if job.sha256 != upload.sha256:
                     raise errors.IdempotencyKeyReused(upload.request_id, job.id, "sha256")
             if not created and (job.status is JobStatus.awaiting_upload or job.upload_failed):
                 # A retry gets a fresh URL; the reconciler must count from its expiry.
-                job = await repo.refresh_upload_url(conn, job.id, ttl)
+                job = await tx.refresh_upload_url(job.id, ttl)
         if job.status is not JobStatus.awaiting_upload and not job.upload_failed:
             return InitiatedUpload(job, "", {}, job.upload_expires_at)
         if job.multipart:
             if job.upload_id is None:
                 job = await self._open_multipart(job)
             return InitiatedUpload(job, "", {}, job.upload_expires_at, mp.plan_of(job))
-        url, headers = await self._store.presign_put(
+        url, headers = await self._objects.presign_put(
             job.bucket, job.key, job.content_type, ttl, job.sha256
         )
         return InitiatedUpload(job, url, headers, job.upload_expires_at)
 
+    async def _find_or_create(
+        self,
+        tx: UploadTransaction,
+        upload: NewUpload,
+        owner: str,
+        plan: mp.Plan | None,
+        ttl: timedelta,
+    ) -> tuple[Job, bool]:
+        """The job `owner` made with this request_id, or a new one; and whether it is new."""
+        if upload.request_id is not None:
+            job = await tx.get_job_by_request_id(upload.request_id, owner)
+            if job is not None:
+                return job, False
+        s = self._settings
+        job_id = JobId(uuid.uuid4())
+        job = await tx.create_job(
+            job_id,
+            upload.session_id or SessionId(uuid.uuid4()),
+            upload,
+            bucket=s.s3_bucket,
+            # Server-made key: the filename never reaches it.
+            key=f"{s.s3_upload_prefix}{job_id}/source",
+            max_attempts=s.max_attempts,
+            url_ttl=ttl,
+            plan=plan,
+            owner=owner,  # issue 10
+        )
+        if job is None:  # a concurrent retry with this request_id inserted first
+            assert upload.request_id is not None
+            job = await tx.get_job_by_request_id(upload.request_id, owner)
+            assert job is not None
+            return job, False
+        log.info("job created", extra={"job_id": str(job.id)})
+        return job, True
+
     async def _open_multipart(self, job: Job) -> Job:
         """CreateMultipartUpload for a job that has none (new, or its last one was completed or
         aborted); of two concurrent retries, the loser aborts its own upload."""
-        upload_id = await self._store.create_multipart(job.bucket, job.key, job.content_type)
-        async with transaction(self._engine) as conn:
-            current = await repo.get_job(conn, job.id, for_update=True)
+        upload_id = await self._objects.create_multipart(job.bucket, job.key, job.content_type)
+        async with self._records.begin() as tx:
+            current = await tx.get_job(job.id, for_update=True)
             assert current is not None
             if current.upload_id is None:
-                await repo.forget_part_checksums(conn, job.id)
-                return await repo.set_upload_id(conn, job.id, upload_id)
-        with contextlib.suppress(errors.StorageUnavailable):
-            await self._store.abort_multipart(job.bucket, job.key, upload_id)
+                await tx.forget_part_checksums(job.id)
+                return await tx.set_upload_id(job.id, upload_id)
+        with contextlib.suppress(errors.ObjectStoreUnavailable):
+            await self._objects.abort_multipart(job.bucket, job.key, upload_id)
         return current
 
     async def sign_parts(
@@ -220,8 +215,8 @@ class Uploads:
         if len(set(numbers)) != len(numbers):
             raise errors.InvalidArgument("parts", "each part number at most once per call")
         ttl = timedelta(seconds=s.upload_url_ttl_seconds)
-        async with transaction(self._engine) as conn:
-            job = await repo.get_job(conn, job_id, for_update=True)
+        async with self._records.begin() as tx:
+            job = await tx.get_job(job_id, for_update=True)
             if job is None or not visible_to(job, owner):
                 raise errors.JobNotFound(job_id)
             upload_id = self._open_upload_id(job)
@@ -232,11 +227,11 @@ class Uploads:
                     "parts",
                     f"part number {bad[0]} is outside 1..{plan.part_count} (this upload's parts)",
                 )
-            await repo.record_part_checksums(conn, job_id, parts)
-            job = await repo.refresh_upload_url(conn, job_id, ttl)
+            await tx.record_part_checksums(job_id, parts)
+            job = await tx.refresh_upload_url(job_id, ttl)
         out = []
         for n, sha in parts:
-            url, headers = await self._store.presign_part(
+            url, headers = await self._objects.presign_part(
                 job.bucket, job.key, upload_id, n, sha, ttl
             )
             out.append(SignedPart(n, url, headers, plan.size_of(n, job.size_bytes)))
@@ -247,7 +242,7 @@ class Uploads:
     ) -> tuple[Job, list[mp.PartInfo]]:
         """The parts S3 holds (every page), with the SHA-256 each was signed with; empty once
         the upload was completed or aborted. Raises JobNotFound, NotMultipart,
-        StorageUnavailable."""
+        ObjectStoreUnavailable."""
         job = await self.get(job_id, owner)
         if not job.multipart:
             raise mp.NotMultipart(
@@ -255,11 +250,11 @@ class Uploads:
             )
         if job.upload_id is None:
             return job, []
-        listed = await self._store.list_parts(job.bucket, job.key, job.upload_id)
+        listed = await self._objects.list_parts(job.bucket, job.key, job.upload_id)
         if listed is None:
             return job, []
-        async with transaction(self._engine) as conn:
-            sums = await repo.part_checksums(conn, job_id)
+        async with self._records.begin() as tx:
+            sums = await tx.part_checksums(job_id)
         return job, [dataclasses.replace(p, sha256=sums.get(p.part_number)) for p in listed]
 
     @staticmethod
@@ -296,10 +291,10 @@ class Uploads:
         failed, raising UploadVerificationFailed). Already queued, running or done: returned
         unchanged. Concurrent calls make exactly one transition (the row lock decides).
         Raises JobNotFound, JobNotRetryable (failed during analysis), UploadIncomplete,
-        StorageUnavailable / StorageAccessDenied (nothing changed), DatabaseUnavailable.
+        ObjectStoreUnavailable / ObjectStoreAccessDenied (nothing changed), DatabaseUnavailable.
         """
-        async with transaction(self._engine) as conn:
-            job = await repo.get_job(conn, job_id)
+        async with self._records.begin() as tx:
+            job = await tx.get_job(job_id)
         if job is None or not visible_to(job, owner):  # `owner`: None for operators
             raise errors.JobNotFound(job_id)
         if job.status in UPLOAD_ACCEPTED:
@@ -307,16 +302,16 @@ class Uploads:
         self._check_verifiable(job)
         try:
             expected = await self._assemble(job)
-            obj = await self._store.head(job.bucket, job.key)
-        except errors.StorageAccessDenied:
+            obj = await self._objects.head(job.bucket, job.key)
+        except errors.ObjectStoreAccessDenied:
             self._metrics.preflight_total.labels("access_denied").inc()
             raise
-        except errors.StorageUnavailable:
+        except errors.ObjectStoreUnavailable:
             self._metrics.preflight_total.labels("transient").inc()
             raise
         verdict = self._verdict(job, obj, expected)
-        async with transaction(self._engine) as conn:
-            job = await repo.get_job(conn, job_id, for_update=True)
+        async with self._records.begin() as tx:
+            job = await tx.get_job(job_id, for_update=True)
             assert job is not None
             if job.status in UPLOAD_ACCEPTED:  # a concurrent CompleteUpload won
                 return job
@@ -324,14 +319,7 @@ class Uploads:
             if verdict is None:
                 assert obj is not None
                 check_transition(job.status, JobStatus.queued)
-                job = await repo.mark_upload_verified(
-                    conn,
-                    job_id,
-                    etag=obj.etag,
-                    observed_size=obj.size,
-                    checksum_sha256=obj.checksum_sha256,
-                )
-                await repo.mark_session_uploaded(conn, job.session_id)
+                job = await tx.mark_upload_verified(job_id, obj)
                 self._metrics.preflight_total.labels("ok").inc()
                 self._metrics.job_transitions_total.labels(JobStatus.queued.value).inc()
                 log.info("upload verified; job queued", extra={"job_id": str(job_id)})
@@ -340,9 +328,8 @@ class Uploads:
                 check_transition(job.status, JobStatus.failed)
             if job.multipart and obj is not None and job.upload_id is not None:
                 # S3 assembled the object: the upload id is spent; InitiateUpload opens another.
-                await repo.set_upload_id(conn, job_id, None)
-            await repo.mark_upload_failed(
-                conn,
+                await tx.set_upload_id(job_id, None)
+            await tx.mark_upload_failed(
                 job_id,
                 verdict,
                 observed_size=obj.size if obj else None,
@@ -362,7 +349,7 @@ class Uploads:
         if not job.multipart:
             return mp.expected_checksum(job, None)
         if job.upload_id is not None:
-            listed = await self._store.list_parts(job.bucket, job.key, job.upload_id)
+            listed = await self._objects.list_parts(job.bucket, job.key, job.upload_id)
             if listed is not None:
                 parts = await self._signed(job, listed)
                 problems = mp.check_parts(job, parts)
@@ -377,16 +364,16 @@ class Uploads:
                         part_count=job.part_count,
                     )
                 # False: a concurrent call completed it first; the object tells the rest.
-                await self._store.complete_multipart(job.bucket, job.key, job.upload_id, parts)
-        async with transaction(self._engine) as conn:
-            sums = await repo.part_checksums(conn, job.id)
+                await self._objects.complete_multipart(job.bucket, job.key, job.upload_id, parts)
+        async with self._records.begin() as tx:
+            sums = await tx.part_checksums(job.id)
         assert job.part_count is not None
         signed = [mp.PartInfo(n, 0, "", sums.get(n)) for n in range(1, job.part_count + 1)]
         return mp.expected_checksum(job, signed)
 
     async def _signed(self, job: Job, listed: list[mp.PartInfo]) -> list[mp.PartInfo]:
-        async with transaction(self._engine) as conn:
-            sums = await repo.part_checksums(conn, job.id)
+        async with self._records.begin() as tx:
+            sums = await tx.part_checksums(job.id)
         return [dataclasses.replace(p, sha256=sums.get(p.part_number)) for p in listed]
 
     @staticmethod
@@ -407,9 +394,8 @@ class Uploads:
         the next pass; S3 trouble changes nothing. Returns counts per outcome.
         """
         s = self._settings
-        async with transaction(self._engine) as conn:
-            stale = await repo.pick_stale_uploads(
-                conn,
+        async with self._records.begin() as tx:
+            stale = await tx.pick_stale_uploads(
                 older_than=timedelta(seconds=s.reconcile_after_seconds),
                 default_ttl=timedelta(seconds=s.upload_url_ttl_seconds),
                 limit=s.reconcile_batch,
@@ -431,17 +417,17 @@ class Uploads:
 
     async def _reconcile(self, job: Job, url_expired: bool) -> str:
         if job.multipart and job.upload_id is not None:
-            listed = await self._store.list_parts(job.bucket, job.key, job.upload_id)
+            listed = await self._objects.list_parts(job.bucket, job.key, job.upload_id)
             if listed is not None:
                 if not mp.check_parts(job, await self._signed(job, listed)):
                     await self.complete(job.id)
                     return "queued"
                 if not url_expired:
                     return "waiting"
-                await self._store.abort_multipart(job.bucket, job.key, job.upload_id)
+                await self._objects.abort_multipart(job.bucket, job.key, job.upload_id)
                 await self._expire(job)
                 return "expired"
-        obj = await self._store.head(job.bucket, job.key)
+        obj = await self._objects.head(job.bucket, job.key)
         if obj is not None and (url_expired or verify_upload(job, obj) is None):
             await self.complete(job.id)  # queues it, or fails it with its verification code
             return "queued"
@@ -456,11 +442,11 @@ class Uploads:
             "the upload URL expired and no object arrived; call InitiateUpload with the same "
             "request_id for a new URL, upload, then CompleteUpload",
         )
-        async with transaction(self._engine) as conn:
-            current = await repo.get_job(conn, job.id, for_update=True)
+        async with self._records.begin() as tx:
+            current = await tx.get_job(job.id, for_update=True)
             if current is None or current.status is not JobStatus.awaiting_upload:
                 return  # completed meanwhile
-            await repo.mark_upload_expired(conn, job.id, error)
+            await tx.mark_upload_expired(job.id, error)
         self._metrics.job_transitions_total.labels(JobStatus.failed.value).inc()
         log.info("upload expired; job failed", extra={"job_id": str(job.id)})
 
@@ -502,8 +488,8 @@ class Uploads:
 
     async def get(self, job_id: JobId, owner: str | None = None) -> Job:
         """The job; JobNotFound when it does not exist or belongs to another owner."""
-        async with transaction(self._engine) as conn:
-            job = await repo.get_job(conn, job_id)
+        async with self._records.begin() as tx:
+            job = await tx.get_job(job_id)
         if job is None or not visible_to(job, owner):
             raise errors.JobNotFound(job_id)
         return job

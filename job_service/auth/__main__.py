@@ -82,8 +82,8 @@ def _mint(s: Settings, args: argparse.Namespace) -> int:
 
 
 async def _revoke(s: Settings, args: argparse.Namespace) -> int:
-    from job_service.auth.revocations import revoke
     from job_service.storage.db import create_engine
+    from job_service.storage.revocations import RevocationDatabase
 
     jti, subject, expires_at = args.jti, "", None
     if args.token:
@@ -97,8 +97,8 @@ async def _revoke(s: Settings, args: argparse.Namespace) -> int:
         s.database_url, pool_size=1, connect_timeout=s.db_connect_timeout_seconds
     )
     try:
-        added = await revoke(
-            engine, jti, subject=subject, reason=args.reason, expires_at=expires_at
+        added = await RevocationDatabase(engine).revoke(
+            jti, subject=subject, reason=args.reason, expires_at=expires_at
         )
     finally:
         await engine.dispose()

@@ -10,19 +10,15 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
-from job_service.storage import revocations as denylist_sql
-from job_service.storage.db import transaction
+from job_service.ports import RevocationRecords
 
 log = logging.getLogger(__name__)
 
 
 class DenyList:
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
+    def __init__(self, records: RevocationRecords) -> None:
+        self._records = records
         self._jtis: frozenset[str] = frozenset()
         self.loaded_at = 0.0
 
@@ -33,9 +29,7 @@ class DenyList:
         return len(self._jtis)
 
     async def refresh(self) -> None:
-        async with transaction(self._engine) as conn:
-            jtis = await denylist_sql.revoked_jtis(conn)
-        self._jtis = frozenset(jtis)
+        self._jtis = frozenset(await self._records.revoked_jtis())
         self.loaded_at = time.monotonic()
 
     async def refresh_quietly(self) -> None:
@@ -47,17 +41,3 @@ class DenyList:
                 extra={"auth_denylist_age_seconds": round(time.monotonic() - self.loaded_at, 1)},
                 exc_info=True,
             )
-
-
-async def revoke(
-    engine: AsyncEngine,
-    jti: str,
-    *,
-    subject: str = "",
-    reason: str = "",
-    expires_at: datetime | None = None,
-) -> bool:
-    async with transaction(engine) as conn:
-        return await denylist_sql.revoke(
-            conn, jti, subject=subject, reason=reason, expires_at=expires_at
-        )

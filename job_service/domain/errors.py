@@ -112,15 +112,16 @@ class LeaseLost(JobServiceError):
         )
 
 
-class StorageUnavailable(JobServiceError):
-    """S3 did not answer usefully; nothing was changed, retry later."""
+class ObjectStoreUnavailable(JobServiceError):
+    """The object store (S3) did not answer usefully; nothing was changed, retry later."""
 
     kind = ErrorKind.UNAVAILABLE
     reason = "S3_UNAVAILABLE"
 
 
-class StorageAccessDenied(StorageUnavailable):
-    """S3 refused the job-service's credentials: a configuration fault, not a missing upload."""
+class ObjectStoreAccessDenied(ObjectStoreUnavailable):
+    """The object store (S3) refused our credentials: a configuration fault, not a missing
+    upload."""
 
     reason = "S3_ACCESS_DENIED"
 

@@ -322,7 +322,11 @@ def validate_progress(pct: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class RetryPolicy:
+class JobRetryPolicy:
+    """The job's own failures (FailJob of kind JOB, an expired lease): each spends an attempt,
+    and the job is retried after an exponential backoff until max_attempts are spent.
+    Infrastructure trouble spends none (lease_policy.InfrastructureBudget)."""
+
     max_attempts: int
     base_delay: timedelta
     max_delay: timedelta

@@ -27,7 +27,6 @@ from job_service.domain.errors import (
     JobServiceError,
 )
 from job_service.metrics import Metrics
-from job_service.storage.db import classify, domain_error
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +81,9 @@ def sqlstate_of(exc: BaseException) -> str | None:
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, str, dict[str, str]]:
-    if not isinstance(exc, JobServiceError):
-        # A database failure that reached us without passing through transaction() or the
-        # lease pool: the same classification (storage/db.py) decides.
-        fault = classify(exc)
-        if fault is not None:
-            log.warning("transient database error (%s): %s", fault.value, exc)
-            mapped = domain_error(exc, fault)
-            mapped.__cause__ = exc  # sqlstate_of below reads the original
-            exc = mapped
+    """Status, message, ErrorInfo reason and metadata for an exception. Database failures
+    arrive as domain errors: storage classifies them where its statements run (transaction(),
+    LeasePool.run in storage/db.py); anything else that is not a JobServiceError is our bug."""
     if isinstance(exc, JobServiceError):
         meta = dict(exc.metadata)
         if isinstance(exc, DatabaseUnavailable | DatabaseConflict):

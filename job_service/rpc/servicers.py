@@ -22,7 +22,7 @@ from job_service.auth.caller import owner_scope
 from job_service.config import Settings
 from job_service.domain import errors
 from job_service.domain import multipart as mp
-from job_service.domain.leasing import FailureKind
+from job_service.domain.lease_policy import FailureKind
 from job_service.domain.model import (
     parse_job_id,
     parse_lease_token,

@@ -1,10 +1,12 @@
-"""The upload and admin use cases' statements (SQLAlchemy Core). Each takes a connection
-inside the caller's transaction and never commits."""
+"""The upload and admin use cases' statements (SQLAlchemy Core), behind the `UploadRecords` and
+`AdminRecords` ports (job_service/ports.py). `JobDatabase.begin()` is one transaction; the
+`JobStatements` it yields run on that transaction's connection and never commit."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -21,15 +23,37 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from job_service.domain.model import Job, JobError
+from job_service.domain.model import (
+    Job,
+    JobError,
+    JobId,
+    LeaseOutcome,
+    NewUpload,
+    ObjectInfo,
+    SessionId,
+)
+from job_service.domain.multipart import Plan
 from job_service.domain.status import JobStatus
+from job_service.storage.db import transaction
 from job_service.storage.rows import to_job
 from job_service.storage.tables import job_errors, jobs, sessions, upload_parts
 
 
-def error_values(error: JobError | None) -> dict[str, Any]:
+class JobDatabase:
+    """The job database as the upload and admin use cases see it (one engine's pool)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    @contextlib.asynccontextmanager
+    async def begin(self) -> AsyncIterator[JobStatements]:
+        async with transaction(self._engine) as conn:
+            yield JobStatements(conn)
+
+
+def _error_values(error: JobError | None) -> dict[str, Any]:
     """Column values that store (or clear) a job's last error."""
     if error is None:
         return {
@@ -50,298 +74,317 @@ def error_values(error: JobError | None) -> dict[str, Any]:
     }
 
 
-async def get_job(
-    conn: AsyncConnection, job_id: uuid.UUID, *, for_update: bool = False
-) -> Job | None:
-    stmt = select(jobs).where(jobs.c.id == job_id)
-    if for_update:
-        stmt = stmt.with_for_update()
-    row = (await conn.execute(stmt)).first()
-    return to_job(row._mapping) if row else None
+def _verified(obj: ObjectInfo) -> dict[str, Any]:
+    """The verified object's facts, as the job records them."""
+    return {"etag": obj.etag, "observed_size": obj.size, "checksum_sha256": obj.checksum_sha256}
 
 
-async def get_job_by_request_id(
-    conn: AsyncConnection, request_id: uuid.UUID, owner: str = ""
-) -> Job | None:
-    """The job `owner` created with this request_id (request ids are scoped per subject)."""
-    row = (
-        await conn.execute(
-            select(jobs).where(jobs.c.request_id == request_id, jobs.c.owner_subject == owner)
+class JobStatements:
+    """The named operations of ports.UploadTransaction and ports.AdminTransaction, on the
+    connection of one transaction. Each state change is one statement on a row the caller has
+    locked (or a conditional one that decides a race)."""
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self._conn = conn
+
+    async def _update(self, job_id: uuid.UUID, **values: Any) -> Job:
+        """Update one job (the caller holds its row lock) and return it as it now is."""
+        if "status" in values:
+            values.setdefault("stage", JobStatus(values["status"]).stage)
+        row = (
+            await self._conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id)
+                .values(updated_at=func.now(), **values)
+                .returning(jobs)
+            )
+        ).one()
+        return to_job(row._mapping)
+
+    async def _record_error(self, job_id: uuid.UUID, error: JobError) -> None:
+        await self._conn.execute(
+            insert(job_errors).values(
+                job_id=job_id,
+                attempt=error.attempt,
+                code=error.code,
+                message=error.message,
+                retryable=error.retryable,
+                worker_id=None,
+                infrastructure=error.infrastructure,
+            )
         )
-    ).first()
-    return to_job(row._mapping) if row else None
 
+    async def _mark_session_uploaded(self, session_id: uuid.UUID) -> None:
+        await self._conn.execute(
+            update(sessions)
+            .where(sessions.c.id == session_id)
+            .values(status="uploaded", updated_at=func.now())
+        )
 
-async def ensure_session(conn: AsyncConnection, session_id: uuid.UUID) -> None:
-    await conn.execute(
-        pg_insert(sessions).values(id=session_id).on_conflict_do_nothing(index_elements=["id"])
-    )
+    # -- both use cases ------------------------------------------------------------------------
 
+    async def get_job(self, job_id: JobId, *, for_update: bool = False) -> Job | None:
+        stmt = select(jobs).where(jobs.c.id == job_id)
+        if for_update:
+            stmt = stmt.with_for_update()
+        row = (await self._conn.execute(stmt)).first()
+        return to_job(row._mapping) if row else None
 
-async def mark_session_uploaded(conn: AsyncConnection, session_id: uuid.UUID) -> None:
-    await conn.execute(
-        update(sessions)
-        .where(sessions.c.id == session_id)
-        .values(status="uploaded", updated_at=func.now())
-    )
+    async def part_checksums(self, job_id: JobId) -> dict[int, bytes]:
+        rows = await self._conn.execute(
+            select(upload_parts.c.part_number, upload_parts.c.sha256).where(
+                upload_parts.c.job_id == job_id
+            )
+        )
+        return {int(r.part_number): bytes(r.sha256) for r in rows}
 
+    async def set_upload_id(self, job_id: JobId, upload_id: str | None) -> Job:
+        return await self._update(job_id, upload_id=upload_id)
 
-async def insert_job(conn: AsyncConnection, values: Mapping[str, Any]) -> Job | None:
-    """Insert a job; None when its request_id is taken (a concurrent idempotent retry)."""
-    stmt = (
-        pg_insert(jobs)
-        .values(**values)
-        .on_conflict_do_nothing(index_elements=["owner_subject", "request_id"])
-        .returning(jobs)
-    )
-    row = (await conn.execute(stmt)).first()
-    return to_job(row._mapping) if row else None
+    # -- uploads (revision 0007, issue 9 / issue 7 sections 7-8) -------------------------------
 
+    async def get_job_by_request_id(self, request_id: uuid.UUID, owner: str) -> Job | None:
+        row = (
+            await self._conn.execute(
+                select(jobs).where(jobs.c.request_id == request_id, jobs.c.owner_subject == owner)
+            )
+        ).first()
+        return to_job(row._mapping) if row else None
 
-async def update_job(conn: AsyncConnection, job_id: uuid.UUID, **values: Any) -> Job:
-    """Update one job (the caller holds its row lock) and return it as it now is."""
-    if "status" in values:
-        values.setdefault("stage", JobStatus(values["status"]).stage)
-    row = (
-        await conn.execute(
-            update(jobs)
-            .where(jobs.c.id == job_id)
-            .values(updated_at=func.now(), **values)
+    async def create_job(
+        self,
+        job_id: JobId,
+        session_id: SessionId,
+        upload: NewUpload,
+        *,
+        bucket: str,
+        key: str,
+        max_attempts: int,
+        url_ttl: timedelta,
+        plan: Plan | None,
+        owner: str,
+    ) -> Job | None:
+        await self._conn.execute(
+            pg_insert(sessions).values(id=session_id).on_conflict_do_nothing(index_elements=["id"])
+        )
+        stmt = (
+            pg_insert(jobs)
+            .values(
+                id=job_id,
+                session_id=session_id,
+                status=JobStatus.awaiting_upload,
+                stage=JobStatus.awaiting_upload.stage,
+                filename=upload.filename,
+                content_type=upload.content_type,
+                size_bytes=upload.size_bytes,
+                s3_bucket=bucket,
+                s3_key=key,
+                request_id=upload.request_id,
+                max_attempts=max_attempts,
+                upload_expires_at=func.now() + url_ttl,
+                sha256=upload.sha256,
+                part_size=plan.part_size if plan else None,
+                part_count=plan.part_count if plan else None,
+                owner_subject=owner,  # issue 10
+            )
+            .on_conflict_do_nothing(index_elements=["owner_subject", "request_id"])
             .returning(jobs)
         )
-    ).one()
-    return to_job(row._mapping)
+        row = (await self._conn.execute(stmt)).first()
+        return to_job(row._mapping) if row else None
 
-
-async def record_error(
-    conn: AsyncConnection, job_id: uuid.UUID, error: JobError, worker_id: str | None = None
-) -> None:
-    await conn.execute(
-        insert(job_errors).values(
-            job_id=job_id,
-            attempt=error.attempt,
-            code=error.code,
-            message=error.message,
-            retryable=error.retryable,
-            worker_id=worker_id,
-            infrastructure=error.infrastructure,
+    async def refresh_upload_url(self, job_id: JobId, ttl: timedelta) -> Job:
+        return await self._update(
+            job_id, upload_expires_at=func.now() + ttl, upload_checked_at=None
         )
-    )
 
-
-async def list_jobs(
-    conn: AsyncConnection,
-    *,
-    statuses: Sequence[JobStatus],
-    older_than: timedelta | None,
-    limit: int,
-    after: tuple[datetime, uuid.UUID] | None,
-) -> list[Job]:
-    """Newest first by (updated_at, id); `after` is the last row of the previous page."""
-    stmt = select(jobs)
-    if statuses:
-        stmt = stmt.where(jobs.c.status.in_(list(statuses)))
-    if older_than is not None:
-        stmt = stmt.where(jobs.c.updated_at <= func.now() - older_than)
-    if after is not None:
-        ts, last_id = after
-        stmt = stmt.where(
-            or_(jobs.c.updated_at < ts, and_(jobs.c.updated_at == ts, jobs.c.id < last_id))
+    async def record_part_checksums(
+        self, job_id: JobId, parts: Sequence[tuple[int, bytes]]
+    ) -> None:
+        if not parts:
+            return
+        stmt = pg_insert(upload_parts).values(
+            [{"job_id": job_id, "part_number": n, "sha256": sha} for n, sha in parts]
         )
-    stmt = stmt.order_by(jobs.c.updated_at.desc(), jobs.c.id.desc()).limit(limit)
-    return [to_job(r._mapping) for r in await conn.execute(stmt)]
-
-
-async def count_by_status(conn: AsyncConnection) -> dict[JobStatus, int]:
-    rows = await conn.execute(select(jobs.c.status, func.count()).group_by(jobs.c.status))
-    return {JobStatus(r[0]): int(r[1]) for r in rows}
-
-
-async def oldest_claimable_age(conn: AsyncConnection) -> timedelta | None:
-    age = func.now() - func.min(jobs.c.available_at)
-    value: timedelta | None = (
-        await conn.execute(
-            select(age.cast(Interval)).where(
-                jobs.c.status == JobStatus.queued,
-                jobs.c.lease_token.is_(None),
-                # A job waiting out a retry backoff is not waiting for a worker yet.
-                jobs.c.available_at <= func.now(),
+        await self._conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=["job_id", "part_number"],
+                set_={"sha256": stmt.excluded.sha256, "signed_at": func.now()},
             )
         )
-    ).scalar_one()
-    return value
 
+    async def forget_part_checksums(self, job_id: JobId) -> None:
+        await self._conn.execute(delete(upload_parts).where(upload_parts.c.job_id == job_id))
 
-async def count_stuck_uploads(conn: AsyncConnection, older_than: timedelta) -> int:
-    value: int = (
-        await conn.execute(
-            select(func.count()).where(
+    async def mark_upload_verified(self, job_id: JobId, obj: ObjectInfo) -> Job:
+        # A re-verification after UPLOAD_CHANGED lands here too.
+        job = await self._update(
+            job_id,
+            status=JobStatus.queued,
+            progress_pct=0,
+            upload_id=None,
+            available_at=func.now(),
+            **_verified(obj),
+            **_error_values(None),
+        )
+        await self._mark_session_uploaded(job.session_id)
+        return job
+
+    async def mark_upload_failed(
+        self, job_id: JobId, error: JobError, *, observed_size: int | None, max_error_rows: int
+    ) -> Job:
+        """The history gets a row only when the code differs from the job's last one, and
+        never more than `max_error_rows` upload rows per job: a client retrying CompleteUpload
+        in a loop cannot grow the table (issue 7 section 7)."""
+        current = jobs.alias("current")
+        upload_rows = (
+            select(func.count())
+            .select_from(job_errors)
+            .where(job_errors.c.job_id == job_id, job_errors.c.attempt == 0)
+            .scalar_subquery()
+        )
+        await self._conn.execute(
+            insert(job_errors).from_select(
+                ["job_id", "attempt", "code", "message", "retryable"],
+                select(
+                    literal(job_id, PG_UUID(as_uuid=True)),
+                    literal(0),
+                    literal(error.code),
+                    literal(error.message),
+                    literal(False),
+                ).where(
+                    select(current.c.id)
+                    .where(
+                        current.c.id == job_id,
+                        or_(
+                            current.c.error_code.is_(None),
+                            current.c.error_code != error.code,
+                            current.c.status != JobStatus.failed,
+                        ),
+                    )
+                    .exists(),
+                    upload_rows < max_error_rows,
+                ),
+            )
+        )
+        return await self._update(
+            job_id, status=JobStatus.failed, observed_size=observed_size, **_error_values(error)
+        )
+
+    async def mark_upload_expired(self, job_id: JobId, error: JobError) -> Job:
+        job = await self._update(
+            job_id, status=JobStatus.failed, upload_id=None, **_error_values(error)
+        )
+        await self._record_error(job_id, error)
+        return job
+
+    async def pick_stale_uploads(
+        self, *, older_than: timedelta, default_ttl: timedelta, limit: int
+    ) -> list[tuple[Job, bool]]:
+        """Database time; a row without upload_expires_at (written before the column was
+        filled, or by hand) expires `default_ttl` after its creation instead of never."""
+        picked = (
+            select(jobs.c.id)
+            .where(
                 jobs.c.status == JobStatus.awaiting_upload,
                 jobs.c.created_at < func.now() - older_than,
+                or_(
+                    jobs.c.upload_checked_at.is_(None),
+                    jobs.c.upload_checked_at < func.now() - older_than,
+                ),
             )
+            .order_by(jobs.c.upload_checked_at.asc().nulls_first(), jobs.c.created_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+            .cte("picked")
         )
-    ).scalar_one()
-    return value
-
-
-# ----------------------------------------------------------------------------------------------
-# Upload lifecycle: named state changes (revision 0007, issue 9 / issue 7 sections 7-8). Each is
-# one statement on a row the caller has locked (or a conditional one that decides a race).
-
-
-async def refresh_upload_url(conn: AsyncConnection, job_id: uuid.UUID, ttl: timedelta) -> Job:
-    """A retried InitiateUpload got a fresh URL: the reconciler counts from its expiry."""
-    return await update_job(
-        conn, job_id, upload_expires_at=func.now() + ttl, upload_checked_at=None
-    )
-
-
-async def set_upload_id(conn: AsyncConnection, job_id: uuid.UUID, upload_id: str | None) -> Job:
-    """A new multipart upload (after an abort), or None once S3 completed or aborted it."""
-    return await update_job(conn, job_id, upload_id=upload_id)
-
-
-async def record_part_checksums(
-    conn: AsyncConnection, job_id: uuid.UUID, parts: Sequence[tuple[int, bytes]]
-) -> None:
-    """The SHA-256 each part's URL is signed with; a re-signed part keeps the newest."""
-    if not parts:
-        return
-    stmt = pg_insert(upload_parts).values(
-        [{"job_id": job_id, "part_number": n, "sha256": sha} for n, sha in parts]
-    )
-    await conn.execute(
-        stmt.on_conflict_do_update(
-            index_elements=["job_id", "part_number"],
-            set_={"sha256": stmt.excluded.sha256, "signed_at": func.now()},
+        expires = func.coalesce(jobs.c.upload_expires_at, jobs.c.created_at + default_ttl)
+        rows = await self._conn.execute(
+            update(jobs)
+            .where(jobs.c.id == picked.c.id)
+            .values(upload_checked_at=func.now())
+            .returning(jobs, (expires + older_than < func.now()).label("url_expired"))
         )
-    )
+        return [(to_job(r._mapping), bool(r.url_expired)) for r in rows]
 
+    # -- admin ---------------------------------------------------------------------------------
 
-async def part_checksums(conn: AsyncConnection, job_id: uuid.UUID) -> dict[int, bytes]:
-    rows = await conn.execute(
-        select(upload_parts.c.part_number, upload_parts.c.sha256).where(
-            upload_parts.c.job_id == job_id
-        )
-    )
-    return {int(r.part_number): bytes(r.sha256) for r in rows}
+    async def list_jobs(
+        self,
+        *,
+        statuses: Sequence[JobStatus],
+        older_than: timedelta | None,
+        limit: int,
+        after: tuple[datetime, uuid.UUID] | None,
+    ) -> list[Job]:
+        stmt = select(jobs)
+        if statuses:
+            stmt = stmt.where(jobs.c.status.in_(list(statuses)))
+        if older_than is not None:
+            stmt = stmt.where(jobs.c.updated_at <= func.now() - older_than)
+        if after is not None:
+            ts, last_id = after
+            stmt = stmt.where(
+                or_(jobs.c.updated_at < ts, and_(jobs.c.updated_at == ts, jobs.c.id < last_id))
+            )
+        stmt = stmt.order_by(jobs.c.updated_at.desc(), jobs.c.id.desc()).limit(limit)
+        return [to_job(r._mapping) for r in await self._conn.execute(stmt)]
 
+    async def count_by_status(self) -> dict[JobStatus, int]:
+        rows = await self._conn.execute(select(jobs.c.status, func.count()).group_by(jobs.c.status))
+        return {JobStatus(r[0]): int(r[1]) for r in rows}
 
-async def forget_part_checksums(conn: AsyncConnection, job_id: uuid.UUID) -> None:
-    await conn.execute(delete(upload_parts).where(upload_parts.c.job_id == job_id))
-
-
-async def mark_upload_verified(
-    conn: AsyncConnection,
-    job_id: uuid.UUID,
-    *,
-    etag: str,
-    observed_size: int,
-    checksum_sha256: str | None,
-) -> Job:
-    """The preflight passed: queued, claimable now, with the verified object's facts (workers
-    read with If-Match on the ETag). A re-verification after UPLOAD_CHANGED lands here too."""
-    return await update_job(
-        conn,
-        job_id,
-        status=JobStatus.queued,
-        progress_pct=0,
-        etag=etag,
-        observed_size=observed_size,
-        checksum_sha256=checksum_sha256,
-        upload_id=None,
-        available_at=func.now(),
-        **error_values(None),
-    )
-
-
-async def mark_upload_failed(
-    conn: AsyncConnection,
-    job_id: uuid.UUID,
-    error: JobError,
-    *,
-    observed_size: int | None,
-    max_error_rows: int,
-) -> Job:
-    """Failed at upload verification (recoverable: upload again, CompleteUpload again).
-
-    The history gets a row only when the code differs from the job's last one, and never more
-    than `max_error_rows` upload rows per job: a client retrying CompleteUpload in a loop cannot
-    grow the table (issue 7 section 7).
-    """
-    current = jobs.alias("current")
-    upload_rows = (
-        select(func.count())
-        .select_from(job_errors)
-        .where(job_errors.c.job_id == job_id, job_errors.c.attempt == 0)
-        .scalar_subquery()
-    )
-    await conn.execute(
-        insert(job_errors).from_select(
-            ["job_id", "attempt", "code", "message", "retryable"],
-            select(
-                literal(job_id, PG_UUID(as_uuid=True)),
-                literal(0),
-                literal(error.code),
-                literal(error.message),
-                literal(False),
-            ).where(
-                select(current.c.id)
-                .where(
-                    current.c.id == job_id,
-                    or_(
-                        current.c.error_code.is_(None),
-                        current.c.error_code != error.code,
-                        current.c.status != JobStatus.failed,
-                    ),
+    async def oldest_claimable_age(self) -> timedelta | None:
+        age = func.now() - func.min(jobs.c.available_at)
+        value: timedelta | None = (
+            await self._conn.execute(
+                select(age.cast(Interval)).where(
+                    jobs.c.status == JobStatus.queued,
+                    jobs.c.lease_token.is_(None),
+                    # A job waiting out a retry backoff is not waiting for a worker yet.
+                    jobs.c.available_at <= func.now(),
                 )
-                .exists(),
-                upload_rows < max_error_rows,
-            ),
+            )
+        ).scalar_one()
+        return value
+
+    async def count_stuck_uploads(self, older_than: timedelta) -> int:
+        value: int = (
+            await self._conn.execute(
+                select(func.count()).where(
+                    jobs.c.status == JobStatus.awaiting_upload,
+                    jobs.c.created_at < func.now() - older_than,
+                )
+            )
+        ).scalar_one()
+        return value
+
+    async def requeue(self, job_id: JobId, verified: ObjectInfo | None) -> Job:
+        # A job that finished its quick pass before failing resumes at the deep pass only
+        # through a lease; a requeue starts it over, with the quick results kept visible.
+        job = await self._update(
+            job_id,
+            status=JobStatus.queued,
+            attempts=0,
+            progress_pct=0,
+            cancel_requested=False,
+            available_at=func.now(),
+            **_error_values(None),
+            **(_verified(verified) if verified is not None else {}),
         )
-    )
-    return await update_job(
-        conn, job_id, status=JobStatus.failed, observed_size=observed_size, **error_values(error)
-    )
+        await self._mark_session_uploaded(job.session_id)
+        return job
 
+    async def request_cancel(self, job_id: JobId) -> Job:
+        return await self._update(job_id, cancel_requested=True)
 
-async def mark_upload_expired(conn: AsyncConnection, job_id: uuid.UUID, error: JobError) -> Job:
-    """The upload URL expired without an acceptable object (the reconciler)."""
-    job = await update_job(
-        conn, job_id, status=JobStatus.failed, upload_id=None, **error_values(error)
-    )
-    await record_error(conn, job_id, error)
-    return job
-
-
-async def pick_stale_uploads(
-    conn: AsyncConnection, *, older_than: timedelta, default_ttl: timedelta, limit: int
-) -> list[tuple[Job, bool]]:
-    """Jobs still awaiting their upload after `older_than`, least recently checked first, each
-    with whether its upload URL expired more than `older_than` ago (database time; a row without
-    upload_expires_at, written before the column was filled or by hand, expires `default_ttl`
-    after its creation instead of never); marks them checked so the next pass (or another
-    instance) looks at others."""
-    picked = (
-        select(jobs.c.id)
-        .where(
-            jobs.c.status == JobStatus.awaiting_upload,
-            jobs.c.created_at < func.now() - older_than,
-            or_(
-                jobs.c.upload_checked_at.is_(None),
-                jobs.c.upload_checked_at < func.now() - older_than,
-            ),
+    async def cancel(self, job_id: JobId, error: JobError) -> Job:
+        job = await self._update(
+            job_id,
+            status=JobStatus.failed,
+            cancel_requested=True,
+            last_lease_outcome=LeaseOutcome.cancelled.value,
+            **_error_values(error),
         )
-        .order_by(jobs.c.upload_checked_at.asc().nulls_first(), jobs.c.created_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-        .cte("picked")
-    )
-    expires = func.coalesce(jobs.c.upload_expires_at, jobs.c.created_at + default_ttl)
-    rows = await conn.execute(
-        update(jobs)
-        .where(jobs.c.id == picked.c.id)
-        .values(upload_checked_at=func.now())
-        .returning(jobs, (expires + older_than < func.now()).label("url_expired"))
-    )
-    return [(to_job(r._mapping), bool(r.url_expired)) for r in rows]
+        await self._record_error(job_id, error)
+        return job

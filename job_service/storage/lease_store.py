@@ -12,7 +12,7 @@ from typing import Any
 
 import asyncpg
 
-from job_service.domain.leasing import LeaseEnd, Snapshot
+from job_service.domain.lease_policy import LeaseEnd, Snapshot
 from job_service.domain.model import Job
 from job_service.domain.status import JobStatus
 from job_service.storage.claim_combiner import CLAIM_ROWS, ClaimCombiner

@@ -15,9 +15,9 @@ from jobs.v1 import jobs_pb2 as pb
 from pydantic import SecretStr
 
 from job_service.app import JobServiceApp
-from job_service.auth import revocations
 from job_service.auth.policy import Role
 from job_service.auth.tokens import jwk_of
+from job_service.storage.revocations import RevocationDatabase
 from tests.support import auth
 from tests.support.flows import error_reason, initiate, new_id, put_object
 from tests.support.service import settings_for, stubs_for
@@ -87,8 +87,8 @@ async def test_a_revoked_token_is_refused_within_the_refresh(app):
     kept = auth.token(Role.OPERATOR, "bob")
     async with auth.channel(address, tokens=dict.fromkeys(auth.AUDIENCE_OF, tok)) as ch:
         await stubs_for(ch).admin.GetStats(pb.GetStatsRequest(), timeout=5)
-        assert await revocations.revoke(app.aux_engine, jti, subject="alice", reason="left")
-        assert not await revocations.revoke(app.aux_engine, jti)  # twice: harmless
+        assert await RevocationDatabase(app.aux_engine).revoke(jti, subject="alice", reason="left")
+        assert not await RevocationDatabase(app.aux_engine).revoke(jti)  # twice: harmless
         await app.refresh_auth()  # what the background task does every few seconds
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await stubs_for(ch).admin.GetStats(pb.GetStatsRequest(), timeout=5)
@@ -103,7 +103,7 @@ async def test_the_background_refresh_picks_up_a_revocation(database_url, moto_s
     async with JobServiceApp(s) as app:
         tok = auth.token(Role.OPERATOR, "carol")
         claims = json.loads(base64.urlsafe_b64decode(tok.split(".")[1] + "=="))
-        await revocations.revoke(app.aux_engine, claims["jti"])
+        await RevocationDatabase(app.aux_engine).revoke(claims["jti"])
         deadline = time.monotonic() + 10
         while claims["jti"] not in app.denylist:  # type: ignore[operator]
             assert time.monotonic() < deadline, "the denylist was never refreshed"

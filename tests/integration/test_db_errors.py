@@ -20,7 +20,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from job_service.rpc.errors import status_for
-from job_service.storage.db import asyncpg_dsn
+from job_service.storage.db import asyncpg_dsn, classify, domain_error
 from tests.support.flows import initiate, put_object, queued_job
 
 
@@ -51,7 +51,7 @@ async def database_setting(
     """ALTER DATABASE ... SET for new sessions, and drop the service's pooled connections so
     its next calls see it; RESET afterwards."""
     db = make_url(database_url).database
-    pg.execute(f'ALTER DATABASE "{db}" SET {name} = \'{value}\'')
+    pg.execute(f"ALTER DATABASE \"{db}\" SET {name} = '{value}'")
     await app.engine.dispose()
     await app.aux_engine.dispose()
     try:
@@ -161,7 +161,8 @@ async def test_real_serialization_failures_and_deadlocks_map_to_aborted(api, dat
             await c1.execute(update, {"id": a})
             await c2.execute(update, {"id": b})
             results = await asyncio.gather(
-                c1.execute(update, {"id": b}), c2.execute(update, {"id": a}),
+                c1.execute(update, {"id": b}),
+                c2.execute(update, {"id": a}),
                 return_exceptions=True,
             )
             deadlock = next(r for r in results if isinstance(r, BaseException))
@@ -170,8 +171,11 @@ async def test_real_serialization_failures_and_deadlocks_map_to_aborted(api, dat
     finally:
         await engine.dispose()
 
+    # Storage's boundary (transaction(), LeasePool.run) classifies; rpc maps the domain error.
     for exc, state in ((serialization.value, "40001"), (deadlock, "40P01")):
-        code, message, reason, meta = status_for(exc)
+        fault = classify(exc)
+        assert fault is not None, exc
+        code, message, reason, meta = status_for(domain_error(exc, fault))
         assert code == grpc.StatusCode.ABORTED, (exc, message)
         assert reason == "DATABASE_CONFLICT" and meta == {"sqlstate": state}
         assert "retry" in message

@@ -15,10 +15,10 @@ from job_service.domain.model import (
     Fence,
     Job,
     JobId,
+    JobRetryPolicy,
     LeaseOutcome,
     LeaseToken,
     ObjectInfo,
-    RetryPolicy,
     SessionId,
     fence,
     validate_new_upload,
@@ -147,7 +147,7 @@ def test_verify_upload_verdicts():
 
 
 def test_backoff_grows_is_jittered_and_capped():
-    policy = RetryPolicy(5, timedelta(seconds=2), timedelta(seconds=30))
+    policy = JobRetryPolicy(5, timedelta(seconds=2), timedelta(seconds=30))
     rng = random.Random(7)
     delays = [policy.delay(n, rng) for n in range(1, 8)]
     for n, d in enumerate(delays, start=1):

@@ -11,23 +11,23 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from job_service.domain import codes, errors
-from job_service.domain.leasing import (
+from job_service.domain.lease_policy import (
     FailureKind,
-    InfraRetryPolicy,
+    InfrastructureBudget,
     Snapshot,
     decide_expired,
     decide_failure,
     progress_sources,
 )
-from job_service.domain.model import Job, JobId, LeaseOutcome, LeaseToken, RetryPolicy, SessionId
+from job_service.domain.model import Job, JobId, JobRetryPolicy, LeaseOutcome, LeaseToken, SessionId
 from job_service.domain.status import JobStatus
 
 S = JobStatus
 NOW = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
-RETRY = RetryPolicy(
+RETRY = JobRetryPolicy(
     max_attempts=3, base_delay=timedelta(seconds=2), max_delay=timedelta(seconds=60)
 )
-INFRA = InfraRetryPolicy(base=1.0, cap=30.0, window=3600.0)
+INFRA = InfrastructureBudget(base=1.0, cap=30.0, window=3600.0)
 
 
 def job(status: S = S.quick_running, attempts: int = 1, **fields: object) -> Job:

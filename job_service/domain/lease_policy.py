@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Literal
 
 from job_service.domain import codes, errors
-from job_service.domain.model import Job, JobError, LeaseOutcome, RetryPolicy
+from job_service.domain.model import Job, JobError, JobRetryPolicy, LeaseOutcome
 from job_service.domain.status import JobStatus, check_transition, requeue_status
 
 
@@ -51,9 +51,11 @@ class FailureKind(enum.Enum):
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class InfraRetryPolicy:
-    """Infrastructure trouble: requeued with a short capped, jittered backoff that grows with
-    how long the trouble has lasted, until the window is spent."""
+class InfrastructureBudget:
+    """Infrastructure trouble (FailJob of kind INFRASTRUCTURE) spends no attempt: the job is
+    requeued with a short capped, jittered backoff that grows with how long the trouble has
+    lasted, until the wall-clock window is spent (JobRetryPolicy counts the job's own
+    failures)."""
 
     base: float
     cap: float
@@ -94,8 +96,8 @@ def decide_failure(
     message: str,
     retryable: bool,
     kind: FailureKind,
-    retry: RetryPolicy,
-    infra: InfraRetryPolicy,
+    retry: JobRetryPolicy,
+    infra: InfrastructureBudget,
 ) -> LeaseEnd:
     """How a FailJob ends the lease. Pure: the job as read, the database's clock, the policies."""
     job = snap.job
@@ -155,7 +157,7 @@ def decide_failure(
     return LeaseEnd(JobStatus.failed, attempts, None, final, reported, "clear", LeaseOutcome.failed)
 
 
-def decide_expired(snap: Snapshot, *, retry: RetryPolicy) -> LeaseEnd:
+def decide_expired(snap: Snapshot, *, retry: JobRetryPolicy) -> LeaseEnd:
     """How the reaper ends an expired lease: the worker crashed, hung or lost its connection,
     which counts the attempt."""
     job = snap.job
