@@ -22,6 +22,7 @@ from job_service.domain.model import Job, JobError, JobId, LeaseOutcome, verify_
 from job_service.domain.status import TERMINAL, JobStatus, check_transition
 from job_service.metrics import Metrics
 from job_service.ports import ObjectStore
+from job_service.storage import events as event_store
 from job_service.storage import repository as repo
 from job_service.storage.db import transaction
 
@@ -207,6 +208,7 @@ class Admin:
                 values.update(
                     etag=obj.etag, observed_size=obj.size, checksum_sha256=obj.checksum_sha256
                 )
+            await event_store.mark_requeue(conn)  # the trigger writes job.requeued
             # A job that finished its quick pass before failing resumes at the deep pass only
             # through a lease; a requeue starts it over, with the quick results kept visible.
             job = await repo.update_job(
