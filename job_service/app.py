@@ -233,7 +233,9 @@ class JobServiceApp:
                     self.metrics,
                     self.retention,
                     webhooks=self.webhooks,
-                    wake=self.relay.wake if self.relay is not None else self.event_signal.notify_all,
+                    wake=self.relay.wake
+                    if self.relay is not None
+                    else self.event_signal.notify_all,
                 ),
             },
             self.gate,

@@ -57,7 +57,7 @@ def encode_cursor(position: tuple[int, int]) -> str:
 
 
 def decode_cursor(cursor: str, field: str = "after_cursor") -> tuple[int, int]:
-    """"" is the start of the feed (the oldest event kept)."""
+    """ "" is the start of the feed (the oldest event kept)."""
     if cursor == "":
         return store.START
     if not _CURSOR.fullmatch(cursor):
@@ -159,7 +159,8 @@ class EventFeed:
             _lo, hi = await store.horizon_bounds(conn)
         if position[0] >= hi:
             raise errors.InvalidArgument(
-                field, "is ahead of every event this database has written; pass a cursor it returned"
+                field,
+                "is ahead of every event this database has written; pass a cursor it returned",
             )
 
     async def list(

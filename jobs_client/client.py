@@ -501,9 +501,7 @@ class JobsClient:
             reopened = True
             await asyncio.sleep(self.retry.delay(failures + 1))  # backoff before reopening
 
-    def events(
-        self, *, after: str = "", types: Sequence[str] = ()
-    ) -> AsyncIterator[pb.JobEvent]:
+    def events(self, *, after: str = "", types: Sequence[str] = ()) -> AsyncIterator[pb.JobEvent]:
         """Job events after the cursor, then live ones; reconnects and resumes by itself
         (jobs_client.events)."""
         from jobs_client import events as _events

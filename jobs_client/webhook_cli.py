@@ -1,10 +1,10 @@
 """`jobctl webhook …`: webhook endpoints (issue 17, docs/events.md).
 
-    jobctl webhook add URL --subject S [--types job.done,job.failed]   prints id and secret once
-    jobctl webhook list [--subject S]
-    jobctl webhook disable|enable|remove ENDPOINT
-    jobctl webhook rotate-secret ENDPOINT [--overlap 24h]              prints the new secret
-    jobctl webhook replay ENDPOINT --since 2h|2026-12-07T10:00:00Z|CURSOR
+jobctl webhook add URL --subject S [--types job.done,job.failed]   prints id and secret once
+jobctl webhook list [--subject S]
+jobctl webhook disable|enable|remove ENDPOINT
+jobctl webhook rotate-secret ENDPOINT [--overlap 24h]              prints the new secret
+jobctl webhook replay ENDPOINT --since 2h|2026-12-07T10:00:00Z|CURSOR
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ def _lines(e: pb.WebhookEndpoint) -> str:
     if e.enabled and e.HasField("failing_since"):
         state += f", failing since {e.failing_since.ToJsonString()}"
     types = ",".join(e.types) or "all"
-    return f"{e.endpoint_id}  {e.subject}  {e.url}  types={types}  {state}  pending={e.pending_deliveries}"
+    pending = e.pending_deliveries
+    return f"{e.endpoint_id}  {e.subject}  {e.url}  types={types}  {state}  pending={pending}"
 
 
 def run(c: Client, args: argparse.Namespace, o: Output) -> int:
@@ -108,14 +109,14 @@ def run(c: Client, args: argparse.Namespace, o: Output) -> int:
         o.result(f"removed {args.endpoint}")
     elif cmd == "rotate-secret":
         overlap = parse_duration(args.overlap) if args.overlap else None
-        resp = run_(hooks.rotate_secret(args.endpoint, overlap))
+        rotated = run_(hooks.rotate_secret(args.endpoint, overlap))
         if o.json_mode:
-            o.json(as_json(resp))
+            o.json(as_json(rotated))
         else:
-            o.result(f"secret:   {resp.secret}")
+            o.result(f"secret:   {rotated.secret}")
             o.note(
                 "the old secret keeps signing until "
-                f"{resp.endpoint.old_secret_until.ToJsonString()}"
+                f"{rotated.endpoint.old_secret_until.ToJsonString()}"
             )
     elif cmd == "replay":
         when = _when(args.since)

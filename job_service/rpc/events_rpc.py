@@ -48,9 +48,7 @@ def event_to_pb(e: EventRow) -> pb.JobEvent:
 
 def job_json(e: EventRow) -> dict[str, Any]:
     """The job of a webhook body: GetJob's answer in proto3 JSON (field names as in jobs.proto)."""
-    return json_format.MessageToDict(
-        convert.job_to_pb(e.job), preserving_proto_field_name=True
-    )
+    return json_format.MessageToDict(convert.job_to_pb(e.job), preserving_proto_field_name=True)
 
 
 def _statuses(request: pb.ListJobsRequest) -> list[JobStatus]:
@@ -167,11 +165,11 @@ def endpoint_to_pb(e: EndpointRow) -> pb.WebhookEndpoint:
         pending_deliveries=e.pending,
     )
     if e.disabled_at is not None:
-        msg.disabled_at.CopyFrom(convert.ts(e.disabled_at))
+        msg.disabled_at.FromDatetime(e.disabled_at)
     if e.failing_since is not None:
-        msg.failing_since.CopyFrom(convert.ts(e.failing_since))
+        msg.failing_since.FromDatetime(e.failing_since)
     if e.old_secret_until is not None:
-        msg.old_secret_until.CopyFrom(convert.ts(e.old_secret_until))
+        msg.old_secret_until.FromDatetime(e.old_secret_until)
     return msg
 
 

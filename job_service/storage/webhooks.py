@@ -84,9 +84,14 @@ async def add_endpoint(
                 RETURNING {_ENDPOINT_COLS}
                 """
             ),
-            {"id": uuid.uuid4(), "subject": subject, "url": url, "types": list(types),
-             "secret": secret},
-        )  # fmt: skip
+            {
+                "id": uuid.uuid4(),
+                "subject": subject,
+                "url": url,
+                "types": list(types),
+                "secret": secret,
+            },
+        )
     ).one()
     return _endpoint(row._mapping)
 
@@ -94,7 +99,8 @@ async def add_endpoint(
 async def list_endpoints(
     conn: AsyncConnection, subject: str | None = None, endpoint_id: uuid.UUID | None = None
 ) -> list[EndpointRow]:
-    where, params = [], {}
+    where: list[str] = []
+    params: dict[str, Any] = {}
     if subject:
         where.append("e.subject = :subject")
         params["subject"] = subject
@@ -186,7 +192,11 @@ async def replay(
         ),
         {"id": endpoint_id, "since": since}
         if since is not None
-        else {"id": endpoint_id, "x": str(after[0]) if after else "0", "s": after[1] if after else 0},
+        else {
+            "id": endpoint_id,
+            "x": str(after[0]) if after else "0",
+            "s": after[1] if after else 0,
+        },
     )
     return int(getattr(result, "rowcount", 0) or 0)
 
@@ -196,13 +206,17 @@ async def fan_out(conn: AsyncConnection, limit: int) -> int:
     events become deliveries. Returns the rows inserted (a full pass may leave more)."""
     total = 0
     ids = (
-        await conn.execute(
-            text(
-                "SELECT id FROM webhook_endpoints WHERE enabled ORDER BY id "
-                "FOR UPDATE SKIP LOCKED"
+        (
+            await conn.execute(
+                text(
+                    "SELECT id FROM webhook_endpoints WHERE enabled ORDER BY id "
+                    "FOR UPDATE SKIP LOCKED"
+                )
             )
         )
-    ).scalars().all()
+        .scalars()
+        .all()
+    )
     for endpoint_id in ids:
         row = (
             await conn.execute(
@@ -363,27 +377,29 @@ async def failed(
         await conn.execute(
             text(
                 """
-                UPDATE webhook_endpoints SET failing_since = coalesce(failing_since, now()),
-                    enabled = CASE WHEN CAST(:gone AS boolean)
-                        OR coalesce(failing_since, now()) < now() - make_interval(secs => CAST(:after AS float8))
-                        THEN false ELSE enabled END,
-                    disabled_at = CASE WHEN enabled AND (CAST(:gone AS boolean)
-                        OR coalesce(failing_since, now()) < now() - make_interval(secs => CAST(:after AS float8)))
-                        THEN now() ELSE disabled_at END,
-                    disabled_reason = CASE WHEN enabled AND CAST(:gone AS boolean) THEN '410 Gone'
-                        WHEN enabled AND coalesce(failing_since, now())
-                             < now() - make_interval(secs => CAST(:after AS float8))
-                        THEN 'failing since ' || to_char(failing_since AT TIME ZONE 'UTC',
+                WITH d AS (
+                    SELECT id, enabled AND (CAST(:gone AS boolean) OR coalesce(failing_since,
+                        now()) < now() - make_interval(secs => CAST(:after AS float8))) AS off
+                    FROM webhook_endpoints WHERE id = :e FOR UPDATE
+                )
+                UPDATE webhook_endpoints w
+                SET failing_since = coalesce(w.failing_since, now()),
+                    enabled = w.enabled AND NOT d.off,
+                    disabled_at = CASE WHEN d.off THEN now() ELSE w.disabled_at END,
+                    disabled_reason = CASE
+                        WHEN NOT d.off THEN w.disabled_reason
+                        WHEN CAST(:gone AS boolean) THEN '410 Gone'
+                        ELSE 'failing since ' || to_char(w.failing_since AT TIME ZONE 'UTC',
                                                          'YYYY-MM-DD"T"HH24:MI:SS"Z"')
-                        ELSE disabled_reason END
-                WHERE id = :e
-                RETURNING enabled, disabled_reason
+                    END
+                FROM d WHERE w.id = d.id
+                RETURNING d.off, w.disabled_reason
                 """
             ),
             {"e": endpoint_id, "gone": gone, "after": disable_after},
         )
     ).one_or_none()
-    if row is not None and not row.enabled:
+    if row is not None and row.off:
         return str(row.disabled_reason)
     return None
 
@@ -420,6 +436,7 @@ async def lag_by_endpoint(conn: AsyncConnection, limit: int) -> list[tuple[str, 
 
 async def count_disabled(conn: AsyncConnection) -> int:
     return int(
-        (await conn.execute(text("SELECT count(*) FROM webhook_endpoints WHERE NOT enabled")))
-        .scalar_one()
+        (
+            await conn.execute(text("SELECT count(*) FROM webhook_endpoints WHERE NOT enabled"))
+        ).scalar_one()
     )

@@ -97,7 +97,7 @@ class AddressPolicy:
             )
         except OSError as exc:
             raise errors.InvalidArgument(field, f"host {host!r} does not resolve ({exc})") from None
-        refused = sorted({i[4][0] for i in infos if not self.allowed(_ip(i[4][0]))})
+        refused = sorted({str(i[4][0]) for i in infos if not self.allowed(_ip(str(i[4][0])))})
         if refused:
             raise AddressRefused(
                 f"{field}: {host!r} resolves to {', '.join(refused)}: loopback, private, "

@@ -154,9 +154,7 @@ def upgrade() -> None:
         "CREATE INDEX ix_webhook_deliveries_job ON webhook_deliveries "
         "(endpoint_id, job_id, xid, seq) WHERE state = 'pending'"
     )
-    op.execute(
-        "CREATE INDEX ix_webhook_deliveries_event_id ON webhook_deliveries (event_id)"
-    )
+    op.execute("CREATE INDEX ix_webhook_deliveries_event_id ON webhook_deliveries (event_id)")
 
 
 def downgrade() -> None:

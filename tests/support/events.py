@@ -18,6 +18,7 @@ from aiohttp import web
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from job_service.storage.db import asyncpg_dsn
+from localinfra.netports import free_port
 
 
 async def connect(database_url: str) -> asyncpg.Connection:
@@ -129,12 +130,10 @@ class Receiver:
         app.router.add_post("/hook", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
+        if self.port == 0:
+            self.port = free_port()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         await site.start()
-        if self.port == 0:
-            server = site._server
-            assert server is not None
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         return self
 
     async def stop(self) -> None:
