@@ -190,7 +190,8 @@ class Relay:
 
     # -- delivery -----------------------------------------------------------------------------
 
-    async def _next_due_in(self) -> float:
+    async def _next_due_in(self, busy: list[uuid.UUID]) -> float:
+        """Seconds until a delivery of an endpoint not at its in-flight cap is due."""
         async with transaction(self._engine) as conn:
             at = (
                 await conn.execute(
@@ -200,9 +201,10 @@ class Relay:
                                    coalesce(d.leased_until, d.next_attempt_at))) - now())
                         FROM webhook_deliveries d
                         JOIN webhook_endpoints e ON e.id = d.endpoint_id AND e.enabled
-                        WHERE d.state = 'pending'
+                        WHERE d.state = 'pending' AND NOT (d.endpoint_id = ANY(:busy))
                         """
-                    )
+                    ),
+                    {"busy": busy},
                 )
             ).scalar_one()
         return IDLE_TICK_SECONDS if at is None else min(max(float(at), 0.0), IDLE_TICK_SECONDS)
@@ -214,8 +216,8 @@ class Relay:
             try:
                 free = cap - len(self._attempts)
                 claimed: list[Claimed] = []
+                busy = [e for e, n in self._inflight.items() if n >= per]
                 if free > 0:
-                    busy = [e for e, n in self._inflight.items() if n >= per]
                     async with transaction(self._engine) as conn:
                         claimed = await store.claim(
                             conn,
@@ -230,8 +232,10 @@ class Relay:
                     wait = IDLE_TICK_SECONDS  # full: an attempt ending wakes us
                 elif claimed:
                     continue  # there may be more due now
+                elif free <= 0:
+                    wait = IDLE_TICK_SECONDS  # an attempt ending wakes us
                 else:
-                    wait = await self._next_due_in()
+                    wait = await self._next_due_in(busy)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the database away: retry shortly

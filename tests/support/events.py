@@ -77,12 +77,13 @@ class Receiver:
     """An HTTP endpoint on 127.0.0.1. `mode`: "ok" (204), "down" (503), "gone" (410), or a
     float: answer 204 after that many seconds."""
 
-    secret: str = ""
+    secret: str = dataclasses.field(default="", repr=False)
     mode: Any = "ok"
     seen: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     accepted: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     order: list[str] = dataclasses.field(default_factory=list)
     refused: int = 0
+    refused_ids: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     bad_signatures: int = 0
     last_headers: dict[str, str] = dataclasses.field(default_factory=dict)
     last_body: bytes = b""
@@ -104,6 +105,8 @@ class Receiver:
         mode = self.mode
         if mode == "down":
             self.refused += 1
+            self.refused_ids[headers["webhook-id"]] += 1
+            self.changed.set()
             return web.Response(status=503, text="down")
         if mode == "gone":
             self.refused += 1
