@@ -22,8 +22,6 @@ from tests.support.events import connect, make_jobs, queue_one_by_one, set_statu
 from tests.support.flows import claim, error_reason, initiate, queued_job
 from tests.support.service import Stubs, settings_for, stubs_for
 
-pytestmark = pytest.mark.asyncio
-
 
 async def all_events(api: Stubs, after: str = "", **kw: object) -> list[pb.JobEvent]:
     out: list[pb.JobEvent] = []

@@ -26,8 +26,6 @@ from tests.support.events import Receiver, connect, make_jobs, queue_one_by_one
 from tests.support.flows import error_reason
 from tests.support.service import Stubs, settings_for, stubs_for
 
-pytestmark = pytest.mark.asyncio
-
 #: The retry schedule shrunk 500 times: 5 s -> 10 ms, 5 min -> 0.6 s, 30 min -> 3.6 s.
 HOOKS = dict(
     webhook_allow_http=True,

@@ -15,8 +15,6 @@ from tests.support import auth
 from tests.support.events import Receiver, connect, make_jobs, set_status
 from tests.support.service import stubs_for
 
-pytestmark = pytest.mark.asyncio
-
 ENV = dict(
     webhook_allow_http="true",
     webhook_allowed_addresses="127.0.0.1",
