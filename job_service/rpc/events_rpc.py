@@ -238,7 +238,10 @@ class AdminServicerWithWebhooks(AdminServicer):
     ) -> pb.ReplayWebhookEventsResponse:
         since = None
         if request.HasField("since"):
-            since = request.since.ToDatetime(tzinfo=UTC)
+            try:
+                since = request.since.ToDatetime(tzinfo=UTC)
+            except (ValueError, OverflowError) as exc:
+                raise errors.InvalidArgument("since", f"is not a valid time ({exc})") from None
         n = await self._webhooks.replay(
             parse_endpoint_id(request.endpoint_id), since, request.after_cursor
         )

@@ -44,10 +44,12 @@ class AddressPolicy:
         self.allowlist = tuple(allowlist)
 
     def allowed(self, ip: IPAddress) -> bool:
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
         if any(ip in net for net in self.allowlist):
             return True
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+            if any(ip in net for net in self.allowlist):
+                return True
         return not (
             ip.is_loopback
             or ip.is_link_local
@@ -62,6 +64,8 @@ class AddressPolicy:
         """(host, port) of a URL whose scheme and form are allowed; raises InvalidArgument."""
         if len(url) > 2000:
             raise errors.InvalidArgument(field, "is longer than 2000 characters")
+        if any(ord(c) < 33 or ord(c) == 127 for c in url):
+            raise errors.InvalidArgument(field, "must not contain spaces or control characters")
         parts = urlsplit(url)
         if parts.scheme not in ("https", "http"):
             raise errors.InvalidArgument(field, "must be an https:// URL")

@@ -32,6 +32,18 @@ class EndpointNotFound(errors.JobServiceError):
         super().__init__(f"no webhook endpoint with id {endpoint_id}", endpoint_id=endpoint_id)
 
 
+def validate_subject(value: str, field: str = "subject", *, required: bool = True) -> str:
+    if (required and not value) or len(value) > MAX_SUBJECT_CHARS or value.strip() != value:
+        raise errors.InvalidArgument(
+            field,
+            f"must be the owner subject whose jobs' events go to this endpoint (1.."
+            f"{MAX_SUBJECT_CHARS} characters, no surrounding spaces)",
+        )
+    if any(ord(c) < 32 for c in value):
+        raise errors.InvalidArgument(field, "must not contain control characters")
+    return value
+
+
 def parse_endpoint_id(value: str, field: str = "endpoint_id") -> uuid.UUID:
     try:
         return uuid.UUID(value)
@@ -50,12 +62,7 @@ class Webhooks:
     async def add(self, url: str, subject: str, types: Sequence[str]) -> tuple[EndpointRow, str]:
         """A new endpoint and its secret (returned once). Raises InvalidArgument (URL refused
         by the address rules, empty subject, unknown type)."""
-        if not subject or len(subject) > MAX_SUBJECT_CHARS or subject.strip() != subject:
-            raise errors.InvalidArgument(
-                "subject",
-                f"must be the owner subject whose jobs' events go to this endpoint (1.."
-                f"{MAX_SUBJECT_CHARS} characters, no surrounding spaces)",
-            )
+        validate_subject(subject)
         kinds = validate_types(types)
         await self._policy.check_resolves(url)
         secret = new_secret()
@@ -68,6 +75,7 @@ class Webhooks:
         return row, secret
 
     async def list(self, subject: str = "") -> list[EndpointRow]:
+        validate_subject(subject, required=False)
         async with transaction(self._engine) as conn:
             return await store.list_endpoints(conn, subject or None)
 

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from google.protobuf import struct_pb2
+from google.protobuf import duration_pb2, struct_pb2
 from jobs.v1 import jobs_pb2 as pb
 
 from job_service.app import JobServiceApp
@@ -20,7 +20,7 @@ from job_service.auth.policy import Role
 from tests.support import auth
 from tests.support.events import connect, make_jobs, queue_one_by_one, set_status
 from tests.support.flows import claim, error_reason, initiate, queued_job
-from tests.support.service import Stubs, settings_for, stubs_for
+from tests.support.service import Stubs, backdate, settings_for, stubs_for
 
 
 async def all_events(api: Stubs, after: str = "", **kw: object) -> list[pb.JobEvent]:
@@ -312,3 +312,27 @@ async def test_uploaders_list_their_own_jobs(
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     everyone = await operator.upload.ListJobs(pb.ListJobsRequest(page_size=100), timeout=10)
     assert len(everyone.jobs) == 8
+
+
+async def test_purge_removes_a_jobs_events_and_retention_old_events(
+    app: JobServiceApp, api: Stubs
+) -> None:
+    conn = await connect(app.settings.database_url)
+    try:
+        old, kept = await make_jobs(conn, auth.UPLOADER, 2)
+        await set_status(conn, [old, kept], "done")
+        assert await conn.fetchval("SELECT count(*) FROM job_events") == 2
+        await backdate(app, str(old), 3 * 86400)
+        resp = await api.admin.PurgeJobs(
+            pb.PurgeJobsRequest(older_than=duration_pb2.Duration(seconds=86400)), timeout=30
+        )
+        assert resp.jobs == 1
+        left = await conn.fetch("SELECT job_id FROM job_events")
+        assert [r["job_id"] for r in left] == [kept]
+        # Retention of events: older than JOB_SERVICE_EVENTS_RETENTION_SECONDS (30 days).
+        await conn.execute("UPDATE job_events SET occurred_at = now() - interval '31 days'")
+        await app.purge_events()
+        assert await conn.fetchval("SELECT count(*) FROM job_events") == 0
+        assert await conn.fetchval("SELECT count(*) FROM video_analysis_jobs") == 1
+    finally:
+        await conn.close()
