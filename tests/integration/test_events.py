@@ -257,6 +257,16 @@ async def test_stream_pushes_without_polling_and_ends_at_max_lifetime(
         assert await call.read() == grpc.aio.EOF
         assert (await call.code()) == grpc.StatusCode.OK
         assert ("jobs-watch-end", "max-lifetime") in tuple(await call.trailing_metadata())
+        # A caller that goes away frees its stream slot at once.
+        gone = api.upload.StreamEvents(pb.StreamEventsRequest(types=["job.done"]))
+        deadline = time.monotonic() + 5
+        while app.gate.streams == 0:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)  # until the service counts the stream
+        gone.cancel()
+        while app.gate.streams != 0:
+            assert time.monotonic() < deadline, "a cancelled stream kept its slot"
+            await asyncio.sleep(0.02)  # until the handler ended
         await conn.close()
 
 
