@@ -197,7 +197,7 @@ class Admin:
                     job.status, JobStatus.queued, "only failed or awaiting_upload jobs are requeued"
                 )
             check_transition(job.status, JobStatus.queued)
-            job = await tx.requeue(job_id, obj)
+            job = await tx.requeue(job_id, obj)  # the outbox writes job.requeued for it
         self._metrics.job_transitions_total.labels(JobStatus.queued.value).inc()
         log.info("job requeued by operator", extra={"job_id": str(job_id), "reason": reason})
         return job

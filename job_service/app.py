@@ -23,15 +23,21 @@ from job_service.auth.revocations import DenyList
 from job_service.auth.tls import ReloadingCertificates
 from job_service.auth.tokens import KeyRing, Verifier
 from job_service.config import Settings
+from job_service.events import EventFeed, EventListener, EventSignal, OwnJobs
 from job_service.leases import Leases
 from job_service.metrics import Metrics
 from job_service.retention import MIN_AGE, Retention
-from job_service.rpc.admin_servicer import AdminServicer
+from job_service.rpc.events_rpc import (
+    AdminServicerWithWebhooks,
+    UploadServicerWithEvents,
+    job_json,
+)
 from job_service.rpc.interceptor import AuthInterceptor
 from job_service.rpc.registration import CallGate, add_health, add_services
-from job_service.rpc.servicers import UploadServicer, WorkerServicer
+from job_service.rpc.servicers import WorkerServicer
 from job_service.s3 import S3Gateway
-from job_service.storage.db import LeasePool, Reachability, create_engine
+from job_service.storage import events as event_store
+from job_service.storage.db import LeasePool, Reachability, create_engine, transaction
 from job_service.storage.jobs import JobDatabase
 from job_service.storage.lease_store import LeaseStore
 from job_service.storage.notify import ClaimableListener
@@ -39,6 +45,9 @@ from job_service.storage.retention import RetentionDatabase
 from job_service.storage.revocations import RevocationDatabase
 from job_service.uploads import Uploads
 from job_service.wakeup import ClaimWaiters, JobChanges
+from job_service.webhooks.addresses import AddressPolicy, parse_allowlist
+from job_service.webhooks.delivery import Relay
+from job_service.webhooks.endpoints import Webhooks
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +182,24 @@ class JobServiceApp:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(listener.connected.wait(), 10)
 
+        # Events and webhooks (issue 17): one LISTEN on job_events wakes feed streams and the
+        # webhook fan-out; both read through the aux pool, never the lease path's.
+        self.event_signal = EventSignal()
+        self.event_listener = EventListener(s.database_url, self.event_signal)
+        await self.event_listener.start()
+        self._stack.push_async_callback(self.event_listener.stop)
+        self.feed = EventFeed(aux_engine, self.event_signal)
+        policy = AddressPolicy(
+            allow_http=s.webhook_allow_http,
+            allowlist=parse_allowlist(s.webhook_allowed_addresses),
+        )
+        self.webhooks = Webhooks(aux_engine, s, policy)
+        self.relay: Relay | None = None
+        if s.webhook_delivery:
+            self.relay = Relay(aux_engine, s, self.metrics, self.event_signal, policy, job_json)
+            await self.relay.start()
+            self._stack.push_async_callback(self.relay.stop)
+
         # Security (issue 10): authentication before every handler, TLS on the port.
         self.keys: KeyRing | None = None
         self.denylist: DenyList | None = None
@@ -207,9 +234,26 @@ class JobServiceApp:
         add_services(
             server,
             {
-                "UploadService": UploadServicer(self.uploads, s, self.metrics, watch_uploads),
+                "UploadService": UploadServicerWithEvents(
+                    self.uploads,
+                    s,
+                    self.metrics,
+                    watch_uploads,
+                    feed=self.feed,
+                    own_jobs=OwnJobs(aux_engine, s),
+                    admin=self.admin,
+                ),
                 "WorkerService": WorkerServicer(self.leases, s, self.metrics),
-                "AdminService": AdminServicer(self.admin, s, self.metrics, self.retention),
+                "AdminService": AdminServicerWithWebhooks(
+                    self.admin,
+                    s,
+                    self.metrics,
+                    self.retention,
+                    webhooks=self.webhooks,
+                    wake=self.relay.wake
+                    if self.relay is not None
+                    else self.event_signal.notify_all,
+                ),
             },
             self.gate,
             self.metrics,
@@ -259,6 +303,19 @@ class JobServiceApp:
                     name="upload-reconciler",
                 )
             )
+        if self.relay is not None:
+            self._tasks.append(
+                asyncio.create_task(
+                    self._every(15.0, self.relay.refresh_gauges), name="webhook-gauges"
+                )
+            )
+        if s.events_retention_seconds > 0:
+            self._tasks.append(
+                asyncio.create_task(
+                    self._every(s.retention_interval_seconds, self.purge_events),
+                    name="events-retention",
+                )
+            )
         if s.retention_seconds > 0:
             self._tasks.append(
                 asyncio.create_task(
@@ -285,6 +342,16 @@ class JobServiceApp:
                 "reflection": s.reflection,
             },
         )
+
+    async def purge_events(self) -> None:
+        """Events older than JOB_SERVICE_EVENTS_RETENTION_SECONDS, in small batches."""
+        while True:
+            async with transaction(self.aux_engine) as conn:
+                n = await event_store.purge_older_than(
+                    conn, self.settings.events_retention_seconds, self.settings.retention_batch
+                )
+            if n < self.settings.retention_batch:
+                return
 
     async def refresh_auth(self) -> None:
         """The revoked-token list, and the JWKS file if it changed (rotation)."""

@@ -192,6 +192,30 @@ class Settings(BaseSettings):
     def lease(self) -> timedelta:
         return timedelta(seconds=self.lease_seconds)
 
+    # -- events and webhooks (issue 17, docs/events.md) --
+    #: Events older than this are deleted by the retention task; 0 keeps them forever. A purged
+    #: job's events go with it whatever this says.
+    events_retention_seconds: float = Field(default=30 * 86400.0, ge=0)
+    #: This instance fans events out to webhook endpoints and delivers them (instances share
+    #: the work with SKIP LOCKED); off: it only serves the API.
+    webhook_delivery: bool = True
+    #: A delivery succeeds on a 2xx answer within this time.
+    webhook_timeout_seconds: PositiveFloat = 15.0
+    #: Multiplies the Standard Webhooks retry schedule (5 s … 24 h); tests shrink it.
+    webhook_retry_scale: PositiveFloat = 1.0
+    #: An endpoint failing without a success for this long is disabled.
+    webhook_disable_after_seconds: PositiveFloat = 5 * 86400.0
+    #: Allow http:// endpoint URLs (https only otherwise).
+    webhook_allow_http: bool = False
+    #: Addresses or CIDR blocks (comma- or space-separated) that are allowed although loopback,
+    #: private or link-local, e.g. "127.0.0.1" for a local receiver.
+    webhook_allowed_addresses: str = ""
+    #: After a rotation the old secret keeps signing this long (unless the call says otherwise).
+    webhook_secret_overlap_seconds: PositiveFloat = 86400.0
+    #: Deliveries in flight per instance, and per endpoint per instance.
+    webhook_max_in_flight: PositiveInt = 64
+    webhook_endpoint_in_flight: PositiveInt = 8
+
     @model_validator(mode="after")
     def _heartbeat_fits_the_lease(self) -> Self:
         if self.heartbeat_interval_seconds * 2 > self.lease_seconds:

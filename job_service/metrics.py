@@ -71,3 +71,19 @@ class Metrics:
             "Leases released because the ClaimJob caller was gone or the outcome unknown",
             registry=r,
         )
+        # Events and webhooks (issue 17).
+        self.webhook_deliveries_total = Counter(
+            "job_service_webhook_deliveries_total",
+            "Webhook delivery attempts by outcome",
+            ["outcome"],  # delivered | retry | gave_up | gone
+            registry=r,
+        )
+        self.webhook_outbox_lag_seconds = Gauge(
+            "job_service_webhook_outbox_lag_seconds",
+            "Age of the oldest undelivered event per endpoint (at most 20 endpoints, then other)",
+            ["endpoint"],
+            registry=r,
+        )
+        self.webhook_endpoints_disabled = Gauge(
+            "job_service_webhook_endpoints_disabled", "Disabled webhook endpoints", registry=r
+        )

@@ -34,7 +34,7 @@ from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
 from jobs.v1 import jobs_pb2 as pb
 
-from jobs_client import auth
+from jobs_client import auth, webhook_cli
 from jobs_client.client import TERMINAL, guess_content_type
 from jobs_client.errors import InvalidArgument, JobsError
 from jobs_client.retry import Backoff
@@ -141,6 +141,7 @@ def build_parser() -> Parser:
         sp = add(name, text)
         sp.add_argument("job_id")
         sp.add_argument("--reason", default="", help="why (in the service's log)")
+    webhook_cli.add_parser(add, Parser)
     add("stats", "counts by status, oldest queued job, stuck uploads").add_argument(
         "--stuck-after",
         type=parse_duration,
@@ -542,6 +543,7 @@ COMMANDS: dict[str, Command] = {
     "requeue": cmd_requeue,
     "cancel": cmd_cancel,
     "stats": cmd_stats,
+    "webhook": webhook_cli.run,
 }
 
 

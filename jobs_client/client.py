@@ -496,6 +496,13 @@ class JobsClient(ChannelOwner):
             reopened = True
             await asyncio.sleep(self.retry.delay(failures))  # backoff before reopening
 
+    def events(self, *, after: str = "", types: Sequence[str] = ()) -> AsyncIterator[pb.JobEvent]:
+        """Job events after the cursor, then live ones; reconnects and resumes by itself
+        (jobs_client.events)."""
+        from jobs_client import events as _events
+
+        return _events.follow(self, after=after, types=types)
+
     async def wait_done(self, job_id: str, timeout: float | None = None) -> pb.Job:  # noqa: ASYNC109
         """Follow the job until it is DONE (returned) or FAILED (JobFailed is raised)."""
 

@@ -35,6 +35,10 @@ POLICY: Mapping[str, frozenset[Role]] = {
     "/jobs.v1.UploadService/WatchJob": frozenset({U, OP}),
     "/jobs.v1.UploadService/SignUploadParts": frozenset({U}),
     "/jobs.v1.UploadService/ListUploadedParts": frozenset({U, OP}),
+    # Events (issue 17): an uploader sees its own jobs' events and jobs, an operator all.
+    "/jobs.v1.UploadService/StreamEvents": frozenset({U, OP}),
+    "/jobs.v1.UploadService/ListEvents": frozenset({U, OP}),
+    "/jobs.v1.UploadService/ListJobs": frozenset({U, OP}),
     # WorkerService: the fleet only (every call claims or changes a lease).
     "/jobs.v1.WorkerService/ClaimJob": frozenset({W}),
     "/jobs.v1.WorkerService/Heartbeat": frozenset({W}),
@@ -50,6 +54,12 @@ POLICY: Mapping[str, frozenset[Role]] = {
     "/jobs.v1.AdminService/RequeueJob": frozenset({OP}),
     "/jobs.v1.AdminService/CancelJob": frozenset({OP}),
     "/jobs.v1.AdminService/PurgeJobs": frozenset({OP}),
+    "/jobs.v1.AdminService/AddWebhookEndpoint": frozenset({OP}),
+    "/jobs.v1.AdminService/ListWebhookEndpoints": frozenset({OP}),
+    "/jobs.v1.AdminService/SetWebhookEndpointEnabled": frozenset({OP}),
+    "/jobs.v1.AdminService/RotateWebhookSecret": frozenset({OP}),
+    "/jobs.v1.AdminService/RemoveWebhookEndpoint": frozenset({OP}),
+    "/jobs.v1.AdminService/ReplayWebhookEvents": frozenset({OP}),
 }
 
 #: Services anyone may call: load balancers and orchestrators probe health without credentials.

@@ -36,6 +36,7 @@ from job_service.domain.model import (
 )
 from job_service.domain.multipart import Plan
 from job_service.domain.status import JobStatus
+from job_service.storage import events as event_store
 from job_service.storage.db import transaction
 from job_service.storage.rows import to_job
 from job_service.storage.tables import job_errors, jobs, sessions, upload_parts
@@ -362,6 +363,8 @@ class JobStatements:
     async def requeue(self, job_id: JobId, verified: ObjectInfo | None) -> Job:
         # A job that finished its quick pass before failing resumes at the deep pass only
         # through a lease; a requeue starts it over, with the quick results kept visible.
+        # The outbox trigger writes job.requeued (not job.queued) for this transaction.
+        await event_store.mark_requeue(self._conn)
         job = await self._update(
             job_id,
             status=JobStatus.queued,

@@ -10,6 +10,7 @@ from sqlalchemy import (
     DateTime,
     Enum,
     ForeignKey,
+    Identity,
     Index,
     Integer,
     LargeBinary,
@@ -21,7 +22,9 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
+from sqlalchemy.dialects.postgresql.base import ischema_names as _pg_ischema_names
+from sqlalchemy.types import UserDefinedType
 
 from job_service.domain.status import JobStatus
 
@@ -204,3 +207,106 @@ revoked_tokens = Table(
 CLAIMABLE_CHANNEL = "video_analysis_jobs_claimable"
 #: NOTIFY channel: a job's status or progress changed (payload: job id). See revision 0004.
 CHANGED_CHANNEL = "video_analysis_jobs_changed"
+
+
+class XID8(UserDefinedType[int]):
+    """Postgres `xid8`: a 64-bit transaction id (the event cursor's first half)."""
+
+    cache_ok = True
+
+    def get_col_spec(self, **_kw: object) -> str:
+        return "XID8"
+
+
+# Revision 0010 (events and webhooks): the transactional outbox, written by a trigger on jobs.
+job_events = Table(
+    "job_events",
+    metadata,
+    Column("xid", XID8(), nullable=False, server_default=text("pg_current_xact_id()")),
+    Column("seq", BigInteger, Identity(always=True), nullable=False),
+    Column("id", UUID(as_uuid=True), nullable=False, server_default=text("gen_random_uuid()")),
+    Column("type", Text, nullable=False),
+    Column(
+        "job_id",
+        UUID(as_uuid=True),
+        ForeignKey("video_analysis_jobs.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("owner_subject", Text, nullable=False),
+    Column("occurred_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("payload", JSONB, nullable=False),
+    PrimaryKeyConstraint("xid", "seq"),
+    UniqueConstraint("id", name="uq_job_events_id"),
+    Index("ix_job_events_owner_subject", "owner_subject", "xid", "seq"),
+    Index("ix_job_events_job_id", "job_id"),
+)
+
+webhook_endpoints = Table(
+    "webhook_endpoints",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("subject", Text, nullable=False),
+    Column("url", Text, nullable=False),
+    Column("types", ARRAY(Text), nullable=False, server_default="{}"),
+    Column("secret", Text, nullable=False),
+    Column("old_secret", Text),
+    Column("old_secret_until", DateTime(timezone=True)),
+    Column("enabled", Boolean, nullable=False, server_default="true"),
+    Column("disabled_reason", Text),
+    Column("disabled_at", DateTime(timezone=True)),
+    Column("failing_since", DateTime(timezone=True)),
+    Column("fanout_xid", XID8(), nullable=False),
+    Column("fanout_seq", BigInteger, nullable=False, server_default="0"),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column(
+        "endpoint_id",
+        UUID(as_uuid=True),
+        ForeignKey("webhook_endpoints.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column(
+        "event_id",
+        UUID(as_uuid=True),
+        ForeignKey("job_events.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    Column("xid", XID8(), nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("job_id", UUID(as_uuid=True), nullable=False),
+    Column("state", Text, nullable=False, server_default="pending"),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("leased_until", DateTime(timezone=True)),
+    Column("last_status", Integer),
+    Column("last_error", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("delivered_at", DateTime(timezone=True)),
+    PrimaryKeyConstraint("endpoint_id", "event_id"),
+    Index(
+        "ix_webhook_deliveries_pending",
+        "endpoint_id",
+        "xid",
+        "seq",
+        postgresql_where=text("state = 'pending'"),
+    ),
+    Index(
+        "ix_webhook_deliveries_job",
+        "endpoint_id",
+        "job_id",
+        "xid",
+        "seq",
+        postgresql_where=text("state = 'pending'"),
+    ),
+)
+
+#: NOTIFY channel: a job event was written (revision 0010; empty payload).
+EVENTS_CHANNEL = "job_events"
+
+# Reflection (alembic check) knows the type by name.
+_pg_ischema_names["xid8"] = XID8

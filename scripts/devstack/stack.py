@@ -177,6 +177,9 @@ class Stack:
                 "JOB_SERVICE_S3_ACCESS_KEY_ID": d.s3_access_key_id,
                 "JOB_SERVICE_S3_SECRET_ACCESS_KEY": d.s3_secret_access_key,
                 "JOB_SERVICE_S3_BUCKET": d.s3_bucket,
+                # Webhooks to a receiver on this machine (docs/events.md); the banner says so.
+                "JOB_SERVICE_WEBHOOK_ALLOW_HTTP": "true",
+                "JOB_SERVICE_WEBHOOK_ALLOWED_ADDRESSES": "127.0.0.1 ::1",
                 **self._credentials().service_env(),
             },
         )

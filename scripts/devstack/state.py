@@ -123,6 +123,8 @@ def banner(
         f"region {where.s3_region}",
         f"                    access key {where.access_key}, secret key {where.secret_key}",
         f"  workers           {', '.join(opts.worker_ids)}",
+        "  webhooks          http:// and loopback (127.0.0.1, ::1) ALLOWED for local receivers: "
+        "jobctl webhook add http://127.0.0.1:PORT/hook --subject SUBJECT",
         f"  data and logs     {shown(opts.run_dir)}/  (pg/, s3/; service output is streamed "
         f"below and kept in {shown(opts.log_dir)}/*.log)",
         "",

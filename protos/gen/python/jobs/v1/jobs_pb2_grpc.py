@@ -67,6 +67,21 @@ class UploadServiceStub:
                 request_serializer=jobs_dot_v1_dot_jobs__pb2.ListUploadedPartsRequest.SerializeToString,
                 response_deserializer=jobs_dot_v1_dot_jobs__pb2.ListUploadedPartsResponse.FromString,
                 _registered_method=True)
+        self.StreamEvents = channel.unary_stream(
+                '/jobs.v1.UploadService/StreamEvents',
+                request_serializer=jobs_dot_v1_dot_jobs__pb2.StreamEventsRequest.SerializeToString,
+                response_deserializer=jobs_dot_v1_dot_jobs__pb2.StreamEventsResponse.FromString,
+                _registered_method=True)
+        self.ListEvents = channel.unary_unary(
+                '/jobs.v1.UploadService/ListEvents',
+                request_serializer=jobs_dot_v1_dot_jobs__pb2.ListEventsRequest.SerializeToString,
+                response_deserializer=jobs_dot_v1_dot_jobs__pb2.ListEventsResponse.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/jobs.v1.UploadService/ListJobs',
+                request_serializer=jobs_dot_v1_dot_jobs__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=jobs_dot_v1_dot_jobs__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
 
 
 class UploadServiceServicer:
@@ -120,6 +135,31 @@ class UploadServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamEvents(self, request, context):
+        """Job events (docs/events.md): every event after `after_cursor`, then each new one as it
+        commits. An uploader sees its own jobs' events, an operator everybody's. Ends with OK and
+        trailing metadata jobs-watch-end=max-lifetime after JOB_SERVICE_WATCH_MAX_SECONDS: call
+        again with the last cursor received (nothing is missed, nothing comes twice).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListEvents(self, request, context):
+        """The same events, a page at a time, for callers that poll.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """The caller's own jobs (an operator's call lists every job), newest change first; the same
+        request and paging as AdminService.ListJobs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UploadServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -152,6 +192,21 @@ def add_UploadServiceServicer_to_server(servicer, server):
                     servicer.ListUploadedParts,
                     request_deserializer=jobs_dot_v1_dot_jobs__pb2.ListUploadedPartsRequest.FromString,
                     response_serializer=jobs_dot_v1_dot_jobs__pb2.ListUploadedPartsResponse.SerializeToString,
+            ),
+            'StreamEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamEvents,
+                    request_deserializer=jobs_dot_v1_dot_jobs__pb2.StreamEventsRequest.FromString,
+                    response_serializer=jobs_dot_v1_dot_jobs__pb2.StreamEventsResponse.SerializeToString,
+            ),
+            'ListEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEvents,
+                    request_deserializer=jobs_dot_v1_dot_jobs__pb2.ListEventsRequest.FromString,
+                    response_serializer=jobs_dot_v1_dot_jobs__pb2.ListEventsResponse.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=jobs_dot_v1_dot_jobs__pb2.ListJobsRequest.FromString,
+                    response_serializer=jobs_dot_v1_dot_jobs__pb2.ListJobsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -319,6 +374,87 @@ class UploadService:
             '/jobs.v1.UploadService/ListUploadedParts',
             jobs_dot_v1_dot_jobs__pb2.ListUploadedPartsRequest.SerializeToString,
             jobs_dot_v1_dot_jobs__pb2.ListUploadedPartsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/jobs.v1.UploadService/StreamEvents',
+            jobs_dot_v1_dot_jobs__pb2.StreamEventsRequest.SerializeToString,
+            jobs_dot_v1_dot_jobs__pb2.StreamEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobs.v1.UploadService/ListEvents',
+            jobs_dot_v1_dot_jobs__pb2.ListEventsRequest.SerializeToString,
+            jobs_dot_v1_dot_jobs__pb2.ListEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobs.v1.UploadService/ListJobs',
+            jobs_dot_v1_dot_jobs__pb2.ListJobsRequest.SerializeToString,
+            jobs_dot_v1_dot_jobs__pb2.ListJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -765,6 +901,36 @@ class AdminServiceStub:
                 request_serializer=jobs_dot_v1_dot_jobs__pb2.PurgeJobsRequest.SerializeToString,
                 response_deserializer=jobs_dot_v1_dot_jobs__pb2.PurgeJobsResponse.FromString,
                 _registered_method=True)
+        self.AddWebhookEndpoint = channel.unary_unary(
+                '/jobs.v1.AdminService/AddWebhookEndpoint',
+                request_serializer=jobs_dot_v1_dot_jobs__pb2.AddWebhookEndpointRequest.SerializeToString,
+                response_deserializer=jobs_dot_v1_dot_jobs__pb2.AddWebhookEndpointResponse.FromString,
+                _registered_method=True)
+        self.ListWebhookEndpoints = channel.unary_unary(
+                '/jobs.v1.AdminService/ListWebhookEndpoints',
+                request_serializer=jobs_dot_v1_dot_jobs__pb2.ListWebhookEndpointsRequest.SerializeToString,
+                response_deserializer=jobs_dot_v1_dot_jobs__pb2.ListWebhookEndpointsResponse.FromString,
+                _registered_method=True)
+        self.SetWebhookEndpointEnabled = channel.unary_unary(
+                '/jobs.v1.AdminService/SetWebhookEndpointEnabled',
+                request_serializer=jobs_dot_v1_dot_jobs__pb2.SetWebhookEndpointEnabledRequest.SerializeToString,
+                response_deserializer=jobs_dot_v1_dot_jobs__pb2.SetWebhookEndpointEnabledResponse.FromString,
+                _registered_method=True)
+        self.RotateWebhookSecret = channel.unary_unary(
+                '/jobs.v1.AdminService/RotateWebhookSecret',
+                request_serializer=jobs_dot_v1_dot_jobs__pb2.RotateWebhookSecretRequest.SerializeToString,
+                response_deserializer=jobs_dot_v1_dot_jobs__pb2.RotateWebhookSecretResponse.FromString,
+                _registered_method=True)
+        self.RemoveWebhookEndpoint = channel.unary_unary(
+                '/jobs.v1.AdminService/RemoveWebhookEndpoint',
+                request_serializer=jobs_dot_v1_dot_jobs__pb2.RemoveWebhookEndpointRequest.SerializeToString,
+                response_deserializer=jobs_dot_v1_dot_jobs__pb2.RemoveWebhookEndpointResponse.FromString,
+                _registered_method=True)
+        self.ReplayWebhookEvents = channel.unary_unary(
+                '/jobs.v1.AdminService/ReplayWebhookEvents',
+                request_serializer=jobs_dot_v1_dot_jobs__pb2.ReplayWebhookEventsRequest.SerializeToString,
+                response_deserializer=jobs_dot_v1_dot_jobs__pb2.ReplayWebhookEventsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -811,6 +977,47 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddWebhookEndpoint(self, request, context):
+        """Webhooks (Standard Webhooks, docs/events.md): endpoints per owner subject. The secret is in
+        the answer of Add and Rotate only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWebhookEndpoints(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetWebhookEndpointEnabled(self, request, context):
+        """Disable or enable; enabling resumes delivery where it stopped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateWebhookSecret(self, request, context):
+        """A new secret; the old one keeps signing beside it for `old_secret_ttl`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveWebhookEndpoint(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReplayWebhookEvents(self, request, context):
+        """Delivers again the endpoint's events since a time or after a cursor (same webhook-id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -838,6 +1045,36 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.PurgeJobs,
                     request_deserializer=jobs_dot_v1_dot_jobs__pb2.PurgeJobsRequest.FromString,
                     response_serializer=jobs_dot_v1_dot_jobs__pb2.PurgeJobsResponse.SerializeToString,
+            ),
+            'AddWebhookEndpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddWebhookEndpoint,
+                    request_deserializer=jobs_dot_v1_dot_jobs__pb2.AddWebhookEndpointRequest.FromString,
+                    response_serializer=jobs_dot_v1_dot_jobs__pb2.AddWebhookEndpointResponse.SerializeToString,
+            ),
+            'ListWebhookEndpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhookEndpoints,
+                    request_deserializer=jobs_dot_v1_dot_jobs__pb2.ListWebhookEndpointsRequest.FromString,
+                    response_serializer=jobs_dot_v1_dot_jobs__pb2.ListWebhookEndpointsResponse.SerializeToString,
+            ),
+            'SetWebhookEndpointEnabled': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetWebhookEndpointEnabled,
+                    request_deserializer=jobs_dot_v1_dot_jobs__pb2.SetWebhookEndpointEnabledRequest.FromString,
+                    response_serializer=jobs_dot_v1_dot_jobs__pb2.SetWebhookEndpointEnabledResponse.SerializeToString,
+            ),
+            'RotateWebhookSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateWebhookSecret,
+                    request_deserializer=jobs_dot_v1_dot_jobs__pb2.RotateWebhookSecretRequest.FromString,
+                    response_serializer=jobs_dot_v1_dot_jobs__pb2.RotateWebhookSecretResponse.SerializeToString,
+            ),
+            'RemoveWebhookEndpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveWebhookEndpoint,
+                    request_deserializer=jobs_dot_v1_dot_jobs__pb2.RemoveWebhookEndpointRequest.FromString,
+                    response_serializer=jobs_dot_v1_dot_jobs__pb2.RemoveWebhookEndpointResponse.SerializeToString,
+            ),
+            'ReplayWebhookEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReplayWebhookEvents,
+                    request_deserializer=jobs_dot_v1_dot_jobs__pb2.ReplayWebhookEventsRequest.FromString,
+                    response_serializer=jobs_dot_v1_dot_jobs__pb2.ReplayWebhookEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -978,6 +1215,168 @@ class AdminService:
             '/jobs.v1.AdminService/PurgeJobs',
             jobs_dot_v1_dot_jobs__pb2.PurgeJobsRequest.SerializeToString,
             jobs_dot_v1_dot_jobs__pb2.PurgeJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddWebhookEndpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobs.v1.AdminService/AddWebhookEndpoint',
+            jobs_dot_v1_dot_jobs__pb2.AddWebhookEndpointRequest.SerializeToString,
+            jobs_dot_v1_dot_jobs__pb2.AddWebhookEndpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhookEndpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobs.v1.AdminService/ListWebhookEndpoints',
+            jobs_dot_v1_dot_jobs__pb2.ListWebhookEndpointsRequest.SerializeToString,
+            jobs_dot_v1_dot_jobs__pb2.ListWebhookEndpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetWebhookEndpointEnabled(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobs.v1.AdminService/SetWebhookEndpointEnabled',
+            jobs_dot_v1_dot_jobs__pb2.SetWebhookEndpointEnabledRequest.SerializeToString,
+            jobs_dot_v1_dot_jobs__pb2.SetWebhookEndpointEnabledResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateWebhookSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobs.v1.AdminService/RotateWebhookSecret',
+            jobs_dot_v1_dot_jobs__pb2.RotateWebhookSecretRequest.SerializeToString,
+            jobs_dot_v1_dot_jobs__pb2.RotateWebhookSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveWebhookEndpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobs.v1.AdminService/RemoveWebhookEndpoint',
+            jobs_dot_v1_dot_jobs__pb2.RemoveWebhookEndpointRequest.SerializeToString,
+            jobs_dot_v1_dot_jobs__pb2.RemoveWebhookEndpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplayWebhookEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobs.v1.AdminService/ReplayWebhookEvents',
+            jobs_dot_v1_dot_jobs__pb2.ReplayWebhookEventsRequest.SerializeToString,
+            jobs_dot_v1_dot_jobs__pb2.ReplayWebhookEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,6 +55,18 @@ class UploadServiceStub:
     """The parts S3 holds for a multipart job (every ListParts page), for resuming an upload from
     any machine. CompleteUpload assembles the object from this list, never from the client's.
     """
+    StreamEvents: _grpc.UnaryStreamMultiCallable[_jobs_pb2.StreamEventsRequest, _jobs_pb2.StreamEventsResponse]
+    """Job events (docs/events.md): every event after `after_cursor`, then each new one as it
+    commits. An uploader sees its own jobs' events, an operator everybody's. Ends with OK and
+    trailing metadata jobs-watch-end=max-lifetime after JOB_SERVICE_WATCH_MAX_SECONDS: call
+    again with the last cursor received (nothing is missed, nothing comes twice).
+    """
+    ListEvents: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ListEventsRequest, _jobs_pb2.ListEventsResponse]
+    """The same events, a page at a time, for callers that poll."""
+    ListJobs: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ListJobsRequest, _jobs_pb2.ListJobsResponse]
+    """The caller's own jobs (an operator's call lists every job), newest change first; the same
+    request and paging as AdminService.ListJobs.
+    """
 
 @_typing.type_check_only
 class UploadServiceAsyncStub(UploadServiceStub):
@@ -79,6 +91,18 @@ class UploadServiceAsyncStub(UploadServiceStub):
     ListUploadedParts: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ListUploadedPartsRequest, _jobs_pb2.ListUploadedPartsResponse]  # type: ignore[assignment]
     """The parts S3 holds for a multipart job (every ListParts page), for resuming an upload from
     any machine. CompleteUpload assembles the object from this list, never from the client's.
+    """
+    StreamEvents: _aio.UnaryStreamMultiCallable[_jobs_pb2.StreamEventsRequest, _jobs_pb2.StreamEventsResponse]  # type: ignore[assignment]
+    """Job events (docs/events.md): every event after `after_cursor`, then each new one as it
+    commits. An uploader sees its own jobs' events, an operator everybody's. Ends with OK and
+    trailing metadata jobs-watch-end=max-lifetime after JOB_SERVICE_WATCH_MAX_SECONDS: call
+    again with the last cursor received (nothing is missed, nothing comes twice).
+    """
+    ListEvents: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ListEventsRequest, _jobs_pb2.ListEventsResponse]  # type: ignore[assignment]
+    """The same events, a page at a time, for callers that poll."""
+    ListJobs: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ListJobsRequest, _jobs_pb2.ListJobsResponse]  # type: ignore[assignment]
+    """The caller's own jobs (an operator's call lists every job), newest change first; the same
+    request and paging as AdminService.ListJobs.
     """
 
 class UploadServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -137,6 +161,36 @@ class UploadServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_jobs_pb2.ListUploadedPartsResponse, _abc.Awaitable[_jobs_pb2.ListUploadedPartsResponse]]:
         """The parts S3 holds for a multipart job (every ListParts page), for resuming an upload from
         any machine. CompleteUpload assembles the object from this list, never from the client's.
+        """
+
+    @_abc_1.abstractmethod
+    def StreamEvents(
+        self,
+        request: _jobs_pb2.StreamEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_jobs_pb2.StreamEventsResponse], _abc.AsyncIterator[_jobs_pb2.StreamEventsResponse]]:
+        """Job events (docs/events.md): every event after `after_cursor`, then each new one as it
+        commits. An uploader sees its own jobs' events, an operator everybody's. Ends with OK and
+        trailing metadata jobs-watch-end=max-lifetime after JOB_SERVICE_WATCH_MAX_SECONDS: call
+        again with the last cursor received (nothing is missed, nothing comes twice).
+        """
+
+    @_abc_1.abstractmethod
+    def ListEvents(
+        self,
+        request: _jobs_pb2.ListEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.ListEventsResponse, _abc.Awaitable[_jobs_pb2.ListEventsResponse]]:
+        """The same events, a page at a time, for callers that poll."""
+
+    @_abc_1.abstractmethod
+    def ListJobs(
+        self,
+        request: _jobs_pb2.ListJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.ListJobsResponse, _abc.Awaitable[_jobs_pb2.ListJobsResponse]]:
+        """The caller's own jobs (an operator's call lists every job), newest change first; the same
+        request and paging as AdminService.ListJobs.
         """
 
 def add_UploadServiceServicer_to_server(servicer: UploadServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
@@ -304,6 +358,18 @@ class AdminServiceStub:
     `older_than`, with their error history, in small batches that never block the lease path;
     with delete_results also their results in S3. Active jobs are never deleted.
     """
+    AddWebhookEndpoint: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.AddWebhookEndpointRequest, _jobs_pb2.AddWebhookEndpointResponse]
+    """Webhooks (Standard Webhooks, docs/events.md): endpoints per owner subject. The secret is in
+    the answer of Add and Rotate only.
+    """
+    ListWebhookEndpoints: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ListWebhookEndpointsRequest, _jobs_pb2.ListWebhookEndpointsResponse]
+    SetWebhookEndpointEnabled: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.SetWebhookEndpointEnabledRequest, _jobs_pb2.SetWebhookEndpointEnabledResponse]
+    """Disable or enable; enabling resumes delivery where it stopped."""
+    RotateWebhookSecret: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.RotateWebhookSecretRequest, _jobs_pb2.RotateWebhookSecretResponse]
+    """A new secret; the old one keeps signing beside it for `old_secret_ttl`."""
+    RemoveWebhookEndpoint: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.RemoveWebhookEndpointRequest, _jobs_pb2.RemoveWebhookEndpointResponse]
+    ReplayWebhookEvents: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ReplayWebhookEventsRequest, _jobs_pb2.ReplayWebhookEventsResponse]
+    """Delivers again the endpoint's events since a time or after a cursor (same webhook-id)."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -327,6 +393,18 @@ class AdminServiceAsyncStub(AdminServiceStub):
     `older_than`, with their error history, in small batches that never block the lease path;
     with delete_results also their results in S3. Active jobs are never deleted.
     """
+    AddWebhookEndpoint: _aio.UnaryUnaryMultiCallable[_jobs_pb2.AddWebhookEndpointRequest, _jobs_pb2.AddWebhookEndpointResponse]  # type: ignore[assignment]
+    """Webhooks (Standard Webhooks, docs/events.md): endpoints per owner subject. The secret is in
+    the answer of Add and Rotate only.
+    """
+    ListWebhookEndpoints: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ListWebhookEndpointsRequest, _jobs_pb2.ListWebhookEndpointsResponse]  # type: ignore[assignment]
+    SetWebhookEndpointEnabled: _aio.UnaryUnaryMultiCallable[_jobs_pb2.SetWebhookEndpointEnabledRequest, _jobs_pb2.SetWebhookEndpointEnabledResponse]  # type: ignore[assignment]
+    """Disable or enable; enabling resumes delivery where it stopped."""
+    RotateWebhookSecret: _aio.UnaryUnaryMultiCallable[_jobs_pb2.RotateWebhookSecretRequest, _jobs_pb2.RotateWebhookSecretResponse]  # type: ignore[assignment]
+    """A new secret; the old one keeps signing beside it for `old_secret_ttl`."""
+    RemoveWebhookEndpoint: _aio.UnaryUnaryMultiCallable[_jobs_pb2.RemoveWebhookEndpointRequest, _jobs_pb2.RemoveWebhookEndpointResponse]  # type: ignore[assignment]
+    ReplayWebhookEvents: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ReplayWebhookEventsRequest, _jobs_pb2.ReplayWebhookEventsResponse]  # type: ignore[assignment]
+    """Delivers again the endpoint's events since a time or after a cursor (same webhook-id)."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------------------------------------
@@ -377,5 +455,53 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         `older_than`, with their error history, in small batches that never block the lease path;
         with delete_results also their results in S3. Active jobs are never deleted.
         """
+
+    @_abc_1.abstractmethod
+    def AddWebhookEndpoint(
+        self,
+        request: _jobs_pb2.AddWebhookEndpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.AddWebhookEndpointResponse, _abc.Awaitable[_jobs_pb2.AddWebhookEndpointResponse]]:
+        """Webhooks (Standard Webhooks, docs/events.md): endpoints per owner subject. The secret is in
+        the answer of Add and Rotate only.
+        """
+
+    @_abc_1.abstractmethod
+    def ListWebhookEndpoints(
+        self,
+        request: _jobs_pb2.ListWebhookEndpointsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.ListWebhookEndpointsResponse, _abc.Awaitable[_jobs_pb2.ListWebhookEndpointsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SetWebhookEndpointEnabled(
+        self,
+        request: _jobs_pb2.SetWebhookEndpointEnabledRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.SetWebhookEndpointEnabledResponse, _abc.Awaitable[_jobs_pb2.SetWebhookEndpointEnabledResponse]]:
+        """Disable or enable; enabling resumes delivery where it stopped."""
+
+    @_abc_1.abstractmethod
+    def RotateWebhookSecret(
+        self,
+        request: _jobs_pb2.RotateWebhookSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.RotateWebhookSecretResponse, _abc.Awaitable[_jobs_pb2.RotateWebhookSecretResponse]]:
+        """A new secret; the old one keeps signing beside it for `old_secret_ttl`."""
+
+    @_abc_1.abstractmethod
+    def RemoveWebhookEndpoint(
+        self,
+        request: _jobs_pb2.RemoveWebhookEndpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.RemoveWebhookEndpointResponse, _abc.Awaitable[_jobs_pb2.RemoveWebhookEndpointResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ReplayWebhookEvents(
+        self,
+        request: _jobs_pb2.ReplayWebhookEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.ReplayWebhookEventsResponse, _abc.Awaitable[_jobs_pb2.ReplayWebhookEventsResponse]]:
+        """Delivers again the endpoint's events since a time or after a cursor (same webhook-id)."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
