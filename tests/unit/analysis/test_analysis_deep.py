@@ -122,9 +122,10 @@ def test_deep_result_is_json_safe_and_deterministic(
     second = _run(PyAVAnalyzer(), cuts_video, tmp_path / "b")
 
     doc = json.loads(json.dumps(first.to_dict(), allow_nan=False))
+    # Backward compatible: every field the first schema had, plus the added ones.
     assert set(doc) == {
         "frames_decoded", "duration_s", "decode_errors", "brightness", "motion",
-        "cuts", "activity", "signal_path",
+        "cuts", "activity", "signal_path", "transitions", "flashes",
     }  # fmt: skip
     assert set(doc["cuts"][0]) == {"frame", "time_s", "diff", "score"}
     assert set(doc["motion"]) == {"mean", "std", "min", "max", "p95"}
