@@ -16,6 +16,7 @@ help:
 	@echo "make migrate    alembic upgrade head against JOB_SERVICE_DATABASE_URL"
 	@echo "make bench      lease-path benchmark beside same-run baselines (raw SQL, PgQueuer, echo); BENCH_ARGS=--quick"
 	@echo "make chaos      the chaos suite at full scale (faults across the fleet, ~10 min)"
+	@echo "make bench-analysis  deep pass vs decode-only, PySceneDetect and ffmpeg on generated clips; BENCH_ARGS=--quick"
 
 $(STAMP): pyproject.toml
 	@command -v $(PY_BOOT) >/dev/null || { echo "need $(PY_BOOT) on PATH"; exit 1; }
@@ -69,3 +70,9 @@ clean:
 .PHONY: chaos
 chaos: $(STAMP)
 	CHAOS_SCALE=full $(VENV)/bin/pytest -q tests/chaos $(PYTEST_ARGS)
+
+# The analysis beside its peers on clips generated with ffmpeg (docs/analysis.md). `make test`
+# runs the --quick variant through tests/bench_analysis/test_bench_analysis_quick.py.
+.PHONY: bench-analysis
+bench-analysis: $(STAMP)
+	$(PY) -m tests.bench_analysis $(BENCH_ARGS)

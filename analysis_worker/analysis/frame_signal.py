@@ -43,7 +43,7 @@ import numpy.typing as npt
 from av.video.reformatter import VideoReformatter
 
 from analysis_worker.analysis.base import StopFn
-from analysis_worker.analysis.errors import AnalysisAborted, MediaIOError
+from analysis_worker.analysis.errors import AnalysisAborted, InvalidMediaError, MediaIOError
 from analysis_worker.analysis.progress import ProgressReporter
 from analysis_worker.analysis.pyav_io import (
     DecodeStats,
@@ -64,6 +64,11 @@ CHUNK = 64  # frames per hand-over between the decoding thread and the signal ma
 MIN_CHUNK = 4  # short videos hand over smaller chunks so progress still moves by ~1 %
 QUEUE_CHUNKS = 3  # chunks in flight: memory is bounded by CHUNK * QUEUE_CHUNKS small frames
 STOP_CHECK_EVERY = 8  # frames between should_stop() polls in the decoding thread
+MAX_PIXELS = 2 * 7680 * 4320  # larger frames are refused (INVALID_MEDIA), not decoded
+# Decoded full-size frames in flight (frame threads each hold one, plus references) are the
+# deep pass's only memory that grows with resolution: above this many pixels in flight the
+# frame-thread count is lowered, down to one.
+DECODE_PIXEL_BUDGET = 120_000_000
 HISTORY = max(DISSOLVE_LAGS)  # frames of small pictures kept across chunk boundaries
 
 U8 = npt.NDArray[np.uint8]
@@ -158,6 +163,15 @@ class _Decoder(threading.Thread):
             if self._fast:
                 # Deblocking is invisible at 64 px wide and a large share of H.264 decoding.
                 ctx.options = {**ctx.options, "skip_loop_filter": "all"}
+            pixels = int(ctx.width) * int(ctx.height)
+            if pixels > MAX_PIXELS:
+                raise InvalidMediaError(
+                    f"{self._path.name!r} has {ctx.width}x{ctx.height} frames, more than the "
+                    f"{MAX_PIXELS:,} pixels the analysis accepts; upload a smaller rendition"
+                )
+            threads = DECODE_PIXEL_BUDGET // max(1, pixels) - 2
+            if threads < (os.cpu_count() or 1) + 1:
+                ctx.thread_count = max(1, threads)
             self.fps = stream_fps(stream)
             self.duration = stream_duration(container, stream)
             self.total = int(stream.frames) or (

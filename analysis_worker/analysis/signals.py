@@ -30,7 +30,8 @@ frame in its middle sits on the average of its two ends (``span_mid`` small next
 ``span_net``), and the two ends differ much more than the footage on either side differs over
 the same number of frames. For each lag m the score is ``min(net / (2 mid + floor),
 contrast * net / (max(net[i-m], net[i+m]) + floor))``; windows with a hard cut or a flash inside
-are skipped; a window scoring at least ``threshold`` is a transition from frame i-m to frame i,
+are skipped, and so are windows without a full window of footage on each side (a fade at the
+very start or end of a video is not reported); a window scoring at least ``threshold`` is a transition from frame i-m to frame i,
 the best-scoring lag wins, overlapping windows keep the best. A transition with a nearly black
 end is a fade.
 """
@@ -184,7 +185,10 @@ def detect_transitions(
         linear = net / (2 * mid + p.floor)
         contrast = p.contrast * net / (np.maximum(before, after) + p.floor)
         score = np.minimum(linear, contrast)
-        score[:m] = 0.0
+        # Both neighbouring windows must exist: at the ends of the video, missing footage
+        # would read as "nothing changes there" and make any smooth change look like a blend.
+        score[: 2 * m] = 0.0
+        score[max(0, n - m) :] = 0.0
         score[net < p.abs_min] = 0.0
         for c in cut_frames:  # a window holding a hard cut is that cut, not a dissolve
             score[c : c + m] = 0.0

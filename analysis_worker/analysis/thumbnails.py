@@ -21,6 +21,8 @@ from analysis_worker.analysis.pyav_io import DecodeStats, iter_frames, open_vide
 
 THUMBNAIL_COUNT = 3
 MAX_THUMBNAIL_WIDTH = 320
+BLANK_SCAN_S = 2.0  # how far past a black or white target frame to look for a real picture
+BLANK_STD = 4.0  # luma standard deviation below which a frame is uniform
 
 
 def thumbnail_targets(duration_s: float | None, count: int = THUMBNAIL_COUNT) -> list[float]:
@@ -76,14 +78,33 @@ def _grab_by_seeking(
     return grabbed
 
 
+def is_blank(frame: Any) -> bool:
+    """Black or white and featureless: a fade, a flash, a title card's empty frame."""
+    small = frame.reformat(width=32, height=18, format="gray").to_ndarray()
+    mean, std = float(small.mean()), float(small.std())
+    return std < BLANK_STD and (mean < 24 or mean > 232)
+
+
 def _first_at_or_after(frames: Iterable[Any], target: float, tolerance: float) -> Any | None:
-    """First frame shown at ``target``; the last frame if the video ends before it."""
+    """First frame shown at ``target`` -- or, when that one is blank, the first non-blank
+    frame within ``BLANK_SCAN_S`` after it (else the blank one); the last frame if the video
+    ends before ``target``."""
     last = None
+    found = None
     for frame in frames:
         last = frame
-        if frame.time is None or frame.time >= target - tolerance:
+        if found is None:
+            if frame.time is None or frame.time >= target - tolerance:
+                found = frame
+                if not is_blank(frame):
+                    return frame
+            continue
+        if frame.time is not None and found.time is not None:
+            if frame.time - found.time > BLANK_SCAN_S:
+                return found
+        if not is_blank(frame):
             return frame
-    return last
+    return found if found is not None else last
 
 
 def grab_frames_sequentially(path: Path, targets: list[float], tolerance: float) -> list[Any]:
