@@ -31,9 +31,9 @@ frame in its middle sits on the average of its two ends (``span_mid`` small next
 the same number of frames. For each lag m the score is ``min(net / (2 mid + floor),
 contrast * net / (max(net[i-m], net[i+m]) + floor))``; windows with a hard cut or a flash inside
 are skipped, and so are windows without a full window of footage on each side (a fade at the
-very start or end of a video is not reported); a window scoring at least ``threshold`` is a transition from frame i-m to frame i,
-the best-scoring lag wins, overlapping windows keep the best. A transition with a nearly black
-end is a fade.
+very start or end of a video is not reported); a window scoring at least ``threshold`` is a
+transition from frame i-m to frame i, the best-scoring lag wins, overlapping windows keep the
+best. A transition with a nearly black end is a fade.
 """
 
 from __future__ import annotations
