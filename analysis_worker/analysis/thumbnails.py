@@ -51,9 +51,15 @@ def grab_frames(path: Path, origin_s: float, targets: list[float], fps: float | 
     """One decoded frame per target time (seconds from the first frame), by seeking if possible."""
     tolerance = 0.5 / fps if fps else 1e-3
     absolute = [origin_s + t for t in targets]
+    # A thumbnail need not show the exact target: the keyframe the seek lands on will do when
+    # it is within half the spacing of the targets (thumbnails stay distinct and evenly
+    # spread), which saves decoding up to a whole GOP per thumbnail.
+    spacing = targets[1] - targets[0] if len(targets) > 1 else 0.0
+    early = max(tolerance, spacing / 2)
     try:
         with open_video(path) as (container, stream):
-            frames = _grab_by_seeking(container, stream, absolute, tolerance)
+            stream.thread_type = "AUTO"
+            frames = _grab_by_seeking(container, stream, absolute, early)
         if frames is not None:
             return frames
     except av.FFmpegError:
