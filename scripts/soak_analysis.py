@@ -124,6 +124,14 @@ def main(argv: list[str] | None = None) -> int:
         num = sum((s[0] - mt) * (s[2] - mr) for s in half)
         den = sum((s[0] - mt) ** 2 for s in half)
         slope = num / den * 600 if den else 0.0
+    # Max RSS per fifth of the run: a leak climbs window after window, a process that has
+    # levelled off repeats the same peak (trimmed RSS dips between jobs, so peaks, not means).
+    span = samples[-1][0] / 5 or 1.0
+    peaks = [
+        max((s[2] for s in samples if k * span <= s[0] <= (k + 1) * span), default=0.0)
+        for k in range(5)
+    ]
+    print("RSS peak per fifth of the run (MiB): " + ", ".join(f"{p:.1f}" for p in peaks))
     print(
         f"jobs {samples[-1][1]} in {samples[-1][0]:.0f} s; RSS start {samples[0][2]:.1f} MiB, "
         f"after warm-up {warm[0][2]:.1f}, max {max(s[2] for s in samples):.1f}, "

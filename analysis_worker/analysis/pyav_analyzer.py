@@ -16,6 +16,7 @@ import av
 from analysis_worker.analysis.base import ProgressFn, StopFn
 from analysis_worker.analysis.errors import AnalysisAborted, InvalidMediaError, MediaIOError
 from analysis_worker.analysis.frame_signal import decode_signal, write_signal_json
+from analysis_worker.analysis.memory import release_free_memory
 from analysis_worker.analysis.progress import ProgressReporter
 from analysis_worker.analysis.pyav_io import (
     DecodeStats,
@@ -65,6 +66,12 @@ class PyAVAnalyzer:
         self.fast_decode = fast_decode
 
     def quick(self, path: Path, out_dir: Path) -> QuickResult:
+        try:
+            return self._quick(path, out_dir)
+        finally:
+            release_free_memory()
+
+    def _quick(self, path: Path, out_dir: Path) -> QuickResult:
         _prepare(out_dir)
         try:
             with open_video(path) as (container, stream):
@@ -84,6 +91,14 @@ class PyAVAnalyzer:
         return QuickResult(probe=info, thumbnails=thumbnails)
 
     def deep(
+        self, path: Path, out_dir: Path, progress: ProgressFn, should_stop: StopFn
+    ) -> DeepResult:
+        try:
+            return self._deep(path, out_dir, progress, should_stop)
+        finally:
+            release_free_memory()
+
+    def _deep(
         self, path: Path, out_dir: Path, progress: ProgressFn, should_stop: StopFn
     ) -> DeepResult:
         if should_stop():
