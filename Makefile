@@ -20,12 +20,13 @@ help:
 	@echo "make chaos      the chaos suite at full scale (faults across the fleet, ~10 min)"
 	@echo "make compose-up     the stack in Docker (builds, waits until healthy, prints the tokens)"
 	@echo "make compose-down   stop it (data kept in volumes);  make compose-test: the compose test"
+	@echo "make bench-analysis  deep pass vs decode-only, PySceneDetect and ffmpeg on generated clips; BENCH_ARGS=--quick"
 
 $(STAMP): pyproject.toml
 	@command -v $(PY_BOOT) >/dev/null || { echo "need $(PY_BOOT) on PATH"; exit 1; }
 	test -x $(PY) || $(PY_BOOT) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[service,worker,bench,dev]'
+	$(PY) -m pip install -q -e '.[service,worker,bench,analysis-bench,dev]'
 	@bash scripts/ensure_system_deps.sh
 	touch $(STAMP)
 
@@ -122,3 +123,9 @@ compose-down: $(STAMP)
 
 compose-test: $(STAMP)
 	PY=$(PY) bash scripts/compose/test.sh $(PYTEST_ARGS)
+# The analysis beside its peers on clips generated with ffmpeg (docs/analysis.md). `make test`
+# runs the --quick variant through tests/bench_analysis/test_bench_analysis_quick.py.
+.PHONY: bench-analysis
+bench-analysis: $(STAMP)
+	$(PY) -m tests.bench_analysis $(BENCH_ARGS)
+

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# System packages the tests and `make run` need: PostgreSQL server binaries, and promtool
-# (Debian's prometheus package) for tests/deploy's `promtool check rules`. This machine kind
+# System packages the tests and `make run` need: PostgreSQL server binaries, promtool
+# (Debian's prometheus package) for tests/deploy's `promtool check rules`, and ffmpeg. This machine kind
 # ships PostgreSQL; install from Debian's packages what is missing. (Docker is installed by
 # `make compose-up`/`compose-test` themselves, only when they run.)
 set -euo pipefail
@@ -9,6 +9,8 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb 
   missing+=(postgresql)
 fi
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+# ffmpeg: the analysis tests and `make bench-analysis` generate their clips with its lavfi sources.
+command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
 [ ${#missing[@]} -eq 0 ] && exit 0
 echo "installing Debian's ${missing[*]} (for the tests)" >&2
 if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi

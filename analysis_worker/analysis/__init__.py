@@ -26,8 +26,9 @@ from analysis_worker.analysis.results import (
     QuickResult,
     SceneCut,
     SignalStats,
+    Transition,
 )
-from analysis_worker.analysis.signals import ActivityParams, CutParams
+from analysis_worker.analysis.signals import ActivityParams, CutParams, TransitionParams
 
 __all__ = [
     "DEFAULT_ANALYZER_SPEC",
@@ -47,5 +48,7 @@ __all__ = [
     "SceneCut",
     "SignalStats",
     "StopFn",
+    "Transition",
+    "TransitionParams",
     "load_analyzer",
 ]

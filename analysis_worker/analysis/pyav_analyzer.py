@@ -16,6 +16,7 @@ import av
 from analysis_worker.analysis.base import ProgressFn, StopFn
 from analysis_worker.analysis.errors import AnalysisAborted, InvalidMediaError, MediaIOError
 from analysis_worker.analysis.frame_signal import decode_signal, write_signal_json
+from analysis_worker.analysis.memory import release_free_memory
 from analysis_worker.analysis.progress import ProgressReporter
 from analysis_worker.analysis.pyav_io import (
     DecodeStats,
@@ -28,7 +29,10 @@ from analysis_worker.analysis.results import DeepResult, QuickResult
 from analysis_worker.analysis.signals import (
     ActivityParams,
     CutParams,
+    TransitionParams,
+    absorb_cuts,
     detect_cuts,
+    detect_transitions,
     find_activity,
     summarize,
 )
@@ -51,12 +55,23 @@ class PyAVAnalyzer:
         cut_params: CutParams | None = None,
         activity_params: ActivityParams | None = None,
         thumbnail_count: int = THUMBNAIL_COUNT,
+        transition_params: TransitionParams | None = None,
+        fast_decode: bool = True,
     ) -> None:
         self.cut_params = cut_params or CutParams()
         self.activity_params = activity_params or ActivityParams()
+        self.transition_params = transition_params or TransitionParams()
         self.thumbnail_count = thumbnail_count
+        #: Skip H.264/HEVC deblocking in the deep pass (invisible at the analysis size).
+        self.fast_decode = fast_decode
 
     def quick(self, path: Path, out_dir: Path) -> QuickResult:
+        try:
+            return self._quick(path, out_dir)
+        finally:
+            release_free_memory()
+
+    def _quick(self, path: Path, out_dir: Path) -> QuickResult:
         _prepare(out_dir)
         try:
             with open_video(path) as (container, stream):
@@ -78,17 +93,35 @@ class PyAVAnalyzer:
     def deep(
         self, path: Path, out_dir: Path, progress: ProgressFn, should_stop: StopFn
     ) -> DeepResult:
+        try:
+            return self._deep(path, out_dir, progress, should_stop)
+        finally:
+            release_free_memory()
+
+    def _deep(
+        self, path: Path, out_dir: Path, progress: ProgressFn, should_stop: StopFn
+    ) -> DeepResult:
         if should_stop():
             raise AnalysisAborted("deep pass stopped on request before it started")
         _prepare(out_dir)
         reporter = ProgressReporter(progress)
         try:
-            signal = decode_signal(path, reporter, should_stop)
+            signal = decode_signal(path, reporter, should_stop, fast_decode=self.fast_decode)
         except av.FFmpegError as exc:
             raise translate_error(exc, path, "decode") from exc
         if signal.frames == 0:
             raise InvalidMediaError(f"{path.name!r} has a video stream but no decodable frames")
-        cuts = detect_cuts(signal.motion, signal.times, self.cut_params)
+        cuts, flashes = detect_cuts(signal.change, signal.times, self.cut_params)
+        transitions = detect_transitions(
+            signal.span_net,
+            signal.span_mid,
+            signal.brightness,
+            signal.times,
+            [c.frame for c in cuts],
+            flashes,
+            self.transition_params,
+        )
+        cuts = absorb_cuts(cuts, transitions)
         activity = find_activity(
             signal.motion,
             signal.times,
@@ -104,8 +137,11 @@ class PyAVAnalyzer:
             {
                 "cuts": [c.to_dict() for c in cuts],
                 "activity": [a.to_dict() for a in activity],
+                "transitions": [t.to_dict() for t in transitions],
+                "flashes": [list(f) for f in flashes],
                 "params": {
                     "cuts": asdict(self.cut_params),
+                    "transitions": asdict(self.transition_params),
                     "activity": asdict(self.activity_params),
                 },
             },
@@ -119,6 +155,8 @@ class PyAVAnalyzer:
             cuts=tuple(cuts),
             activity=tuple(activity),
             signal_path=signal_path,
+            transitions=tuple(transitions),
+            flashes=len(flashes),
         )
         reporter.finish()
         return result

@@ -102,8 +102,9 @@ class SignalStats:
 class SceneCut:
     """A hard cut: ``frame``/``time_s`` is the first frame of the new shot.
 
-    ``diff`` is the mean absolute luma difference to the previous frame (0..255); ``score`` is
-    how many robust standard deviations it stands above the local baseline.
+    ``diff`` is the change to the previous frame (``change[1]`` in ``frame_signal``, 0..255
+    scale); ``score`` is how many times it exceeds the busier neighbouring shot's baseline
+    (2.0 is the detection threshold).
     """
 
     frame: int
@@ -117,6 +118,33 @@ class SceneCut:
             "time_s": json_float(self.time_s),
             "diff": json_float(self.diff),
             "score": json_float(self.score),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A gradual change of shot: ``kind`` is "dissolve", "fade_in" (from black) or "fade_out"
+    (to black). It runs from ``start_frame`` (the last frame of the old shot alone) to
+    ``end_frame`` (the first of the new shot alone); ``score`` is how clearly the window looks
+    like a blend (1.75 is the detection threshold)."""
+
+    kind: str
+    start_frame: int
+    end_frame: int
+    start_s: float
+    end_s: float
+    score: float
+    change: float  # between its first and last frame, on the ``change`` scale
+
+    def to_dict(self) -> JsonDict:
+        return {
+            "kind": self.kind,
+            "start_frame": self.start_frame,
+            "end_frame": self.end_frame,
+            "start_s": json_float(self.start_s),
+            "end_s": json_float(self.end_s),
+            "score": json_float(self.score),
+            "change": json_float(self.change),
         }
 
 
@@ -149,6 +177,8 @@ class DeepResult:
     cuts: tuple[SceneCut, ...]
     activity: tuple[ActivitySegment, ...]
     signal_path: Path
+    transitions: tuple[Transition, ...] = ()
+    flashes: int = 0  # short flashes seen and not reported as cuts
 
     def to_dict(self) -> JsonDict:
         return {
@@ -160,4 +190,6 @@ class DeepResult:
             "cuts": [c.to_dict() for c in self.cuts],
             "activity": [a.to_dict() for a in self.activity],
             "signal_path": str(self.signal_path),
+            "transitions": [t.to_dict() for t in self.transitions],
+            "flashes": self.flashes,
         }

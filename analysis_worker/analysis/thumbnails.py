@@ -21,6 +21,8 @@ from analysis_worker.analysis.pyav_io import DecodeStats, iter_frames, open_vide
 
 THUMBNAIL_COUNT = 3
 MAX_THUMBNAIL_WIDTH = 320
+BLANK_SCAN_S = 2.0  # how far past a black or white target frame to look for a real picture
+BLANK_STD = 4.0  # luma standard deviation below which a frame is uniform
 
 
 def thumbnail_targets(duration_s: float | None, count: int = THUMBNAIL_COUNT) -> list[float]:
@@ -49,9 +51,15 @@ def grab_frames(path: Path, origin_s: float, targets: list[float], fps: float | 
     """One decoded frame per target time (seconds from the first frame), by seeking if possible."""
     tolerance = 0.5 / fps if fps else 1e-3
     absolute = [origin_s + t for t in targets]
+    # A thumbnail need not show the exact target: the keyframe the seek lands on will do when
+    # it is within half the spacing of the targets (thumbnails stay distinct and evenly
+    # spread), which saves decoding up to a whole GOP per thumbnail.
+    spacing = targets[1] - targets[0] if len(targets) > 1 else 0.0
+    early = max(tolerance, spacing / 2)
     try:
         with open_video(path) as (container, stream):
-            frames = _grab_by_seeking(container, stream, absolute, tolerance)
+            stream.thread_type = "AUTO"
+            frames = _grab_by_seeking(container, stream, absolute, early)
         if frames is not None:
             return frames
     except av.FFmpegError:
@@ -76,14 +84,33 @@ def _grab_by_seeking(
     return grabbed
 
 
+def is_blank(frame: Any) -> bool:
+    """Black or white and featureless: a fade, a flash, a title card's empty frame."""
+    small = frame.reformat(width=32, height=18, format="gray").to_ndarray()
+    mean, std = float(small.mean()), float(small.std())
+    return std < BLANK_STD and (mean < 24 or mean > 232)
+
+
 def _first_at_or_after(frames: Iterable[Any], target: float, tolerance: float) -> Any | None:
-    """First frame shown at ``target``; the last frame if the video ends before it."""
+    """First frame shown at ``target`` -- or, when that one is blank, the first non-blank
+    frame within ``BLANK_SCAN_S`` after it (else the blank one); the last frame if the video
+    ends before ``target``."""
     last = None
+    found = None
     for frame in frames:
         last = frame
-        if frame.time is None or frame.time >= target - tolerance:
+        if found is None:
+            if frame.time is None or frame.time >= target - tolerance:
+                found = frame
+                if not is_blank(frame):
+                    return frame
+            continue
+        if frame.time is not None and found.time is not None:
+            if frame.time - found.time > BLANK_SCAN_S:
+                return found
+        if not is_blank(frame):
             return frame
-    return last
+    return found if found is not None else last
 
 
 def grab_frames_sequentially(path: Path, targets: list[float], tolerance: float) -> list[Any]:

@@ -108,3 +108,23 @@ def test_quick_result_to_dict_is_json(
         "bit_rate", "rotation", "frame_count", "has_audio",
     }  # fmt: skip
     assert doc["thumbnails"] == [str(p) for p in result.thumbnails]
+
+
+def test_thumbnails_skip_black_and_white_frames(
+    analyzer: PyAVAnalyzer, media_dir: Path, tmp_path: Path
+) -> None:
+    """Targets at 1/4 and 2/4 land in a black stretch, 3/4 in a white flash: each thumbnail
+    moves on to the next real picture instead."""
+    video = make_video(
+        media_dir / "dark.mp4",
+        width=320,
+        height=180,
+        scenes=[(0.4, "moving"), (1.3, "black"), (0.3, "white"), (0.6, "moving"), (0.4, "red")],
+    )
+    result = analyzer.quick(video.path, tmp_path)
+
+    assert result.thumbnails
+    for thumb in result.thumbnails:
+        pixels = _decode_image(thumb).astype(np.float64)
+        mean, std = pixels.mean(), pixels.std()
+        assert std >= 4 or 24 <= mean <= 232, (thumb.name, mean, std)

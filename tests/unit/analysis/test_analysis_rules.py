@@ -32,34 +32,77 @@ def _noise(n: int, level: float, spread: float, seed: int = 1) -> np.ndarray:
     return motion
 
 
+def _cuts(change: np.ndarray, n: int) -> list[int]:
+    return [c.frame for c in detect_cuts({1: change}, _times(n))[0]]
+
+
 def test_spike_over_quiet_footage_is_a_cut() -> None:
     motion = _noise(100, 0.5, 0.2)
     motion[50] = 30.0
-    cuts = detect_cuts(motion, _times(100))
+    cuts, flashes = detect_cuts({1: motion}, _times(100))
 
     assert [c.frame for c in cuts] == [50]
     assert cuts[0].time_s == pytest.approx(2.0)
+    assert flashes == []
 
 
 def test_busy_footage_is_not_cut_but_a_spike_above_it_is() -> None:
     motion = _noise(120, 20.0, 2.0)  # a pan: every frame differs a lot, steadily
-    assert detect_cuts(motion, _times(120)) == []
+    assert _cuts(motion, 120) == []
 
     motion[60] = 80.0
-    assert [c.frame for c in detect_cuts(motion, _times(120))] == [60]
+    assert _cuts(motion, 120) == [60]
+
+
+def test_a_cut_into_busy_footage_is_judged_against_that_footage() -> None:
+    change = np.concatenate((_noise(50, 1.0, 0.2), _noise(50, 30.0, 2.0, seed=2)))
+    change[50] = 45.0  # 1.4 x the busy shot's level: that shot's own frames look like this
+    assert _cuts(change, 100) == []
+    change[50] = 90.0
+    assert _cuts(change, 100) == [50]
 
 
 def test_small_spikes_are_below_the_absolute_minimum() -> None:
     motion = np.zeros(60)
     motion[30] = CutParams().abs_min - 1
-    assert detect_cuts(motion, _times(60)) == []
+    assert _cuts(motion, 60) == []
 
 
 def test_close_cuts_do_not_hide_each_other_and_smeared_cuts_count_once() -> None:
     motion = _noise(100, 0.5, 0.2)
     motion[40], motion[45] = 40.0, 35.0  # two real cuts 5 frames apart
     motion[70], motion[71] = 40.0, 30.0  # one cut spread over two frames
-    assert [c.frame for c in detect_cuts(motion, _times(100))] == [40, 45, 70]
+    assert _cuts(motion, 100) == [40, 45, 70]
+
+
+def _with_lags(frames: np.ndarray) -> dict[int, np.ndarray]:
+    """change[k][i] = |frame i - frame i-k| for 1-value "pictures" (0 where i < k)."""
+    out = {}
+    for k in (1, 2, 3, 4):
+        lag = np.zeros(frames.size)
+        lag[k:] = np.abs(frames[k:] - frames[:-k])
+        out[k] = lag
+    return out
+
+
+@pytest.mark.parametrize("length", [1, 2, 3])
+def test_a_flash_of_one_to_three_frames_is_not_a_cut(length: int) -> None:
+    picture = np.full(80, 60.0) + _noise(80, 0.3, 0.1)
+    picture[40 : 40 + length] = 250.0  # white, then the same shot again
+    cuts, flashes = detect_cuts(_with_lags(picture), _times(80))
+
+    assert cuts == []
+    assert (40, 40 + length) in flashes
+
+
+def test_a_cut_right_after_a_long_white_stretch_is_still_a_cut() -> None:
+    picture = np.full(80, 60.0)
+    picture[40:50] = 250.0  # ten frames are a shot, not a flash
+    picture[50:] = 120.0
+    cuts, flashes = detect_cuts(_with_lags(picture), _times(80))
+
+    assert [c.frame for c in cuts] == [40, 50]
+    assert flashes == []
 
 
 def test_activity_bridges_short_gaps_but_not_cuts_or_blips() -> None:
