@@ -33,6 +33,7 @@ from job_service.s3 import S3Gateway
 from job_service.storage.db import LeasePool, Reachability, create_engine
 from job_service.storage.lease_store import LeaseStore
 from job_service.storage.notify import ClaimableListener
+from job_service.tenants import Tenants
 from job_service.uploads import Uploads
 from job_service.wakeup import ClaimWaiters, JobChanges
 
@@ -86,7 +87,7 @@ def check_edge_settings(s: Settings) -> None:
 class JobServiceApp:
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or Metrics(tenant_labels=settings.tenant_metric_labels)
         self.port: int = 0
         self.metrics_port: int = 0
         self._stack = contextlib.AsyncExitStack()
@@ -141,7 +142,7 @@ class JobServiceApp:
         await lease_pool.start()
         self._stack.push_async_callback(lease_pool.close)
         self.lease_pool = lease_pool
-        lease_store = LeaseStore(lease_pool)
+        lease_store = LeaseStore(lease_pool, fair=s.fair_claim)
         self.uploads = Uploads(engine, store, s, self.metrics, changes)
         self.leases = Leases(lease_store, s, waiters, self.metrics, self.reachability)
         self._stack.push_async_callback(self.leases.hand_back.close)
@@ -192,7 +193,9 @@ class JobServiceApp:
             {
                 "UploadService": UploadServicer(self.uploads, s, self.metrics, watch_uploads),
                 "WorkerService": WorkerServicer(self.leases, s, self.metrics),
-                "AdminService": AdminServicer(self.admin, s, self.metrics, self.retention),
+                "AdminService": AdminServicer(
+                    self.admin, s, self.metrics, self.retention, Tenants(aux_engine)
+                ),
             },
             self.gate,
             self.metrics,

@@ -33,9 +33,11 @@ from job_service.domain.model import (
     verify_upload,
 )
 from job_service.domain.status import TERMINAL, UPLOAD_ACCEPTED, JobStatus, check_transition
+from job_service.domain.tenancy import tenant_of
 from job_service.metrics import Metrics
 from job_service.ports import ObjectStore
 from job_service.storage import jobs as repo
+from job_service.storage import tenants as tenant_store
 from job_service.storage.db import transaction
 from job_service.wakeup import JobChanges
 
@@ -134,6 +136,8 @@ class Uploads:
             if upload.request_id is not None:
                 job = await repo.get_job_by_request_id(conn, upload.request_id, owner)
             if job is None:
+                # Tenants (issue 18): over a quota raises TenantQuotaExceeded, nothing created.
+                await tenant_store.admit_upload(conn, owner, upload.size_bytes)
                 job_id = JobId(uuid.uuid4())
                 session_id = upload.session_id or SessionId(uuid.uuid4())
                 await repo.ensure_session(conn, session_id)
@@ -157,6 +161,8 @@ class Uploads:
                         "part_size": plan.part_size if plan else None,
                         "part_count": plan.part_count if plan else None,
                         "owner_subject": owner,  # issue 10
+                        "tenant": tenant_of(owner, upload.sub_tenant),  # issue 18
+                        "priority": upload.priority,
                     },
                 )
                 if job is None:  # a concurrent retry with this request_id inserted first
