@@ -50,6 +50,8 @@ POLICY: Mapping[str, frozenset[Role]] = {
     "/jobs.v1.AdminService/RequeueJob": frozenset({OP}),
     "/jobs.v1.AdminService/CancelJob": frozenset({OP}),
     "/jobs.v1.AdminService/PurgeJobs": frozenset({OP}),
+    "/jobs.v1.AdminService/ListTenants": frozenset({OP}),
+    "/jobs.v1.AdminService/SetTenant": frozenset({OP}),
 }
 
 #: Services anyone may call: load balancers and orchestrators probe health without credentials.

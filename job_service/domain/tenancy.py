@@ -20,7 +20,7 @@ MAX_TENANT_CHARS = 320  # an owner subject (<= 255) + "/" + a sub-tenant (<= 64)
 MIN_PRIORITY, MAX_PRIORITY = 0, 9
 #: One priority step is a head start of this many of the tenant's own jobs (revision 0011's
 #: trigger uses the same number).
-PRIORITY_STEP = 10
+PRIORITY_STEP = 2
 MIN_WEIGHT, MAX_WEIGHT = 1, 1000
 MAX_QUOTA = 2**62
 RATE_WINDOW = timedelta(minutes=1)

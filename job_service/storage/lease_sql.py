@@ -89,7 +89,7 @@ SQL_CLAIM_FIFO = _claim("available_at, created_at")
 #: Fair shares between tenants (revision 0011): the fair index in key order. The same one
 #: index scan, whatever the number of tenants or the size of any backlog; rows in a backoff
 #: (available_at in the future) are skipped by the filter as in FIFO.
-SQL_CLAIM_FAIR = _claim("fair_key")
+SQL_CLAIM_FAIR = _claim("fair_key, fair_rank")
 SQL_CLAIM = SQL_CLAIM_FAIR
 
 

@@ -120,6 +120,7 @@ jobs = Table(
     Column("tenant", Text, nullable=False, server_default=""),
     Column("priority", SmallInteger, nullable=False, server_default="0"),
     Column("fair_key", Float(precision=53)),
+    Column("fair_rank", Float(precision=53)),  # the key before the clamp to the head
     Column("queued_at", DateTime(timezone=True)),
     Column("first_claimed_at", DateTime(timezone=True)),
     UniqueConstraint("owner_subject", "request_id", name="uq_video_analysis_jobs_owner_request"),
@@ -134,6 +135,7 @@ jobs = Table(
     Index(
         "ix_video_analysis_jobs_fair",
         "fair_key",
+        "fair_rank",
         postgresql_where=text("status IN ('queued', 'quick_done') AND lease_token IS NULL"),
     ),
     # Quota use per owner: its jobs not yet terminal (revision 0011).

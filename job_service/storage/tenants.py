@@ -14,13 +14,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from job_service.domain import errors
 from job_service.domain.tenancy import RATE_WINDOW, TenantChange, TenantView
 
+_WINDOW = f"interval '{int(RATE_WINDOW.total_seconds())} seconds'"
 _QUOTAS = f"""
 SELECT max_live_jobs, max_pending_bytes, max_initiates_per_minute,
        CASE WHEN rate_window_start IS NULL
-             OR rate_window_start <= now() - interval '{int(RATE_WINDOW.total_seconds())} seconds'
+             OR rate_window_start <= now() - {_WINDOW}
             THEN 0 ELSE rate_window_count END AS window_count,
        extract(epoch FROM coalesce(rate_window_start, now())
-               + interval '{int(RATE_WINDOW.total_seconds())} seconds' - now()) AS window_left
+               + {_WINDOW} - now())::float8 AS window_left
 FROM job_tenants WHERE name = :owner
 FOR UPDATE
 """
@@ -28,8 +29,8 @@ FOR UPDATE
 # Counting under the owner's row lock: two instances' InitiateUpload calls for one owner take
 # turns, and a purged job simply stops being counted (no counter to drift).
 _USE = """
-SELECT count(*) AS live,
-       coalesce(sum(size_bytes) FILTER (WHERE status = 'awaiting_upload'), 0) AS pending
+SELECT count(*)::bigint AS live,
+       coalesce(sum(size_bytes) FILTER (WHERE status = 'awaiting_upload'), 0)::bigint AS pending
 FROM video_analysis_jobs
 WHERE owner_subject = :owner AND status NOT IN ('done', 'failed')
 """
@@ -37,10 +38,10 @@ WHERE owner_subject = :owner AND status NOT IN ('done', 'failed')
 _COUNT_CALL = f"""
 UPDATE job_tenants SET
     rate_window_count = CASE WHEN rate_window_start IS NULL
-             OR rate_window_start <= now() - interval '{int(RATE_WINDOW.total_seconds())} seconds'
+             OR rate_window_start <= now() - {_WINDOW}
             THEN 1 ELSE rate_window_count + 1 END,
     rate_window_start = CASE WHEN rate_window_start IS NULL
-             OR rate_window_start <= now() - interval '{int(RATE_WINDOW.total_seconds())} seconds'
+             OR rate_window_start <= now() - {_WINDOW}
             THEN now() ELSE rate_window_start END
 WHERE name = :owner
 """
@@ -92,14 +93,11 @@ async def change(conn: AsyncConnection, c: TenantChange) -> None:
             sets.append(f"{field} = :{field}")
             values[field] = value or None
     assignments = ", ".join([*sets, "updated_at = now()"])
-    # A new tenant starts at the newest key handed out, like a tenant's first job would.
+    # A new tenant's first job lands right behind the head (its key is max(last, head) + 1/w).
     await conn.execute(
         text(
-            """
-            INSERT INTO job_tenants AS t (name, owner_subject, last_key)
-            SELECT :name, :owner, coalesce(max(last_key), 0) FROM job_tenants
-            ON CONFLICT (name) DO NOTHING
-            """
+            "INSERT INTO job_tenants (name, owner_subject) VALUES (:name, :owner) "
+            "ON CONFLICT (name) DO NOTHING"
         ),
         values,
     )
@@ -116,7 +114,7 @@ WITH jobs AS (
     GROUP BY tenant
 ), owners AS (
     SELECT owner_subject, count(*) AS live,
-           coalesce(sum(size_bytes) FILTER (WHERE status = 'awaiting_upload'), 0) AS pending
+           coalesce(sum(size_bytes) FILTER (WHERE status = 'awaiting_upload'), 0)::bigint AS pending
     FROM video_analysis_jobs WHERE status NOT IN ('done', 'failed')
     GROUP BY owner_subject
 ), dwell AS (

@@ -31,7 +31,7 @@ LIVE = "status NOT IN ('done', 'failed')"
 
 # One priority step is worth this many of the tenant's own jobs (domain/tenancy.py says the
 # same; the migration test checks they agree).
-PRIORITY_STEP = 10
+PRIORITY_STEP = 2
 
 FAIR_KEY_FUNCTION = f"""
 CREATE OR REPLACE FUNCTION video_analysis_jobs_fair_key() RETURNS trigger
@@ -55,8 +55,10 @@ BEGIN
         SET last_key = greatest(t.last_key, head) + 1.0 / t.weight, updated_at = now()
     RETURNING t.last_key, t.weight INTO k, w;
     -- Priority: a head start of {PRIORITY_STEP} of the tenant's own jobs per step, never
-    -- ahead of the head (so never more than the tenant's share).
-    NEW.fair_key := greatest(head, k - NEW.priority * {PRIORITY_STEP}.0 / w);
+    -- ahead of the head (so never more than the tenant's share); jobs clamped to the head
+    -- keep their order by the unclamped key (fair_rank).
+    NEW.fair_rank := k - NEW.priority * {PRIORITY_STEP}.0 / w;
+    NEW.fair_key := greatest(head, NEW.fair_rank);
     NEW.queued_at := now();
     RETURN NEW;
 END $$;
@@ -89,13 +91,14 @@ def upgrade() -> None:
         TABLE, sa.Column("priority", sa.SmallInteger(), nullable=False, server_default="0")
     )
     op.add_column(TABLE, sa.Column("fair_key", sa.Float(precision=53)))
+    op.add_column(TABLE, sa.Column("fair_rank", sa.Float(precision=53)))
     op.add_column(TABLE, sa.Column("queued_at", sa.DateTime(timezone=True)))
     op.add_column(TABLE, sa.Column("first_claimed_at", sa.DateTime(timezone=True)))
     # Existing jobs: tenant = owner, keys in today's FIFO order.
     op.execute(f"UPDATE {TABLE} SET tenant = owner_subject WHERE owner_subject <> ''")
     op.execute(
         f"""
-        UPDATE {TABLE} j SET fair_key = o.n, queued_at = j.available_at
+        UPDATE {TABLE} j SET fair_key = o.n, fair_rank = o.n, queued_at = j.available_at
         FROM (SELECT id, row_number() OVER (ORDER BY available_at, created_at) AS n
               FROM {TABLE} WHERE {LIVE} AND status <> 'awaiting_upload') o
         WHERE j.id = o.id
@@ -111,7 +114,7 @@ def upgrade() -> None:
     op.create_index(
         "ix_video_analysis_jobs_fair",
         TABLE,
-        ["fair_key"],
+        ["fair_key", "fair_rank"],
         postgresql_where=sa.text(CLAIMABLE),
     )
     op.create_index(
@@ -149,6 +152,6 @@ def downgrade() -> None:
     op.drop_index("ix_video_analysis_jobs_first_claimed_at", TABLE)
     op.drop_index("ix_video_analysis_jobs_live_owner", TABLE)
     op.drop_index("ix_video_analysis_jobs_fair", TABLE)
-    for column in ("first_claimed_at", "queued_at", "fair_key", "priority", "tenant"):
+    for column in ("first_claimed_at", "queued_at", "fair_rank", "fair_key", "priority", "tenant"):
         op.drop_column(TABLE, column)
     op.drop_table("job_tenants")

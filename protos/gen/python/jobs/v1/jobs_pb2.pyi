@@ -402,7 +402,7 @@ class InitiateUploadRequest(_message.Message):
     """
     priority: _builtins.int
     """0..9 (default 0): higher goes first within the tenant, never beyond the tenant's share; a
-    lower one is overtaken by at most 10 of the tenant's jobs per step (docs/tenants.md).
+    lower one is overtaken by at most 2 of the tenant's jobs per step (docs/tenants.md).
     """
     def __init__(
         self,
