@@ -43,6 +43,8 @@ from job_service.storage.lease_store import LeaseStore
 from job_service.storage.notify import ClaimableListener
 from job_service.storage.retention import RetentionDatabase
 from job_service.storage.revocations import RevocationDatabase
+from job_service.storage.tenants import TenantDatabase
+from job_service.tenants import Tenants
 from job_service.uploads import Uploads
 from job_service.wakeup import ClaimWaiters, JobChanges
 from job_service.webhooks.addresses import AddressPolicy, parse_allowlist
@@ -111,7 +113,7 @@ def check_edge_settings(s: Settings) -> None:
 class JobServiceApp:
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or Metrics(tenant_labels=settings.tenant_metric_labels)
         self.port: int = 0
         self.metrics_port: int = 0
         self._stack = contextlib.AsyncExitStack()
@@ -166,7 +168,7 @@ class JobServiceApp:
         await lease_pool.start()
         self._stack.push_async_callback(lease_pool.close)
         self.lease_pool = lease_pool
-        lease_store = LeaseStore(lease_pool)
+        lease_store = LeaseStore(lease_pool, fair=s.fair_claim)
         self.uploads = Uploads(JobDatabase(engine), objects, s, self.metrics, changes)
         self.leases = Leases(lease_store, s, waiters, self.metrics, self.reachability)
         self._stack.push_async_callback(self.leases.hand_back.close)
@@ -249,6 +251,7 @@ class JobServiceApp:
                     s,
                     self.metrics,
                     self.retention,
+                    Tenants(TenantDatabase(aux_engine)),
                     webhooks=self.webhooks,
                     wake=self.relay.wake
                     if self.relay is not None

@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     retry_base_seconds: float = 2.0
     retry_max_seconds: float = 300.0
     claim_max_jobs: PositiveInt = 32
+    #: Tenants get the fleet in proportion to their weights (fair key order); false: the
+    #: oldest claimable job first, as before revision 0011 (docs/tenants.md).
+    fair_claim: bool = True
+    #: The dwell-time metric's tenant label: this many tenants by name, the rest "other".
+    tenant_metric_labels: int = 20
     claim_max_wait_seconds: float = 20.0
     reaper_interval_seconds: float = 5.0
     #: Jobs in awaiting_upload this long are checked against S3 (clients that never call

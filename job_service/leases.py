@@ -334,6 +334,10 @@ class Leases:
         for job in jobs:
             assert job.lease_token is not None and job.lease_expires_at is not None
             leases.append(Lease(job, job.lease_token, job.lease_expires_at, job.attempts))
+            if job.attempts == 1 and job.queued_at and job.first_claimed_at:  # dwell (tenants)
+                self._metrics.tenant_dwell_seconds.labels(
+                    self._metrics.tenant_label(job.tenant)
+                ).observe((job.first_claimed_at - job.queued_at).total_seconds())
             self._metrics.job_transitions_total.labels(job.status.value).inc()
             log.info(
                 "job leased",

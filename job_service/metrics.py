@@ -4,11 +4,41 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+OTHER_TENANTS = "other"
+
+
+class TenantLabels:
+    """The dwell metric's `tenant` label, bounded: the first `limit` tenants this instance sees
+    by name, every later one as "other" (a label set Prometheus can hold whatever the number of
+    sub-tenants uploaders invent)."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._named: set[str] = set()
+
+    def __call__(self, tenant: str) -> str:
+        if tenant in self._named:
+            return tenant
+        if len(self._named) < self._limit and tenant != OTHER_TENANTS:
+            self._named.add(tenant)
+            return tenant
+        return OTHER_TENANTS
+
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, tenant_labels: int = 20
+    ) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        self.tenant_label = TenantLabels(tenant_labels)
+        self.tenant_dwell_seconds = Histogram(
+            "job_service_tenant_dwell_seconds",
+            "Queued to first claim, per tenant (the first N tenants by name, the rest 'other')",
+            ["tenant"],
+            registry=r,
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 14400),
+        )
         self.rpc_total = Counter(
             "job_service_rpc_total", "RPCs handled", ["method", "code"], registry=r
         )

@@ -20,6 +20,7 @@ from typing import Protocol
 from job_service.domain.model import Job, JobError, JobId, NewUpload, ObjectInfo, SessionId
 from job_service.domain.multipart import PartInfo, Plan
 from job_service.domain.status import JobStatus
+from job_service.domain.tenancy import TenantChange, TenantView
 
 # -- the object store (S3) ---------------------------------------------------------------------
 
@@ -118,10 +119,17 @@ class UploadTransaction(JobRows, Protocol):
         url_ttl: timedelta,
         plan: Plan | None,
         owner: str,
+        tenant: str,
     ) -> Job | None:
-        """The session (if new) and the job in awaiting_upload, its upload URL valid for
-        `url_ttl` from the database's now; None when `owner` already used the request_id
-        (a concurrent idempotent retry inserted first)."""
+        """The session (if new) and the job in awaiting_upload (for `tenant`, at the upload's
+        priority), its upload URL valid for `url_ttl` from the database's now; None when
+        `owner` already used the request_id (a concurrent idempotent retry inserted first)."""
+        ...
+
+    async def admit_upload(self, owner: str, size_bytes: int) -> None:
+        """Checks `owner`'s tenant quotas for one more upload of `size_bytes` (live jobs, bytes
+        awaiting upload, InitiateUpload calls per minute), counting this call. Raises
+        TenantQuotaExceeded when one is over."""
         ...
 
     async def refresh_upload_url(self, job_id: JobId, ttl: timedelta) -> Job:
@@ -252,4 +260,19 @@ class RevocationRecords(Protocol):
     async def revoked_jtis(self) -> set[str]:
         """Every jti revoked whose token has not expired yet (expired ones are refused
         anyway)."""
+        ...
+
+
+class TenantRecords(Protocol):
+    """The tenants' weights, quotas and figures (AdminService ListTenants / SetTenant)."""
+
+    async def list_tenants(
+        self, *, after: str | None, limit: int, dwell_window: timedelta
+    ) -> Sequence[TenantView]:
+        """Tenants by name after `after`, with backlog, in flight, quota use and the dwell
+        percentiles of the jobs first claimed within `dwell_window`."""
+        ...
+
+    async def change(self, change: TenantChange, *, dwell_window: timedelta) -> TenantView:
+        """Creates or changes the tenant in one transaction and returns it as listed."""
         ...

@@ -31,6 +31,7 @@ from job_service.domain.model import (
     verify_upload,
 )
 from job_service.domain.status import TERMINAL, UPLOAD_ACCEPTED, JobStatus, check_transition
+from job_service.domain.tenancy import tenant_of
 from job_service.metrics import Metrics
 from job_service.ports import ObjectStore, UploadRecords, UploadTransaction
 from job_service.wakeup import JobChanges
@@ -157,6 +158,8 @@ class Uploads:
             job = await tx.get_job_by_request_id(upload.request_id, owner)
             if job is not None:
                 return job, False
+        # Tenant quotas: over one raises TenantQuotaExceeded, and nothing is created.
+        await tx.admit_upload(owner, upload.size_bytes)
         s = self._settings
         job_id = JobId(uuid.uuid4())
         job = await tx.create_job(
@@ -169,7 +172,8 @@ class Uploads:
             max_attempts=s.max_attempts,
             url_ttl=ttl,
             plan=plan,
-            owner=owner,  # issue 10
+            owner=owner,
+            tenant=tenant_of(owner, upload.sub_tenant),
         )
         if job is None:  # a concurrent retry with this request_id inserted first
             assert upload.request_id is not None

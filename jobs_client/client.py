@@ -549,6 +549,24 @@ class JobsClient(ChannelOwner):
             req.stuck_after.FromTimedelta(stuck_after)
         return await self._retrying(lambda: self._call(self.admin.GetStats, req))
 
+    async def list_tenants(self) -> list[pb.Tenant]:
+        """Every tenant, page after page (AdminService.ListTenants)."""
+        out: list[pb.Tenant] = []
+        token = ""
+        while True:
+            req = pb.ListTenantsRequest(page_size=500, page_token=token)
+            resp = await self._retrying(
+                lambda req=req: self._call(self.admin.ListTenants, req)  # type: ignore[misc]
+            )
+            out += resp.tenants
+            token = resp.next_page_token
+            if not token:
+                return out
+
+    async def set_tenant(self, req: pb.SetTenantRequest) -> pb.Tenant:
+        """Set a tenant's weight and quotas (AdminService.SetTenant)."""
+        return (await self._call(self.admin.SetTenant, req)).tenant
+
     async def requeue(self, job_id: str, reason: str = "") -> pb.Job:
         req = pb.RequeueJobRequest(job_id=job_id, reason=reason)
         return (await self._call(self.admin.RequeueJob, req)).job

@@ -130,6 +130,12 @@ class SyncJobsClient:
     def stats(self, stuck_after: timedelta | None = None) -> pb.GetStatsResponse:
         return self._run(self.aio.stats(stuck_after))
 
+    def list_tenants(self) -> list[pb.Tenant]:
+        return self._run(self.aio.list_tenants())
+
+    def set_tenant(self, req: pb.SetTenantRequest) -> pb.Tenant:
+        return self._run(self.aio.set_tenant(req))
+
     def requeue(self, job_id: str, reason: str = "") -> pb.Job:
         return self._run(self.aio.requeue(job_id, reason))
 

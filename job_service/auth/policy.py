@@ -60,6 +60,8 @@ POLICY: Mapping[str, frozenset[Role]] = {
     "/jobs.v1.AdminService/RotateWebhookSecret": frozenset({OP}),
     "/jobs.v1.AdminService/RemoveWebhookEndpoint": frozenset({OP}),
     "/jobs.v1.AdminService/ReplayWebhookEvents": frozenset({OP}),
+    "/jobs.v1.AdminService/ListTenants": frozenset({OP}),
+    "/jobs.v1.AdminService/SetTenant": frozenset({OP}),
 }
 
 #: Services anyone may call: load balancers and orchestrators probe health without credentials.

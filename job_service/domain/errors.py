@@ -24,6 +24,8 @@ class ErrorKind(enum.Enum):
     # security (issue 10)
     UNAUTHENTICATED = "unauthenticated"
     PERMISSION_DENIED = "permission_denied"
+    # tenants (issue 18)
+    RESOURCE_EXHAUSTED = "resource_exhausted"
 
 
 class JobServiceError(Exception):
@@ -31,6 +33,8 @@ class JobServiceError(Exception):
 
     kind: ErrorKind = ErrorKind.FAILED_PRECONDITION
     reason: str = "JOB_SERVICE_ERROR"
+    #: Seconds the caller should wait before trying again (sent as google.rpc.RetryInfo).
+    retry_after: float | None = None
 
     def __init__(self, message: str | None = None, **metadata: object) -> None:
         self.message = message or (self.__doc__ or self.reason).strip()
@@ -174,3 +178,25 @@ class PermissionDenied(JobServiceError):
 
     kind = ErrorKind.PERMISSION_DENIED
     reason = "ROLE_NOT_ALLOWED"
+
+
+class TenantQuotaExceeded(JobServiceError):
+    """The tenant is over one of its quotas; nothing was created."""
+
+    kind = ErrorKind.RESOURCE_EXHAUSTED
+    reason = "TENANT_QUOTA_EXCEEDED"
+
+    def __init__(
+        self, tenant: str, quota: str, used: int, limit: int, retry_after: float | None = None
+    ) -> None:
+        wait = f"; try again in {retry_after:.0f} s" if retry_after is not None else ""
+        super().__init__(
+            f"tenant {tenant!r} is at its {quota} quota ({used} used of {limit}){wait}; "
+            "finish or cancel work, or ask an operator to raise the quota "
+            "(jobctl tenants set)",
+            tenant=tenant,
+            quota=quota,
+            used=used,
+            limit=limit,
+        )
+        self.retry_after = retry_after

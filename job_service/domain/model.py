@@ -93,6 +93,11 @@ class Job:
     #: The subject (token `sub`) that created the job; "" for jobs from before revision 0009 or
     #: made with authentication off. Only it and operators see the job (issue 10).
     owner_subject: str = ""
+    # Revision 0011 (tenants): fair-share tenant, priority within it, dwell time's ends.
+    tenant: str = ""
+    priority: int = 0
+    queued_at: datetime | None = None
+    first_claimed_at: datetime | None = None
 
     @property
     def stage(self) -> str:
@@ -129,6 +134,9 @@ class NewUpload:
     # client asked for a multipart upload.
     sha256: bytes | None = None
     multipart: bool = False
+    # Tenants (revision 0011): an optional sub-tenant under the owner, the priority within it.
+    sub_tenant: str = ""
+    priority: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -14,10 +14,17 @@ from job_service.config import Settings
 from job_service.domain import errors
 from job_service.domain.model import parse_job_id, validate_text
 from job_service.domain.status import JobStatus
+from job_service.domain.tenancy import (
+    TenantChange,
+    TenantView,
+    validate_quota,
+    validate_weight,
+)
 from job_service.metrics import Metrics
 from job_service.retention import DEFAULT_MAX_JOBS, MAX_MAX_JOBS, Retention
 from job_service.rpc import convert
 from job_service.rpc.errors import unary
+from job_service.tenants import Tenants
 
 if TYPE_CHECKING:
     Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -38,8 +45,14 @@ def _duration(
 
 class AdminServicer(pb_grpc.AdminServiceServicer):
     def __init__(
-        self, admin: Admin, settings: Settings, metrics: Metrics, retention: Retention
+        self,
+        admin: Admin,
+        settings: Settings,
+        metrics: Metrics,
+        retention: Retention,
+        tenants: Tenants | None = None,
     ) -> None:
+        self._tenants = tenants
         self._admin = admin
         self._settings = settings
         self.metrics = metrics
@@ -133,3 +146,57 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         )
         resp.older_than.CopyFrom(convert.duration(report.older_than))
         return resp
+
+    # -- tenants (issue 18) --------------------------------------------------------------------
+
+    def _tenant_use_cases(self) -> Tenants:
+        if self._tenants is None:
+            raise errors.JobServiceError("tenant calls are not served by this instance")
+        return self._tenants
+
+    @unary
+    async def ListTenants(
+        self, request: pb.ListTenantsRequest, context: Ctx
+    ) -> pb.ListTenantsResponse:
+        rows, token = await self._tenant_use_cases().list(request.page_size, request.page_token)
+        return pb.ListTenantsResponse(
+            tenants=[tenant_to_pb(t) for t in rows], next_page_token=token
+        )
+
+    @unary
+    async def SetTenant(self, request: pb.SetTenantRequest, context: Ctx) -> pb.SetTenantResponse:
+        def quota(field: str) -> int | None:
+            if not request.HasField(field):  # type: ignore[arg-type]
+                return None
+            return validate_quota(field, getattr(request, field)) or 0
+
+        change = TenantChange(
+            name=request.tenant,
+            weight=validate_weight(request.weight) if request.HasField("weight") else None,
+            max_live_jobs=quota("max_live_jobs"),
+            max_pending_bytes=quota("max_pending_bytes"),
+            max_initiates_per_minute=quota("max_initiates_per_minute"),
+        )
+        view = await self._tenant_use_cases().set(change)
+        return pb.SetTenantResponse(tenant=tenant_to_pb(view))
+
+
+def tenant_to_pb(t: TenantView) -> pb.Tenant:
+    msg = pb.Tenant(
+        name=t.name,
+        owner=t.owner_subject,
+        weight=t.weight,
+        max_live_jobs=t.max_live_jobs or 0,
+        max_pending_bytes=t.max_pending_bytes or 0,
+        max_initiates_per_minute=t.max_initiates_per_minute or 0,
+        queued=t.queued,
+        in_flight=t.in_flight,
+        live_jobs=t.live_jobs,
+        pending_bytes=t.pending_bytes,
+        initiates_this_minute=t.initiates_this_minute,
+    )
+    if t.dwell_p50 is not None:
+        msg.dwell_p50.CopyFrom(convert.duration(t.dwell_p50))
+    if t.dwell_p99 is not None:
+        msg.dwell_p99.CopyFrom(convert.duration(t.dwell_p99))
+    return msg

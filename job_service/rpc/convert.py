@@ -142,6 +142,8 @@ def job_to_pb(job: Job) -> pb.Job:
         etag=job.etag or "",
         results_uri=job.results_uri or "",
         cancel_requested=job.cancel_requested,
+        tenant=job.tenant,
+        priority=job.priority,
     )
     for field, value in (
         ("created_at", job.created_at),

@@ -41,6 +41,7 @@ STATUS_OF: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     ErrorKind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
     ErrorKind.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    ErrorKind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
@@ -135,7 +136,8 @@ def unary(
             raise
         except Exception as exc:
             code, message, reason, meta = status_for(exc)
-            await context.abort_with_status(to_status(code, message, reason, meta))
+            retry_after = exc.retry_after if isinstance(exc, JobServiceError) else None
+            await context.abort_with_status(to_status(code, message, reason, meta, retry_after))
             raise AssertionError("unreachable") from None
         finally:
             _record(self, method, code, start)

@@ -27,6 +27,7 @@ from job_service.rpc.errors import stream, unary
 from job_service.rpc.servicers import WATCH_END_KEY, WATCH_END_MAX_LIFETIME, UploadServicer
 from job_service.storage.events import EventRow
 from job_service.storage.webhooks import EndpointRow
+from job_service.tenants import Tenants
 from job_service.uploads import Uploads
 from job_service.webhooks.endpoints import Webhooks, parse_endpoint_id
 
@@ -180,11 +181,12 @@ class AdminServicerWithWebhooks(AdminServicer):
         settings: Settings,
         metrics: Metrics,
         retention: Retention,
+        tenants: Tenants | None = None,
         *,
         webhooks: Webhooks,
         wake: Any,
     ) -> None:
-        super().__init__(admin, settings, metrics, retention)
+        super().__init__(admin, settings, metrics, retention, tenants)
         self._webhooks = webhooks
         self._wake = wake
 

@@ -33,6 +33,7 @@ from job_service.domain.model import (
     validate_text,
     validate_worker_id,
 )
+from job_service.domain.tenancy import validate_priority, validate_sub_tenant
 from job_service.leases import Completion, ItemOutcome, Leases, ProgressReport
 from job_service.metrics import Metrics
 from job_service.rpc import convert
@@ -105,6 +106,8 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
             upload,
             sha256=mp.validate_sha256("sha256", request.sha256),
             multipart=request.multipart,
+            sub_tenant=validate_sub_tenant(request.tenant),
+            priority=validate_priority(request.priority),
         )
         who = current_caller()
         out = await self._uploads.initiate(upload, owner=who.subject if who else "")

@@ -13,7 +13,7 @@ import asyncpg
 
 from job_service.domain.model import Job
 from job_service.storage.db import Connection, LeasePool
-from job_service.storage.lease_sql import SQL_CLAIM
+from job_service.storage.lease_sql import claim_sql
 from job_service.storage.rows import to_job
 
 #: At most this many rows per combined claim statement (a single claim may exceed it alone).
@@ -36,8 +36,9 @@ class ClaimCombiner:
     its rows oldest job first, and row n gets slot n's token and worker id, so earlier callers
     get the older jobs. Each caller is answered with the rows of its own tokens."""
 
-    def __init__(self, pool: LeasePool, *, max_rows: int) -> None:
+    def __init__(self, pool: LeasePool, *, max_rows: int, fair: bool = True) -> None:
         self._pool = pool
+        self._sql = claim_sql(fair=fair)
         self._max_rows = max_rows
         self._pending: collections.deque[_Claim] = collections.deque()
         self._task: asyncio.Task[None] | None = None
@@ -82,7 +83,7 @@ class ClaimCombiner:
         workers = [c.worker_id for c in batch for _ in c.tokens]
 
         async def run(conn: Connection) -> list[asyncpg.Record]:
-            return await conn.fetch(SQL_CLAIM, workers, len(tokens), tokens, batch[0].lease_seconds)
+            return await conn.fetch(self._sql, workers, len(tokens), tokens, batch[0].lease_seconds)
 
         try:
             records = await self._pool.run(run)

@@ -37,6 +37,7 @@ from job_service.domain.model import (
 from job_service.domain.multipart import Plan
 from job_service.domain.status import JobStatus
 from job_service.storage import events as event_store
+from job_service.storage import tenants as tenant_sql
 from job_service.storage.db import transaction
 from job_service.storage.rows import to_job
 from job_service.storage.tables import job_errors, jobs, sessions, upload_parts
@@ -164,6 +165,7 @@ class JobStatements:
         url_ttl: timedelta,
         plan: Plan | None,
         owner: str,
+        tenant: str,
     ) -> Job | None:
         await self._conn.execute(
             pg_insert(sessions).values(id=session_id).on_conflict_do_nothing(index_elements=["id"])
@@ -186,13 +188,18 @@ class JobStatements:
                 sha256=upload.sha256,
                 part_size=plan.part_size if plan else None,
                 part_count=plan.part_count if plan else None,
-                owner_subject=owner,  # issue 10
+                owner_subject=owner,
+                tenant=tenant,
+                priority=upload.priority,
             )
             .on_conflict_do_nothing(index_elements=["owner_subject", "request_id"])
             .returning(jobs)
         )
         row = (await self._conn.execute(stmt)).first()
         return to_job(row._mapping) if row else None
+
+    async def admit_upload(self, owner: str, size_bytes: int) -> None:
+        await tenant_sql.admit_upload(self._conn, owner, size_bytes)
 
     async def refresh_upload_url(self, job_id: JobId, ttl: timedelta) -> Job:
         return await self._update(

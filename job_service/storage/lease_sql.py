@@ -51,11 +51,13 @@ _CLEAR_LEASE = "lease_token = NULL, leased_by = NULL, lease_expires_at = NULL"
 # matches it), plus the backoff.
 _CLAIMABLE = f"status IN {_in(CLAIMABLE)} AND lease_token IS NULL"
 
-SQL_CLAIM = f"""
+
+def _claim(order: str) -> str:
+    return f"""
 WITH picked AS (
     SELECT id FROM {_T}
     WHERE {_CLAIMABLE} AND available_at <= now()
-    ORDER BY available_at, created_at
+    ORDER BY {order}
     LIMIT $2
     FOR UPDATE SKIP LOCKED
 ), numbered AS (
@@ -73,11 +75,27 @@ UPDATE {_T} j SET
     lease_expires_at = now() + make_interval(secs => $4),
     attempts = j.attempts + 1,
     cancel_requested = false,
+    first_claimed_at = coalesce(j.first_claimed_at, now()),
     updated_at = now()
 FROM numbered
 WHERE j.id = numbered.id
 RETURNING j.*
 """
+
+
+#: Oldest first (JOB_SERVICE_FAIR_CLAIM=false): the claimable index in (available_at,
+#: created_at) order.
+SQL_CLAIM_FIFO = _claim("available_at, created_at")
+#: Fair shares between tenants (revision 0011): the fair index in key order. The same one
+#: index scan, whatever the number of tenants or the size of any backlog; rows in a backoff
+#: (available_at in the future) are skipped by the filter as in FIFO.
+SQL_CLAIM_FAIR = _claim("fair_key, fair_rank")
+SQL_CLAIM = SQL_CLAIM_FAIR
+
+
+def claim_sql(*, fair: bool) -> str:
+    return SQL_CLAIM_FAIR if fair else SQL_CLAIM_FIFO
+
 
 #: When the next job in a backoff becomes claimable (the claimable index answers it).
 SQL_NEXT_AVAILABLE = f"""

@@ -68,9 +68,10 @@ def _end_args(job: Job, token: uuid.UUID, end: LeaseEnd) -> tuple[Any, ...]:
 class LeaseStore:
     """The lease path's named repository operations, each one round trip on the lease pool."""
 
-    def __init__(self, pool: LeasePool, *, claim_rows: int = CLAIM_ROWS) -> None:
+    def __init__(self, pool: LeasePool, *, claim_rows: int = CLAIM_ROWS, fair: bool = True) -> None:
         self.pool = pool
-        self._claims = ClaimCombiner(pool, max_rows=claim_rows)
+        # fair: tenants in proportion to their weights (fair key order); else oldest first.
+        self._claims = ClaimCombiner(pool, max_rows=claim_rows, fair=fair)
 
     def claim(
         self, *, worker_id: str, tokens: Sequence[uuid.UUID], lease: timedelta

@@ -73,4 +73,8 @@ def to_job(m: Columns) -> Job:
         part_count=m.get("part_count"),
         checksum_sha256=m.get("checksum_sha256"),
         owner_subject=m.get("owner_subject") or "",  # revision 0009
+        tenant=m.get("tenant") or "",  # revision 0011
+        priority=m.get("priority") or 0,
+        queued_at=m.get("queued_at"),
+        first_claimed_at=m.get("first_claimed_at"),
     )

@@ -6,9 +6,11 @@ from __future__ import annotations
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    CheckConstraint,
     Column,
     DateTime,
     Enum,
+    Float,
     ForeignKey,
     Identity,
     Index,
@@ -16,6 +18,7 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
+    SmallInteger,
     Table,
     Text,
     UniqueConstraint,
@@ -114,6 +117,15 @@ jobs = Table(
     Column("checksum_sha256", Text),
     # Revision 0009 (security): who created the job; request_id is an idempotency key per owner.
     Column("owner_subject", Text, nullable=False, server_default=""),
+    # Revision 0011 (tenants): the fair-share tenant, the priority within it, the fair key the
+    # claim orders by (stamped by a trigger when the job becomes queued), and the dwell time's
+    # two ends.
+    Column("tenant", Text, nullable=False, server_default=""),
+    Column("priority", SmallInteger, nullable=False, server_default="0"),
+    Column("fair_key", Float(precision=53)),
+    Column("fair_rank", Float(precision=53)),  # the key before the clamp to the head
+    Column("queued_at", DateTime(timezone=True)),
+    Column("first_claimed_at", DateTime(timezone=True)),
     UniqueConstraint("owner_subject", "request_id", name="uq_video_analysis_jobs_owner_request"),
     # The claim's scan: only claimable rows are in it, so it stays small as history grows.
     Index(
@@ -122,6 +134,20 @@ jobs = Table(
         "created_at",
         postgresql_where=text("status IN ('queued', 'quick_done') AND lease_token IS NULL"),
     ),
+    # The fair claim's scan (revision 0011): the same rows, in fair-key order.
+    Index(
+        "ix_video_analysis_jobs_fair",
+        "fair_key",
+        "fair_rank",
+        postgresql_where=text("status IN ('queued', 'quick_done') AND lease_token IS NULL"),
+    ),
+    # Quota use per owner: its jobs not yet terminal (revision 0011).
+    Index(
+        "ix_video_analysis_jobs_live_owner",
+        "owner_subject",
+        postgresql_where=text("status NOT IN ('done', 'failed')"),
+    ),
+    Index("ix_video_analysis_jobs_first_claimed_at", "first_claimed_at"),
     # The reaper's scan over live leases. Not on lease_expires_at, the one column a heartbeat
     # writes, so heartbeats are HOT updates (revision 0006; the table has fillfactor 80).
     Index(
@@ -200,6 +226,25 @@ revoked_tokens = Table(
     Column("reason", Text, nullable=False, server_default=""),
     Column("revoked_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("expires_at", DateTime(timezone=True)),
+)
+
+# Revision 0011 (tenants): operators' weights and quotas per tenant (NULL: no limit), the
+# InitiateUpload rate window, and the last fair key the tenant was given.
+tenants = Table(
+    "job_tenants",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("owner_subject", Text, nullable=False, server_default=""),
+    Column("weight", Integer, nullable=False, server_default="1"),
+    Column("max_live_jobs", BigInteger),
+    Column("max_pending_bytes", BigInteger),
+    Column("max_initiates_per_minute", Integer),
+    Column("rate_window_start", DateTime(timezone=True)),
+    Column("rate_window_count", Integer, nullable=False, server_default="0"),
+    Column("last_key", Float(precision=53), nullable=False, server_default="0"),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("weight BETWEEN 1 AND 1000", name="ck_job_tenants_weight"),
 )
 
 #: NOTIFY channel: a row became claimable (payload: job id), or will at a time (payload

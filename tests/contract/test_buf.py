@@ -99,7 +99,7 @@ BREAKING = {
 
 #: The edits of changes that keep old callers working.
 ADDITIVE = {
-    "add-a-field": [(CANCEL_REQUESTED, CANCEL_REQUESTED + "  // A note.\n  string note = 23;\n")],
+    "add-a-field": [(CANCEL_REQUESTED, CANCEL_REQUESTED + "  // A note.\n  string note = 99;\n")],
     "add-an-rpc": [
         (RELEASE_RPC, RELEASE_RPC + PING_RPC),
         (RELEASE_RESPONSE, RELEASE_RESPONSE + PING_MESSAGES),

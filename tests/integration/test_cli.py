@@ -539,3 +539,19 @@ async def ctrl_c_then_resume(app, api, tmp_path: Path, s3_path: FaultyProxy) -> 
     assert out.decode().strip() == job_id  # the same job
     assert re.search(r"resuming: ([1-9]|1[01]) of 12 parts already uploaded", err2.decode())
     assert (await get_job(api, job_id)).status == pb.JOB_STATUS_QUEUED
+
+
+async def test_tenants_set_and_list(jobctl, api, app, moto_s3):
+    res = await jobctl("tenants", "set", "backend-a", "--weight", "4", "--max-live-jobs", "10")
+    assert res.code == 0, res.err
+    assert res.lines[1].split()[:5] == ["backend-a", "4", "0", "0", "0/10"]
+    await queued_job(api, moto_s3)
+    res = await jobctl("tenants", "list")
+    assert res.code == 0, res.err
+    rows = {line.split()[0]: line.split() for line in res.lines[1:]}
+    assert rows["backend-a"][1] == "4"
+    assert rows[auth.UPLOADER][2] == "1"  # the uploader's queued job
+    res = await jobctl("tenants", "set", "backend-a", "--weight", "0")
+    assert res.code != 0 and "weight" in res.err
+    res = await jobctl("--json", "tenants", "list")
+    assert {t["name"] for t in json.loads(res.out)["tenants"]} >= {"backend-a", auth.UPLOADER}

@@ -274,6 +274,8 @@ class Job(_message.Message):
     CANCEL_REQUESTED_FIELD_NUMBER: _builtins.int
     AVAILABLE_AT_FIELD_NUMBER: _builtins.int
     INFRASTRUCTURE_FAILING_SINCE_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     session_id: _builtins.str
     status: Global___JobStatus.ValueType
@@ -296,6 +298,10 @@ class Job(_message.Message):
     """s3://bucket/prefix/ under which the worker wrote the full results."""
     cancel_requested: _builtins.bool
     """Set by AdminService.CancelJob on a running job; the worker sees it in its heartbeat."""
+    tenant: _builtins.str
+    """The fair-share tenant: the owner subject, or "owner/sub-tenant" (InitiateUpload.tenant)."""
+    priority: _builtins.int
+    """0..9, higher first within the tenant (InitiateUpload.priority)."""
     @_builtins.property
     def error(self) -> Global___JobError:
         """The last error; unset when the job never failed."""
@@ -345,10 +351,12 @@ class Job(_message.Message):
         cancel_requested: _builtins.bool = ...,
         available_at: _timestamp_pb2.Timestamp | None = ...,
         infrastructure_failing_since: _timestamp_pb2.Timestamp | None = ...,
+        tenant: _builtins.str = ...,
+        priority: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["available_at", b"available_at", "created_at", b"created_at", "error", b"error", "infrastructure_failing_since", b"infrastructure_failing_since", "result", b"result", "updated_at", b"updated_at", "upload_expires_at", b"upload_expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "available_at", b"available_at", "bucket", b"bucket", "cancel_requested", b"cancel_requested", "content_type", b"content_type", "created_at", b"created_at", "error", b"error", "etag", b"etag", "filename", b"filename", "infrastructure_failing_since", b"infrastructure_failing_since", "job_id", b"job_id", "key", b"key", "max_attempts", b"max_attempts", "progress_pct", b"progress_pct", "result", b"result", "results_uri", b"results_uri", "session_id", b"session_id", "size_bytes", b"size_bytes", "stage", b"stage", "status", b"status", "updated_at", b"updated_at", "upload_expires_at", b"upload_expires_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "available_at", b"available_at", "bucket", b"bucket", "cancel_requested", b"cancel_requested", "content_type", b"content_type", "created_at", b"created_at", "error", b"error", "etag", b"etag", "filename", b"filename", "infrastructure_failing_since", b"infrastructure_failing_since", "job_id", b"job_id", "key", b"key", "max_attempts", b"max_attempts", "priority", b"priority", "progress_pct", b"progress_pct", "result", b"result", "results_uri", b"results_uri", "session_id", b"session_id", "size_bytes", b"size_bytes", "stage", b"stage", "status", b"status", "tenant", b"tenant", "updated_at", b"updated_at", "upload_expires_at", b"upload_expires_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -516,6 +524,8 @@ class InitiateUploadRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
     MULTIPART_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     filename: _builtins.str
     """Shown to people only; never used to build the S3 key. At most 255 characters."""
     content_type: _builtins.str
@@ -535,6 +545,16 @@ class InitiateUploadRequest(_message.Message):
     """Ask for a multipart upload even below the service's multipart threshold. Files above the
     threshold (or above 5 GiB, S3's single-PUT limit) are always multipart.
     """
+    tenant: _builtins.str
+    """Optional sub-tenant under the caller (e.g. its own customer id): 1..64 of letters, digits,
+    '.', '_', ':', '-'. The job's tenant becomes "<owner>/<tenant>", which gets its own fair
+    share (operators set its weight); it always counts against the owner's quotas. Over a
+    quota the call answers RESOURCE_EXHAUSTED, ErrorInfo reason TENANT_QUOTA_EXCEEDED.
+    """
+    priority: _builtins.int
+    """0..9 (default 0): higher goes first within the tenant, never beyond the tenant's share; a
+    lower one is overtaken by at most 2 of the tenant's jobs per step (docs/tenants.md).
+    """
     def __init__(
         self,
         *,
@@ -545,10 +565,12 @@ class InitiateUploadRequest(_message.Message):
         request_id: _builtins.str = ...,
         sha256: _builtins.bytes = ...,
         multipart: _builtins.bool = ...,
+        tenant: _builtins.str = ...,
+        priority: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "filename", b"filename", "multipart", b"multipart", "request_id", b"request_id", "session_id", b"session_id", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "filename", b"filename", "multipart", b"multipart", "priority", b"priority", "request_id", b"request_id", "session_id", b"session_id", "sha256", b"sha256", "size_bytes", b"size_bytes", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2187,3 +2209,184 @@ class PurgeJobsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PurgeJobsResponse: _TypeAlias = PurgeJobsResponse  # noqa: Y015
+
+@_typing.final
+class Tenant(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    MAX_LIVE_JOBS_FIELD_NUMBER: _builtins.int
+    MAX_PENDING_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_INITIATES_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    LIVE_JOBS_FIELD_NUMBER: _builtins.int
+    PENDING_BYTES_FIELD_NUMBER: _builtins.int
+    INITIATES_THIS_MINUTE_FIELD_NUMBER: _builtins.int
+    DWELL_P50_FIELD_NUMBER: _builtins.int
+    DWELL_P99_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The owner subject, or "owner/sub-tenant"."""
+    owner: _builtins.str
+    weight: _builtins.int
+    """Fair-share weight, 1..1000 (default 1)."""
+    max_live_jobs: _builtins.int
+    """Quotas; 0 means no limit. Counted per owner (sub-tenants count against their owner)."""
+    max_pending_bytes: _builtins.int
+    max_initiates_per_minute: _builtins.int
+    queued: _builtins.int
+    """Claimable now (QUEUED, QUICK_DONE, not leased) and leased."""
+    in_flight: _builtins.int
+    live_jobs: _builtins.int
+    """Quota use (owners only): jobs not yet DONE or FAILED; bytes awaiting upload verification;
+    InitiateUpload calls counted in the current minute.
+    """
+    pending_bytes: _builtins.int
+    initiates_this_minute: _builtins.int
+    @_builtins.property
+    def dwell_p50(self) -> _duration_pb2.Duration:
+        """Queued to first claim, over the jobs first claimed in the last hour (unset: none)."""
+
+    @_builtins.property
+    def dwell_p99(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        owner: _builtins.str = ...,
+        weight: _builtins.int = ...,
+        max_live_jobs: _builtins.int = ...,
+        max_pending_bytes: _builtins.int = ...,
+        max_initiates_per_minute: _builtins.int = ...,
+        queued: _builtins.int = ...,
+        in_flight: _builtins.int = ...,
+        live_jobs: _builtins.int = ...,
+        pending_bytes: _builtins.int = ...,
+        initiates_this_minute: _builtins.int = ...,
+        dwell_p50: _duration_pb2.Duration | None = ...,
+        dwell_p99: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dwell_p50", b"dwell_p50", "dwell_p99", b"dwell_p99"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dwell_p50", b"dwell_p50", "dwell_p99", b"dwell_p99", "in_flight", b"in_flight", "initiates_this_minute", b"initiates_this_minute", "live_jobs", b"live_jobs", "max_initiates_per_minute", b"max_initiates_per_minute", "max_live_jobs", b"max_live_jobs", "max_pending_bytes", b"max_pending_bytes", "name", b"name", "owner", b"owner", "pending_bytes", b"pending_bytes", "queued", b"queued", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Tenant: _TypeAlias = Tenant  # noqa: Y015
+
+@_typing.final
+class ListTenantsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """1..500; 0 means 100."""
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTenantsRequest: _TypeAlias = ListTenantsRequest  # noqa: Y015
+
+@_typing.final
+class ListTenantsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def tenants(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tenant]: ...
+    def __init__(
+        self,
+        *,
+        tenants: _abc.Iterable[Global___Tenant] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "tenants", b"tenants"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTenantsResponse: _TypeAlias = ListTenantsResponse  # noqa: Y015
+
+@_typing.final
+class SetTenantRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    MAX_LIVE_JOBS_FIELD_NUMBER: _builtins.int
+    MAX_PENDING_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_INITIATES_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """At most 320 characters, no control characters."""
+    weight: _builtins.int
+    """1..1000; unset leaves it as it is."""
+    max_live_jobs: _builtins.int
+    """Each: unset leaves it as it is, 0 removes the quota, otherwise the limit."""
+    max_pending_bytes: _builtins.int
+    max_initiates_per_minute: _builtins.int
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        weight: _builtins.int | None = ...,
+        max_live_jobs: _builtins.int | None = ...,
+        max_pending_bytes: _builtins.int | None = ...,
+        max_initiates_per_minute: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_initiates_per_minute", b"_max_initiates_per_minute", "_max_live_jobs", b"_max_live_jobs", "_max_pending_bytes", b"_max_pending_bytes", "_weight", b"_weight", "max_initiates_per_minute", b"max_initiates_per_minute", "max_live_jobs", b"max_live_jobs", "max_pending_bytes", b"max_pending_bytes", "weight", b"weight"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_initiates_per_minute", b"_max_initiates_per_minute", "_max_live_jobs", b"_max_live_jobs", "_max_pending_bytes", b"_max_pending_bytes", "_weight", b"_weight", "max_initiates_per_minute", b"max_initiates_per_minute", "max_live_jobs", b"max_live_jobs", "max_pending_bytes", b"max_pending_bytes", "tenant", b"tenant", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_initiates_per_minute: _TypeAlias = _typing.Literal["max_initiates_per_minute"]  # noqa: Y015
+    _WhichOneofArgType__max_initiates_per_minute: _TypeAlias = _typing.Literal["_max_initiates_per_minute", b"_max_initiates_per_minute"]  # noqa: Y015
+    _WhichOneofReturnType__max_live_jobs: _TypeAlias = _typing.Literal["max_live_jobs"]  # noqa: Y015
+    _WhichOneofArgType__max_live_jobs: _TypeAlias = _typing.Literal["_max_live_jobs", b"_max_live_jobs"]  # noqa: Y015
+    _WhichOneofReturnType__max_pending_bytes: _TypeAlias = _typing.Literal["max_pending_bytes"]  # noqa: Y015
+    _WhichOneofArgType__max_pending_bytes: _TypeAlias = _typing.Literal["_max_pending_bytes", b"_max_pending_bytes"]  # noqa: Y015
+    _WhichOneofReturnType__weight: _TypeAlias = _typing.Literal["weight"]  # noqa: Y015
+    _WhichOneofArgType__weight: _TypeAlias = _typing.Literal["_weight", b"_weight"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_initiates_per_minute) -> _WhichOneofReturnType__max_initiates_per_minute | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_live_jobs) -> _WhichOneofReturnType__max_live_jobs | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_pending_bytes) -> _WhichOneofReturnType__max_pending_bytes | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__weight) -> _WhichOneofReturnType__weight | None: ...
+
+Global___SetTenantRequest: _TypeAlias = SetTenantRequest  # noqa: Y015
+
+@_typing.final
+class SetTenantResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tenant(self) -> Global___Tenant: ...
+    def __init__(
+        self,
+        *,
+        tenant: Global___Tenant | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetTenantResponse: _TypeAlias = SetTenantResponse  # noqa: Y015

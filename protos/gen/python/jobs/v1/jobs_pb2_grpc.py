@@ -901,6 +901,16 @@ class AdminServiceStub:
                 request_serializer=jobs_dot_v1_dot_jobs__pb2.PurgeJobsRequest.SerializeToString,
                 response_deserializer=jobs_dot_v1_dot_jobs__pb2.PurgeJobsResponse.FromString,
                 _registered_method=True)
+        self.ListTenants = channel.unary_unary(
+                '/jobs.v1.AdminService/ListTenants',
+                request_serializer=jobs_dot_v1_dot_jobs__pb2.ListTenantsRequest.SerializeToString,
+                response_deserializer=jobs_dot_v1_dot_jobs__pb2.ListTenantsResponse.FromString,
+                _registered_method=True)
+        self.SetTenant = channel.unary_unary(
+                '/jobs.v1.AdminService/SetTenant',
+                request_serializer=jobs_dot_v1_dot_jobs__pb2.SetTenantRequest.SerializeToString,
+                response_deserializer=jobs_dot_v1_dot_jobs__pb2.SetTenantResponse.FromString,
+                _registered_method=True)
         self.AddWebhookEndpoint = channel.unary_unary(
                 '/jobs.v1.AdminService/AddWebhookEndpoint',
                 request_serializer=jobs_dot_v1_dot_jobs__pb2.AddWebhookEndpointRequest.SerializeToString,
@@ -977,6 +987,21 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTenants(self, request, context):
+        """Tenants by name with their weight, quotas, use, backlog and dwell time; paginated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetTenant(self, request, context):
+        """Sets a tenant's weight and quotas (creating the tenant if new). Existing jobs are never
+        touched: a lower quota only refuses new uploads.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def AddWebhookEndpoint(self, request, context):
         """Webhooks (Standard Webhooks, docs/events.md): endpoints per owner subject. The secret is in
         the answer of Add and Rotate only.
@@ -1045,6 +1070,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.PurgeJobs,
                     request_deserializer=jobs_dot_v1_dot_jobs__pb2.PurgeJobsRequest.FromString,
                     response_serializer=jobs_dot_v1_dot_jobs__pb2.PurgeJobsResponse.SerializeToString,
+            ),
+            'ListTenants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTenants,
+                    request_deserializer=jobs_dot_v1_dot_jobs__pb2.ListTenantsRequest.FromString,
+                    response_serializer=jobs_dot_v1_dot_jobs__pb2.ListTenantsResponse.SerializeToString,
+            ),
+            'SetTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTenant,
+                    request_deserializer=jobs_dot_v1_dot_jobs__pb2.SetTenantRequest.FromString,
+                    response_serializer=jobs_dot_v1_dot_jobs__pb2.SetTenantResponse.SerializeToString,
             ),
             'AddWebhookEndpoint': grpc.unary_unary_rpc_method_handler(
                     servicer.AddWebhookEndpoint,
@@ -1215,6 +1250,60 @@ class AdminService:
             '/jobs.v1.AdminService/PurgeJobs',
             jobs_dot_v1_dot_jobs__pb2.PurgeJobsRequest.SerializeToString,
             jobs_dot_v1_dot_jobs__pb2.PurgeJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTenants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobs.v1.AdminService/ListTenants',
+            jobs_dot_v1_dot_jobs__pb2.ListTenantsRequest.SerializeToString,
+            jobs_dot_v1_dot_jobs__pb2.ListTenantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobs.v1.AdminService/SetTenant',
+            jobs_dot_v1_dot_jobs__pb2.SetTenantRequest.SerializeToString,
+            jobs_dot_v1_dot_jobs__pb2.SetTenantResponse.FromString,
             options,
             channel_credentials,
             insecure,

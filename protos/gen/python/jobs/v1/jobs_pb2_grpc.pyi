@@ -358,6 +358,12 @@ class AdminServiceStub:
     `older_than`, with their error history, in small batches that never block the lease path;
     with delete_results also their results in S3. Active jobs are never deleted.
     """
+    ListTenants: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ListTenantsRequest, _jobs_pb2.ListTenantsResponse]
+    """Tenants by name with their weight, quotas, use, backlog and dwell time; paginated."""
+    SetTenant: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.SetTenantRequest, _jobs_pb2.SetTenantResponse]
+    """Sets a tenant's weight and quotas (creating the tenant if new). Existing jobs are never
+    touched: a lower quota only refuses new uploads.
+    """
     AddWebhookEndpoint: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.AddWebhookEndpointRequest, _jobs_pb2.AddWebhookEndpointResponse]
     """Webhooks (Standard Webhooks, docs/events.md): endpoints per owner subject. The secret is in
     the answer of Add and Rotate only.
@@ -392,6 +398,12 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Retention on demand: deletes finished jobs (DONE, FAILED) whose last change is older than
     `older_than`, with their error history, in small batches that never block the lease path;
     with delete_results also their results in S3. Active jobs are never deleted.
+    """
+    ListTenants: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ListTenantsRequest, _jobs_pb2.ListTenantsResponse]  # type: ignore[assignment]
+    """Tenants by name with their weight, quotas, use, backlog and dwell time; paginated."""
+    SetTenant: _aio.UnaryUnaryMultiCallable[_jobs_pb2.SetTenantRequest, _jobs_pb2.SetTenantResponse]  # type: ignore[assignment]
+    """Sets a tenant's weight and quotas (creating the tenant if new). Existing jobs are never
+    touched: a lower quota only refuses new uploads.
     """
     AddWebhookEndpoint: _aio.UnaryUnaryMultiCallable[_jobs_pb2.AddWebhookEndpointRequest, _jobs_pb2.AddWebhookEndpointResponse]  # type: ignore[assignment]
     """Webhooks (Standard Webhooks, docs/events.md): endpoints per owner subject. The secret is in
@@ -454,6 +466,24 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """Retention on demand: deletes finished jobs (DONE, FAILED) whose last change is older than
         `older_than`, with their error history, in small batches that never block the lease path;
         with delete_results also their results in S3. Active jobs are never deleted.
+        """
+
+    @_abc_1.abstractmethod
+    def ListTenants(
+        self,
+        request: _jobs_pb2.ListTenantsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.ListTenantsResponse, _abc.Awaitable[_jobs_pb2.ListTenantsResponse]]:
+        """Tenants by name with their weight, quotas, use, backlog and dwell time; paginated."""
+
+    @_abc_1.abstractmethod
+    def SetTenant(
+        self,
+        request: _jobs_pb2.SetTenantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.SetTenantResponse, _abc.Awaitable[_jobs_pb2.SetTenantResponse]]:
+        """Sets a tenant's weight and quotas (creating the tenant if new). Existing jobs are never
+        touched: a lower quota only refuses new uploads.
         """
 
     @_abc_1.abstractmethod
