@@ -4,10 +4,10 @@ Events are written by the database in the transaction of the state change (revis
 module reads them. A cursor is the event's position (writing transaction id, sequence number) as
 32 hex digits, so cursors also sort as strings. The feed pushes new events as they commit: the
 trigger NOTIFYs `job_events`, one LISTEN connection per instance (storage.events.EventListener,
-wired in app.py) wakes every
-waiting stream and the webhook fan-out (`EventSignal`). Nothing polls while nothing happens; the
-only timed re-read is while an event has committed but an older transaction is still running
-(the event is not readable until that one ends), every PENDING_RECHECK_SECONDS.
+wired in app.py) wakes every waiting stream and the webhook fan-out (`EventSignal`). Nothing
+polls while nothing happens; the only timed re-read is while an event has committed but an older
+transaction is still running (the event is not readable until that one ends), every
+PENDING_RECHECK_SECONDS.
 """
 
 from __future__ import annotations
@@ -96,6 +96,8 @@ class EventSignal:
 
 
 class EventFeed:
+    """StreamEvents and ListEvents, reading through the EventRecords port."""
+
     def __init__(self, records: EventRecords, signal: EventSignal) -> None:
         self._records = records
         self._signal = signal
