@@ -23,7 +23,7 @@ from job_service.auth.revocations import DenyList
 from job_service.auth.tls import ReloadingCertificates
 from job_service.auth.tokens import KeyRing, Verifier
 from job_service.config import Settings
-from job_service.events import EventFeed, EventListener, EventSignal, OwnJobs
+from job_service.events import EventFeed, EventSignal, OwnJobs
 from job_service.leases import Leases
 from job_service.metrics import Metrics
 from job_service.retention import MIN_AGE, Retention
@@ -36,14 +36,15 @@ from job_service.rpc.interceptor import AuthInterceptor
 from job_service.rpc.registration import CallGate, add_health, add_services
 from job_service.rpc.servicers import WorkerServicer
 from job_service.s3 import S3Gateway
-from job_service.storage import events as event_store
-from job_service.storage.db import LeasePool, Reachability, create_engine, transaction
+from job_service.storage.db import LeasePool, Reachability, create_engine
+from job_service.storage.events import EventDatabase, EventListener
 from job_service.storage.jobs import JobDatabase
 from job_service.storage.lease_store import LeaseStore
 from job_service.storage.notify import ClaimableListener
 from job_service.storage.retention import RetentionDatabase
 from job_service.storage.revocations import RevocationDatabase
 from job_service.storage.tenants import TenantDatabase
+from job_service.storage.webhooks import WebhookDatabase
 from job_service.tenants import Tenants
 from job_service.uploads import Uploads
 from job_service.wakeup import ClaimWaiters, JobChanges
@@ -187,18 +188,21 @@ class JobServiceApp:
         # Events and webhooks (issue 17): one LISTEN on job_events wakes feed streams and the
         # webhook fan-out; both read through the aux pool, never the lease path's.
         self.event_signal = EventSignal()
-        self.event_listener = EventListener(s.database_url, self.event_signal)
+        self.event_listener = EventListener(s.database_url, self.event_signal.notify_all)
         await self.event_listener.start()
         self._stack.push_async_callback(self.event_listener.stop)
-        self.feed = EventFeed(aux_engine, self.event_signal)
+        self.events = EventDatabase(aux_engine)
+        self.feed = EventFeed(self.events, self.event_signal)
         policy = AddressPolicy(
             allow_http=s.webhook_allow_http,
             allowlist=parse_allowlist(s.webhook_allowed_addresses),
         )
-        self.webhooks = Webhooks(aux_engine, s, policy)
+        self.webhooks = Webhooks(WebhookDatabase(aux_engine), s, policy)
         self.relay: Relay | None = None
         if s.webhook_delivery:
-            self.relay = Relay(aux_engine, s, self.metrics, self.event_signal, policy, job_json)
+            self.relay = Relay(
+                WebhookDatabase(aux_engine), s, self.metrics, self.event_signal, policy, job_json
+            )
             await self.relay.start()
             self._stack.push_async_callback(self.relay.stop)
 
@@ -242,7 +246,7 @@ class JobServiceApp:
                     self.metrics,
                     watch_uploads,
                     feed=self.feed,
-                    own_jobs=OwnJobs(aux_engine, s),
+                    own_jobs=OwnJobs(self.events, s),
                     admin=self.admin,
                 ),
                 "WorkerService": WorkerServicer(self.leases, s, self.metrics),
@@ -349,9 +353,9 @@ class JobServiceApp:
     async def purge_events(self) -> None:
         """Events older than JOB_SERVICE_EVENTS_RETENTION_SECONDS, in small batches."""
         while True:
-            async with transaction(self.aux_engine) as conn:
-                n = await event_store.purge_older_than(
-                    conn, self.settings.events_retention_seconds, self.settings.retention_batch
+            async with self.events.begin() as tx:
+                n = await tx.purge_older_than(
+                    self.settings.events_retention_seconds, self.settings.retention_batch
                 )
             if n < self.settings.retention_batch:
                 return

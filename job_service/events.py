@@ -3,10 +3,11 @@
 Events are written by the database in the transaction of the state change (revision 0010); this
 module reads them. A cursor is the event's position (writing transaction id, sequence number) as
 32 hex digits, so cursors also sort as strings. The feed pushes new events as they commit: the
-trigger NOTIFYs `job_events`, one LISTEN connection per instance (`EventListener`) wakes every
-waiting stream and the webhook fan-out (`EventSignal`). Nothing polls while nothing happens; the
-only timed re-read is while an event has committed but an older transaction is still running
-(the event is not readable until that one ends), every PENDING_RECHECK_SECONDS.
+trigger NOTIFYs `job_events`, one LISTEN connection per instance (storage.events.EventListener,
+wired in app.py) wakes every waiting stream and the webhook fan-out (`EventSignal`). Nothing
+polls while nothing happens; the only timed re-read is while an event has committed but an older
+transaction is still running (the event is not readable until that one ends), every
+PENDING_RECHECK_SECONDS.
 """
 
 from __future__ import annotations
@@ -18,19 +19,14 @@ import re
 from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import timedelta
 
-import asyncpg
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from job_service import admin
 from job_service.admin import PageTokens
 from job_service.config import Settings
 from job_service.domain import errors
+from job_service.domain.events import START, EventRow
 from job_service.domain.model import Job
 from job_service.domain.status import JobStatus
-from job_service.storage import events as store
-from job_service.storage.db import asyncpg_dsn, transaction
-from job_service.storage.events import EventRow
-from job_service.storage.tables import EVENTS_CHANNEL
+from job_service.ports import EventRecords
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +55,7 @@ def encode_cursor(position: tuple[int, int]) -> str:
 def decode_cursor(cursor: str, field: str = "after_cursor") -> tuple[int, int]:
     """ "" is the start of the feed (the oldest event kept)."""
     if cursor == "":
-        return store.START
+        return START
     if not _CURSOR.fullmatch(cursor):
         raise errors.InvalidArgument(
             field,
@@ -99,64 +95,18 @@ class EventSignal:
             ev.set()
 
 
-class EventListener:
-    """One LISTEN connection on `job_events` per instance. On (re)connecting it wakes everybody:
-    notifications sent while it was down are lost, the rows are not."""
-
-    def __init__(self, database_url: str, signal: EventSignal) -> None:
-        self._dsn = asyncpg_dsn(database_url)
-        self._signal = signal
-        self._task: asyncio.Task[None] | None = None
-        self.connected = asyncio.Event()
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._listen_forever(), name="events-listen")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    def _on_notify(self, *_args: object) -> None:
-        self._signal.notify_all()
-
-    async def _listen_forever(self) -> None:
-        backoff = 0.2
-        while True:
-            conn: asyncpg.Connection | None = None
-            try:
-                conn = await asyncpg.connect(self._dsn, timeout=5)
-                await conn.add_listener(EVENTS_CHANNEL, self._on_notify)
-                closed = asyncio.Event()
-                conn.add_termination_listener(lambda _c, ev=closed: ev.set())
-                self.connected.set()
-                backoff = 0.2
-                self._signal.notify_all()
-                await closed.wait()
-                log.warning("events LISTEN connection closed; reconnecting")
-            except asyncio.CancelledError:
-                if conn is not None and not conn.is_closed():
-                    conn.terminate()
-                raise
-            except Exception as exc:  # reconnect on any connection fault
-                log.warning("events LISTEN failed: %s; retrying in %.1fs", exc, backoff)
-            self.connected.clear()
-            if conn is not None and not conn.is_closed():
-                conn.terminate()
-            await asyncio.sleep(backoff)  # reconnect backoff
-            backoff = min(backoff * 2, 5.0)
-
-
 class EventFeed:
-    def __init__(self, engine: AsyncEngine, signal: EventSignal) -> None:
-        self._engine = engine
+    """StreamEvents and ListEvents, reading through the EventRecords port."""
+
+    def __init__(self, records: EventRecords, signal: EventSignal) -> None:
+        self._records = records
         self._signal = signal
 
     async def _check_not_ahead(self, position: tuple[int, int], field: str) -> None:
-        if position == store.START:
+        if position == START:
             return
-        async with transaction(self._engine) as conn:
-            _lo, hi = await store.horizon_bounds(conn)
+        async with self._records.begin() as tx:
+            _lo, hi = await tx.horizon_bounds()
         if position[0] >= hi:
             raise errors.InvalidArgument(
                 field,
@@ -179,9 +129,9 @@ class EventFeed:
         position = decode_cursor(after_cursor)
         kinds = validate_types(types)
         await self._check_not_ahead(position, "after_cursor")
-        async with transaction(self._engine) as conn:
-            page = await store.read(
-                conn, position, limit=page_size or DEFAULT_PAGE_SIZE, owner=owner, types=kinds
+        async with self._records.begin() as tx:
+            page = await tx.read(
+                position, limit=page_size or DEFAULT_PAGE_SIZE, owner=owner, types=kinds
             )
         return page.events, encode_cursor(page.next_position)
 
@@ -202,10 +152,8 @@ class EventFeed:
         try:
             while True:
                 woken.clear()  # before reading: an event committed during the read wakes us
-                async with transaction(self._engine) as conn:
-                    page = await store.read(
-                        conn, position, limit=STREAM_BATCH, owner=owner, types=kinds
-                    )
+                async with self._records.begin() as tx:
+                    page = await tx.read(position, limit=STREAM_BATCH, owner=owner, types=kinds)
                 for event in page.events:
                     yield event
                 position = page.next_position
@@ -224,8 +172,8 @@ class OwnJobs:
     """UploadService.ListJobs: an uploader's own jobs, paged like AdminService.ListJobs (page
     tokens bound to the filter and to the owner)."""
 
-    def __init__(self, engine: AsyncEngine, settings: Settings) -> None:
-        self._engine = engine
+    def __init__(self, records: EventRecords, settings: Settings) -> None:
+        self._records = records
         self._settings = settings
 
     def _tokens(self, owner: str) -> PageTokens:
@@ -245,9 +193,9 @@ class OwnJobs:
         size = page_size or admin.DEFAULT_PAGE_SIZE
         tokens = self._tokens(owner)
         after = tokens.decode(page_token, statuses, older_than) if page_token else None
-        async with transaction(self._engine) as conn:
-            rows = await store.list_owner_jobs(
-                conn, owner=owner, statuses=statuses, older_than=older_than, limit=size + 1,
+        async with self._records.begin() as tx:
+            rows = await tx.list_owner_jobs(
+                owner=owner, statuses=statuses, older_than=older_than, limit=size + 1,
                 after=after,
             )  # fmt: skip
         return rows[:size], len(rows) > size

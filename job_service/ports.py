@@ -17,6 +17,7 @@ from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timedelta
 from typing import Protocol
 
+from job_service.domain.events import Claimed, EndpointRow, Page
 from job_service.domain.model import Job, JobError, JobId, NewUpload, ObjectInfo, SessionId
 from job_service.domain.multipart import PartInfo, Plan
 from job_service.domain.status import JobStatus
@@ -276,3 +277,128 @@ class TenantRecords(Protocol):
     async def change(self, change: TenantChange, *, dwell_window: timedelta) -> TenantView:
         """Creates or changes the tenant in one transaction and returns it as listed."""
         ...
+# -- the job database: the event feed and webhooks (revision 0010) -----------------------------
+
+
+class EventTransaction(Protocol):
+    async def read(
+        self,
+        after: tuple[int, int],
+        *,
+        limit: int,
+        owner: str | None = None,
+        types: Sequence[str] = (),
+    ) -> Page:
+        """Readable events after the position `after`, in cursor order; `owner` None:
+        everybody's. The horizon, the rows and the "pending" probe share one snapshot."""
+        ...
+
+    async def horizon_bounds(self) -> tuple[int, int]:
+        """(xmin, xmax) of the current snapshot: positions at or beyond xmax were never handed
+        out."""
+        ...
+
+    async def purge_older_than(self, seconds: float, batch: int) -> int:
+        """Deletes up to `batch` events older than `seconds` (oldest cursor first)."""
+        ...
+
+    async def list_owner_jobs(
+        self,
+        *,
+        owner: str,
+        statuses: Sequence[JobStatus],
+        older_than: timedelta | None,
+        limit: int,
+        after: tuple[datetime, uuid.UUID] | None,
+    ) -> list[Job]:
+        """One owner's jobs, newest change first by (updated_at, id) (UploadService.ListJobs)."""
+        ...
+
+
+class EventRecords(Protocol):
+    def begin(self) -> AbstractAsyncContextManager[EventTransaction]: ...
+
+
+class WebhookTransaction(Protocol):
+    async def add_endpoint(
+        self, subject: str, url: str, types: Sequence[str], secret: str
+    ) -> EndpointRow:
+        """New endpoints get the events that become readable from now on."""
+        ...
+
+    async def list_endpoints(
+        self, subject: str | None = None, endpoint_id: uuid.UUID | None = None
+    ) -> list[EndpointRow]: ...
+
+    async def set_enabled(self, endpoint_id: uuid.UUID, enabled: bool, reason: str | None) -> bool:
+        """False when there is no such endpoint."""
+        ...
+
+    async def rotate_secret(
+        self, endpoint_id: uuid.UUID, secret: str, overlap_seconds: float
+    ) -> bool:
+        """The old secret stays valid `overlap_seconds`; False when there is no such endpoint."""
+        ...
+
+    async def remove_endpoint(self, endpoint_id: uuid.UUID) -> bool: ...
+
+    async def replay(
+        self,
+        endpoint_id: uuid.UUID,
+        *,
+        since: datetime | None,
+        after: tuple[int, int] | None,
+    ) -> int:
+        """Queues the endpoint's events again from a time or a position, up to its fan-out
+        position; how many."""
+        ...
+
+    async def fan_out(self, limit: int) -> int:
+        """One pass over the enabled endpoints nobody else is fanning out: their new readable
+        events become deliveries. The rows inserted (a full pass may leave more)."""
+        ...
+
+    async def claim(
+        self,
+        *,
+        limit: int,
+        per_endpoint: int,
+        busy: Sequence[uuid.UUID],
+        lease_seconds: float,
+    ) -> list[Claimed]:
+        """Due deliveries, at most `per_endpoint` of each enabled endpoint not in `busy`,
+        leased for one attempt (SKIP LOCKED: instances share the work)."""
+        ...
+
+    async def next_due_in(self, busy: Sequence[uuid.UUID]) -> float | None:
+        """Seconds until a delivery of an endpoint not in `busy` is due; None: none pending."""
+        ...
+
+    async def delivered(self, endpoint_id: uuid.UUID, event_id: uuid.UUID, status: int) -> None: ...
+
+    async def failed(
+        self,
+        endpoint_id: uuid.UUID,
+        event_id: uuid.UUID,
+        *,
+        status: int | None,
+        error: str,
+        retry_in: float | None,
+        gone: bool,
+        disable_after: float,
+    ) -> str | None:
+        """A failed attempt: retried in `retry_in` seconds, or given up (None). Why the
+        endpoint was disabled by this failure, if it was."""
+        ...
+
+    async def release_lease(self, endpoint_id: uuid.UUID, event_id: uuid.UUID) -> None:
+        """Shutdown mid-attempt: the attempt does not count, the row is due again at once."""
+        ...
+
+    async def lag_by_endpoint(self, limit: int) -> list[tuple[str, float]]: ...
+
+    async def count_disabled(self) -> int: ...
+
+
+class WebhookRecords(Protocol):
+    def begin(self) -> AbstractAsyncContextManager[WebhookTransaction]: ...

@@ -17,6 +17,7 @@ from job_service.admin import Admin
 from job_service.auth.caller import owner_scope
 from job_service.config import Settings
 from job_service.domain import errors
+from job_service.domain.events import EndpointRow, EventRow
 from job_service.domain.status import JobStatus
 from job_service.events import EventFeed, OwnJobs, encode_cursor
 from job_service.metrics import Metrics
@@ -25,8 +26,6 @@ from job_service.rpc import convert
 from job_service.rpc.admin_servicer import MAX_LIST_RESPONSE_BYTES, AdminServicer
 from job_service.rpc.errors import stream, unary
 from job_service.rpc.servicers import WATCH_END_KEY, WATCH_END_MAX_LIFETIME, UploadServicer
-from job_service.storage.events import EventRow
-from job_service.storage.webhooks import EndpointRow
 from job_service.tenants import Tenants
 from job_service.uploads import Uploads
 from job_service.webhooks.endpoints import Webhooks, parse_endpoint_id

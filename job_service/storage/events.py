@@ -1,6 +1,7 @@
 """Every SQL statement of the event outbox (revision 0010): reading the feed, the operator
-requeue's marker, retention. The rows are written by the trigger on video_analysis_jobs, never
-from Python.
+requeue's marker, retention; behind the `EventRecords` port (job_service/ports.py) as
+`EventDatabase`; and the LISTEN on `job_events` (`EventListener`). The rows are written by the
+trigger on video_analysis_jobs, never from Python.
 
 The readable horizon: a reader only reads rows whose writing transaction is older than every
 transaction still running (`xid < pg_snapshot_xmin(pg_current_snapshot())`). Every such
@@ -9,47 +10,29 @@ transaction has ended, so no row can later appear behind a cursor handed out (do
 
 from __future__ import annotations
 
-import dataclasses
+import asyncio
+import contextlib
 import json
+import logging
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
+import asyncpg
 from sqlalchemy import DateTime, LargeBinary, and_, func, or_, select, text
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from job_service.domain.events import EventRow, Page
 from job_service.domain.model import Job
+from job_service.storage.db import asyncpg_dsn, transaction
 from job_service.storage.rows import to_job
-from job_service.storage.tables import jobs
+from job_service.storage.tables import EVENTS_CHANNEL, jobs
 
-#: Where a feed starts when the caller has no cursor: before every event kept.
-START = (0, 0)
+log = logging.getLogger(__name__)
+
 MAX_SEQ = 2**63 - 1
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class EventRow:
-    xid: int
-    seq: int
-    id: uuid.UUID
-    type: str
-    job_id: uuid.UUID
-    owner_subject: str
-    occurred_at: datetime
-    job: Job
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Page:
-    events: list[EventRow]
-    #: Where the next read starts: the last event's position, or the readable horizon when the
-    #: page was not full (every older row was read, including other owners' and filtered ones).
-    next_position: tuple[int, int]
-    #: Rows after the position that committed but are not readable yet (an older transaction
-    #: is still running): read again soon.
-    pending: bool
 
 
 def _column_parsers() -> dict[str, Any]:
@@ -193,3 +176,101 @@ async def list_owner_jobs(
         )
     stmt = stmt.order_by(jobs.c.updated_at.desc(), jobs.c.id.desc()).limit(limit)
     return [to_job(r._mapping) for r in await conn.execute(stmt)]
+
+
+class EventStatements:
+    """The named operations of ports.EventTransaction, on the connection of one transaction."""
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self._conn = conn
+
+    async def read(
+        self,
+        after: tuple[int, int],
+        *,
+        limit: int,
+        owner: str | None = None,
+        types: Sequence[str] = (),
+    ) -> Page:
+        return await read(self._conn, after, limit=limit, owner=owner, types=types)
+
+    async def horizon_bounds(self) -> tuple[int, int]:
+        return await horizon_bounds(self._conn)
+
+    async def purge_older_than(self, seconds: float, batch: int) -> int:
+        return await purge_older_than(self._conn, seconds, batch)
+
+    async def list_owner_jobs(
+        self,
+        *,
+        owner: str,
+        statuses: Sequence[Any],
+        older_than: timedelta | None,
+        limit: int,
+        after: tuple[datetime, uuid.UUID] | None,
+    ) -> list[Job]:
+        return await list_owner_jobs(
+            self._conn, owner=owner, statuses=statuses, older_than=older_than, limit=limit,
+            after=after,
+        )  # fmt: skip
+
+
+class EventDatabase:
+    """The event outbox as the feed and ListJobs see it (one engine's pool)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    @contextlib.asynccontextmanager
+    async def begin(self) -> AsyncIterator[EventStatements]:
+        async with transaction(self._engine) as conn:
+            yield EventStatements(conn)
+
+
+class EventListener:
+    """One LISTEN connection on `job_events` per instance; `wake` runs on every notification.
+    On (re)connecting it wakes everybody too: notifications sent while it was down are lost,
+    the rows are not."""
+
+    def __init__(self, database_url: str, wake: Callable[[], None]) -> None:
+        self._dsn = asyncpg_dsn(database_url)
+        self._wake = wake
+        self._task: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._listen_forever(), name="events-listen")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def _on_notify(self, *_args: object) -> None:
+        self._wake()
+
+    async def _listen_forever(self) -> None:
+        backoff = 0.2
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(self._dsn, timeout=5)
+                await conn.add_listener(EVENTS_CHANNEL, self._on_notify)
+                closed = asyncio.Event()
+                conn.add_termination_listener(lambda _c, ev=closed: ev.set())
+                self.connected.set()
+                backoff = 0.2
+                self._wake()
+                await closed.wait()
+                log.warning("events LISTEN connection closed; reconnecting")
+            except asyncio.CancelledError:
+                if conn is not None and not conn.is_closed():
+                    conn.terminate()
+                raise
+            except Exception as exc:  # reconnect on any connection fault
+                log.warning("events LISTEN failed: %s; retrying in %.1fs", exc, backoff)
+            self.connected.clear()
+            if conn is not None and not conn.is_closed():
+                conn.terminate()
+            await asyncio.sleep(backoff)  # reconnect backoff
+            backoff = min(backoff * 2, 5.0)

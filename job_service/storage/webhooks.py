@@ -1,4 +1,5 @@
-"""Every SQL statement of webhook endpoints and deliveries (revision 0010).
+"""Every SQL statement of webhook endpoints and deliveries (revision 0010), behind the
+`WebhookRecords` port (job_service/ports.py) as `WebhookDatabase`.
 
 Fan-out: per endpoint, the readable events of its subject after its fan-out position become
 delivery rows (one per endpoint and event, so a repeated fan-out inserts nothing twice).
@@ -8,43 +9,18 @@ of the same job for the same endpoint is still pending (per-job order)."""
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from job_service.storage.events import EventRow, job_from_snapshot
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class EndpointRow:
-    id: uuid.UUID
-    subject: str
-    url: str
-    types: list[str]
-    secret: str = dataclasses.field(repr=False)
-    old_secret: str | None = dataclasses.field(repr=False)
-    old_secret_until: datetime | None
-    enabled: bool
-    disabled_reason: str | None
-    disabled_at: datetime | None
-    failing_since: datetime | None
-    created_at: datetime
-    pending: int = 0
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Claimed:
-    endpoint_id: uuid.UUID
-    url: str
-    secrets: list[str] = dataclasses.field(repr=False)
-    attempts: int
-    event: EventRow
-
+from job_service.domain.events import Claimed, EndpointRow, EventRow
+from job_service.storage.db import transaction
+from job_service.storage.events import job_from_snapshot
 
 _ENDPOINT_COLS = """
     e.id, e.subject, e.url, e.types, e.secret, e.old_secret, e.old_secret_until, e.enabled,
@@ -440,3 +416,119 @@ async def count_disabled(conn: AsyncConnection) -> int:
             await conn.execute(text("SELECT count(*) FROM webhook_endpoints WHERE NOT enabled"))
         ).scalar_one()
     )
+
+
+async def next_due_in(conn: AsyncConnection, busy: Sequence[uuid.UUID]) -> float | None:
+    """Seconds (possibly negative) until a pending delivery of an enabled endpoint not in
+    `busy` is due; None when there is none."""
+    at = (
+        await conn.execute(
+            text(
+                """
+                SELECT extract(epoch FROM min(greatest(d.next_attempt_at,
+                           coalesce(d.leased_until, d.next_attempt_at))) - now())
+                FROM webhook_deliveries d
+                JOIN webhook_endpoints e ON e.id = d.endpoint_id AND e.enabled
+                WHERE d.state = 'pending' AND NOT (d.endpoint_id = ANY(:busy))
+                """
+            ),
+            {"busy": list(busy)},
+        )
+    ).scalar_one()
+    return None if at is None else float(at)
+
+
+class WebhookStatements:
+    """The named operations of ports.WebhookTransaction, on the connection of one transaction."""
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self._conn = conn
+
+    async def add_endpoint(
+        self, subject: str, url: str, types: Sequence[str], secret: str
+    ) -> EndpointRow:
+        return await add_endpoint(self._conn, subject, url, types, secret)
+
+    async def list_endpoints(
+        self, subject: str | None = None, endpoint_id: uuid.UUID | None = None
+    ) -> list[EndpointRow]:
+        return await list_endpoints(self._conn, subject, endpoint_id)
+
+    async def set_enabled(self, endpoint_id: uuid.UUID, enabled: bool, reason: str | None) -> bool:
+        return await set_enabled(self._conn, endpoint_id, enabled, reason)
+
+    async def rotate_secret(
+        self, endpoint_id: uuid.UUID, secret: str, overlap_seconds: float
+    ) -> bool:
+        return await rotate_secret(self._conn, endpoint_id, secret, overlap_seconds)
+
+    async def remove_endpoint(self, endpoint_id: uuid.UUID) -> bool:
+        return await remove_endpoint(self._conn, endpoint_id)
+
+    async def replay(
+        self,
+        endpoint_id: uuid.UUID,
+        *,
+        since: datetime | None,
+        after: tuple[int, int] | None,
+    ) -> int:
+        return await replay(self._conn, endpoint_id, since=since, after=after)
+
+    async def fan_out(self, limit: int) -> int:
+        return await fan_out(self._conn, limit)
+
+    async def claim(
+        self,
+        *,
+        limit: int,
+        per_endpoint: int,
+        busy: Sequence[uuid.UUID],
+        lease_seconds: float,
+    ) -> list[Claimed]:
+        return await claim(
+            self._conn, limit=limit, per_endpoint=per_endpoint, busy=busy,
+            lease_seconds=lease_seconds,
+        )  # fmt: skip
+
+    async def next_due_in(self, busy: Sequence[uuid.UUID]) -> float | None:
+        return await next_due_in(self._conn, busy)
+
+    async def delivered(self, endpoint_id: uuid.UUID, event_id: uuid.UUID, status: int) -> None:
+        await delivered(self._conn, endpoint_id, event_id, status)
+
+    async def failed(
+        self,
+        endpoint_id: uuid.UUID,
+        event_id: uuid.UUID,
+        *,
+        status: int | None,
+        error: str,
+        retry_in: float | None,
+        gone: bool,
+        disable_after: float,
+    ) -> str | None:
+        return await failed(
+            self._conn, endpoint_id, event_id, status=status, error=error, retry_in=retry_in,
+            gone=gone, disable_after=disable_after,
+        )  # fmt: skip
+
+    async def release_lease(self, endpoint_id: uuid.UUID, event_id: uuid.UUID) -> None:
+        await release_lease(self._conn, endpoint_id, event_id)
+
+    async def lag_by_endpoint(self, limit: int) -> list[tuple[str, float]]:
+        return await lag_by_endpoint(self._conn, limit)
+
+    async def count_disabled(self) -> int:
+        return await count_disabled(self._conn)
+
+
+class WebhookDatabase:
+    """Webhook endpoints and deliveries as their use cases see them (one engine's pool)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    @contextlib.asynccontextmanager
+    async def begin(self) -> AsyncIterator[WebhookStatements]:
+        async with transaction(self._engine) as conn:
+            yield WebhookStatements(conn)

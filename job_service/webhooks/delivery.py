@@ -4,7 +4,7 @@ database).
 
 Two loops per instance:
 - **fan-out**, woken by the events NOTIFY: each enabled endpoint's new readable events become
-  delivery rows (`storage.webhooks.fan_out`; endpoint rows locked with SKIP LOCKED, inserts
+  delivery rows (`WebhookTransaction.fan_out`; endpoint rows locked with SKIP LOCKED, inserts
   idempotent);
 - **delivery**: due rows are claimed with SKIP LOCKED and leased for one attempt, then POSTed
   concurrently, at most JOB_SERVICE_WEBHOOK_ENDPOINT_IN_FLIGHT per endpoint and
@@ -33,16 +33,12 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from job_service.config import Settings
+from job_service.domain.events import Claimed, EventRow
 from job_service.events import EventSignal, encode_cursor
 from job_service.metrics import Metrics
-from job_service.storage import webhooks as store
-from job_service.storage.db import transaction
-from job_service.storage.events import EventRow
-from job_service.storage.webhooks import Claimed
+from job_service.ports import WebhookRecords
 from job_service.webhooks import signing
 from job_service.webhooks.addresses import AddressPolicy, connector_kwargs
 
@@ -95,14 +91,14 @@ def body_of(event: EventRow, render: Render) -> bytes:
 class Relay:
     def __init__(
         self,
-        engine: AsyncEngine,
+        records: WebhookRecords,
         settings: Settings,
         metrics: Metrics,
         signal: EventSignal,
         policy: AddressPolicy,
         render: Render,
     ) -> None:
-        self._engine = engine
+        self._records = records
         self._s = settings
         self._metrics = metrics
         self._signal = signal
@@ -147,9 +143,9 @@ class Relay:
         await asyncio.gather(*attempts, return_exceptions=True)
         # Rows leased by attempts cut short are due again at once, not after the lease.
         with contextlib.suppress(Exception):
-            async with transaction(self._engine) as conn:
+            async with self._records.begin() as tx:
                 for endpoint_id, event_id in list(self._claimed):
-                    await store.release_lease(conn, endpoint_id, event_id)
+                    await tx.release_lease(endpoint_id, event_id)
         if self._session is not None:
             await self._session.close()
 
@@ -158,8 +154,8 @@ class Relay:
     async def _fan_out_once(self) -> int:
         total = 0
         while True:
-            async with transaction(self._engine) as conn:
-                n = await store.fan_out(conn, FANOUT_BATCH)
+            async with self._records.begin() as tx:
+                n = await tx.fan_out(FANOUT_BATCH)
             total += n
             if n < FANOUT_BATCH:
                 break
@@ -192,21 +188,8 @@ class Relay:
 
     async def _next_due_in(self, busy: list[uuid.UUID]) -> float:
         """Seconds until a delivery of an endpoint not at its in-flight cap is due."""
-        async with transaction(self._engine) as conn:
-            at = (
-                await conn.execute(
-                    text(
-                        """
-                        SELECT extract(epoch FROM min(greatest(d.next_attempt_at,
-                                   coalesce(d.leased_until, d.next_attempt_at))) - now())
-                        FROM webhook_deliveries d
-                        JOIN webhook_endpoints e ON e.id = d.endpoint_id AND e.enabled
-                        WHERE d.state = 'pending' AND NOT (d.endpoint_id = ANY(:busy))
-                        """
-                    ),
-                    {"busy": busy},
-                )
-            ).scalar_one()
+        async with self._records.begin() as tx:
+            at = await tx.next_due_in(busy)
         return IDLE_TICK_SECONDS if at is None else min(max(float(at), 0.0), IDLE_TICK_SECONDS)
 
     async def _deliver_forever(self) -> None:
@@ -218,9 +201,8 @@ class Relay:
                 claimed: list[Claimed] = []
                 busy = [e for e, n in self._inflight.items() if n >= per]
                 if free > 0:
-                    async with transaction(self._engine) as conn:
-                        claimed = await store.claim(
-                            conn,
+                    async with self._records.begin() as tx:
+                        claimed = await tx.claim(
                             limit=free,
                             per_endpoint=per,
                             busy=busy,
@@ -294,16 +276,15 @@ class Relay:
         }
         status, detail = await self._post(c)
         try:
-            async with transaction(self._engine) as conn:
+            async with self._records.begin() as tx:
                 if status is not None and 200 <= status < 300:
-                    await store.delivered(conn, c.endpoint_id, c.event.id, status)
+                    await tx.delivered(c.endpoint_id, c.event.id, status)
                     outcome = "delivered"
                 else:
                     gone = status == 410
                     retry = None if gone else retry_delay(c.attempts, self._s.webhook_retry_scale)
                     error = f"HTTP {status}: {detail}" if status is not None else detail
-                    disabled = await store.failed(
-                        conn,
+                    disabled = await tx.failed(
                         c.endpoint_id,
                         c.event.id,
                         status=status,
@@ -324,9 +305,9 @@ class Relay:
         self._metrics.webhook_deliveries_total.labels(outcome).inc()
 
     async def refresh_gauges(self) -> None:
-        async with transaction(self._engine) as conn:
-            lags = await store.lag_by_endpoint(conn, LAG_LABELS + 1000)
-            disabled = await store.count_disabled(conn)
+        async with self._records.begin() as tx:
+            lags = await tx.lag_by_endpoint(LAG_LABELS + 1000)
+            disabled = await tx.count_disabled()
         gauge = self._metrics.webhook_outbox_lag_seconds
         gauge.clear()
         for endpoint_id, lag in lags[:LAG_LABELS]:

@@ -8,14 +8,11 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from job_service.config import Settings
 from job_service.domain import errors
+from job_service.domain.events import EndpointRow
 from job_service.events import decode_cursor, validate_types
-from job_service.storage import webhooks as store
-from job_service.storage.db import transaction
-from job_service.storage.webhooks import EndpointRow
+from job_service.ports import WebhookRecords
 from job_service.webhooks.addresses import AddressPolicy
 from job_service.webhooks.signing import new_secret
 
@@ -54,8 +51,8 @@ def parse_endpoint_id(value: str, field: str = "endpoint_id") -> uuid.UUID:
 
 
 class Webhooks:
-    def __init__(self, engine: AsyncEngine, settings: Settings, policy: AddressPolicy) -> None:
-        self._engine = engine
+    def __init__(self, records: WebhookRecords, settings: Settings, policy: AddressPolicy) -> None:
+        self._records = records
         self._settings = settings
         self._policy = policy
 
@@ -66,8 +63,8 @@ class Webhooks:
         kinds = validate_types(types)
         await self._policy.check_resolves(url)
         secret = new_secret()
-        async with transaction(self._engine) as conn:
-            row = await store.add_endpoint(conn, subject, url, kinds, secret)
+        async with self._records.begin() as tx:
+            row = await tx.add_endpoint(subject, url, kinds, secret)
         log.info(
             "webhook endpoint added",
             extra={"endpoint_id": str(row.id), "subject": subject, "url": url},
@@ -76,21 +73,21 @@ class Webhooks:
 
     async def list(self, subject: str = "") -> list[EndpointRow]:
         validate_subject(subject, required=False)
-        async with transaction(self._engine) as conn:
-            return await store.list_endpoints(conn, subject or None)
+        async with self._records.begin() as tx:
+            return await tx.list_endpoints(subject or None)
 
     async def get(self, endpoint_id: uuid.UUID) -> EndpointRow:
-        async with transaction(self._engine) as conn:
-            rows = await store.list_endpoints(conn, endpoint_id=endpoint_id)
+        async with self._records.begin() as tx:
+            rows = await tx.list_endpoints(endpoint_id=endpoint_id)
         if not rows:
             raise EndpointNotFound(endpoint_id)
         return rows[0]
 
     async def set_enabled(self, endpoint_id: uuid.UUID, enabled: bool) -> EndpointRow:
         """Enabling resumes delivery where it stopped (and clears the failure clock)."""
-        async with transaction(self._engine) as conn:
-            found = await store.set_enabled(
-                conn, endpoint_id, enabled, None if enabled else "by an operator"
+        async with self._records.begin() as tx:
+            found = await tx.set_enabled(
+                endpoint_id, enabled, None if enabled else "by an operator"
             )
         if not found:
             raise EndpointNotFound(endpoint_id)
@@ -111,16 +108,16 @@ class Webhooks:
             if overlap_seconds is None
             else overlap_seconds
         )
-        async with transaction(self._engine) as conn:
-            found = await store.rotate_secret(conn, endpoint_id, secret, overlap)
+        async with self._records.begin() as tx:
+            found = await tx.rotate_secret(endpoint_id, secret, overlap)
         if not found:
             raise EndpointNotFound(endpoint_id)
         log.info("webhook secret rotated", extra={"endpoint_id": str(endpoint_id)})
         return await self.get(endpoint_id), secret
 
     async def remove(self, endpoint_id: uuid.UUID) -> None:
-        async with transaction(self._engine) as conn:
-            found = await store.remove_endpoint(conn, endpoint_id)
+        async with self._records.begin() as tx:
+            found = await tx.remove_endpoint(endpoint_id)
         if not found:
             raise EndpointNotFound(endpoint_id)
         log.info("webhook endpoint removed", extra={"endpoint_id": str(endpoint_id)})
@@ -136,7 +133,7 @@ class Webhooks:
             )
         after = decode_cursor(after_cursor) if after_cursor else None
         await self.get(endpoint_id)
-        async with transaction(self._engine) as conn:
-            n = await store.replay(conn, endpoint_id, since=since, after=after)
+        async with self._records.begin() as tx:
+            n = await tx.replay(endpoint_id, since=since, after=after)
         log.info("webhook replay queued", extra={"endpoint_id": str(endpoint_id), "queued": n})
         return n

@@ -307,7 +307,7 @@ async def test_endpoint_calls_validate_ids_and_replay(hooked, receiver) -> None:
 
 
 def test_secrets_are_standard_and_never_in_repr() -> None:
-    from job_service.storage.webhooks import EndpointRow
+    from job_service.domain.events import EndpointRow
 
     secret = new_secret()
     assert secret.startswith("whsec_") and len(base64.b64decode(secret[6:])) == 32
