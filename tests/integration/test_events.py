@@ -116,7 +116,7 @@ async def test_cursor_never_skips_an_event_that_commits_late(app: JobServiceApp,
     setup = await connect(url)
     a_conn, b_conn = await connect(url), await connect(url)
     try:
-        [ja, jb] = await make_jobs(setup, auth.UPLOADER, 2)
+        [ja, jb] = await make_jobs(setup, auth.UPLOADER, 2, own_tenants=True)
         ta = a_conn.transaction()
         await ta.start()
         await set_status(a_conn, [ja], "queued")  # event A written, not committed
@@ -141,7 +141,7 @@ async def test_racing_transitions_reader_sees_every_event_once_in_commit_order(
     committed before another began has the smaller cursor."""
     url = app.settings.database_url
     setup = await connect(url)
-    job_ids = await make_jobs(setup, auth.UPLOADER, 40)
+    job_ids = await make_jobs(setup, auth.UPLOADER, 40, own_tenants=True)
     await setup.close()
     spans: dict[str, tuple[float, float]] = {}
 

@@ -26,25 +26,35 @@ async def connect(database_url: str) -> asyncpg.Connection:
 
 
 async def make_jobs(
-    conn: asyncpg.Connection, owner: str, n: int, status: str = "awaiting_upload"
+    conn: asyncpg.Connection,
+    owner: str,
+    n: int,
+    status: str = "awaiting_upload",
+    *,
+    own_tenants: bool = False,
 ) -> list[uuid.UUID]:
-    """n jobs of `owner` in `status`, inserted in one statement."""
+    """n jobs of `owner` in `status`, inserted in one statement. The tenant is the owner, as
+    the service makes it; with `own_tenants` each job gets a sub-tenant of its own, so that
+    transactions queueing them do not wait for each other on the tenant's row (the fair key's
+    per-tenant lock, revision 0011) and really race."""
     session = uuid.uuid4()
     await conn.execute("INSERT INTO video_sessions (id) VALUES ($1)", session)
     ids = [uuid.uuid4() for _ in range(n)]
+    tenants = [f"{owner}/t{i}" if own_tenants else owner for i in range(n)]
     await conn.execute(
         """
         INSERT INTO video_analysis_jobs (id, session_id, status, stage, filename, content_type,
-            size_bytes, s3_bucket, s3_key, owner_subject)
+            size_bytes, s3_bucket, s3_key, owner_subject, tenant)
         SELECT j, $2, $3::video_analysis_job_status, $5, 'clip.mp4', 'video/mp4', 1000,
-            'videos', 'uploads/' || j::text, $4
-        FROM unnest($1::uuid[]) AS j
+            'videos', 'uploads/' || j::text, $4, t
+        FROM unnest($1::uuid[], $6::text[]) AS u(j, t)
         """,
         ids,
         session,
         status,
         owner,
         status.upper(),
+        tenants,
     )
     return ids
 
