@@ -46,6 +46,7 @@ from job_service.domain.model import (
     fence,
 )
 from job_service.domain.status import JobStatus, check_transition
+from job_service.hand_back import HandBack
 from job_service.metrics import Metrics
 from job_service.wakeup import ClaimWaiters, wait_for
 
@@ -57,8 +58,6 @@ MIN_CLAIM_SECONDS = 0.25
 #: A conditional statement that matched nothing while the diagnostic read says it should have
 #: (a concurrent change between the two) is tried again this often before answering ABORTED.
 RETRIES = 3
-#: How long shutdown waits for pending hand-backs.
-CLOSE_SECONDS = 2.0
 
 
 class LeaseRepository(Protocol):
@@ -158,77 +157,6 @@ class Completion:
 
 #: A batch item's outcome: the job, or the error the single call would have raised.
 ItemOutcome = Job | errors.JobServiceError
-
-
-class HandBack:
-    """Leases granted to a caller that never got the answer (cancelled, timed out, or the
-    connection broke so the outcome is unknown) go back at once, without counting an attempt.
-    Retried in the background while the database is away: the reaper waits one grace after an
-    outage, so the hand-back normally wins; if this process dies first, the leases expire and
-    the reaper counts the attempt (see docs/lifecycle.md)."""
-
-    def __init__(self, store: LeaseRepository, *, give_up_after: float, metrics: Metrics) -> None:
-        self._store = store
-        self._give_up_after = give_up_after
-        self._metrics = metrics
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.handed_back = 0
-
-    def submit(
-        self, tokens: Sequence[uuid.UUID], reason: str, *, backend_pid: int | None = None
-    ) -> None:
-        if not tokens:
-            return
-        task = asyncio.get_running_loop().create_task(self._run(list(tokens), reason, backend_pid))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def after(self, claim: asyncio.Future[list[Job]], tokens: Sequence[uuid.UUID]) -> None:
-        """The caller left while `claim` was in flight: hand back whatever it grants."""
-
-        def done(fut: asyncio.Future[list[Job]]) -> None:
-            if fut.cancelled():
-                self.submit(tokens, "claim cancelled in flight")
-            elif fut.exception() is None:
-                granted = [j.lease_token for j in fut.result() if j.lease_token is not None]
-                self.submit(granted, "caller gone")
-            elif isinstance(exc := fut.exception(), errors.DatabaseOutcomeUnknown):
-                self.submit(tokens, "claim outcome unknown", backend_pid=exc.backend_pid)
-
-        claim.add_done_callback(done)
-
-    async def _run(self, tokens: list[uuid.UUID], reason: str, backend_pid: int | None) -> None:
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + self._give_up_after
-        backoff = 0.05
-        while True:
-            try:
-                if backend_pid is not None:
-                    # The claim may still be running on a backend that lost its client: end it
-                    # first, or it could grant its leases after we handed back nothing.
-                    await self._store.end_backend(backend_pid)
-                    backend_pid = None
-                n = await self._store.hand_back(tokens)
-            except errors.DatabaseUnavailable as exc:
-                if loop.time() + backoff > give_up:
-                    log.warning("could not hand back %d leases (%s): %s", len(tokens), reason, exc)
-                    return
-                await asyncio.sleep(backoff)  # retry backoff while the database is away
-                backoff = min(backoff * 2, 1.0)
-                continue
-            self.handed_back += n
-            if n:
-                self._metrics.leases_handed_back_total.inc(n)
-                log.info("handed back %d leases (%s)", n, reason)
-            return
-
-    async def close(self) -> None:
-        """Shutdown: give pending hand-backs a moment, then stop retrying."""
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=CLOSE_SECONDS)
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
 
 
 class Leases:

@@ -34,7 +34,7 @@ from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
 from jobs.v1 import jobs_pb2 as pb
 
-from jobs_client import auth, webhook_cli
+from jobs_client import auth, tenant_cli, webhook_cli
 from jobs_client.client import TERMINAL, guess_content_type
 from jobs_client.errors import InvalidArgument, JobsError
 from jobs_client.retry import Backoff
@@ -142,15 +142,7 @@ def build_parser() -> Parser:
         sp.add_argument("job_id")
         sp.add_argument("--reason", default="", help="why (in the service's log)")
     webhook_cli.add_parser(add, Parser)
-    tenants = add("tenants", "list tenants, or set a tenant's weight and quotas (docs/tenants.md)")
-    tenants_sub = tenants.add_subparsers(dest="tenants_command", required=True, parser_class=Parser)
-    tenants_sub.add_parser("list", help="backlog, in flight, weight, quota use, dwell p50/p99")
-    ts = tenants_sub.add_parser("set", help="weight and quotas (0 removes a quota)")
-    ts.add_argument("tenant")
-    ts.add_argument("--weight", type=int, help="1..1000")
-    ts.add_argument("--max-live-jobs", type=int, metavar="N")
-    ts.add_argument("--max-pending-bytes", type=int, metavar="BYTES")
-    ts.add_argument("--max-initiates-per-minute", type=int, metavar="N")
+    tenant_cli.add_parser(add, Parser)
     add("stats", "counts by status, oldest queued job, stuck uploads").add_argument(
         "--stuck-after",
         type=parse_duration,
@@ -413,44 +405,6 @@ def cmd_stats(c: Client, args: argparse.Namespace, o: Output) -> int:
     return EXIT_OK
 
 
-def _use(used: int, limit: int) -> str:
-    return f"{used}/{limit or '-'}"
-
-
-def _dur(d: Any, present: bool) -> str:
-    return human_duration(d.ToTimedelta().total_seconds()) if present else "-"
-
-
-def cmd_tenants(c: Client, args: argparse.Namespace, o: Output) -> int:
-    if args.tenants_command == "set":
-        req = pb.SetTenantRequest(tenant=args.tenant)
-        for field in ("weight", "max_live_jobs", "max_pending_bytes", "max_initiates_per_minute"):
-            value = getattr(args, field)
-            if value is not None:
-                setattr(req, field, value)
-        tenants = [c.jobs.set_tenant(req)]
-    else:
-        tenants = c.jobs.list_tenants()
-    if o.json_mode:
-        o.json({"tenants": [as_json(t) for t in tenants]})
-        return EXIT_OK
-    rows = [
-        f"{'TENANT':<32} {'W':>4} {'QUEUED':>8} {'FLIGHT':>7} {'LIVE/MAX':>15} "
-        f"{'PENDING_B/MAX':>21} {'INIT/MIN':>9} {'DWELL P50':>10} {'P99':>8}"
-    ]
-    for t in tenants:
-        rows.append(
-            f"{t.name or '(none)':<32} {t.weight:>4} {t.queued:>8} {t.in_flight:>7} "
-            f"{_use(t.live_jobs, t.max_live_jobs):>15} "
-            f"{_use(t.pending_bytes, t.max_pending_bytes):>21} "
-            f"{_use(t.initiates_this_minute, t.max_initiates_per_minute):>9} "
-            f"{_dur(t.dwell_p50, t.HasField('dwell_p50')):>10} "
-            f"{_dur(t.dwell_p99, t.HasField('dwell_p99')):>8}"
-        )
-    o.result("\n".join(rows))
-    return EXIT_OK
-
-
 def cmd_requeue(c: Client, args: argparse.Namespace, o: Output) -> int:
     return report_change(c.jobs.requeue(args.job_id, args.reason), o)
 
@@ -591,7 +545,7 @@ COMMANDS: dict[str, Command] = {
     "cancel": cmd_cancel,
     "stats": cmd_stats,
     "webhook": webhook_cli.run,
-    "tenants": cmd_tenants,
+    "tenants": tenant_cli.run,
 }
 
 
