@@ -33,5 +33,5 @@ RESULTS_UPLOAD_FAILED = code_name(jobs_pb2.ERROR_CODE_RESULTS_UPLOAD_FAILED)
 ANALYSIS_ERROR = code_name(jobs_pb2.ERROR_CODE_ANALYSIS_ERROR)
 JOB_SERVICE_ERROR = code_name(jobs_pb2.ERROR_CODE_JOB_SERVICE_ERROR)
 CANCELLED = code_name(jobs_pb2.ERROR_CODE_CANCELLED)
-# Security (issue 10): a lease pointing outside the worker's bucket/prefixes.
+# Security: a lease pointing outside the worker's bucket/prefixes.
 LEASE_OUT_OF_BOUNDS = code_name(jobs_pb2.ERROR_CODE_LEASE_OUT_OF_BOUNDS)

@@ -90,7 +90,7 @@ class JobRunner:
         progress_step: int = 5,
         bounds: LeaseBounds | None = None,
     ) -> None:
-        #: Where leases may point (issue 10); None trusts every lease (tests of other parts).
+        #: Where leases may point; None trusts every lease (tests of other parts).
         self._bounds = bounds
         self._client = client
         self._objects = objects

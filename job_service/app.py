@@ -185,7 +185,7 @@ class JobServiceApp:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(listener.connected.wait(), 10)
 
-        # Events and webhooks (issue 17): one LISTEN on job_events wakes feed streams and the
+        # Events and webhooks: one LISTEN on job_events wakes feed streams and the
         # webhook fan-out; both read through the aux pool, never the lease path's.
         self.event_signal = EventSignal()
         self.event_listener = EventListener(s.database_url, self.event_signal.notify_all)
@@ -206,7 +206,7 @@ class JobServiceApp:
             await self.relay.start()
             self._stack.push_async_callback(self.relay.stop)
 
-        # Security (issue 10): authentication before every handler, TLS on the port.
+        # Security: authentication before every handler, TLS on the port.
         self.keys: KeyRing | None = None
         self.denylist: DenyList | None = None
         self.tls: ReloadingCertificates | None = None

@@ -197,7 +197,7 @@ class Settings(BaseSettings):
     def lease(self) -> timedelta:
         return timedelta(seconds=self.lease_seconds)
 
-    # -- events and webhooks (issue 17, docs/events.md) --
+    # -- events and webhooks (docs/events.md) --
     #: Events older than this are deleted by the retention task; 0 keeps them forever. A purged
     #: job's events go with it whatever this says.
     events_retention_seconds: float = Field(default=30 * 86400.0, ge=0)

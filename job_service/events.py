@@ -1,4 +1,4 @@
-"""The event feed (issue 17): what StreamEvents and ListEvents mean.
+"""The event feed: what StreamEvents and ListEvents mean.
 
 Events are written by the database in the transaction of the state change (revision 0010); this
 module reads them. A cursor is the event's position (writing transaction id, sequence number) as

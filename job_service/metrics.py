@@ -101,7 +101,7 @@ class Metrics:
             "Leases released because the ClaimJob caller was gone or the outcome unknown",
             registry=r,
         )
-        # Events and webhooks (issue 17).
+        # Events and webhooks.
         self.webhook_deliveries_total = Counter(
             "job_service_webhook_deliveries_total",
             "Webhook delivery attempts by outcome",

@@ -112,7 +112,7 @@ class Uploads:
         multipart upload and return the plan. The job belongs to `owner` (the caller's subject).
 
         The same request_id from the same owner returns the same job (and plan); request ids are
-        scoped per owner (issue 10). Raises IdempotencyKeyReused when
+        scoped per owner. Raises IdempotencyKeyReused when
         the request_id was used for a different upload, ObjectStoreUnavailable (S3 did not open the
         multipart upload: retry with the same request_id), DatabaseUnavailable.
         """
@@ -501,5 +501,5 @@ class Uploads:
 
 def visible_to(job: Job, owner: str | None) -> bool:
     """Whether a caller scoped to `owner` (None: operators, every job) may see `job`. Another
-    owner's job answers JobNotFound, so its existence does not leak (issue 10)."""
+    owner's job answers JobNotFound, so its existence does not leak."""
     return owner is None or job.owner_subject == owner

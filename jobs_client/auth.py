@@ -1,4 +1,4 @@
-"""Client credentials (issue 10): a bearer token per audience, TLS settings, token minting.
+"""Client credentials: a bearer token per audience, TLS settings, token minting.
 
 `JobsClient.connect(address, credentials=channel_credentials(address), tokens=tokens_from_env())`
 is what jobctl and the demo do. With `tokens`, each call carries the token of its audience:

@@ -1,4 +1,4 @@
-"""Job events and webhook endpoints from the client side (issue 17, docs/events.md).
+"""Job events and webhook endpoints from the client side (docs/events.md).
 
 `follow(client, after=cursor)` (also `JobsClient.events(after=...)`) yields every event after the
 cursor and then each new one, forever: when the stream ends (the service's stream lifetime, a

@@ -1,4 +1,4 @@
-"""`jobctl webhook …`: webhook endpoints (issue 17, docs/events.md).
+"""`jobctl webhook …`: webhook endpoints (docs/events.md).
 
 jobctl webhook add URL --subject S [--types job.done,job.failed]   prints id and secret once
 jobctl webhook list [--subject S]

@@ -35,7 +35,7 @@ POLICY: Mapping[str, frozenset[Role]] = {
     "/jobs.v1.UploadService/WatchJob": frozenset({U, OP}),
     "/jobs.v1.UploadService/SignUploadParts": frozenset({U}),
     "/jobs.v1.UploadService/ListUploadedParts": frozenset({U, OP}),
-    # Events (issue 17): an uploader sees its own jobs' events and jobs, an operator all.
+    # Events: an uploader sees its own jobs' events and jobs, an operator all.
     "/jobs.v1.UploadService/StreamEvents": frozenset({U, OP}),
     "/jobs.v1.UploadService/ListEvents": frozenset({U, OP}),
     "/jobs.v1.UploadService/ListJobs": frozenset({U, OP}),

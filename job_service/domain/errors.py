@@ -21,10 +21,10 @@ class ErrorKind(enum.Enum):
     FAILED_PRECONDITION = "failed_precondition"
     ABORTED = "aborted"
     UNAVAILABLE = "unavailable"
-    # security (issue 10)
+    # security
     UNAUTHENTICATED = "unauthenticated"
     PERMISSION_DENIED = "permission_denied"
-    # tenants (issue 18)
+    # tenants
     RESOURCE_EXHAUSTED = "resource_exhausted"
 
 
@@ -159,7 +159,7 @@ class DatabaseOutcomeUnknown(DatabaseUnavailable):
         super().__init__(message, outcome="unknown", **metadata)
 
 
-# -- security (issue 10): raised by job_service.auth before any handler runs --------------------
+# -- security: raised by job_service.auth before any handler runs --------------------
 
 
 class Unauthenticated(JobServiceError):

@@ -91,7 +91,7 @@ class Job:
         return self.part_count is not None
 
     #: The subject (token `sub`) that created the job; "" for jobs from before revision 0009 or
-    #: made with authentication off. Only it and operators see the job (issue 10).
+    #: made with authentication off. Only it and operators see the job.
     owner_subject: str = ""
     # Revision 0011 (tenants): fair-share tenant, priority within it, dwell time's ends.
     tenant: str = ""

@@ -147,7 +147,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         resp.older_than.CopyFrom(convert.duration(report.older_than))
         return resp
 
-    # -- tenants (issue 18) --------------------------------------------------------------------
+    # -- tenants --------------------------------------------------------------------
 
     def _tenant_use_cases(self) -> Tenants:
         if self._tenants is None:

@@ -1,4 +1,4 @@
-"""The events and webhooks RPCs (issue 17): UploadService.StreamEvents / ListEvents / ListJobs and
+"""The events and webhooks RPCs: UploadService.StreamEvents / ListEvents / ListJobs and
 AdminService's webhook endpoints. The servicers app.py registers are the existing ones with
 these methods mixed in (`UploadServicerWithEvents`, `AdminServicerWithWebhooks`)."""
 

@@ -1,1 +1,1 @@
-"""Webhooks per Standard Webhooks (issue 17): endpoints, signing, address rules, delivery."""
+"""Webhooks per Standard Webhooks: endpoints, signing, address rules, delivery."""

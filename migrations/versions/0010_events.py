@@ -1,4 +1,4 @@
-"""Events and webhooks (issue 17): the transactional outbox of job events, webhook endpoints and
+"""Events and webhooks: the transactional outbox of job events, webhook endpoints and
 their deliveries.
 
 - `job_events` is written by a row trigger on `video_analysis_jobs`, so every path that changes a

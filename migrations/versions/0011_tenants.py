@@ -1,4 +1,4 @@
-"""Tenants, fair shares, priorities and quotas (issue 18 section 1).
+"""Tenants, fair shares, priorities and quotas.
 
 A job belongs to a tenant (its owner subject, or `owner/sub-tenant`) and carries a priority
 and a fair key. The fair claim orders by the key (Start-time Fair Queueing, see

@@ -96,7 +96,7 @@ class Stack:
             f"migrations: alembic upgrade head done, revision {revision or '?'} "
             f"({time.monotonic() - step:.1f} s)"
         )
-        # Authentication on (issue 10): a throwaway key and a token per audience.
+        # Authentication on: a throwaway key and a token per audience.
         self.credentials = DevCredentials.create(opts.run_dir)
         self.console.say(
             f"auth: fresh dev key and tokens in {shown(self.credentials.directory)}/ "

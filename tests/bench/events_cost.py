@@ -1,4 +1,4 @@
-"""`python -m tests.bench.events_cost`: what the events outbox costs the lease path (issue 17).
+"""`python -m tests.bench.events_cost`: what the events outbox costs the lease path.
 
 The bench's worker cycle (ClaimJob max_jobs=10, 2 x ReportProgress, CompleteJob; 8 workers) on
 one service process and one database, alternating the outbox trigger off and on

@@ -1,4 +1,4 @@
-"""The tenants' bench lines (issue 18): the fair claim's cost with 1,000 tenants and 1M queued
+"""The tenants' bench lines: the fair claim's cost with 1,000 tenants and 1M queued
 jobs beside 1k jobs, and the fairness line (tenant A with 20,000 queued, B and C submitting
 200 each at a steady rate) with the fair claim beside FIFO in the same run.
 

@@ -1,5 +1,5 @@
 """The compose stack started for real: two job-service replicas, three workers, the host as the
-uploader, and faults by `docker kill` (issue 16). `make compose-test` runs it.
+uploader, and faults by `docker kill`. `make compose-test` runs it.
 
 1. `up` from the images it builds; every service healthy.
 2. Jobs uploaded from the host (through the published 127.0.0.1 ports only) and followed.

@@ -39,7 +39,7 @@ KEDA_SCHEMA = json.loads(
 # The oldest Kubernetes the manifests promise to work on: native gRPC probes (1.24) and the
 # preStop sleep action (1.30) are both GA or on by default there.
 KUBERNETES_VERSION = "1.30.0"
-# Settings the balancing branch adds to the job-service (issue 16, section 2); accepted here
+# Settings the balancing branch adds to the job-service (section 2); accepted here
 # until job_service/config.py has them, then this set is redundant.
 PENDING_SERVICE_VARS = {
     "JOB_SERVICE_GRPC_MAX_CONNECTION_AGE_SECONDS",

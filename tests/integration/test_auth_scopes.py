@@ -1,4 +1,4 @@
-"""Uploads belong to their uploader; revoked tokens and retired keys stop working (issue 10)."""
+"""Uploads belong to their uploader; revoked tokens and retired keys stop working."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Several job-service instances behind one target (issue 16, section 2).
+"""Several job-service instances behind one target (section 2).
 
 Two real instances share one database, each on its own port of 127.0.0.1. A fleet of simulated
 workers, each with its own `WorkerClient` channel, holds one lease apiece (heartbeats every

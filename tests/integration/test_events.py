@@ -1,4 +1,4 @@
-"""The event outbox and feed (issue 17): one event per state change that a caller cares about,
+"""The event outbox and feed: one event per state change that a caller cares about,
 written in the change's transaction; a cursor that never skips an event committing late; the
 gRPC feed's scoping, resume and validation."""
 

@@ -1,4 +1,4 @@
-"""The client side of events and webhooks (issue 17): `jobs.events(after=…)` reconnects and
+"""The client side of events and webhooks: `jobs.events(after=…)` reconnects and
 resumes by itself, and `jobctl webhook …` manages endpoints."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tenants (issue 18 section 1): fair shares by weight, a late tenant behind a 50,000 backlog,
+"""Tenants: fair shares by weight, a late tenant behind a 50,000 backlog,
 work conservation, priorities and their aging bound, the lease guarantees under the fair claim,
 quotas (each kind, raced across two instances, after a purge), and bad input.
 

@@ -1,4 +1,4 @@
-"""Webhooks per Standard Webhooks (issue 17), against real HTTP receivers on 127.0.0.1: signatures
+"""Webhooks per Standard Webhooks, against real HTTP receivers on 127.0.0.1: signatures
 the `standardwebhooks` library accepts, retries through an outage, 410, a slow endpoint beside
 a fast one, the address rules, rotation, replay."""
 

@@ -1,4 +1,4 @@
-"""Webhook delivery by real `python -m job_service` processes (issue 17): two instances deliver
+"""Webhook delivery by real `python -m job_service` processes: two instances deliver
 each of 1,000 events once between them; an instance SIGKILLed mid-delivery loses nothing."""
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ SERVICE_VARS = {name for name, _ in ServiceSettings.env_table()}
 WORKER_VARS = {name for name, _ in worker_config.env_table()}
 # Which settings table each Python service is configured by.
 KNOWN_VARS = {"job-service": SERVICE_VARS, "migrate": SERVICE_VARS, "analysis-worker": WORKER_VARS}
-# Settings the balancing branch adds to the job-service (issue 16, section 2); accepted here
+# Settings the balancing branch adds to the job-service (section 2); accepted here
 # until job_service/config.py has them, then this set is redundant.
 PENDING_SERVICE_VARS = {
     "JOB_SERVICE_GRPC_MAX_CONNECTION_AGE_SECONDS",
@@ -298,7 +298,7 @@ def test_third_party_images_are_overridable(services: dict[str, dict[str, Any]])
     assert services["seaweedfs"]["image"].startswith("${SEAWEEDFS_IMAGE:-chrislusf/seaweedfs:")
 
 
-# -- security (issue 10) ------------------------------------------------------------------
+# -- security ------------------------------------------------------------------
 
 
 def test_authentication_is_on_with_the_secret_and_token_from_the_credentials_volume(

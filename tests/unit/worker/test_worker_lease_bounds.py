@@ -1,4 +1,4 @@
-"""The worker refuses a lease pointing outside its bucket and prefixes (issue 10)."""
+"""The worker refuses a lease pointing outside its bucket and prefixes."""
 
 from __future__ import annotations
 
