@@ -197,8 +197,13 @@ async def test_the_stack_survives_kills_and_restarts(stack: Stack, tmp_path: Pat
         )
     for j in job_ids:
         assert final[j].status == DONE, (j, final[j].error)
-        assert completed[j] == 1, f"{j} completed {completed[j]} times"
         assert deep_done[j] == 1, f"{j}: {deep_done[j]} deep passes ran to their end"
+        if j in held and final[j].attempt == 1:
+            # The kill landed after the killed worker's CompleteJob committed but before it
+            # logged "job completed": done once, by it, and no lease expired.
+            assert completed[j] == 0, f"{j} completed {completed[j]} times"
+            continue
+        assert completed[j] == 1, f"{j} completed {completed[j]} times"
         # A lease expiry costs the killed worker's jobs one attempt; nothing else costs any.
         assert final[j].attempt == (2 if j in held else 1), (j, final[j].attempt)
     assert held, "the killed worker held no job"
