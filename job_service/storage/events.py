@@ -20,13 +20,14 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
-from sqlalchemy import DateTime, LargeBinary, and_, func, or_, select, text
+from sqlalchemy import DateTime, LargeBinary, text
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from job_service.domain.events import EventRow, Page
 from job_service.domain.model import Job
 from job_service.storage.db import asyncpg_dsn, transaction
+from job_service.storage.jobs import select_jobs
 from job_service.storage.rows import to_job
 from job_service.storage.tables import EVENTS_CHANNEL, jobs
 
@@ -164,18 +165,9 @@ async def list_owner_jobs(
     after: tuple[datetime, uuid.UUID] | None,
 ) -> list[Job]:
     """One owner's jobs, newest change first by (updated_at, id) (UploadService.ListJobs)."""
-    stmt = select(jobs).where(jobs.c.owner_subject == owner)
-    if statuses:
-        stmt = stmt.where(jobs.c.status.in_(list(statuses)))
-    if older_than is not None:
-        stmt = stmt.where(jobs.c.updated_at <= func.now() - older_than)
-    if after is not None:
-        ts, last_id = after
-        stmt = stmt.where(
-            or_(jobs.c.updated_at < ts, and_(jobs.c.updated_at == ts, jobs.c.id < last_id))
-        )
-    stmt = stmt.order_by(jobs.c.updated_at.desc(), jobs.c.id.desc()).limit(limit)
-    return [to_job(r._mapping) for r in await conn.execute(stmt)]
+    return await select_jobs(
+        conn, owner=owner, statuses=statuses, older_than=older_than, limit=limit, after=after
+    )
 
 
 class EventStatements:

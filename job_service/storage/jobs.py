@@ -325,18 +325,9 @@ class JobStatements:
         limit: int,
         after: tuple[datetime, uuid.UUID] | None,
     ) -> list[Job]:
-        stmt = select(jobs)
-        if statuses:
-            stmt = stmt.where(jobs.c.status.in_(list(statuses)))
-        if older_than is not None:
-            stmt = stmt.where(jobs.c.updated_at <= func.now() - older_than)
-        if after is not None:
-            ts, last_id = after
-            stmt = stmt.where(
-                or_(jobs.c.updated_at < ts, and_(jobs.c.updated_at == ts, jobs.c.id < last_id))
-            )
-        stmt = stmt.order_by(jobs.c.updated_at.desc(), jobs.c.id.desc()).limit(limit)
-        return [to_job(r._mapping) for r in await self._conn.execute(stmt)]
+        return await select_jobs(
+            self._conn, statuses=statuses, older_than=older_than, limit=limit, after=after
+        )
 
     async def count_by_status(self) -> dict[JobStatus, int]:
         rows = await self._conn.execute(select(jobs.c.status, func.count()).group_by(jobs.c.status))
@@ -398,3 +389,30 @@ class JobStatements:
         )
         await self._record_error(job_id, error)
         return job
+
+
+async def select_jobs(
+    conn: AsyncConnection,
+    *,
+    statuses: Sequence[Any],
+    older_than: timedelta | None,
+    limit: int,
+    after: tuple[datetime, uuid.UUID] | None,
+    owner: str | None = None,
+) -> list[Job]:
+    """Jobs newest change first by (updated_at, id), after the page position `after`; only
+    `owner`'s when given (AdminService.ListJobs, and UploadService.ListJobs with an owner)."""
+    stmt = select(jobs)
+    if owner is not None:
+        stmt = stmt.where(jobs.c.owner_subject == owner)
+    if statuses:
+        stmt = stmt.where(jobs.c.status.in_(list(statuses)))
+    if older_than is not None:
+        stmt = stmt.where(jobs.c.updated_at <= func.now() - older_than)
+    if after is not None:
+        ts, last_id = after
+        stmt = stmt.where(
+            or_(jobs.c.updated_at < ts, and_(jobs.c.updated_at == ts, jobs.c.id < last_id))
+        )
+    stmt = stmt.order_by(jobs.c.updated_at.desc(), jobs.c.id.desc()).limit(limit)
+    return [to_job(r._mapping) for r in await conn.execute(stmt)]
