@@ -26,8 +26,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from job_service.domain.events import EventRow, Page
 from job_service.domain.model import Job
+from job_service.storage import jobs as job_sql  # jobs imports this module too: by module
 from job_service.storage.db import asyncpg_dsn, transaction
-from job_service.storage.jobs import select_jobs
 from job_service.storage.rows import to_job
 from job_service.storage.tables import EVENTS_CHANNEL, jobs
 
@@ -165,7 +165,7 @@ async def list_owner_jobs(
     after: tuple[datetime, uuid.UUID] | None,
 ) -> list[Job]:
     """One owner's jobs, newest change first by (updated_at, id) (UploadService.ListJobs)."""
-    return await select_jobs(
+    return await job_sql.select_jobs(
         conn, owner=owner, statuses=statuses, older_than=older_than, limit=limit, after=after
     )
 
