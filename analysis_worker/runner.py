@@ -432,7 +432,8 @@ class JobRunner:
                     },
                 )
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(give_up.wait(), timeout=delay)
+                    async with asyncio.timeout(delay):
+                        await give_up.wait()
 
     async def _s3(
         self,
@@ -484,7 +485,8 @@ class JobRunner:
                     },
                 )
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(job.stopped.wait(), timeout=delay)
+                    async with asyncio.timeout(delay):
+                        await job.stopped.wait()
                 if job.stop_reason is not None:
                     raise JobStopped(f"stopped while retrying the {what}") from None
                 continue

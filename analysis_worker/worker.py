@@ -204,7 +204,8 @@ class Worker:
                     extra={**self._log_extra, "error": str(exc), "retry_in_s": round(delay, 2)},
                 )
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+                    async with asyncio.timeout(delay):
+                        await self._stopping.wait()
                 continue
             failures = 0
             # A long poll's lease may have been granted at any moment of the wait, so the send
@@ -225,7 +226,8 @@ class Worker:
             idle = self._options.min_empty_claim_interval - (loop.time() - started)
             if not leases and idle > 0:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), timeout=idle)
+                    async with asyncio.timeout(idle):
+                        await self._stopping.wait()
 
     def _start(
         self, lease: jobs_pb2.Lease, *, counted_from: float, counted_from_wall: float
@@ -304,7 +306,8 @@ class Worker:
                 # A lease claimed meanwhile may be due sooner: wake for it.
                 self._job_added.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._job_added.wait(), timeout=due - now)
+                    async with asyncio.timeout(due - now):
+                        await self._job_added.wait()
                 continue
             if await self._heartbeat_once(held):
                 failures = 0

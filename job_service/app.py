@@ -183,7 +183,8 @@ class JobServiceApp:
         await listener.start()
         self._stack.push_async_callback(listener.stop)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(listener.connected.wait(), 10)
+            async with asyncio.timeout(10):
+                await listener.connected.wait()
 
         # Events and webhooks: one LISTEN on job_events wakes feed streams and the
         # webhook fan-out; both read through the aux pool, never the lease path's.

@@ -161,7 +161,8 @@ class EventFeed:
                     continue
                 if page.pending:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(woken.wait(), PENDING_RECHECK_SECONDS)
+                        async with asyncio.timeout(PENDING_RECHECK_SECONDS):
+                            await woken.wait()
                 else:
                     await woken.wait()
         finally:

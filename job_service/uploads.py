@@ -486,7 +486,8 @@ class Uploads:
                 if job.status in TERMINAL:
                     return
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), WATCH_REFRESH_SECONDS)
+                    async with asyncio.timeout(WATCH_REFRESH_SECONDS):
+                        await event.wait()
         finally:
             self._changes.unsubscribe(key, event)
 

@@ -236,4 +236,5 @@ class JobChanges:
             return
         self._dirty.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._dirty.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._dirty.wait()

@@ -515,7 +515,8 @@ class JobsClient(ChannelOwner):
             raise JobsError(f"the watch of job {job_id} ended early")
 
         try:
-            return await asyncio.wait_for(follow(), timeout)
+            async with asyncio.timeout(timeout):
+                return await follow()
         except TimeoutError:
             raise DeadlineExceeded(
                 f"job {job_id} did not finish within {timeout} s", retryable=True

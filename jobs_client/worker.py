@@ -321,7 +321,8 @@ class WorkerClient(ChannelOwner):
                     await asyncio.sleep(delay)  # backoff between retries
                 else:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), timeout=delay)
+                        async with asyncio.timeout(delay):
+                            await stop.wait()
                     if stop.is_set():
                         return None
 

@@ -97,7 +97,8 @@ class UploadServicerWithEvents(UploadServicer):
                 if remaining <= 0:
                     break
                 try:
-                    event = await asyncio.wait_for(anext(events), remaining)
+                    async with asyncio.timeout(remaining):
+                        event = await anext(events)
                 except TimeoutError:
                     break
                 yield pb.StreamEventsResponse(event=event_to_pb(event))

@@ -151,7 +151,8 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
                 if remaining <= 0:
                     break
                 try:
-                    job = await asyncio.wait_for(anext(updates), remaining)
+                    async with asyncio.timeout(remaining):
+                        job = await anext(updates)
                 except StopAsyncIteration:
                     return
                 except TimeoutError:

@@ -288,7 +288,8 @@ class LeasePool:
     async def close(self) -> None:
         if self._pool is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._pool.close(), 5)
+                async with asyncio.timeout(5):
+                    await self._pool.close()
             self._pool.terminate()
 
     async def run(self, fn: Callable[[Connection], Awaitable[T]]) -> T:

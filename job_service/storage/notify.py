@@ -65,7 +65,8 @@ class ClaimableListener:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._store.unwatch(self.instance, None), 2)
+            async with asyncio.timeout(2):
+                await self._store.unwatch(self.instance, None)
 
     async def _sync_watches_forever(self) -> None:
         """Keeps the watch table in step with the jobs WatchJob streams here watch."""

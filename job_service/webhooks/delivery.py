@@ -172,7 +172,8 @@ class Relay:
                     await self._fan_out_once()
                     for delay in FANOUT_RECHECKS:
                         with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(woken.wait(), delay)
+                            async with asyncio.timeout(delay):
+                                await woken.wait()
                         woken.clear()
                         await self._fan_out_once()
                 except asyncio.CancelledError:
@@ -180,7 +181,8 @@ class Relay:
                 except Exception as exc:  # the database away: try again on the next wake/tick
                     log.warning("webhook fan-out failed: %s", exc)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(woken.wait(), IDLE_TICK_SECONDS)
+                    async with asyncio.timeout(IDLE_TICK_SECONDS):
+                        await woken.wait()
         finally:
             self._signal.unsubscribe(woken)
 
@@ -225,7 +227,8 @@ class Relay:
                 wait = 1.0
             if wait > 0:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._work.wait(), wait)
+                    async with asyncio.timeout(wait):
+                        await self._work.wait()
 
     def _start_attempt(self, c: Claimed) -> None:
         key = (c.endpoint_id, c.event.id)
