@@ -43,12 +43,13 @@ class HandBack:
 
     def submit(
         self, tokens: Sequence[uuid.UUID], reason: str, *, backend_pid: int | None = None
-    ) -> None:
+    ) -> asyncio.Task[None] | None:
         if not tokens:
-            return
+            return None
         task = asyncio.get_running_loop().create_task(self._run(list(tokens), reason, backend_pid))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def after(self, claim: asyncio.Future[list[Job]], tokens: Sequence[uuid.UUID]) -> None:
         """The caller left while `claim` was in flight: hand back whatever it grants."""

@@ -283,6 +283,14 @@ class Leases:
         """The answer carrying these leases did not reach the caller: release them."""
         self.hand_back.submit([lease.token for lease in leases], reason)
 
+    async def hand_back_now(self, leases: Sequence[Lease], reason: str) -> None:
+        """Release leases an answer will not carry before answering, so they are claimable
+        again by the time the caller hears back; no attempt counted. If the caller leaves
+        meanwhile, the hand-back still finishes."""
+        task = self.hand_back.submit([lease.token for lease in leases], reason)
+        if task is not None:
+            await asyncio.shield(task)
+
     # -- heartbeat --------------------------------------------------------------------------
 
     async def heartbeat(

@@ -211,6 +211,10 @@ class AdminTransaction(JobRows, Protocol):
 class UploadRecords(Protocol):
     def begin(self) -> AbstractAsyncContextManager[UploadTransaction]: ...
 
+    def read(self) -> AbstractAsyncContextManager[UploadTransaction]:
+        """For a single read: no transaction around it (one round trip)."""
+        ...
+
 
 class AdminRecords(Protocol):
     def begin(self) -> AbstractAsyncContextManager[AdminTransaction]: ...

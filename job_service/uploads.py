@@ -492,8 +492,9 @@ class Uploads:
             self._changes.unsubscribe(key, event)
 
     async def get(self, job_id: JobId, owner: str | None = None) -> Job:
-        """The job; JobNotFound when it does not exist or belongs to another owner."""
-        async with self._records.begin() as tx:
+        """The job; JobNotFound when it does not exist or belongs to another owner. One
+        statement, one round trip."""
+        async with self._records.read() as tx:
             job = await tx.get_job(job_id)
         if job is None or not visible_to(job, owner):
             raise errors.JobNotFound(job_id)

@@ -46,6 +46,10 @@ if TYPE_CHECKING:
 DEADLINE_MARGIN_SECONDS = 1.0
 #: No claim starts later than this before the caller's deadline (see leases.MIN_CLAIM_SECONDS).
 ANSWER_MARGIN_SECONDS = 0.1
+#: A ClaimJob reply stays under this many bytes: gRPC clients refuse replies over 4 MiB by
+#: default (grpc.max_receive_message_length), and a resumed job carries its stored results (up
+#: to 256 KiB each), so 16 of them overflow. The leases past it go back to the queue at once.
+MAX_CLAIM_REPLY_BYTES = 4 * 1024 * 1024 - 64 * 1024
 _FAILURE_KIND = {
     pb.FAILURE_KIND_UNSPECIFIED: FailureKind.JOB,
     pb.FAILURE_KIND_JOB: FailureKind.JOB,
@@ -315,27 +319,36 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             wait = min(wait, max(remaining - DEADLINE_MARGIN_SECONDS, 0.0))
             budget = remaining - ANSWER_MARGIN_SECONDS
         leases = await self._leases.claim(worker_id, request.max_jobs, wait, budget=budget)
+        interval = timedelta(seconds=self._settings.heartbeat_interval_seconds)
+        reply = pb.ClaimJobResponse()
+        size = 0
+        for i, lease in enumerate(leases):
+            item = convert.lease_to_pb(
+                lease,
+                heartbeat_interval=interval,
+                results_prefix=self._settings.s3_results_prefix,
+                lease_ttl=self._leases.lease_ttl,
+            )
+            size += item.ByteSize() + 8  # the field's tag and length
+            if i and size > MAX_CLAIM_REPLY_BYTES:
+                # Bounded by size, not count: fewer leases go out, the rest are queued again
+                # before the answer leaves (no attempt counted). The first always goes.
+                surplus, leases = leases[i:], leases[:i]
+                await self._leases.hand_back_now(surplus, "ClaimJob reply size limit")
+                break
+            reply.leases.append(item)
         if leases:
             # The answer may still not reach the caller (it cancels, its deadline passes while
             # the response is on its way): then its leases go back at once, no attempt counted.
+            sent = list(leases)
+
             def gone(ctx: Ctx) -> None:
                 if ctx.cancelled():
-                    self._leases.give_back(leases, "ClaimJob caller gone")
+                    self._leases.give_back(sent, "ClaimJob caller gone")
 
             # The stubs type the callback as a stub-only class; any callable works.
             context.add_done_callback(gone)  # type: ignore[arg-type]
-        interval = timedelta(seconds=self._settings.heartbeat_interval_seconds)
-        return pb.ClaimJobResponse(
-            leases=[
-                convert.lease_to_pb(
-                    lease,
-                    heartbeat_interval=interval,
-                    results_prefix=self._settings.s3_results_prefix,
-                    lease_ttl=self._leases.lease_ttl,
-                )
-                for lease in leases
-            ]
-        )
+        return reply
 
     @unary
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: Ctx) -> pb.HeartbeatResponse:

@@ -195,6 +195,24 @@ async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
         raise
 
 
+@contextlib.asynccontextmanager
+async def single_reads(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A connection in autocommit for reads that are one statement each: no BEGIN / COMMIT
+    around them, so a read is one round trip (GetJob). Nothing written here is atomic with
+    anything else: use `transaction` for that."""
+    try:
+        async with engine.connect() as conn:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            yield conn
+    except JobServiceError:
+        raise
+    except Exception as exc:
+        fault = classify(exc)
+        if fault is not None:
+            raise domain_error(exc, fault) from exc
+        raise
+
+
 class Reachability:
     """Whether this instance can reach the database, and since when.
 

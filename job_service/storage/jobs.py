@@ -38,7 +38,7 @@ from job_service.domain.multipart import Plan
 from job_service.domain.status import JobStatus
 from job_service.storage import events as event_store
 from job_service.storage import tenants as tenant_sql
-from job_service.storage.db import transaction
+from job_service.storage.db import single_reads, transaction
 from job_service.storage.rows import to_job
 from job_service.storage.tables import job_errors, jobs, sessions, upload_parts
 
@@ -52,6 +52,12 @@ class JobDatabase:
     @contextlib.asynccontextmanager
     async def begin(self) -> AsyncIterator[JobStatements]:
         async with transaction(self._engine) as conn:
+            yield JobStatements(conn)
+
+    @contextlib.asynccontextmanager
+    async def read(self) -> AsyncIterator[JobStatements]:
+        """For one read statement: autocommit, one round trip (no BEGIN / COMMIT)."""
+        async with single_reads(self._engine) as conn:
             yield JobStatements(conn)
 
 

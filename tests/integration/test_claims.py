@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+import uuid
 
+import asyncpg
 import grpc
 import pytest
 from jobs.v1 import jobs_pb2 as pb
 
 from job_service.app import JobServiceApp
+from job_service.rpc.servicers import MAX_CLAIM_REPLY_BYTES
 from tests.support import auth
 from tests.support.flows import claim, complete, initiate, put_object, queued_job
 from tests.support.service import claim_count, stubs_for
@@ -117,3 +121,47 @@ async def test_max_jobs_is_capped_by_the_server(api, moto_s3, database_url):
     async with JobServiceApp(settings_for(database_url, moto_s3, claim_max_jobs=2)) as capped:
         async with auth.channel(f"127.0.0.1:{capped.port}") as ch:
             assert len(await claim(stubs_for(ch), max_jobs=100)) == 2
+
+
+async def test_a_claim_of_20_large_results_stays_under_the_message_limit(
+    api, moto_s3, database_url
+):
+    """Jobs resumed after their quick pass carry their stored results (up to 256 KiB each):
+    a claim of 20 such jobs would be ~5 MiB, past the 4 MiB every client refuses by default.
+    The reply is bounded by size; the surplus is queued again before the answer, at the stage
+    reached, with no attempt spent, and later claims hand it out."""
+    ids = [uuid.UUID((await queued_job(api, moto_s3)).job_id) for _ in range(20)]
+    big = json.dumps({"quick": {"blob": "x" * (250 * 1024)}})
+    conn = await asyncpg.connect(database_url.replace("postgresql+asyncpg", "postgresql", 1))
+    try:
+        await conn.execute(
+            "UPDATE video_analysis_jobs SET status = 'quick_done', stage = 'QUICK_DONE', "
+            "result = $2::jsonb, attempts = 1 WHERE id = ANY($1::uuid[])",
+            ids,
+            big,
+        )
+        got: list[pb.Lease] = []
+        replies = 0
+        while len(got) < 20 and replies < 10:
+            # The client's default 4 MiB receive limit: a reply over it fails the call.
+            leases = await claim(api, worker_id=f"w-{replies}", max_jobs=20)
+            replies += 1
+            assert 0 < len(leases) < 20
+            assert pb.ClaimJobResponse(leases=leases).ByteSize() <= MAX_CLAIM_REPLY_BYTES
+            assert all(len(le.job.result.fields["quick"].struct_value.fields) for le in leases)
+            got += leases
+            rows = await conn.fetch(
+                "SELECT id, status::text, attempts, lease_token FROM video_analysis_jobs "
+                "WHERE id = ANY($1::uuid[])",
+                ids,
+            )
+            held = {uuid.UUID(le.job.job_id) for le in got}
+            for r in rows:
+                if r["id"] in held:
+                    assert (r["status"], r["attempts"]) == ("deep_running", 2)
+                else:  # handed back before the answer: no lease, no attempt spent
+                    assert (r["status"], r["lease_token"], r["attempts"]) == ("quick_done", None, 1)
+        assert sorted(uuid.UUID(le.job.job_id) for le in got) == sorted(ids)
+        assert replies >= 2
+    finally:
+        await conn.close()

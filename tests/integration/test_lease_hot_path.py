@@ -150,6 +150,19 @@ async def test_each_lease_call_is_one_statement(counted, moto_s3):
     assert sum(counts.values()) == 4, "\n".join(f"{v}: {k[:90]!r}" for k, v in counts.items())
 
 
+async def test_get_job_is_one_statement(counted, moto_s3):
+    api, app, counter = counted
+    await gauges_ran(app)
+    job = await queued_job(api, moto_s3)
+    req = pb.GetJobRequest(job_id=job.job_id)
+    await api.upload.GetJob(req, timeout=5)  # warm up: the statement is prepared
+    await counter.reset()
+    got = (await api.upload.GetJob(req, timeout=5)).job
+    assert got.job_id == job.job_id and got.status == pb.JOB_STATUS_QUEUED
+    # One SELECT in autocommit: no BEGIN / COMMIT (or ROLLBACK) around it.
+    assert await counter.total() == 1, await counter.statements()
+
+
 async def test_a_batch_is_one_statement_whatever_its_size(counted, moto_s3):
     api, app, counter = counted
     await gauges_ran(app)
