@@ -1,5 +1,6 @@
 """LeaseStore: the lease path's named operations, each one statement (lease_sql.py) in one
-round trip on the lease pool (asyncpg, autocommit)."""
+round trip on the lease pool (asyncpg, autocommit). Claims, heartbeats, single progress reports
+and single completions that arrive together share one statement per kind (Combiner)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from job_service.domain.lease_policy import LeaseEnd, Snapshot
 from job_service.domain.model import Job
 from job_service.domain.status import JobStatus
 from job_service.storage.claim_combiner import CLAIM_ROWS, ClaimCombiner
+from job_service.storage.combiner import Combiner
 from job_service.storage.db import Connection, LeasePool
 from job_service.storage.lease_sql import (
     SQL_ADVANCE,
@@ -37,6 +39,26 @@ from job_service.storage.lease_sql import (
     SQL_WATCH,
 )
 from job_service.storage.rows import to_job
+
+#: Rows per combined renewal / report / completion statement (a single call may exceed it).
+COMBINED_ROWS = 512
+
+Ref = tuple[uuid.UUID, uuid.UUID]
+Renewed = dict[Ref, tuple[datetime, bool]]
+RenewCall = tuple[Sequence[Ref], float, float]  # refs, lease seconds, stage timeout seconds
+AdvanceItem = tuple[uuid.UUID, uuid.UUID, int, Mapping[str, Any] | None]
+AdvanceCall = tuple[AdvanceItem, JobStatus | None, frozenset[JobStatus]]
+Advanced = tuple[Job, JobStatus]
+CompleteItem = tuple[uuid.UUID, uuid.UUID, Mapping[str, Any] | None, str]
+Completed = tuple[Job, str | None]
+
+
+def _renew_key(call: RenewCall) -> tuple[float, float]:
+    return call[1], call[2]
+
+
+def _advance_key(call: AdvanceCall) -> tuple[JobStatus | None, frozenset[JobStatus]]:
+    return call[1], call[2]
 
 
 def _end_args(job: Job, token: uuid.UUID, end: LeaseEnd) -> tuple[Any, ...]:
@@ -68,10 +90,29 @@ def _end_args(job: Job, token: uuid.UUID, end: LeaseEnd) -> tuple[Any, ...]:
 class LeaseStore:
     """The lease path's named repository operations, each one round trip on the lease pool."""
 
-    def __init__(self, pool: LeasePool, *, claim_rows: int = CLAIM_ROWS, fair: bool = True) -> None:
+    def __init__(
+        self,
+        pool: LeasePool,
+        *,
+        claim_rows: int = CLAIM_ROWS,
+        rows: int = COMBINED_ROWS,
+        fair: bool = True,
+    ) -> None:
         self.pool = pool
         # fair: tenants in proportion to their weights (fair key order); else oldest first.
         self._claims = ClaimCombiner(pool, max_rows=claim_rows, fair=fair)
+        # Heartbeats, single reports and single completions that arrive together share one
+        # statement each, as claims do. Per-row outcomes keep fencing exact, and two calls on
+        # one job never share a statement (rows_of). A call alone runs its own statement.
+        self.renewals: Combiner[RenewCall, Renewed] = Combiner(
+            self._renew_combined, max_rows=rows, rows=lambda c: len(c[0]), key=_renew_key
+        )
+        self.advances: Combiner[AdvanceCall, Advanced | None] = Combiner(
+            self._advance_combined, max_rows=rows, key=_advance_key, rows_of=lambda c: (c[0][0],)
+        )
+        self.completions: Combiner[CompleteItem, Completed | None] = Combiner(
+            self._complete_combined, max_rows=rows, rows_of=lambda c: (c[0],)
+        )
 
     def claim(
         self, *, worker_id: str, tokens: Sequence[uuid.UUID], lease: timedelta
@@ -101,31 +142,37 @@ class LeaseStore:
         lease: timedelta,
         stage_timeout: timedelta,
     ) -> dict[tuple[uuid.UUID, uuid.UUID], tuple[datetime, bool]]:
-        """Renew many leases in one statement. Returns {(job_id, token): (new expiry,
-        cancel_requested)} for the leases still held; a lease past its stage's hard cap is not
-        renewed (it then expires). Rows are locked in job id order, so two overlapping
-        heartbeats cannot deadlock."""
+        """Renew many leases in one statement, shared with the heartbeats that arrive together.
+        Returns {(job_id, token): (new expiry, cancel_requested)} for the leases still held; a
+        lease past its stage's hard cap is not renewed (it then expires). Rows are locked in job
+        id order, so two overlapping heartbeats cannot deadlock."""
         if not refs:
             return {}
-        ordered = sorted(refs)
+        return await self.renewals.submit(
+            (refs, lease.total_seconds(), stage_timeout.total_seconds())
+        )
+
+    async def _renew_combined(self, calls: Sequence[RenewCall]) -> list[Renewed]:
+        ordered = sorted({r for refs, _, _ in calls for r in refs})
 
         async def run(conn: Connection) -> list[asyncpg.Record]:
             return await conn.fetch(
                 SQL_RENEW,
                 [r[0] for r in ordered],
                 [r[1] for r in ordered],
-                lease.total_seconds(),
-                stage_timeout.total_seconds(),
+                calls[0][1],
+                calls[0][2],
             )
 
         rows = await self.pool.run(run)
-        return {
+        held = {
             (uuid.UUID(str(r["id"])), uuid.UUID(str(r["lease_token"]))): (
                 r["lease_expires_at"],
                 r["cancel_requested"],
             )
             for r in rows
         }
+        return [{r: held[r] for r in refs if r in held} for refs, _, _ in calls]
 
     async def advance(
         self,
@@ -139,7 +186,19 @@ class LeaseStore:
     ) -> tuple[Job, JobStatus] | None:
         """Record progress (and a stage change to `status`, from one of `allowed_from`) under
         the lease; a stage change clears infrastructure_failing_since. Returns the job and the
-        status it had, or None when the condition matched nothing."""
+        status it had, or None when the condition matched nothing. Shares one statement with
+        the reports of other jobs that arrive together (same target status and sources)."""
+        return await self.advances.submit(
+            ((job_id, token, progress_pct, result), status, allowed_from)
+        )
+
+    async def _advance_combined(self, calls: Sequence[AdvanceCall]) -> list[Advanced | None]:
+        if len(calls) > 1:
+            hits = await self.advance_many(
+                [c[0] for c in calls], status=calls[0][1], allowed_from=calls[0][2]
+            )
+            return [hits.get(c[0][0]) for c in calls]
+        (job_id, token, progress_pct, result), status, allowed_from = calls[0]
 
         async def run(conn: Connection) -> asyncpg.Record | None:
             return await conn.fetchrow(
@@ -153,7 +212,7 @@ class LeaseStore:
             )
 
         row = await self.pool.run(run)
-        return (to_job(row), JobStatus(row["prev_status"])) if row else None
+        return [(to_job(row), JobStatus(row["prev_status"])) if row else None]
 
     async def complete(
         self,
@@ -164,7 +223,15 @@ class LeaseStore:
         results_uri: str,
     ) -> tuple[Job, str | None] | None:
         """deep_running -> done under the lease, the lease cleared (outcome completed). Returns
-        the job and the worker that held the lease, or None when nothing matched."""
+        the job and the worker that held the lease, or None when nothing matched. Shares one
+        statement with the completions of other jobs that arrive together."""
+        return await self.completions.submit((job_id, token, result, results_uri))
+
+    async def _complete_combined(self, calls: Sequence[CompleteItem]) -> list[Completed | None]:
+        if len(calls) > 1:
+            hits = await self.complete_many(calls)
+            return [hits.get(c[0]) for c in calls]
+        job_id, token, result, results_uri = calls[0]
 
         async def run(conn: Connection) -> asyncpg.Record | None:
             return await conn.fetchrow(
@@ -176,7 +243,7 @@ class LeaseStore:
             )
 
         row = await self.pool.run(run)
-        return (to_job(row), row["prev_worker"]) if row else None
+        return [(to_job(row), row["prev_worker"]) if row else None]
 
     async def advance_many(
         self,
