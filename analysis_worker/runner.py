@@ -32,7 +32,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,7 +47,7 @@ from analysis_worker.lease_bounds import LeaseBounds, lease_out_of_bounds
 from analysis_worker.lease_keeper import ActiveJob, JobStopped, StopReason
 from analysis_worker.metrics import WorkerMetrics
 from analysis_worker.object_store import ObjectStore, ObjectStoreError
-from analysis_worker.progress_reports import ProgressSender, ProgressThrottle
+from analysis_worker.progress_reports import ProgressBatcher, ProgressSender, ProgressThrottle
 from jobs_client.errors import JobsError, LeaseLost
 from jobs_client.retry import Backoff
 from jobs_client.worker import WorkerClient
@@ -107,6 +107,17 @@ class JobRunner:
         # Whether the service takes ReportProgress(DEEP_RUNNING, result) from QUICK_RUNNING
         # (quick results + entering the deep pass in one call); None until the first answer.
         self._one_call_deep: bool | None = None
+        # Percentages of the jobs this worker runs at once go in one call when they meet.
+        self._progress = ProgressBatcher(
+            lambda lease, pct: client.report_progress(lease, progress_pct=pct),
+            self._report_many,
+            key=lambda lease: lease.job.job_id,
+        )
+
+    async def _report_many(
+        self, items: Sequence[tuple[jobs_pb2.Lease, int]]
+    ) -> list[BaseException | None]:
+        return [o.error for o in await self._client.report_progress_many(items)]
 
     async def run(self, job: ActiveJob) -> None:
         """Takes the job to an outcome; raises nothing but CancelledError.
@@ -333,7 +344,7 @@ class JobRunner:
         if job.stop_reason is not None:
             return
         try:
-            await self._client.report_progress(job.lease, progress_pct=pct)
+            await self._progress.send(job.lease, pct)
         except LeaseLost:
             job.stop(StopReason.LOST)
         except JobsError as exc:

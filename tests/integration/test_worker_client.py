@@ -109,3 +109,50 @@ async def test_batch_forms_answer_one_typed_outcome_per_item(app, api, moto_s3) 
             assert exc.method == "CompleteJob"
         else:
             raise AssertionError("a stale token completed a job")
+
+
+async def test_the_workers_progress_of_several_jobs_goes_as_one_batch(app, api, moto_s3) -> None:
+    """The bundled worker's ProgressBatcher on the real client and service: percentages of the
+    jobs it holds that meet go as one BatchReportProgress, each caller hears its own outcome."""
+    from analysis_worker.progress_reports import ProgressBatcher
+
+    for _ in range(4):
+        await queued_job(api, moto_s3)
+    async with worker_client(app) as jobs:
+        leases = await jobs.claim(max_jobs=4, wait=5)
+        assert len(leases) == 4
+        for lease in leases:
+            await jobs.report_progress(
+                lease, status=pb.JOB_STATUS_DEEP_RUNNING, progress_pct=10, result={"q": 1}
+            )
+        stale = pb.Lease()
+        stale.CopyFrom(leases[0])
+        stale.lease_token = str(uuid.uuid4())
+
+        async def many(items):  # type: ignore[no-untyped-def]
+            return [o.error for o in await jobs.report_progress_many(items)]
+
+        batcher = ProgressBatcher(
+            lambda le, pct: jobs.report_progress(le, progress_pct=pct),
+            many,
+            key=lambda le: le.job.job_id,
+        )
+        stale_twin = pb.Lease()
+        stale_twin.CopyFrom(leases[2])
+        stale_twin.lease_token = str(uuid.uuid4())
+        sent = [(stale, 90)] + [(lease, 40 + i) for i, lease in enumerate(leases)]
+        results = await asyncio.gather(
+            *(batcher.send(lease, pct) for lease, pct in sent), return_exceptions=True
+        )
+        # The stale token of job 0 goes in the batch; the live one of job 0 waits for the next
+        # call (a batch names each job once), alone: a single ReportProgress.
+        assert isinstance(results[0], LeaseLost) and results[1:] == [None] * 4
+        assert (batcher.calls, batcher.reports) == (2, 5)
+        for i, lease in enumerate(leases):
+            assert (await get_job(api, lease.job.job_id)).progress_pct == 40 + i
+        lost = await asyncio.gather(
+            batcher.send(leases[1], 70), batcher.send(stale_twin, 71), return_exceptions=True
+        )
+        assert lost[0] is None and isinstance(lost[1], LeaseLost)
+        assert (batcher.calls, batcher.reports) == (3, 7)
+        assert (await get_job(api, leases[1].job.job_id)).progress_pct == 70

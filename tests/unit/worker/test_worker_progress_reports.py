@@ -1,10 +1,15 @@
-"""Deep-pass progress: throttled in the analysis thread, sent latest-first from the loop."""
+"""Deep-pass progress: throttled in the analysis thread, sent latest-first from the loop, and
+the percentages of several jobs batched into one call when they meet."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
-from analysis_worker.progress_reports import ProgressSender, ProgressThrottle
+import grpc
+
+from analysis_worker.progress_reports import ProgressBatcher, ProgressSender, ProgressThrottle
+from jobs_client.errors import JobsError
 
 
 class Clock:
@@ -71,3 +76,54 @@ async def test_sender_sends_the_latest_value_one_call_at_a_time() -> None:
     await asyncio.wait_for(second_call_done.wait(), 5)
     await sender.close()
     assert sent == [20, 50]
+
+
+async def test_batcher_sends_alone_at_once_and_together_while_one_is_in_flight() -> None:
+    gate = asyncio.Event()
+    singles: list[tuple[str, int]] = []
+    batches: list[list[tuple[str, int]]] = []
+
+    async def single(lease: str, pct: int) -> None:
+        singles.append((lease, pct))
+        await gate.wait()  # in flight until the test lets it answer
+
+    async def many(items: Sequence[tuple[str, int]]) -> list[BaseException | None]:
+        batches.append(list(items))
+        return [LookupError(lease) if lease == "lost" else None for lease, _ in items]
+
+    batcher = ProgressBatcher(single, many)
+    first = asyncio.create_task(batcher.send("a", 20))
+    while not singles:  # the first report is on its way, alone
+        await asyncio.sleep(0)
+    others = [
+        asyncio.create_task(batcher.send(lease, pct))
+        for lease, pct in (("b", 30), ("c", 40), ("lost", 50))
+    ]
+    for _ in range(5):
+        await asyncio.sleep(0)  # loop turns: nothing may go while the first is in flight
+    assert batches == []
+    gate.set()
+    await first
+    results = await asyncio.gather(*others, return_exceptions=True)
+    assert batches == [[("b", 30), ("c", 40), ("lost", 50)]]  # one call for the three
+    assert results[:2] == [None, None] and isinstance(results[2], LookupError)
+    assert (batcher.calls, batcher.reports) == (2, 4)
+
+
+async def test_batcher_falls_back_to_single_calls_on_a_service_without_the_batch_form() -> None:
+    singles: list[tuple[str, int]] = []
+    tried = 0
+
+    async def single(lease: str, pct: int) -> None:
+        singles.append((lease, pct))
+
+    async def many(items: Sequence[tuple[str, int]]) -> list[BaseException | None]:
+        nonlocal tried
+        tried += 1
+        raise JobsError("unknown method", code=grpc.StatusCode.UNIMPLEMENTED)
+
+    batcher = ProgressBatcher(single, many)
+    for round_ in range(2):
+        await asyncio.gather(*(batcher.send(f"{round_}-{i}", i) for i in range(3)))
+    assert tried == 1  # asked once, then single calls only
+    assert sorted(singles) == sorted((f"{r}-{i}", i) for r in range(2) for i in range(3))
