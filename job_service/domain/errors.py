@@ -130,6 +130,18 @@ class ObjectStoreAccessDenied(ObjectStoreUnavailable):
     reason = "S3_ACCESS_DENIED"
 
 
+class ServiceOverloaded(JobServiceError):
+    """The job-service sheds this call to keep the lease-keeping calls served; nothing was
+    changed, retry after the delay given."""
+
+    kind = ErrorKind.RESOURCE_EXHAUSTED
+    reason = "SERVICE_OVERLOADED"
+
+    def __init__(self, message: str, *, retry_after: float, **metadata: object) -> None:
+        super().__init__(message, **metadata)
+        self.retry_after = retry_after
+
+
 class DatabaseUnavailable(JobServiceError):
     """The job database did not answer; nothing was changed, retry later."""
 

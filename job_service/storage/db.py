@@ -9,6 +9,7 @@ conflict (ABORTED), and which ones leave the outcome of the statement unknown.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import json
@@ -28,6 +29,7 @@ from job_service.domain.errors import (
     DatabaseOutcomeUnknown,
     DatabaseUnavailable,
     JobServiceError,
+    ServiceOverloaded,
 )
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,21 @@ T = TypeVar("T")
 LEASE_APPLICATION_NAME = "job-service-leases"
 #: What the lease path's operations are handed: a pooled connection.
 Connection = asyncpg.Connection | PoolConnectionProxy
+
+
+class Lane(enum.Enum):
+    """Which admission a lease-pool statement goes through (LeasePool)."""
+
+    #: Keeps a granted lease alive or ends it (Heartbeat, ReportProgress, CompleteJob, FailJob,
+    #: ReleaseJob, hand-backs): may use every connection, served first, never shed.
+    KEEP = "keep"
+    #: Everything else (claims, the reaper, watches): at most size - reserved connections,
+    #: shed with RESOURCE_EXHAUSTED when too many wait.
+    OTHER = "other"
+
+
+#: Told to shed callers (google.rpc.RetryInfo): retry after about this long.
+SHED_RETRY_SECONDS = 1.0
 
 
 class DbFault(enum.Enum):
@@ -276,9 +293,27 @@ class LeasePool:
         lock_timeout: float,
         statement_timeout: float,
         reachability: Reachability | None = None,
+        reserved: int | None = None,
+        max_waiting: int | None = None,
     ) -> None:
         self._dsn = asyncpg_dsn(database_url)
         self._size = size
+        # Admission in two lanes: the lease-keeping lane may use every connection and is served
+        # first; the other lane never holds the reserved ones, and past max_waiting queued
+        # calls it is shed at once instead of queueing towards the acquire timeout. (A pool of
+        # one connection has nothing to reserve.)
+        default = max(1, size // 4) if size > 1 else 0
+        self.reserved = reserved if reserved is not None else default
+        if not 0 <= self.reserved < size:
+            raise ValueError(f"reserved lease connections must be in 0..{size - 1}")
+        self.max_waiting = max_waiting if max_waiting is not None else 64 * size
+        self.busy = {Lane.KEEP: 0, Lane.OTHER: 0}
+        self._queues: dict[Lane, collections.deque[asyncio.Future[None]]] = {
+            Lane.KEEP: collections.deque(),
+            Lane.OTHER: collections.deque(),
+        }
+        #: Calls of the other lane shed since start.
+        self.shed = 0
         self._connect_timeout = connect_timeout
         self._settings = {
             "lock_timeout": f"{int(lock_timeout * 1000)}ms",
@@ -310,8 +345,77 @@ class LeasePool:
                     await self._pool.close()
             self._pool.terminate()
 
-    async def run(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
+    def _may_take(self, lane: Lane) -> bool:
+        if self.busy[Lane.KEEP] + self.busy[Lane.OTHER] >= self._size:
+            return False
+        return lane is Lane.KEEP or self.busy[Lane.OTHER] < self._size - self.reserved
+
+    def _wake(self) -> None:
+        for lane in (Lane.KEEP, Lane.OTHER):  # the lease-keeping lane first
+            queue = self._queues[lane]
+            while queue and self._may_take(lane):
+                fut = queue.popleft()
+                if not fut.done():
+                    self.busy[lane] += 1
+                    fut.set_result(None)
+
+    def _free(self, lane: Lane) -> None:
+        self.busy[lane] -= 1
+        self._wake()
+
+    async def _admit(self, lane: Lane) -> None:
+        """A connection slot of `lane`; raises UNAVAILABLE after the acquire timeout, and (the
+        other lane) RESOURCE_EXHAUSTED at once when too many calls wait already."""
+        queue = self._queues[lane]
+        if not queue and self._may_take(lane):
+            self.busy[lane] += 1
+            return
+        if lane is Lane.OTHER and len(queue) >= self.max_waiting:
+            self.shed += 1
+            raise ServiceOverloaded(
+                f"the job-service is shedding calls that do not keep a lease: {len(queue)} "
+                f"wait for its {self._size - self.reserved} shared lease-path connections "
+                f"({self.reserved} more are kept for heartbeats, reports and completions); "
+                "nothing was changed, retry after the delay given",
+                retry_after=SHED_RETRY_SECONDS,
+                waiting=len(queue),
+            )
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue.append(fut)
+        waited_from = time.monotonic()
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                await asyncio.shield(fut)
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            if fut.done() and not fut.cancelled():
+                self._free(lane)  # handed a slot as we gave up: pass it on
+            else:
+                fut.cancel()
+                with contextlib.suppress(ValueError):
+                    queue.remove(fut)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            if self._answered_at > waited_from:
+                # The database answered other calls while this one queued for a connection:
+                # the service is overloaded, the database is not away (no outage grace, no
+                # "unreachable" for on-call). Still UNAVAILABLE: nothing ran, retry later.
+                error = DatabaseUnavailable(
+                    f"all {self._size} lease-path connections stayed busy for "
+                    f"{self._connect_timeout:g} s (the job-service is overloaded; "
+                    "JOB_SERVICE_LEASE_POOL_SIZE, more instances); nothing was changed, retry "
+                    "later",
+                    overloaded="true",
+                )
+                error.retry_after = SHED_RETRY_SECONDS
+                raise error from exc
+            self.reachability.lost()
+            raise domain_error(exc, DbFault.UNAVAILABLE) from exc
+
+    async def run(self, fn: Callable[[Connection], Awaitable[T]], *, lane: Lane = Lane.OTHER) -> T:
         """Run `fn` on a pooled connection; database failures become domain errors.
+
+        `lane`: the admission it goes through (Lane): lease-keeping statements never wait
+        behind the others, which are shed first under overload.
 
         Failing to get a connection means nothing ran (UNAVAILABLE); a failure while `fn` runs is
         classified by classify(). Reachability is tracked on the way.
@@ -319,7 +423,9 @@ class LeasePool:
         A caller that is cancelled (its RPC's deadline passed, the client went away) does not
         cancel the statement: it runs to its end (bounded by statement_timeout) and the
         connection goes back to the pool intact, instead of being broken mid-protocol."""
+        await self._admit(lane)
         task = asyncio.ensure_future(self._run(fn))
+        task.add_done_callback(lambda _t: self._free(lane))
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -328,23 +434,12 @@ class LeasePool:
 
     async def _run(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
         assert self._pool is not None, "LeasePool.start() was not awaited"
-        waited_from = time.monotonic()
         try:
+            # Admission already holds a slot for us: this waits only while a connection is made.
             conn = await self._pool.acquire(timeout=self._connect_timeout)
         except Exception as exc:
             if classify(exc) is None:
                 raise
-            if isinstance(exc, TimeoutError) and self._answered_at > waited_from:
-                # The database answered other calls while this one queued for a connection:
-                # the service is overloaded, the database is not away (no outage grace, no
-                # "unreachable" for on-call). Still UNAVAILABLE: nothing ran, retry later.
-                raise DatabaseUnavailable(
-                    f"all {self._size} lease-path connections stayed busy for "
-                    f"{self._connect_timeout:g} s (the job-service is overloaded; "
-                    "JOB_SERVICE_LEASE_POOL_SIZE, more instances); nothing was changed, retry "
-                    "later",
-                    overloaded="true",
-                ) from exc
             self.reachability.lost()
             raise domain_error(exc, DbFault.UNAVAILABLE) from exc
         pid = conn.get_server_pid()

@@ -18,7 +18,7 @@ from job_service.domain.model import Job
 from job_service.domain.status import JobStatus
 from job_service.storage.claim_combiner import CLAIM_ROWS, ClaimCombiner
 from job_service.storage.combiner import Combiner
-from job_service.storage.db import Connection, LeasePool
+from job_service.storage.db import Connection, Lane, LeasePool
 from job_service.storage.lease_sql import (
     SQL_ADVANCE,
     SQL_ADVANCE_MANY,
@@ -40,6 +40,8 @@ from job_service.storage.lease_sql import (
 )
 from job_service.storage.rows import to_job
 
+#: Lease-keeping statements: their own admission on the lease pool, never shed (db.Lane).
+KEEP = Lane.KEEP
 #: Rows per combined renewal / report / completion statement (a single call may exceed it).
 COMBINED_ROWS = 512
 
@@ -164,7 +166,7 @@ class LeaseStore:
                 calls[0][2],
             )
 
-        rows = await self.pool.run(run)
+        rows = await self.pool.run(run, lane=KEEP)
         held = {
             (uuid.UUID(str(r["id"])), uuid.UUID(str(r["lease_token"]))): (
                 r["lease_expires_at"],
@@ -211,7 +213,7 @@ class LeaseStore:
                 [s.value for s in sorted(allowed_from)],
             )
 
-        row = await self.pool.run(run)
+        row = await self.pool.run(run, lane=KEEP)
         return [(to_job(row), JobStatus(row["prev_status"])) if row else None]
 
     async def complete(
@@ -242,7 +244,7 @@ class LeaseStore:
                 results_uri,
             )
 
-        row = await self.pool.run(run)
+        row = await self.pool.run(run, lane=KEEP)
         return [(to_job(row), row["prev_worker"]) if row else None]
 
     async def advance_many(
@@ -269,7 +271,7 @@ class LeaseStore:
                 [s.value for s in sorted(allowed_from)],
             )
 
-        rows = await self.pool.run(run)
+        rows = await self.pool.run(run, lane=KEEP)
         return {uuid.UUID(str(r["id"])): (to_job(r), JobStatus(r["prev_status"])) for r in rows}
 
     async def complete_many(
@@ -290,7 +292,7 @@ class LeaseStore:
                 [i[3] for i in items],
             )
 
-        rows = await self.pool.run(run)
+        rows = await self.pool.run(run, lane=KEEP)
         return {uuid.UUID(str(r["id"])): (to_job(r), r["prev_worker"]) for r in rows}
 
     async def release(self, job_id: uuid.UUID, token: uuid.UUID) -> tuple[Job, str | None] | None:
@@ -300,7 +302,7 @@ class LeaseStore:
         async def run(conn: Connection) -> asyncpg.Record | None:
             return await conn.fetchrow(SQL_RELEASE, job_id, token)
 
-        row = await self.pool.run(run)
+        row = await self.pool.run(run, lane=KEEP)
         return (to_job(row), row["prev_worker"]) if row else None
 
     async def hand_back(self, tokens: Sequence[uuid.UUID]) -> int:
@@ -310,7 +312,7 @@ class LeaseStore:
         async def run(conn: Connection) -> list[asyncpg.Record]:
             return await conn.fetch(SQL_HAND_BACK, list(tokens))
 
-        return len(await self.pool.run(run))
+        return len(await self.pool.run(run, lane=KEEP))
 
     async def diagnose(self, job_id: uuid.UUID, *, lock: bool = True) -> Snapshot | None:
         """Read a job (locked: waits for a change in flight) with the database's clock."""
@@ -318,7 +320,7 @@ class LeaseStore:
         async def run(conn: Connection) -> asyncpg.Record | None:
             return await conn.fetchrow(SQL_DIAGNOSE if lock else SQL_READ, job_id)
 
-        row = await self.pool.run(run)
+        row = await self.pool.run(run, lane=KEEP)
         return Snapshot(to_job(row), row["db_now"]) if row else None
 
     async def end_lease(
@@ -330,7 +332,7 @@ class LeaseStore:
         async def run(conn: Connection) -> asyncpg.Record | None:
             return await conn.fetchrow(SQL_END_LEASE, *_end_args(job, token, end))
 
-        row = await self.pool.run(run)
+        row = await self.pool.run(run, lane=KEEP)
         return (to_job(row), row["prev_worker"]) if row else None
 
     async def rescue_expired(
@@ -361,7 +363,7 @@ class LeaseStore:
         async def run(conn: Connection) -> object:
             return await conn.fetchval(SQL_END_BACKEND, pid)
 
-        return bool(await self.pool.run(run))
+        return bool(await self.pool.run(run, lane=KEEP))
 
     async def watch(self, instance: uuid.UUID, job_ids: Sequence[uuid.UUID], ttl: float) -> None:
         """Register (or refresh) this instance's watch on these jobs: their changes NOTIFY."""

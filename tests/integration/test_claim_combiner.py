@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 
 from job_service.domain.errors import DatabaseUnavailable
-from job_service.storage.db import LeasePool
+from job_service.storage.db import Lane, LeasePool
 from job_service.storage.lease_store import LeaseStore
 from tests.bench import sql
 
@@ -28,9 +28,9 @@ class CountingPool(LeasePool):
 
     statements = 0
 
-    async def run(self, fn: Callable[[Any], Awaitable[T]]) -> T:
+    async def run(self, fn: Callable[[Any], Awaitable[T]], *, lane: Lane = Lane.OTHER) -> T:
         self.statements += 1
-        return await super().run(fn)
+        return await super().run(fn, lane=lane)
 
 
 def dsn_of(database_url: str) -> str:
