@@ -65,7 +65,7 @@ SERVICE_NAMES = tuple(
 #: and past 3,000 all of them, answering CANCELLED as if the caller had cancelled. A fleet of
 #: 5,000 workers releasing or reporting at once reaches that; such a call must queue (its
 #: deadline still bounds it) and reach our caps, which answer RESOURCE_EXHAUSTED with a reason.
-#: Decision 71.
+#: docs/decisions.md, decision 17.
 PENDING_CALLS_LIMIT = 20_000
 
 SERVER_OPTIONS = [

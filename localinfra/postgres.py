@@ -38,21 +38,26 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pwd
-import re
 import shlex
 import shutil
 import signal
-import stat
 import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 from localinfra.netports import LOCALHOST, free_port
+from localinfra.pg_host import (
+    OsUser,
+    PostgresError,
+    file_size,
+    find_bindir,
+    make_ancestors_traversable,
+    os_user,
+    read_from,
+)
 from localinfra.process import Lifeline, StartStop, pid_alive, tail, wait_until
 
 SUPERUSER = "postgres"
@@ -80,47 +85,6 @@ _TRANSIENT_START_ERRORS = (
     # The previous postmaster is still shutting down.
     'lock file "postmaster.pid" already exists',
 )
-
-
-class PostgresError(RuntimeError):
-    """A PostgreSQL binary failed or the server did not come up."""
-
-
-class _OsUser(NamedTuple):
-    uid: int
-    gid: int
-    groups: tuple[int, ...]
-
-
-def find_bindir() -> Path:
-    """Locate the directory with the PostgreSQL server binaries (``initdb``, ``pg_ctl``, ...).
-
-    Order: ``pg_config --bindir`` (when it has ``initdb``), the newest
-    ``/usr/lib/postgresql/<version>/bin`` (Debian/Ubuntu layout), then ``initdb`` on ``PATH``.
-    """
-    pg_config = shutil.which("pg_config")
-    if pg_config is not None:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            out = subprocess.run(
-                [pg_config, "--bindir"], capture_output=True, text=True, check=True, timeout=10
-            ).stdout.strip()
-            if out and (Path(out) / "initdb").is_file():
-                return Path(out)
-
-    def version_key(path: Path) -> tuple[int, ...]:
-        return tuple(int(part) for part in re.findall(r"\d+", path.parent.name))
-
-    candidates = [p for p in Path("/usr/lib/postgresql").glob("*/bin") if (p / "initdb").is_file()]
-    if candidates:
-        return max(candidates, key=version_key)
-
-    initdb = shutil.which("initdb")
-    if initdb is not None:
-        return Path(initdb).resolve().parent
-    raise PostgresError(
-        "PostgreSQL server binaries not found (tried pg_config --bindir, "
-        "/usr/lib/postgresql/*/bin and initdb on PATH); install the postgresql package"
-    )
 
 
 def _client_env() -> dict[str, str]:
@@ -165,7 +129,7 @@ class PostgresCluster(StartStop):
         self._startup_timeout = startup_timeout
         self._bindir = bindir
         self._run_as: str | None = SYSTEM_USER if os.geteuid() == 0 else None
-        self._os_user: _OsUser | None = None
+        self._os_user: OsUser | None = None
         self._guard_stop: threading.Event | None = None
         self._permission_fixes = 0  # how often a parent directory had lost o+x
         self._guard: threading.Thread | None = None
@@ -340,24 +304,12 @@ class PostgresCluster(StartStop):
             timeout=timeout,
         )
 
-    def _server_user(self) -> _OsUser | None:
+    def _server_user(self) -> OsUser | None:
         """The OS user that runs the server when it is not us (we are root), created if missing."""
         if self._run_as is None:
             return None
         if self._os_user is None:
-            try:
-                entry = pwd.getpwnam(self._run_as)
-            except KeyError:
-                useradd = shutil.which("useradd") or "/usr/sbin/useradd"
-                subprocess.run(
-                    [useradd, "--system", "--user-group", "--no-create-home", self._run_as],
-                    check=True,
-                    capture_output=True,
-                    timeout=_COMMAND_TIMEOUT,
-                )
-                entry = pwd.getpwnam(self._run_as)
-            groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
-            self._os_user = _OsUser(entry.pw_uid, entry.pw_gid, groups)
+            self._os_user = os_user(self._run_as, timeout=_COMMAND_TIMEOUT)
         return self._os_user
 
     def _ensure_traversable(self) -> bool:
@@ -368,7 +320,7 @@ class PostgresCluster(StartStop):
         ``/tmp/pytest-of-<user>`` to 0700. Returns whether anything had to be changed.
         """
         user = self._server_user()
-        if user is None or not _make_ancestors_traversable(self.data_dir, user.uid, user.groups):
+        if user is None or not make_ancestors_traversable(self.data_dir, user.uid, user.groups):
             return False
         self._permission_fixes += 1
         return True
@@ -512,7 +464,7 @@ class PostgresCluster(StartStop):
         permission_retries = _PERMISSION_RETRIES
         while True:
             fixes_before = self._permission_fixes
-            log_offset = _file_size(self.log_path)
+            log_offset = file_size(self.log_path)
             remaining = max(1, int(deadline - time.monotonic()))
             result = self._run_server_cmd(
                 "pg_ctl",
@@ -534,7 +486,7 @@ class PostgresCluster(StartStop):
                 # Non-zero but running: pg_ctl lost sight of postmaster.pid (e.g. a parent dir
                 # lost o+x while it waited); the readiness poll takes over.
                 return
-            new_log = _read_from(self.log_path, log_offset)
+            new_log = read_from(self.log_path, log_offset)
             self._ensure_traversable()
             transient = any(marker in new_log for marker in _TRANSIENT_START_ERRORS)
             if self._permission_fixes != fixes_before and permission_retries > 0:
@@ -618,42 +570,6 @@ class PostgresCluster(StartStop):
             interval=0.02,
             description=f"postmaster {pid} to exit",
         )
-
-
-def _file_size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
-
-
-def _read_from(path: Path, offset: int) -> str:
-    try:
-        with path.open("rb") as fh:
-            fh.seek(offset)
-            return fh.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-
-
-def _make_ancestors_traversable(path: Path, uid: int, groups: Sequence[int]) -> bool:
-    """Add ``o+x`` to every ancestor of ``path`` that user ``uid`` could not traverse.
-
-    Returns whether any permission had to be changed.
-    """
-    changed = False
-    for parent in path.parents:
-        st = parent.stat()
-        if st.st_uid == uid:
-            can_traverse = bool(st.st_mode & stat.S_IXUSR)
-        elif st.st_gid in groups:
-            can_traverse = bool(st.st_mode & stat.S_IXGRP)
-        else:
-            can_traverse = bool(st.st_mode & stat.S_IXOTH)
-        if not can_traverse:
-            os.chmod(parent, stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
-            changed = True
-    return changed
 
 
 __all__ = [
