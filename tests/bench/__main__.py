@@ -2,9 +2,10 @@
 
 One bounded run on a durable Postgres cluster of its own (fsync and synchronous_commit on), with
 moto for S3 and real `python -m job_service` processes driven only through the gRPC API. Every
-line stands beside its baselines measured in the same run, and beside the target from issue 11,
-so machine noise cancels in the ratios. `--quick` runs every line at toy sizes (and the fleet on
-a compressed time scale) so `make test` proves the bench still works; its figures mean nothing.
+line stands beside its baselines measured in the same run, and beside the targets from issues 11
+and 18, so machine noise cancels in the ratios. `--quick` runs every line at toy sizes (and the
+fleet on a compressed time scale) so `make test` proves the bench still works; its figures mean
+nothing.
 
 Writes the table to stdout and to .bench/results.md.
 """
@@ -21,120 +22,30 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import grpc
 
-from tests.bench import pgq, service, sql
-from tests.bench.infra import PGQ_DATABASE, BenchInfra, machine
-from tests.bench.report import KEYS, STEP_PREFIX, Line, p50, pct, rate, render
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@dataclasses.dataclass(frozen=True)
-class Sizes:
-    seconds: float  # per throughput measurement
-    echo_seconds: float
-    raw_seed: int
-    svc_seed: int
-    pgq_jobs_1: int
-    pgq_jobs_n: int
-    pgq_processes: int
-    wake_rounds: int
-    parked: tuple[int, int]
-    parked_wait: float
-    history: tuple[int, int]
-    history_rounds: int
-    fleet_steps: tuple[int, ...]
-    fleet_heartbeat: float
-    fleet_job: float
-    fleet_ramp: float
-    fleet_window: float
-    uploads: int
-
-
-FULL = Sizes(
-    seconds=6.0,
-    echo_seconds=4.0,
-    raw_seed=40_000,
-    svc_seed=20_000,
-    pgq_jobs_1=15_000,
-    pgq_jobs_n=25_000,
-    pgq_processes=4,
-    wake_rounds=100,
-    parked=(100, 1000),
-    parked_wait=10.0,
-    history=(10_000, 1_000_000),
-    history_rounds=200,
-    fleet_steps=(1000, 2000, 3000, 4000, 5000, 10_000),
-    fleet_heartbeat=10.0,
-    fleet_job=30.0,
-    fleet_ramp=10.0,
-    fleet_window=30.0,
-    uploads=400,
+from tests.bench import fleet, pgq, service, sql, tenants
+from tests.bench.infra import PGQ_DATABASE, ROOT, BenchInfra, load, machine
+from tests.bench.report import KEYS, STEP_PREFIX, Line, div, note, p50, pct, rate, ratio, render
+from tests.bench.sizes import (
+    CALLERS,
+    CLAIM_CALLERS,
+    FULL,
+    LEASES_PER_HEARTBEAT,
+    PARKED_CALLERS,
+    QUICK,
+    Sizes,
 )
-QUICK = Sizes(
-    seconds=0.5,
-    echo_seconds=0.5,
-    raw_seed=2000,
-    svc_seed=500,
-    pgq_jobs_1=300,
-    pgq_jobs_n=600,
-    pgq_processes=2,
-    wake_rounds=10,
-    parked=(20, 100),
-    parked_wait=1.0,
-    history=(1_000, 10_000),
-    history_rounds=20,
-    fleet_steps=(20,),
-    fleet_heartbeat=1.0,
-    fleet_job=3.0,
-    fleet_ramp=1.0,
-    fleet_window=3.0,
-    uploads=20,
-)
+
 #: --sections NAME -> method; all of them by default, in this order.
 SECTIONS = {
     "throughput": "throughput",
     "idle": "idle_and_wake",
     "history": "history",
-    "fleet": "fleet",
+    "tenants": "tenant_lines",
+    "fleet": "fleet_capacity",
 }
-CALLERS = 8
-CLAIM_CALLERS = 16
-LEASES_PER_HEARTBEAT = 32
-PARKED_CALLERS = 8
-HB_P99_MS = 100.0
-
-
-def note(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-async def load(kind: str, **args: Any) -> dict[str, Any]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tests.bench.load",
-        kind,
-        json.dumps(args),
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    out, _ = await proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(f"load process {kind} exited with {proc.returncode}")
-    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
-    return result
-
-
-def div(a: float, b: float) -> float:
-    return a / b if b else float("nan")
-
-
-def ratio(a: float, b: float) -> str:
-    return f"{a / b:.0%}" if b else "n/a"
 
 
 class Bench:
@@ -475,108 +386,17 @@ class Bench:
                 )
             )
 
-    # -- fleet capacity -------------------------------------------------------------------------
+    # -- tenants: the fair claim's cost on the worker cycle and alone, and fairness itself ---
 
-    async def fleet(self) -> None:
-        # The service's default process count first, then the other count (2, or 1 when the
-        # bench runs with --processes 2) from the step where the first stopped: whether a
-        # second process buys fleet capacity on this machine, measured rather than assumed.
-        steps = self.s.fleet_steps
-        mine = self.infra.processes or 1
-        other = 2 if mine == 1 else 1
-        mine_label = (
-            f"{self.infra.processes} service process(es)"
-            if self.infra.processes
-            else "the service's default process count"
-        )
-        best = await self.fleet_sweep("fleet", steps, None, mine_label)
-        failed = [x for x in steps if x > best]  # from the first failed step on
-        label = f"JOB_SERVICE_PROCESSES={other}"
-        await self.fleet_sweep("fleet_processes", failed or steps[-1:], str(other), label)
+    async def tenant_lines(self) -> None:
+        await self.infra.finish_retiring()  # the history's 1M rows dropped before, not during
+        self.add(await tenants.cycle_fair_fifo(self.infra, self.s))
+        self.add(await tenants.claim_cost(self.infra, self.s))
+        self.add(await tenants.fairness_line(self.infra, self.s))
 
-    async def fleet_sweep(
-        self, key: str, steps: Sequence[int], processes: str | None, label: str
-    ) -> int:
-        """Fleet steps in order until one fails; adds a line per step and the capacity line
-        `key`; returns the largest step that passed (0: none)."""
-        s, infra = self.s, self.infra
-        best = 0
-        scale = (
-            f"Heartbeat every {s.fleet_heartbeat:.0f} s, {s.fleet_job:.0f} s jobs with 4 lease "
-            f"RPCs each, {s.fleet_window:.0f} s window per step"
-        )
-        scale = ("time compressed 10x (quick): " if self.quick else "real time: ") + scale
-        overrides = {} if processes is None else {"processes": processes}
-        for size in steps:
-            await infra.finish_retiring()  # nothing else runs while a fleet step is measured
-            db = infra.new_database("fleet")
-            await sql.seed(infra.dsn(db), 2 * size + 100)
-            proc = await infra.start_service(db, **overrides)
-            # Two load processes past 1,000 workers (and in --quick, so both paths stay run).
-            n_proc = 1 if size <= 1000 and not self.quick else 2
-            share = [size // n_proc + (1 if i < size % n_proc else 0) for i in range(n_proc)]
-            outs = await asyncio.gather(
-                *(
-                    load(
-                        "fleet",
-                        address=proc.address,
-                        workers=k,
-                        n_channels=max(1, k // 25),
-                        heartbeat_s=s.fleet_heartbeat,
-                        job_s=s.fleet_job,
-                        ramp_s=s.fleet_ramp,
-                        window_s=s.fleet_window,
-                        offset=i * size,
-                    )
-                    for i, k in enumerate(share)
-                )
-            )
-            infra.retire(proc, db)
-            lat: dict[str, list[float]] = {}
-            for out in outs:
-                for name, values in out["latencies"].items():
-                    lat.setdefault(name, []).extend(values)
-            lost = sum(o["lost"] + o["abandoned"] for o in outs)
-            errors: dict[str, int] = {}
-            for o in outs:
-                for k, v in o["errors"].items():
-                    errors[k] = errors.get(k, 0) + v
-                for k, detail in o.get("details", {}).items():
-                    note(f"fleet step {size:,}: first {k}: {detail}")
-            hb = lat["Heartbeat"]
-            fenced = lat["ReportProgress"] + lat["CompleteJob"]
-            served = sum(len(v) for v in lat.values()) / s.fleet_window
-            ok = bool(hb) and pct(hb, 0.99) < HB_P99_MS and lost == 0
-            self.add(
-                Line(
-                    f"{STEP_PREFIX[key]}{size}",
-                    f"fleet step: {size:,} simulated workers, {n_proc} load process(es), {label}",
-                    f"Heartbeat p50 {p50(hb):.0f} / p99 {pct(hb, 0.99):.0f} ms",
-                    f"p99 ClaimJob {pct(lat['ClaimJob'], 0.99):.0f} ms, ReportProgress/CompleteJob"
-                    f" {pct(fenced, 0.99):.0f} ms; {served:,.0f} RPC/s served; {lost} leases lost"
-                    + (f"; failed attempts {errors}" if errors else ""),
-                    "HB p99 < 100 ms, none lost",
-                    ok,
-                )
-            )
-            if not ok:
-                break
-            best = size
-        top = steps[-1]
-        figure = f"{best:,} workers" + (" (largest step tried)" if best == top else "")
-        if best == 0:
-            figure = f"< {steps[0]:,} workers (the first step tried failed)"
-        self.add(
-            Line(
-                key,
-                f"fleet capacity, {label}: Heartbeat p99 < 100 ms, no lease lost",
-                figure,
-                f"one service instance; {scale}",
-                "≥ 5,000 workers",
-                best >= 5000,
-            )
-        )
-        return best
+    async def fleet_capacity(self) -> None:
+        # Fleet capacity: simulated workers in steps (tests/bench/fleet.py).
+        await fleet.fleet(self.infra, self.s, self.quick, self.add)
 
 
 def git_rev() -> str:

@@ -9,12 +9,15 @@ parked calls, history rows).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import sys
 import tempfile
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
@@ -25,6 +28,7 @@ from localinfra.s3 import MotoS3
 from tests.support import auth
 from tests.support.procs import ServiceProcess, spawn, wait_serving
 
+ROOT = Path(__file__).resolve().parents[2]
 BUCKET = "videos"
 TEMPLATE = "bench_template"
 PGQ_DATABASE = "pgqueuer"
@@ -152,6 +156,24 @@ class BenchInfra:
             await conn.close()
         assert row is not None
         return int(row["total"]), int(row["work"])
+
+
+async def load(kind: str, **args: Any) -> dict[str, Any]:
+    """A load process of its own (`python -m tests.bench.load KIND ARGS-JSON`): its JSON."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.bench.load",
+        kind,
+        json.dumps(args),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"load process {kind} exited with {proc.returncode}")
+    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return result
 
 
 def machine() -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+import sys
+import time
 from collections.abc import Sequence
 
 
@@ -38,6 +40,19 @@ def rate(value: float, unit: str) -> str:
     return f"{value:,.0f} {unit}"
 
 
+def div(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.0%}" if b else "n/a"
+
+
+def note(msg: str) -> None:
+    """Progress on stderr (the table goes to stdout)."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
 def render(lines: Sequence[Line], header: Sequence[str]) -> str:
     cols = ("what", "figure", "beside it (same run)", "target", "")
     rows = [(x.what, x.figure, x.beside, x.target, x.verdict) for x in lines]
@@ -49,7 +64,7 @@ def render(lines: Sequence[Line], header: Sequence[str]) -> str:
     out = [*header, "", fmt(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [fmt(r) for r in rows]
     by_key = {x.key: x for x in lines}
-    out += ["", "Targets (issue 11, each a ratio within this run):"]
+    out += ["", "Targets (issues 11 and 18, each a ratio within this run):"]
     for key, sentence in TARGETS.items():
         x = by_key.get(key)
         if x is None:
@@ -70,6 +85,7 @@ TARGETS = {
     "fleet": "fleet capacity at least 5,000 simulated workers per instance",
     "fleet_processes": "the same with the other JOB_SERVICE_PROCESSES count",
     "history_large": "claim latency at 1M finished rows at most 1.2x its latency at 10k",
+    "cycle_fair_fifo": "the worker cycle with fairness on within 10% of the cycle without it",
 }
 
 
@@ -89,6 +105,7 @@ KEYS = (
     "cycle_onecall_1",
     "cycle_batched_10",
     "cycle_10_processes",
+    "cycle_fair_fifo",
     "raw_claim_one",
     "claim_one",
     "raw_renew",
@@ -99,6 +116,8 @@ KEYS = (
     "parked_large",
     "history_small",
     "history_large",
+    "fair_claim_cost",
+    "fairness",
     "fleet",
     "fleet_processes",
     "head_object",

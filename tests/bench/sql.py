@@ -86,19 +86,35 @@ FROM generate_series(1, $2) AS g
 RETURNING id
 """
 
+#: The same, the jobs dealt round-robin to `$4` tenants (owners bench-0, bench-1, ...): the
+#: enqueue trigger gives their fair keys, so a fair claim takes turns between them.
+SEED_TENANTS = """
+INSERT INTO video_analysis_jobs (id, session_id, status, stage, filename, content_type,
+    size_bytes, s3_bucket, s3_key, etag, progress_pct, owner_subject, tenant)
+SELECT gen_random_uuid(), $3, $1::text::video_analysis_job_status, upper($1::text), 'bench.mp4',
+    'video/mp4', 1024, 'videos', 'uploads/bench/' || g, 'etag', CASE $1::text WHEN 'done' THEN 100
+    ELSE 0 END, 'bench-' || g % $4, 'bench-' || g % $4
+FROM generate_series(1, $2) AS g
+RETURNING id
+"""
+
 
 async def seed(
-    dsn: str, n: int, status: str = "queued", *, settle: bool = False
+    dsn: str, n: int, status: str = "queued", *, settle: bool = False, tenants: int = 0
 ) -> list[uuid.UUID]:
-    """Insert n jobs in `status` (one session, one INSERT ... generate_series). With `settle`,
-    vacuum and checkpoint afterwards, so the next measurement neither pays for the previous
-    one's dead rows nor for this insert's checkpoint."""
+    """Insert n jobs in `status` (one session, one INSERT ... generate_series), spread over
+    `tenants` tenants if given (else the unnamed one). With `settle`, vacuum and checkpoint
+    afterwards, so the next measurement neither pays for the previous one's dead rows nor for
+    this insert's checkpoint."""
     conn = await asyncpg.connect(dsn)
     try:
         session = uuid.uuid4()
         await conn.execute("INSERT INTO video_sessions (id) VALUES ($1)", session)
         ids: list[uuid.UUID] = []
-        if status == "done":
+        if tenants:
+            rows = await conn.fetch(SEED_TENANTS, status, n, session, tenants)
+            ids = [r["id"] for r in rows]
+        elif status == "done":
             # History: nobody needs the ids, and 1M of them is a lot of memory.
             await conn.execute(SEED.replace("RETURNING id", ""), status, n, session)
         else:

@@ -47,3 +47,11 @@ def test_quick_bench_prints_every_line(tmp_path: Path) -> None:
         assert f"| {line['what']}" in table
         if line["target"]:
             assert line["met"] in (True, False) or line["figure"] == "n/a", line
+    # The tenant lines put the fair claim beside FIFO, measured in this run.
+    by_key = {line["key"]: line for line in lines}
+    assert "of FIFO" in by_key["cycle_fair_fifo"]["figure"]
+    assert "FIFO" in by_key["fair_claim_cost"]["beside"]
+    for tenant in "ABC":
+        assert f"{tenant} p50" in by_key["fairness"]["figure"]
+        assert f"{tenant} p50" in by_key["fairness"]["beside"]
+    assert by_key["fairness"]["beside"].startswith("FIFO claim, same run")
