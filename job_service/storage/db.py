@@ -15,7 +15,7 @@ import enum
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import asyncpg
@@ -197,12 +197,11 @@ def asyncpg_dsn(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-@contextlib.asynccontextmanager
-async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
-    """A transaction that commits when the block ends without an exception."""
+@contextlib.contextmanager
+def _classified() -> Iterator[None]:
+    """Database errors raised in the block become domain errors (classify())."""
     try:
-        async with engine.begin() as conn:
-            yield conn
+        yield
     except JobServiceError:
         raise
     except Exception as exc:
@@ -210,6 +209,14 @@ async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
         if fault is not None:
             raise domain_error(exc, fault) from exc
         raise
+
+
+@contextlib.asynccontextmanager
+async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A transaction that commits when the block ends without an exception."""
+    with _classified():
+        async with engine.begin() as conn:
+            yield conn
 
 
 @contextlib.asynccontextmanager
@@ -217,17 +224,10 @@ async def single_reads(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """A connection in autocommit for reads that are one statement each: no BEGIN / COMMIT
     around them, so a read is one round trip (GetJob). Nothing written here is atomic with
     anything else: use `transaction` for that."""
-    try:
+    with _classified():
         async with engine.connect() as conn:
             await conn.execution_options(isolation_level="AUTOCOMMIT")
             yield conn
-    except JobServiceError:
-        raise
-    except Exception as exc:
-        fault = classify(exc)
-        if fault is not None:
-            raise domain_error(exc, fault) from exc
-        raise
 
 
 class Reachability:
