@@ -4,7 +4,6 @@ these methods mixed in (`UploadServicerWithEvents`, `AdminServicerWithWebhooks`)
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import UTC
 from typing import TYPE_CHECKING, Any, cast
@@ -25,7 +24,7 @@ from job_service.retention import Retention
 from job_service.rpc import convert
 from job_service.rpc.admin_servicer import MAX_LIST_RESPONSE_BYTES, AdminServicer
 from job_service.rpc.errors import stream, unary
-from job_service.rpc.servicers import WATCH_END_KEY, WATCH_END_MAX_LIFETIME, UploadServicer
+from job_service.rpc.servicers import UploadServicer, until_max_lifetime
 from job_service.tenants import Tenants
 from job_service.uploads import Uploads
 from job_service.webhooks.endpoints import Webhooks, parse_endpoint_id
@@ -85,26 +84,12 @@ class UploadServicerWithEvents(UploadServicer):
         """Backlog after the cursor, then live events; ends with OK and trailing metadata
         jobs-watch-end=max-lifetime after JOB_SERVICE_WATCH_MAX_SECONDS (call again with the
         last cursor received)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._settings.watch_max_seconds
         events = cast(
             AsyncGenerator[EventRow, None],
             await self._feed.stream(request.after_cursor, owner_scope(), list(request.types)),
         )
-        try:
-            while True:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    async with asyncio.timeout(remaining):
-                        event = await anext(events)
-                except TimeoutError:
-                    break
-                yield pb.StreamEventsResponse(event=event_to_pb(event))
-            context.set_trailing_metadata(((WATCH_END_KEY, WATCH_END_MAX_LIFETIME),))
-        finally:
-            await events.aclose()
+        async for event in until_max_lifetime(events, self._settings.watch_max_seconds, context):
+            yield pb.StreamEventsResponse(event=event_to_pb(event))
 
     @unary
     async def ListEvents(

@@ -60,6 +60,32 @@ MAX_BATCH_ITEMS = 1000
 MAX_MESSAGE_CHARS = 4000
 
 
+
+T = TypeVar("T")
+
+
+async def until_max_lifetime(
+    items: AsyncGenerator[T, None], seconds: float, context: Ctx
+) -> AsyncIterator[T]:
+    """The items of a server stream until they end, or until `seconds` have passed: then the
+    stream ends with OK and trailing metadata jobs-watch-end=max-lifetime (the caller calls
+    again). Closes `items` either way."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    try:
+        while (remaining := deadline - loop.time()) > 0:
+            try:
+                async with asyncio.timeout(remaining):
+                    item = await anext(items)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                break
+            yield item
+        context.set_trailing_metadata(((WATCH_END_KEY, WATCH_END_MAX_LIFETIME),))
+    finally:
+        await items.aclose()
+
 class _BatchItem(Protocol):
     @property
     def job_id(self) -> str: ...
@@ -146,25 +172,9 @@ class UploadServicer(pb_grpc.UploadServiceServicer):
         """Ends with OK when the job finishes, or after JOB_SERVICE_WATCH_MAX_SECONDS with OK and
         trailing metadata jobs-watch-end=max-lifetime (the client calls WatchJob again)."""
         job_id = parse_job_id(request.job_id)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._settings.watch_max_seconds
         updates = cast(AsyncGenerator[Any, None], self._watch.watch(job_id, owner=owner_scope()))
-        try:
-            while True:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    async with asyncio.timeout(remaining):
-                        job = await anext(updates)
-                except StopAsyncIteration:
-                    return
-                except TimeoutError:
-                    break
-                yield pb.WatchJobResponse(job=convert.job_to_pb(job))
-            context.set_trailing_metadata(((WATCH_END_KEY, WATCH_END_MAX_LIFETIME),))
-        finally:
-            await updates.aclose()
+        async for job in until_max_lifetime(updates, self._settings.watch_max_seconds, context):
+            yield pb.WatchJobResponse(job=convert.job_to_pb(job))
 
     # Multipart uploads (upload helper, issue 9).
     @unary
