@@ -60,7 +60,6 @@ MAX_BATCH_ITEMS = 1000
 MAX_MESSAGE_CHARS = 4000
 
 
-
 T = TypeVar("T")
 
 
@@ -85,6 +84,7 @@ async def until_max_lifetime(
         context.set_trailing_metadata(((WATCH_END_KEY, WATCH_END_MAX_LIFETIME),))
     finally:
         await items.aclose()
+
 
 class _BatchItem(Protocol):
     @property

@@ -15,7 +15,7 @@ import enum
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import asyncpg
@@ -464,3 +464,42 @@ class LeasePool:
         self._answered_at = time.monotonic()
         self.reachability.ok()
         return result
+
+
+async def listen_forever(
+    dsn: str,
+    channels: Mapping[str, Callable[..., None]],
+    *,
+    up: Callable[[], None],
+    down: Callable[[bool], None],
+    what: str,
+) -> None:
+    """Keep one LISTEN connection on `channels` (channel -> asyncpg notification callback),
+    reconnecting with a capped backoff. `up()` runs each time it is listening (notifications
+    sent while it was not are lost: wake whoever waits); `down(outage)` each time it stops,
+    with outage False only when cancelled (shutdown)."""
+    backoff = 0.2
+    while True:
+        conn: asyncpg.Connection | None = None
+        try:
+            conn = await asyncpg.connect(dsn, timeout=5)
+            for channel, callback in channels.items():
+                await conn.add_listener(channel, callback)
+            closed = asyncio.Event()
+            conn.add_termination_listener(lambda _c, ev=closed: ev.set())
+            backoff = 0.2
+            up()
+            await closed.wait()
+            log.warning("%s LISTEN connection closed; reconnecting", what)
+        except asyncio.CancelledError:
+            down(False)
+            if conn is not None and not conn.is_closed():
+                conn.terminate()
+            raise
+        except Exception as exc:  # reconnect on any connection fault
+            log.warning("%s LISTEN failed: %s; retrying in %.1fs", what, exc, backoff)
+        down(True)
+        if conn is not None and not conn.is_closed():
+            conn.terminate()
+        await asyncio.sleep(backoff)  # reconnect backoff, not a stand-in for work
+        backoff = min(backoff * 2, 5.0)

@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-import asyncpg
 from sqlalchemy import DateTime, LargeBinary, text
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -27,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from job_service.domain.events import EventRow, Page
 from job_service.domain.model import Job
 from job_service.storage import jobs as job_sql  # jobs imports this module too: by module
-from job_service.storage.db import asyncpg_dsn, transaction
+from job_service.storage.db import asyncpg_dsn, listen_forever, transaction
 from job_service.storage.rows import to_job
 from job_service.storage.tables import EVENTS_CHANNEL, jobs
 
@@ -241,28 +240,15 @@ class EventListener:
     def _on_notify(self, *_args: object) -> None:
         self._wake()
 
+    def _up(self) -> None:
+        self.connected.set()
+        self._wake()
+
+    def _down(self, _outage: bool) -> None:
+        self.connected.clear()
+
     async def _listen_forever(self) -> None:
-        backoff = 0.2
-        while True:
-            conn: asyncpg.Connection | None = None
-            try:
-                conn = await asyncpg.connect(self._dsn, timeout=5)
-                await conn.add_listener(EVENTS_CHANNEL, self._on_notify)
-                closed = asyncio.Event()
-                conn.add_termination_listener(lambda _c, ev=closed: ev.set())
-                self.connected.set()
-                backoff = 0.2
-                self._wake()
-                await closed.wait()
-                log.warning("events LISTEN connection closed; reconnecting")
-            except asyncio.CancelledError:
-                if conn is not None and not conn.is_closed():
-                    conn.terminate()
-                raise
-            except Exception as exc:  # reconnect on any connection fault
-                log.warning("events LISTEN failed: %s; retrying in %.1fs", exc, backoff)
-            self.connected.clear()
-            if conn is not None and not conn.is_closed():
-                conn.terminate()
-            await asyncio.sleep(backoff)  # reconnect backoff
-            backoff = min(backoff * 2, 5.0)
+        await listen_forever(
+            self._dsn, {EVENTS_CHANNEL: self._on_notify}, up=self._up, down=self._down,
+            what="events",
+        )  # fmt: skip

@@ -12,9 +12,7 @@ import contextlib
 import logging
 import uuid
 
-import asyncpg
-
-from job_service.storage.db import Reachability, asyncpg_dsn
+from job_service.storage.db import Reachability, asyncpg_dsn, listen_forever
 from job_service.storage.lease_store import LeaseStore
 from job_service.storage.tables import CHANGED_CHANNEL, CLAIMABLE_CHANNEL
 from job_service.wakeup import ClaimWaiters, JobChanges
@@ -110,42 +108,29 @@ class ClaimableListener:
     def _on_changed(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         self._changes.changed(str(payload))
 
+    def _up(self) -> None:
+        self.connected.set()
+        self._waiters.listening(True)
+        if self._reachability is not None:
+            self._reachability.ok()
+        # Anything that became claimable or changed while we were not listening.
+        self._waiters.wake_all()
+        self._changes.changed_all()
+
+    def _down(self, outage: bool) -> None:
+        self.connected.clear()
+        self._waiters.listening(False)
+        if outage and self._reachability is not None:
+            self._reachability.lost()
+
     async def _listen_forever(self) -> None:
-        backoff = 0.2
-        while True:
-            conn: asyncpg.Connection | None = None
-            try:
-                conn = await asyncpg.connect(self._dsn, timeout=5)
-                await conn.add_listener(CLAIMABLE_CHANNEL, self._on_notify)
-                await conn.add_listener(CHANGED_CHANNEL, self._on_changed)
-                closed = asyncio.Event()
-                conn.add_termination_listener(lambda _c, ev=closed: ev.set())
-                self.connected.set()
-                self._waiters.listening(True)
-                if self._reachability is not None:
-                    self._reachability.ok()
-                backoff = 0.2
-                # Anything that became claimable or changed while we were not listening.
-                self._waiters.wake_all()
-                self._changes.changed_all()
-                await closed.wait()
-                log.warning("LISTEN connection closed; reconnecting")
-            except asyncio.CancelledError:
-                self.connected.clear()
-                self._waiters.listening(False)
-                if conn is not None and not conn.is_closed():
-                    conn.terminate()
-                raise
-            except Exception as exc:  # reconnect on any connection fault
-                log.warning("LISTEN connection failed: %s; retrying in %.1fs", exc, backoff)
-            self.connected.clear()
-            self._waiters.listening(False)
-            if self._reachability is not None:
-                self._reachability.lost()
-            if conn is not None and not conn.is_closed():
-                conn.terminate()
-            await asyncio.sleep(backoff)  # reconnect backoff, not a stand-in for work
-            backoff = min(backoff * 2, 5.0)
+        await listen_forever(
+            self._dsn,
+            {CLAIMABLE_CHANNEL: self._on_notify, CHANGED_CHANNEL: self._on_changed},
+            up=self._up,
+            down=self._down,
+            what="claimable",
+        )
 
     async def _tick_forever(self) -> None:
         while True:
