@@ -61,6 +61,9 @@ class Truth:
         }
 
 
+_PALETTE = ("0x3050e0", "0xe0a030", "0x20a060", "0xc03070", "0x80c0e0", "0x604020")
+
+
 def _src(w: int, h: int, kind: str, seed: int) -> str:
     """A filter chain producing ``w`` x ``h`` yuv420p at FPS (rendered smaller when costly)."""
     lw, lh = max(64, w // 4) // 2 * 2, max(36, h // 4) // 2 * 2
@@ -88,7 +91,13 @@ def _src(w: int, h: int, kind: str, seed: int) -> str:
             f"{upn},scroll=h=0.013:v=0.021"
         )
     if kind == "gradients":
-        return f"gradients=s={w}x{h}:r={FPS}:speed=0.05:seed={seed}"
+        # Colours and the gradient line given: ffmpeg draws them at random whatever the seed,
+        # which made the clip (and what a detector finds in it) change from run to run.
+        c0, c1 = _PALETTE[seed % len(_PALETTE)], _PALETTE[(seed + 3) % len(_PALETTE)]
+        return (
+            f"gradients=s={w}x{h}:r={FPS}:speed=0.05:seed={seed}:c0={c0}:c1={c1}:"
+            f"x0={w // 8}:y0={h // 8}:x1={w - w // 8}:y1={h - h // 8}"
+        )
     raise ValueError(kind)
 
 
