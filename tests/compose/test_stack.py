@@ -197,7 +197,12 @@ async def test_the_stack_survives_kills_and_restarts(stack: Stack, tmp_path: Pat
         )
     for j in job_ids:
         assert final[j].status == DONE, (j, final[j].error)
-        assert deep_done[j] == 1, f"{j}: {deep_done[j]} deep passes ran to their end"
+        # The killed worker may have ended its deep pass just before the kill (before its
+        # CompleteJob): the next worker then runs it again, so such a job has two.
+        again = j in held and final[j].attempt == 2
+        assert deep_done[j] == 1 or (again and deep_done[j] == 2), (
+            f"{j}: {deep_done[j]} deep passes ran to their end"
+        )
         if j in held and final[j].attempt == 1:
             # The kill landed after the killed worker's CompleteJob committed but before it
             # logged "job completed": done once, by it, and no lease expired.
