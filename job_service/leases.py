@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import random
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -28,11 +29,11 @@ from job_service.config import Settings
 from job_service.domain import errors
 from job_service.domain.lease_policy import (
     FailureKind,
+    FailureReport,
     InfrastructureBudget,
     LeaseEnd,
     Snapshot,
     decide_expired,
-    decide_failure,
     progress_sources,
 )
 from job_service.domain.model import (
@@ -108,9 +109,16 @@ class LeaseRepository(Protocol):
     async def hand_back(self, tokens: Sequence[uuid.UUID]) -> int: ...
     async def end_backend(self, pid: int) -> bool: ...
     async def diagnose(self, job_id: uuid.UUID, *, lock: bool = True) -> Snapshot | None: ...
-    async def end_lease(
-        self, job: Job, token: uuid.UUID, end: LeaseEnd
-    ) -> tuple[Job, str | None] | None: ...
+    async def fail(
+        self,
+        job_id: uuid.UUID,
+        token: uuid.UUID,
+        report: FailureReport,
+        *,
+        retry: JobRetryPolicy,
+        infra: InfrastructureBudget,
+        factor: float,
+    ) -> tuple[Job, str | None, JobStatus] | None: ...
     async def rescue_expired(
         self, decide: Callable[[Snapshot], LeaseEnd], *, limit: int = 500
     ) -> list[tuple[Job, LeaseEnd]]: ...
@@ -460,28 +468,28 @@ class Leases:
         requeued with a short capped backoff until the infrastructure retry window is spent,
         then failed INFRASTRUCTURE_UNAVAILABLE.
 
-        A read and one conditional write (failures are not the common case). Raises LeaseLost,
-        JobNotFound.
+        One statement, which decides from the row it locks (domain.lease_policy.decide_failure
+        is its specification); a miss reads the row to tell a replay from LEASE_LOST. Raises
+        LeaseLost, JobNotFound.
         """
+        report = FailureReport.of(code, message, retryable, kind)
         replay = frozenset({LeaseOutcome.failed, LeaseOutcome.retried})
         for _ in range(RETRIES):
-            snap = await self._diagnose(job_id, lock=False)
-            if fence(snap.job, token, replay_outcomes=replay) is Fence.REPLAY:
-                return snap.job
-            end = decide_failure(
-                snap,
-                code=code,
-                message=message,
-                retryable=retryable,
-                kind=kind,
+            out = await self._store.fail(
+                job_id,
+                token,
+                report,
                 retry=self.retry,
                 infra=self.infra,
+                factor=random.uniform(0.5, 1.0),  # the backoff's jitter
             )
-            out = await self._store.end_lease(snap.job, token, end)
             if out is None:
-                continue  # cancelled or re-leased meanwhile: decide again on what is there now
-            job, worker = out
-            if job.status is not snap.job.status:
+                job = (await self._diagnose(job_id)).job
+                if fence(job, token, replay_outcomes=replay) is Fence.REPLAY:
+                    return job
+                continue  # the lease is live but was not in a leased status: read again
+            job, worker, before = out
+            if job.status is not before:
                 self._metrics.job_transitions_total.labels(job.status.value).inc()
             log.info(
                 "job failed" if job.status is JobStatus.failed else "job will be retried",
@@ -490,8 +498,8 @@ class Leases:
                     "worker_id": worker,
                     "error_code": code,
                     "retryable": retryable,
-                    "infrastructure": end.error.infrastructure,
-                    "attempt": snap.job.attempts,
+                    "infrastructure": report.infrastructure,
+                    "attempt": job.error.attempt if job.error else None,
                 },
             )
             return job

@@ -281,6 +281,8 @@ class TenantRecords(Protocol):
     async def change(self, change: TenantChange, *, dwell_window: timedelta) -> TenantView:
         """Creates or changes the tenant in one transaction and returns it as listed."""
         ...
+
+
 # -- the job database: the event feed and webhooks (revision 0010) -----------------------------
 
 

@@ -4,6 +4,11 @@ failures count attempts; infrastructure trouble spends none and is bounded by wa
 
 No I/O: the use cases (job_service.leases) feed these with a Snapshot (the job as read and the
 database's clock) and hand the LeaseEnd to the repository, which applies it in one statement.
+FailJob is the exception: its decision depends on the row, so the repository decides and
+applies it in the same statement (lease_sql.SQL_FAIL, one round trip). `decide_failure` is that
+statement's specification: tests/integration/test_fail_in_one_statement.py runs both on every
+branch (status, attempts left, cancel flag, infrastructure window, kind, code, retryable) and
+requires the same outcome.
 """
 
 from __future__ import annotations
@@ -67,6 +72,22 @@ class InfrastructureBudget:
         return ceiling * factor
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class FailureReport:
+    """A FailJob as the worker made it, with the budget it spends decided: infrastructure
+    trouble spends no attempt, except a CANCELLED (a cancel is never infrastructure)."""
+
+    code: str
+    message: str
+    retryable: bool
+    infrastructure: bool
+
+    @classmethod
+    def of(cls, code: str, message: str, retryable: bool, kind: FailureKind) -> FailureReport:
+        infrastructure = kind is FailureKind.INFRASTRUCTURE and code != codes.CANCELLED
+        return cls(code, message, retryable, infrastructure)
+
+
 def progress_sources(status: JobStatus | None, with_result: bool) -> frozenset[JobStatus]:
     """The statuses ReportProgress may move a job to `status` from (None: keep the status).
 
@@ -98,10 +119,12 @@ def decide_failure(
     kind: FailureKind,
     retry: JobRetryPolicy,
     infra: InfrastructureBudget,
+    rng: random.Random | None = None,
 ) -> LeaseEnd:
-    """How a FailJob ends the lease. Pure: the job as read, the database's clock, the policies."""
+    """How a FailJob ends the lease. Pure: the job as read, the database's clock, the policies
+    (and the jitter's source). The specification of lease_sql.SQL_FAIL (module docstring)."""
     job = snap.job
-    infrastructure = kind is FailureKind.INFRASTRUCTURE and code != codes.CANCELLED
+    infrastructure = FailureReport.of(code, message, retryable, kind).infrastructure
     reported = JobError(
         code, message, retryable or infrastructure, job.attempts, infrastructure=infrastructure
     )
@@ -119,7 +142,7 @@ def decide_failure(
         if elapsed >= infra.window:
             gave_up = JobError(
                 codes.INFRASTRUCTURE_UNAVAILABLE,
-                f"infrastructure trouble for {elapsed:.0f} s, past the retry window of "
+                f"infrastructure trouble for {int(elapsed)} s, past the retry window of "
                 f"{infra.window:.0f} s; last: {code}: {message}",
                 retryable=False,
                 attempt=job.attempts,
@@ -135,7 +158,7 @@ def decide_failure(
         return LeaseEnd(
             target,
             attempts,
-            infra.delay(elapsed),
+            infra.delay(elapsed, rng),
             reported,
             reported,
             "set",
@@ -146,7 +169,7 @@ def decide_failure(
         target = requeue_status(job.status)
         if target is not job.status:
             check_transition(job.status, target)
-        delay = retry.delay(job.attempts).total_seconds()
+        delay = retry.delay(job.attempts, rng).total_seconds()
         return LeaseEnd(target, attempts, delay, reported, reported, "clear", LeaseOutcome.retried)
     final = reported
     if retryable and exhausted:

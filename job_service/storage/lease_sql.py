@@ -291,6 +291,79 @@ WHERE j.id = old.id
 RETURNING j.*, old.leased_by AS prev_worker
 """
 
+# FailJob in one statement: decide how the lease ends from the row it locks (the branches of
+# domain.lease_policy.decide_failure, its specification; a test runs both on every branch) and
+# apply it, with the history row. The jitter factor is drawn by the caller.
+#   $1 id  $2 token  $3 code  $4 message  $5 retryable (as reported)  $6 infrastructure
+#   $7 the code is CANCELLED  $8 the default max attempts  $9, $10 retry base and cap (s)
+#   $11, $12, $13 infrastructure base, cap and window (s)  $14 the window as the message says
+#   it  $15 jitter factor (0.5-1)
+SQL_FAIL = f"""
+WITH old AS (
+    SELECT id, leased_by, status, attempts, cancel_requested,
+           coalesce(nullif(max_attempts, 0), $8::int) AS max_att,
+           greatest(extract(epoch FROM now() - coalesce(infrastructure_failing_since, now())),
+                    0)::float8 AS elapsed
+    FROM {_T}
+    WHERE id = $1 AND lease_token = $2 AND status IN {_in(LEASED)}
+    FOR UPDATE
+), d AS (
+    SELECT old.*, CASE
+        WHEN cancel_requested AND NOT $7::bool THEN 'cancel'
+        WHEN $6::bool AND elapsed >= $13::float8 THEN 'gave_up'
+        WHEN $6::bool THEN 'infra_retry'
+        WHEN $5::bool AND attempts < max_att AND NOT $7::bool THEN 'retry'
+        ELSE 'fail' END AS branch
+    FROM old
+), history AS (
+    INSERT INTO {_E} (job_id, attempt, code, message, retryable, worker_id, infrastructure)
+    SELECT id, attempts, $3::text, $4::text, $5::bool OR $6::bool, leased_by, $6::bool FROM d
+), decided AS (
+    SELECT d.*, CASE WHEN d.branch IN ('retry', 'infra_retry') THEN {_case("d.status", _REQUEUE_TO)}
+                     ELSE 'failed'::{_STATUS_TYPE} END AS next_status
+    FROM d
+)
+UPDATE {_T} j SET
+    status = decided.next_status,
+    stage = upper(decided.next_status::text),
+    attempts = CASE WHEN $6::bool THEN greatest(decided.attempts - 1, 0) ELSE decided.attempts END,
+    available_at = CASE decided.branch
+        WHEN 'infra_retry' THEN now() + make_interval(
+            secs => least($12::float8, greatest($11::float8, decided.elapsed)) * $15::float8)
+        WHEN 'retry' THEN now() + make_interval(
+            secs => least($10::float8, $9::float8 * power(2, greatest(decided.attempts - 1, 0)))
+                    * $15::float8)
+        ELSE j.available_at END,
+    error_code = CASE decided.branch WHEN 'cancel' THEN 'CANCELLED'
+                                  WHEN 'gave_up' THEN 'INFRASTRUCTURE_UNAVAILABLE'
+                                  ELSE $3::text END,
+    error_message = CASE
+        WHEN decided.branch = 'cancel' THEN 'cancelled by an operator'
+        WHEN decided.branch = 'gave_up' THEN format(
+            'infrastructure trouble for %s s, past the retry window of %s s; last: %s: %s',
+            floor(decided.elapsed)::bigint, $14::text, $3::text, $4::text)
+        WHEN decided.branch = 'fail' AND $5::bool AND decided.attempts >= decided.max_att
+            THEN format('%s (gave up after %s attempts)', $4::text, decided.attempts)
+        ELSE $4::text END,
+    error_retryable = CASE WHEN decided.branch IN ('cancel', 'gave_up') THEN false
+                           ELSE $5::bool OR $6::bool END,
+    error_attempt = decided.attempts,
+    error_infrastructure = decided.branch <> 'cancel' AND $6::bool,
+    error_at = now(),
+    infrastructure_failing_since = CASE decided.branch
+        WHEN 'infra_retry' THEN coalesce(j.infrastructure_failing_since, now())
+        WHEN 'retry' THEN NULL
+        WHEN 'fail' THEN NULL
+        ELSE j.infrastructure_failing_since END,
+    {_CLEAR_LEASE},
+    last_lease_outcome = CASE WHEN decided.branch IN ('retry', 'infra_retry') THEN 'retried'
+                              ELSE 'failed' END,
+    updated_at = now()
+FROM decided
+WHERE j.id = decided.id
+RETURNING j.*, decided.leased_by AS prev_worker, decided.status AS prev_status
+"""
+
 SQL_EXPIRED = f"""
 SELECT *, now() AS db_now FROM {_T}
 WHERE lease_token IS NOT NULL AND lease_expires_at < now()

@@ -13,8 +13,9 @@ from typing import Any
 
 import asyncpg
 
-from job_service.domain.lease_policy import LeaseEnd, Snapshot
-from job_service.domain.model import Job
+from job_service.domain.codes import CANCELLED
+from job_service.domain.lease_policy import FailureReport, InfrastructureBudget, LeaseEnd, Snapshot
+from job_service.domain.model import Job, JobRetryPolicy
 from job_service.domain.status import JobStatus
 from job_service.storage.claim_combiner import CLAIM_ROWS, ClaimCombiner
 from job_service.storage.combiner import Combiner
@@ -28,6 +29,7 @@ from job_service.storage.lease_sql import (
     SQL_END_BACKEND,
     SQL_END_LEASE,
     SQL_EXPIRED,
+    SQL_FAIL,
     SQL_GET,
     SQL_HAND_BACK,
     SQL_NEXT_AVAILABLE,
@@ -323,17 +325,45 @@ class LeaseStore:
         row = await self.pool.run(run, lane=KEEP)
         return Snapshot(to_job(row), row["db_now"]) if row else None
 
-    async def end_lease(
-        self, job: Job, token: uuid.UUID, end: LeaseEnd
-    ) -> tuple[Job, str | None] | None:
-        """Apply a decided lease end (and its history row), guarded by the token, attempt and
-        cancel flag the decision was based on. None when the job changed meanwhile."""
+    async def fail(
+        self,
+        job_id: uuid.UUID,
+        token: uuid.UUID,
+        report: FailureReport,
+        *,
+        retry: JobRetryPolicy,
+        infra: InfrastructureBudget,
+        factor: float,
+    ) -> tuple[Job, str | None, JobStatus] | None:
+        """End the lease as a FailJob says, deciding from the row it locks (SQL_FAIL: retry,
+        fail, infrastructure requeue or give-up, a pending cancel), with its history row.
+        Returns the job, the worker that held it and the status it had; None when the token
+        is not the job's live lease."""
 
         async def run(conn: Connection) -> asyncpg.Record | None:
-            return await conn.fetchrow(SQL_END_LEASE, *_end_args(job, token, end))
+            return await conn.fetchrow(
+                SQL_FAIL,
+                job_id,
+                token,
+                report.code,
+                report.message,
+                report.retryable,
+                report.infrastructure,
+                report.code == CANCELLED,
+                retry.max_attempts,
+                retry.base_delay.total_seconds(),
+                retry.max_delay.total_seconds(),
+                infra.base,
+                infra.cap,
+                infra.window,
+                f"{infra.window:.0f}",
+                factor,
+            )
 
         row = await self.pool.run(run, lane=KEEP)
-        return (to_job(row), row["prev_worker"]) if row else None
+        if row is None:
+            return None
+        return to_job(row), row["prev_worker"], JobStatus(row["prev_status"])
 
     async def rescue_expired(
         self, decide: Callable[[Snapshot], LeaseEnd], *, limit: int = 500

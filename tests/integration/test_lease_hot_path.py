@@ -163,6 +163,27 @@ async def test_get_job_is_one_statement(counted, moto_s3):
     assert await counter.total() == 1, await counter.statements()
 
 
+async def test_fail_job_is_one_statement_whichever_way_it_ends(counted, moto_s3):
+    api, app, counter = counted
+    await gauges_ran(app)
+    for _ in range(3):
+        await queued_job(api, moto_s3)
+
+    async def fail(lease: pb.Lease, retryable: bool) -> pb.Job:
+        req = pb.FailJobRequest(
+            **ref(lease), error_code="ANALYSIS_FAILED", error_message="x", retryable=retryable
+        )
+        return (await api.worker.FailJob(req, timeout=5)).job
+
+    await fail((await claim(api))[0], False)  # warm up: the statement is prepared
+    for retryable, status in ((True, pb.JOB_STATUS_QUEUED), (False, pb.JOB_STATUS_FAILED)):
+        lease = (await claim(api))[0]
+        await counter.reset()
+        assert (await fail(lease, retryable)).status == status
+        # The decision, the write and the history row: one statement, no read before it.
+        assert await counter.total() == 1, await counter.statements()
+
+
 async def test_a_batch_is_one_statement_whatever_its_size(counted, moto_s3):
     api, app, counter = counted
     await gauges_ran(app)
