@@ -90,9 +90,7 @@ async def lease(
 
 
 async def test_the_statement_decides_as_the_domain_does_on_every_branch(store, database_url):
-    grid = list(
-        itertools.product(STATUSES, ATTEMPTS, CANCEL, SINCE, KINDS, CODES, RETRYABLE)
-    )
+    grid = list(itertools.product(STATUSES, ATTEMPTS, CANCEL, SINCE, KINDS, CODES, RETRYABLE))
     ids = await sql.seed(dsn_of(database_url), len(grid))
     conn = await asyncpg.connect(dsn_of(database_url))
     branches: set[tuple[JobStatus, LeaseOutcome, str]] = set()
@@ -160,9 +158,10 @@ async def test_the_statement_decides_as_the_domain_does_on_every_branch(store, d
                     if before_since is not None:
                         assert set_to == before_since, where
                     else:
-                        assert set_to is not None and abs(
-                            (set_to - row["error_at"]).total_seconds()
-                        ) < 1e-3, where
+                        assert (
+                            set_to is not None
+                            and abs((set_to - row["error_at"]).total_seconds()) < 1e-3
+                        ), where
             if expected.delay is None:
                 assert row["available_at"] == snap.job.available_at, where
             else:
