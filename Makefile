@@ -78,6 +78,7 @@ contract: proto-check proto-lint proto-breaking
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check --quiet job_service analysis_worker jobs_client localinfra migrations scripts examples tests docker
 	$(VENV)/bin/lint-imports
 
 typecheck: $(STAMP)

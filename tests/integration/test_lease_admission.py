@@ -100,8 +100,7 @@ async def test_the_lease_keeping_lane_is_served_first_when_a_connection_frees(
 
         # Every connection busy: 3 others and 1 keeper, all behind the gate.
         busy = [
-            asyncio.create_task(small_pool.run(blocked(f"o{i}"), lane=Lane.OTHER))
-            for i in range(3)
+            asyncio.create_task(small_pool.run(blocked(f"o{i}"), lane=Lane.OTHER)) for i in range(3)
         ] + [asyncio.create_task(small_pool.run(blocked("k0"), lane=Lane.KEEP))]
         while sum(small_pool.busy.values()) < 4:
             await asyncio.sleep(0.01)

@@ -26,9 +26,9 @@ from tests.support.service import Stubs, settings_for, stubs_for
 
 
 @contextlib.asynccontextmanager
-async def service(database_url: str, moto_s3: Any, **overrides: Any) -> AsyncIterator[
-    tuple[JobServiceApp, Stubs]
-]:
+async def service(
+    database_url: str, moto_s3: Any, **overrides: Any
+) -> AsyncIterator[tuple[JobServiceApp, Stubs]]:
     async with JobServiceApp(settings_for(database_url, moto_s3, **overrides)) as app:
         async with auth.channel(f"127.0.0.1:{app.port}") as channel:
             yield app, stubs_for(channel)
@@ -56,9 +56,7 @@ def heartbeat(api: Stubs, lease: pb.Lease) -> Any:
     return api.worker.Heartbeat(pb.HeartbeatRequest(worker_id="w-1", leases=[ref]), timeout=5)
 
 
-async def test_calls_over_the_cap_are_refused_at_once_but_heartbeats_never(
-    database_url, moto_s3
-):
+async def test_calls_over_the_cap_are_refused_at_once_but_heartbeats_never(database_url, moto_s3):
     async with service(database_url, moto_s3, max_concurrent_rpcs=3) as (app, api):
         await queued_job(api, moto_s3)
         [lease] = await claim(api)

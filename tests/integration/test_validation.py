@@ -186,9 +186,7 @@ async def test_a_struct_at_the_depth_limit_is_stored_and_served_back(api, moto_s
     ],
     ids=["33", "lists-40", "34", "400"],
 )
-async def test_too_deep_structs_are_refused_and_change_nothing(
-    api, moto_s3, result, reason, hint
-):
+async def test_too_deep_structs_are_refused_and_change_nothing(api, moto_s3, result, reason, hint):
     lease = await leased(api, moto_s3)
     before = await get_job(api, lease.job.job_id)
     with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -248,9 +246,7 @@ async def test_bytes_that_are_no_request_get_invalid_argument(api, method, body)
 
 
 @pytest.mark.parametrize("worker_id", ["w\x00", "\x00", "w-1\nx", "w\x7f"])
-async def test_worker_ids_with_nul_or_control_characters_are_refused(
-    api, app, moto_s3, worker_id
-):
+async def test_worker_ids_with_nul_or_control_characters_are_refused(api, app, moto_s3, worker_id):
     await queued_job(api, moto_s3)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await claim(api, worker_id=worker_id)
@@ -333,7 +329,7 @@ async def test_page_tokens_are_bound_to_their_filter(api):
     for _ in range(3):
         await initiate(api)
     token = (await list_page(api, page_size=1)).next_page_token
-    awaiting = (await list_page(api, page_size=1, statuses=[pb.JOB_STATUS_AWAITING_UPLOAD]))
+    awaiting = await list_page(api, page_size=1, statuses=[pb.JOB_STATUS_AWAITING_UPLOAD])
     assert token and awaiting.next_page_token
     # The same filter (statuses in any order) accepts it; a page size change is allowed.
     assert len((await list_page(api, page_size=2, page_token=token)).jobs) == 2
