@@ -111,6 +111,7 @@ KEYS = (
     "raw_renew",
     "heartbeat",
     "pgq_wake",
+    "raw_wake",
     "wake",
     "parked_small",
     "parked_large",

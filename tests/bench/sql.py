@@ -9,12 +9,15 @@ is what gRPC, Python and the service's own design add.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
+
+from job_service.storage.tables import CLAIMABLE_CHANNEL
 
 LEASED = "('quick_running', 'deep_running')"
 
@@ -75,6 +78,9 @@ UPDATE video_analysis_jobs SET status = 'queued', stage = 'QUEUED', available_at
 WHERE id = $1 AND status = 'awaiting_upload'
 """
 
+#: Jobs per seeding statement of one tenant (seed()).
+SEED_CHUNK = 2_000
+
 #: Seeds `$2` jobs in status `$1` with one statement.
 SEED = """
 INSERT INTO video_analysis_jobs (id, session_id, status, stage, filename, content_type,
@@ -118,7 +124,13 @@ async def seed(
             # History: nobody needs the ids, and 1M of them is a lot of memory.
             await conn.execute(SEED.replace("RETURNING id", ""), status, n, session)
         else:
-            ids = [r["id"] for r in await conn.fetch(SEED, status, n, session)]
+            # Queued jobs of one tenant in chunks: the enqueue trigger updates the tenant's row
+            # once per job, and inside one statement those row versions cannot be pruned, so
+            # one statement of n jobs costs O(n^2) (20,000 took 44 s; enqueues in their own
+            # transactions, as the service makes them, stay ~1 ms each).
+            for start in range(0, n, SEED_CHUNK):
+                rows = await conn.fetch(SEED, status, min(SEED_CHUNK, n - start), session)
+                ids += [r["id"] for r in rows]
         if settle:
             await conn.execute("VACUUM (ANALYZE) video_analysis_jobs")
             await conn.execute("CHECKPOINT")
@@ -184,6 +196,47 @@ async def claim_one(dsn: str, seconds: float, connections: int) -> float:
     finally:
         await pool.close()
     return done / (last - start) if done else 0.0
+
+
+async def wake_up(dsn: str, rounds: int) -> list[float]:
+    """The wake-up's database floor, in the service's own schema: ms from the commit that makes
+    a job claimable (sql.ENQUEUE, as service.wake_up commits it) to the lease returned by the
+    claim statement (LIMIT 1) that a LISTEN on the service's channel started. What the service
+    adds on top is its own: the parked call's wake, the gRPC answer."""
+    ids = await seed(dsn, rounds, status="awaiting_upload")
+    listen = await asyncpg.connect(dsn)
+    claimer = await asyncpg.connect(dsn)
+    enqueuer = await asyncpg.connect(dsn)
+    loop = asyncio.get_running_loop()
+    got: asyncio.Future[float] | None = None
+    claiming: set[asyncio.Task[None]] = set()
+
+    async def claim() -> None:
+        rows = await claimer.fetch(CLAIM, 1, "raw-wake")
+        if rows and got is not None and not got.done():
+            got.set_result(time.perf_counter())
+
+    def notified(*_: object) -> None:
+        task = loop.create_task(claim())
+        claiming.add(task)
+        task.add_done_callback(claiming.discard)
+
+    samples: list[float] = []
+    try:
+        await listen.add_listener(CLAIMABLE_CHANNEL, notified)
+        for job_id in ids:
+            got = loop.create_future()
+            await enqueuer.execute(ENQUEUE, job_id)  # autocommit: committed on return
+            committed = time.perf_counter()
+            async with asyncio.timeout(10):
+                samples.append((await got - committed) * 1000)
+            await asyncio.sleep(random.uniform(0.02, 0.05))  # as service.wake_up paces it
+            while claiming:
+                await asyncio.gather(*claiming)
+    finally:
+        for conn in (listen, claimer, enqueuer):
+            await conn.close()
+    return samples
 
 
 async def renew(dsn: str, seconds: float, connections: int, per_call: int) -> float:
