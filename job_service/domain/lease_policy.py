@@ -23,6 +23,9 @@ from job_service.domain import codes, errors
 from job_service.domain.model import Job, JobError, JobRetryPolicy, LeaseOutcome
 from job_service.domain.status import JobStatus, check_transition, requeue_status
 
+#: The error a lease ends with when an operator's cancel was pending.
+CANCELLED_MESSAGE = "cancelled by an operator"
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Snapshot:
@@ -132,7 +135,7 @@ def decide_failure(
     attempts = max(job.attempts - 1, 0) if infrastructure else job.attempts
     if job.cancel_requested and code != codes.CANCELLED:
         # An operator asked to cancel: a retry would run the job again.
-        cancelled = JobError(codes.CANCELLED, "cancelled by an operator", False, job.attempts)
+        cancelled = JobError(codes.CANCELLED, CANCELLED_MESSAGE, False, job.attempts)
         return LeaseEnd(
             JobStatus.failed, attempts, None, cancelled, reported, "keep", LeaseOutcome.failed
         )
@@ -192,7 +195,7 @@ def decide_expired(snap: Snapshot, *, retry: JobRetryPolicy) -> LeaseEnd:
         attempt=job.attempts,
     )
     if job.cancel_requested:
-        cancelled = JobError(codes.CANCELLED, "cancelled by an operator", False, job.attempts)
+        cancelled = JobError(codes.CANCELLED, CANCELLED_MESSAGE, False, job.attempts)
         return LeaseEnd(
             JobStatus.failed, job.attempts, None, cancelled, error, "keep", LeaseOutcome.expired
         )

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from job_service.domain import codes
+from job_service.domain.lease_policy import CANCELLED_MESSAGE
 from job_service.domain.status import (
     CLAIMABLE,
     LEASED,
@@ -334,11 +336,11 @@ UPDATE {_T} j SET
             secs => least($10::float8, $9::float8 * power(2, greatest(decided.attempts - 1, 0)))
                     * $15::float8)
         ELSE j.available_at END,
-    error_code = CASE decided.branch WHEN 'cancel' THEN 'CANCELLED'
-                                  WHEN 'gave_up' THEN 'INFRASTRUCTURE_UNAVAILABLE'
+    error_code = CASE decided.branch WHEN 'cancel' THEN '{codes.CANCELLED}'
+                                  WHEN 'gave_up' THEN '{codes.INFRASTRUCTURE_UNAVAILABLE}'
                                   ELSE $3::text END,
     error_message = CASE
-        WHEN decided.branch = 'cancel' THEN 'cancelled by an operator'
+        WHEN decided.branch = 'cancel' THEN '{CANCELLED_MESSAGE}'
         WHEN decided.branch = 'gave_up' THEN format(
             'infrastructure trouble for %s s, past the retry window of %s s; last: %s: %s',
             floor(decided.elapsed)::bigint, $14::text, $3::text, $4::text)
