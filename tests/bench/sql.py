@@ -210,9 +210,11 @@ async def wake_up(dsn: str, rounds: int) -> list[float]:
     loop = asyncio.get_running_loop()
     got: asyncio.Future[float] | None = None
     claiming: set[asyncio.Task[None]] = set()
+    one_at_a_time = asyncio.Lock()  # one connection claims: notifications close together queue
 
     async def claim() -> None:
-        rows = await claimer.fetch(CLAIM, 1, "raw-wake")
+        async with one_at_a_time:
+            rows = await claimer.fetch(CLAIM, 1, "raw-wake")
         if rows and got is not None and not got.done():
             got.set_result(time.perf_counter())
 
