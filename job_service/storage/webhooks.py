@@ -300,6 +300,9 @@ async def claim(
     return out
 
 
+# An attempt's outcome is written only while the row is still leased: a replay that reset the
+# row meanwhile (pending, lease cleared) is not undone by the attempt it overtook, and the row
+# goes out again.
 async def delivered(
     conn: AsyncConnection, endpoint_id: uuid.UUID, event_id: uuid.UUID, status: int
 ) -> None:
@@ -308,7 +311,7 @@ async def delivered(
             """
             UPDATE webhook_deliveries SET state = 'delivered', delivered_at = now(),
                 leased_until = NULL, last_status = :status, last_error = NULL
-            WHERE endpoint_id = :e AND event_id = :ev
+            WHERE endpoint_id = :e AND event_id = :ev AND leased_until IS NOT NULL
             """
         ),
         {"e": endpoint_id, "ev": event_id, "status": status},
@@ -343,7 +346,7 @@ async def failed(
                 state = CASE WHEN CAST(:retry AS float8) IS NULL THEN 'failed' ELSE 'pending' END,
                 next_attempt_at = now()
                     + make_interval(secs => coalesce(CAST(:retry AS float8), 0))
-            WHERE endpoint_id = :e AND event_id = :ev
+            WHERE endpoint_id = :e AND event_id = :ev AND leased_until IS NOT NULL
             """
         ),
         {"e": endpoint_id, "ev": event_id, "status": status, "error": error[:500],

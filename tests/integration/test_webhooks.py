@@ -267,6 +267,37 @@ async def test_allowlisted_loopback_is_accepted_and_others_are_not(hooked) -> No
     assert error_reason(err.value) == "WEBHOOK_URL_REFUSED"
 
 
+async def test_a_replay_that_overtakes_an_attempt_in_flight_goes_out_again(
+    database_url, moto_s3, receiver
+) -> None:
+    # One attempt per endpoint at a time, and a receiver that answers after a second: the
+    # replay lands while the first attempt waits for its answer.
+    settings = settings_for(database_url, moto_s3, **HOOKS, webhook_endpoint_in_flight=1)
+    async with JobServiceApp(settings) as app:
+        async with auth.channel(f"127.0.0.1:{app.port}") as ch:
+            api = stubs_for(ch)
+            receiver.mode = 1.0
+            endpoint_id, _ = await add(api, receiver.url)
+            await produce(app.settings.database_url, "acme", 1)
+            async with asyncio.timeout(10):
+                while receiver.arrived < 1:
+                    receiver.changed.clear()
+                    await receiver.changed.wait()
+            since = timestamp_pb2.Timestamp()
+            since.FromDatetime(datetime.now(UTC) - timedelta(minutes=5))
+            replay = await api.admin.ReplayWebhookEvents(
+                pb.ReplayWebhookEventsRequest(endpoint_id=endpoint_id, since=since), timeout=10
+            )
+            assert replay.queued == 1
+            receiver.mode = "ok"
+            # The first attempt's 204 must not mark the replayed row delivered: it goes again.
+            async with asyncio.timeout(10):
+                while sum(receiver.seen.values()) < 2:
+                    receiver.changed.clear()
+                    await receiver.changed.wait()
+            assert list(receiver.seen.values()) == [2]
+
+
 async def test_endpoint_calls_validate_ids_and_replay(hooked, receiver) -> None:
     api, app = hooked
     for call, req in [

@@ -93,6 +93,8 @@ class Receiver:
     accepted: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     order: list[str] = dataclasses.field(default_factory=list)
     refused: int = 0
+    #: Requests that reached the handler, answered or not yet.
+    arrived: int = 0
     refused_ids: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     bad_signatures: int = 0
     last_headers: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -112,6 +114,8 @@ class Receiver:
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()
         headers = {k.lower(): v for k, v in request.headers.items()}
+        self.arrived += 1
+        self.changed.set()
         mode = self.mode
         if mode == "down":
             self.refused += 1
